@@ -1,0 +1,33 @@
+"""Billing: charge each placed order, reject invalid ones, retry a flaky gateway."""
+
+import hashlib
+
+from conveyor import Context, Reject, on
+
+from handlers.models import OrderPlaced, PaymentCharged
+
+LARGE_ORDER_CENTS = 10_000
+
+
+class GatewayTimeout(Exception):
+    """The (simulated) payment gateway did not answer in time."""
+
+
+def _charge(order: OrderPlaced, attempt: int) -> str:
+    """Simulated payment gateway: large charges time out on their first attempt."""
+    if order.total_cents >= LARGE_ORDER_CENTS and attempt == 1:
+        raise GatewayTimeout(f"gateway timed out charging {order.total_cents} cents for {order.order_id}")
+    return "pay-" + hashlib.sha256(order.order_id.encode()).hexdigest()[:10]
+
+
+@on("orders.placed", name="billing.charge-order", max_attempts=5)
+async def charge_order(order: OrderPlaced, ctx: Context) -> None:
+    """Charge the order's total; an order with no positive total can never succeed."""
+    if order.total_cents <= 0:
+        raise Reject(f"order {order.order_id} has a non-positive total ({order.total_cents} cents)")
+    payment_id = _charge(order, ctx.message.attempt)
+    ctx.logger.info("charged %s: %d cents (%s)", order.order_id, order.total_cents, payment_id)
+    charged = PaymentCharged(
+        order_id=order.order_id, customer=order.customer, amount_cents=order.total_cents, payment_id=payment_id
+    )
+    ctx.publish("payments.charged", charged, key=order.order_id)

@@ -1,0 +1,42 @@
+"""Conveyor: event handlers and cron jobs on Kafka, RabbitMQ or NATS JetStream.
+
+The public API. Everything not listed in ``__all__`` is internal.
+"""
+
+from conveyor.context import Context
+from conveyor.envelope import Envelope
+from conveyor.errors import (
+    ConcurrencyConflict,
+    ConfigurationError,
+    ConveyorError,
+    InvalidMessage,
+    NotFound,
+    Reject,
+    Retry,
+    StoreError,
+    TransientTransportError,
+    TransportError,
+)
+from conveyor.publisher import Publisher
+from conveyor.registry import Handler, Registry, on
+from conveyor.retry import RetryPolicy
+
+__all__ = [
+    "ConcurrencyConflict",
+    "ConfigurationError",
+    "Context",
+    "ConveyorError",
+    "Envelope",
+    "Handler",
+    "InvalidMessage",
+    "NotFound",
+    "Publisher",
+    "Registry",
+    "Reject",
+    "Retry",
+    "RetryPolicy",
+    "StoreError",
+    "TransientTransportError",
+    "TransportError",
+    "on",
+]

@@ -1,0 +1,168 @@
+"""The ``conveyor`` command line.
+
+Exit codes: 0 success, 1 runtime error (a broker or database failed), 2 usage
+or configuration error (the message names the setting or flag to fix).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from conveyor import errors, logs, registry, settings
+from conveyor.runtime import app
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("conveyor.cli")
+
+
+def _common(func: F) -> F:
+    """Options every command takes; each overrides its ``CONVEYOR_*`` setting."""
+    options = [
+        click.option("--broker-url", help="Broker URL (CONVEYOR_BROKER_URL), e.g. nats://127.0.0.1:4222."),
+        click.option("--app", "app_modules", help="Comma-separated modules to load (CONVEYOR_APP)."),
+        click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR (CONVEYOR_LOG_LEVEL)."),
+        click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format (CONVEYOR_LOG_FORMAT)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _http_options(func: F) -> F:
+    func = click.option("--port", type=int, help="HTTP port (CONVEYOR_HTTP_PORT); 0 turns HTTP off.")(func)
+    return click.option("--host", help="HTTP address (CONVEYOR_HTTP_HOST).")(func)
+
+
+def _load(**flags: Any) -> settings.Settings:
+    config = settings.load(
+        broker_url=flags.get("broker_url"),
+        app=flags.get("app_modules"),
+        log_level=flags.get("log_level"),
+        log_format=flags.get("log_format"),
+        http_host=flags.get("host"),
+        http_port=flags.get("port"),
+        concurrency=flags.get("concurrency"),
+    )
+    logs.configure(config.log_level, config.log_format)
+    return config
+
+
+def _exits(func: F) -> F:
+    """Turn Conveyor errors into messages and exit codes 2 (configuration) or 1 (runtime)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except errors.ConfigurationError as exc:
+            click.echo(f"conveyor: configuration error: {exc}", err=True)
+            sys.exit(2)
+        except errors.ConveyorError as exc:
+            click.echo(f"conveyor: error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _serve(config: settings.Settings, parts: app.Parts) -> None:
+    handlers = registry.discover(config.app, config.app_dir) if parts.worker else registry.Registry()
+    asyncio.run(app.serve(config, handlers, parts))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="conveyor")
+def main() -> None:
+    """Conveyor: event handlers and cron jobs on Kafka, RabbitMQ or NATS JetStream."""
+
+
+@main.command()
+@_common
+@_http_options
+@_exits
+def run(**flags: Any) -> None:
+    """Run everything in one process: worker and HTTP (health, metrics, event ingest).
+
+    The local default: with no configuration it uses the in-memory broker and
+    listens on 127.0.0.1:8000.
+    """
+    _serve(_load(**flags), app.Parts(worker=True, ingest=True))
+
+
+@main.command()
+@_common
+@_http_options
+@click.option("--concurrency", type=int, help="Messages per handler at once (CONVEYOR_CONCURRENCY).")
+@_exits
+def worker(**flags: Any) -> None:
+    """Consume and handle messages (serves /healthz, /readyz, /metrics)."""
+    _serve(_load(**flags), app.Parts(worker=True, ingest=False))
+
+
+@main.command()
+@_common
+@_http_options
+@_exits
+def serve(**flags: Any) -> None:
+    """HTTP only: health, metrics and POST /events/{topic}."""
+    _serve(_load(**flags), app.Parts(worker=False, ingest=True))
+
+
+@main.command()
+@_common
+@click.argument("topic")
+@click.argument("data")
+@click.option("--key", help="Ordering key (partitionkey).")
+@click.option("--type", "event_type", help="CloudEvents type (default: the topic).")
+@_exits
+def publish(topic: str, data: str, key: str | None, event_type: str | None, **flags: Any) -> None:
+    """Publish DATA (JSON text) to TOPIC and wait for the broker's confirmation."""
+    from conveyor.publisher import Publisher
+
+    config = _load(**flags)
+    if config.broker_url.startswith("memory:"):
+        raise errors.ConfigurationError(
+            "the memory:// broker exists only inside one process; POST the event to a running "
+            "`conveyor run` (POST /events/TOPIC) or set CONVEYOR_BROKER_URL to a real broker"
+        )
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="DATA") from exc
+
+    async def send() -> str:
+        async with Publisher(config.broker_url, source=config.service) as publisher:
+            event = await publisher.publish(topic, value, key=key, type=event_type)
+            return event.id
+
+    click.echo(asyncio.run(send()))
+
+
+@main.command(name="handlers")
+@_common
+@_exits
+def list_handlers(**flags: Any) -> None:
+    """List the handlers the application declares: name, topic, attempts, timeout, concurrency."""
+    config = _load(**flags)
+    found = registry.discover(config.app, config.app_dir).handlers
+    if not found:
+        click.echo(f"no handlers in {', '.join(config.app)}")
+        return
+    rows = [("NAME", "TOPIC", "ATTEMPTS", "TIMEOUT", "CONCURRENCY", "FUNCTION")]
+    for h in found:
+        timeout = f"{h.timeout:g}s" if h.timeout else "-"
+        rows.append((h.name, h.topic, str(h.retry.max_attempts), timeout, str(h.concurrency or config.concurrency), h.where))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,376 @@
+"""The message envelope: a CloudEvents 1.0 event, and its wire forms.
+
+Every Conveyor message is a CloudEvent. On the wire it takes one of the two
+forms of the CloudEvents protocol bindings:
+
+* **binary mode**: the event's data is the message body; its attributes are
+  headers with a binding-specific prefix (``ce_`` on Kafka, ``ce-`` on HTTP and
+  NATS, ``cloudEvents_`` on AMQP) and ``datacontenttype`` travels as the
+  ``content-type`` header;
+* **structured mode**: the body is the whole event as JSON and the content
+  type is ``application/cloudevents+json``.
+
+:func:`decode` detects the mode the way the bindings prescribe (a CloudEvents
+content type means structured, anything else binary) and accepts the header
+prefixes of every binding, so a service publishing with any CloudEvents SDK,
+over any broker, is understood. A message that is not a valid CloudEvent raises
+:class:`~conveyor.errors.InvalidMessage` with the reason.
+
+The envelope keeps ``data`` as encoded bytes: the handler's payload type
+decides how to parse them (pydantic validates JSON bytes directly, which is
+faster than parsing twice).
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pydantic
+
+from conveyor import errors
+
+SPEC_VERSION = "1.0"
+JSON = "application/json"
+STRUCTURED = "application/cloudevents+json"
+OCTET_STREAM = "application/octet-stream"
+
+KAFKA_PREFIX = "ce_"
+HTTP_PREFIX = "ce-"
+NATS_PREFIX = "ce-"
+AMQP_PREFIX = "cloudEvents_"
+# Lower-cased prefixes accepted when decoding: every binding's, plus the
+# ``cloudEvents:`` of AMQP binding 1.0.
+_PREFIXES = ("ce_", "ce-", "cloudevents_", "cloudevents:")
+_PREFIX_LENGTHS = {p: len(p) for p in _PREFIXES}
+
+# Attributes with a field of their own; anything else prefixed is an extension.
+_KNOWN = frozenset(
+    {
+        "id", "source", "specversion", "type", "time", "subject", "dataschema",
+        "datacontenttype", "partitionkey", "traceparent", "tracestate",
+        "correlationid", "causationid", "attempt",
+    }
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class WireMessage:
+    """A message as a broker carries it.
+
+    Attributes:
+        body: the payload bytes.
+        headers: string headers (Kafka record headers, AMQP headers table,
+            NATS headers, HTTP headers).
+        key: the ordering key (Kafka record key), if any.
+        message_id: the broker-level id used for deduplication (NATS
+            ``Nats-Msg-Id``, AMQP ``message_id``). It equals the event id on a
+            first publish; a retried or dead-lettered copy gets a fresh one,
+            because JetStream deduplicates ids across the whole stream.
+    """
+
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    key: str | None = None
+    message_id: str | None = None
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A CloudEvent, as handlers see it through ``ctx.message``.
+
+    Attributes:
+        id: globally unique id; also the inbox's deduplication key, so it stays
+            the same on every delivery and retry of the event.
+        source: the producing service (URI reference).
+        type: the event type; defaults to the topic.
+        data: the encoded payload.
+        time: when the event happened (aware UTC), if known.
+        subject: what the event is about, if given.
+        datacontenttype: media type of ``data``.
+        dataschema: URI of ``data``'s schema, if given.
+        partitionkey: the ordering key: events with the same key are handled in order.
+        traceparent: W3C trace context of the producer.
+        tracestate: W3C vendor trace state.
+        correlationid: id shared by every message of one business flow.
+        causationid: id of the message that caused this one.
+        attempt: 1 on the first delivery, incremented on each retry.
+        extensions: other CloudEvents extension attributes.
+        headers: transport headers that are not CloudEvents attributes.
+    """
+
+    id: str
+    source: str
+    type: str
+    data: bytes
+    time: datetime | None = None
+    subject: str | None = None
+    datacontenttype: str = JSON
+    dataschema: str | None = None
+    partitionkey: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+    correlationid: str | None = None
+    causationid: str | None = None
+    attempt: int = 1
+    extensions: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str | None:
+        """The ordering key (alias of ``partitionkey``)."""
+        return self.partitionkey
+
+    def json(self) -> Any:
+        """Parse ``data`` as JSON.
+
+        Raises:
+            InvalidMessage: the data is not valid JSON.
+        """
+        try:
+            return orjson.loads(self.data)
+        except orjson.JSONDecodeError as exc:
+            raise errors.InvalidMessage(f"data is not valid JSON: {exc}", "data") from exc
+
+    def attributes(self) -> dict[str, str]:
+        """The CloudEvents context attributes and extensions as strings."""
+        attrs = {"id": self.id, "source": self.source, "specversion": SPEC_VERSION, "type": self.type}
+        optional = (
+            ("time", format_time(self.time) if self.time else None),
+            ("subject", self.subject),
+            ("dataschema", self.dataschema),
+            ("partitionkey", self.partitionkey),
+            ("traceparent", self.traceparent),
+            ("tracestate", self.tracestate),
+            ("correlationid", self.correlationid),
+            ("causationid", self.causationid),
+        )
+        for name, value in optional:
+            if value is not None:
+                attrs[name] = value
+        if self.attempt != 1:
+            attrs["attempt"] = str(self.attempt)
+        attrs.update(self.extensions)
+        return attrs
+
+    def evolve(self, **changes: Any) -> Envelope:
+        """Return a copy with some fields replaced."""
+        return replace(self, **changes)
+
+
+def new_id() -> str:
+    """A fresh message id (UUID4 text)."""
+    return str(uuid.uuid4())
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 text of an aware datetime, in UTC with a ``Z``."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def encode_data(data: Any) -> tuple[bytes, str]:
+    """Encode a payload; return the bytes and their content type.
+
+    ``bytes`` pass through as ``application/octet-stream``; pydantic models and
+    anything orjson can serialise (dicts, lists, str, numbers, datetimes,
+    dataclasses, UUIDs) become JSON.
+
+    Raises:
+        ConfigurationError: the value cannot be serialised.
+    """
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data), OCTET_STREAM
+    if isinstance(data, pydantic.BaseModel):
+        return data.__pydantic_serializer__.to_json(data), JSON
+    try:
+        return orjson.dumps(data), JSON
+    except TypeError as exc:
+        raise errors.ConfigurationError(
+            f"cannot serialise {type(data).__name__} as message data: {exc}; "
+            "pass a pydantic model, a JSON-compatible value or bytes"
+        ) from exc
+
+
+def create(
+    type: str,  # noqa: A002 - the CloudEvents attribute name
+    data: Any,
+    *,
+    source: str,
+    key: str | None = None,
+    subject: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    correlationid: str | None = None,
+    causationid: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+) -> Envelope:
+    """Build a new envelope with a fresh id and the current time."""
+    body, content_type = encode_data(data)
+    return Envelope(
+        id=new_id(),
+        source=source,
+        type=type,
+        data=body,
+        time=datetime.now(UTC),
+        subject=subject,
+        datacontenttype=content_type,
+        partitionkey=key,
+        correlationid=correlationid,
+        causationid=causationid,
+        traceparent=traceparent,
+        tracestate=tracestate,
+        headers=dict(headers) if headers else {},
+    )
+
+
+def to_binary(envelope: Envelope, prefix: str) -> WireMessage:
+    """Binary-mode wire form: data as body, attributes as prefixed headers."""
+    headers = dict(envelope.headers)
+    for name, value in envelope.attributes().items():
+        headers[prefix + name] = value
+    headers["content-type"] = envelope.datacontenttype
+    return WireMessage(
+        body=envelope.data, headers=headers, key=envelope.partitionkey, message_id=envelope.id
+    )
+
+
+def to_structured(envelope: Envelope) -> WireMessage:
+    """Structured-mode wire form: the whole event as JSON."""
+    event: dict[str, Any] = dict(envelope.attributes())
+    event["datacontenttype"] = envelope.datacontenttype
+    if is_json(envelope.datacontenttype):
+        event["data"] = orjson.Fragment(envelope.data) if envelope.data else None
+    else:
+        event["data_base64"] = base64.b64encode(envelope.data).decode("ascii")
+    headers = dict(envelope.headers)
+    headers["content-type"] = STRUCTURED
+    return WireMessage(
+        body=orjson.dumps(event), headers=headers, key=envelope.partitionkey, message_id=envelope.id
+    )
+
+
+def decode(message: WireMessage) -> Envelope:
+    """Read a CloudEvent from a wire message, in either mode.
+
+    Raises:
+        InvalidMessage: the message is not a valid CloudEvent; the text says why.
+    """
+    attrs: dict[str, str] = {}
+    plain: dict[str, str] = {}
+    content_type: str | None = None
+    for name, value in message.headers.items():
+        lower = name.lower()
+        if lower == "content-type":
+            content_type = value
+            continue
+        for prefix in _PREFIXES:
+            if lower.startswith(prefix):
+                attrs[lower[_PREFIX_LENGTHS[prefix] :]] = value
+                break
+        else:
+            plain[name] = value
+    if content_type is not None and content_type.lower().startswith("application/cloudevents"):
+        return _decode_structured(message, plain)
+    if not attrs and _looks_structured(message.body):
+        # Structured mode without a content type: the NATS binding's baseline,
+        # and what many hand-written producers send.
+        return _decode_structured(message, plain)
+    if not attrs:
+        raise errors.InvalidMessage(
+            "not a CloudEvent: no ce-* attribute headers and the body is not a structured "
+            "CloudEvent (JSON object with specversion)"
+        )
+    attrs.setdefault("datacontenttype", content_type or JSON)
+    return _from_attributes(attrs, message.body, plain, message.key)
+
+
+def _looks_structured(body: bytes) -> bool:
+    head = body[:512].lstrip()
+    return head.startswith(b"{") and b'"specversion"' in body
+
+
+def _decode_structured(message: WireMessage, plain: dict[str, str]) -> Envelope:
+    try:
+        event = orjson.loads(message.body)
+    except orjson.JSONDecodeError as exc:
+        raise errors.InvalidMessage(f"structured CloudEvent is not valid JSON: {exc}") from exc
+    if not isinstance(event, dict):
+        raise errors.InvalidMessage("structured CloudEvent must be a JSON object")
+    content_type = event.get("datacontenttype") or JSON
+    if "data_base64" in event:
+        try:
+            data = base64.b64decode(event.pop("data_base64"), validate=True)
+        except (ValueError, TypeError) as exc:
+            raise errors.InvalidMessage(f"data_base64 is not valid base64: {exc}", "data_base64") from exc
+    elif "data" in event:
+        value = event.pop("data")
+        if isinstance(value, str) and not is_json(content_type):
+            data = value.encode()
+        else:
+            data = orjson.dumps(value)
+    else:
+        data = b""
+    attrs: dict[str, str] = {}
+    for name, value in event.items():
+        if value is None:
+            continue
+        if isinstance(value, dict | list):
+            raise errors.InvalidMessage(f"CloudEvents attribute {name!r} must be a scalar", name)
+        attrs[name.lower()] = value if isinstance(value, str) else orjson.dumps(value).decode()
+    attrs["datacontenttype"] = content_type if isinstance(content_type, str) else JSON
+    return _from_attributes(attrs, data, plain, message.key)
+
+
+def _from_attributes(attrs: dict[str, str], data: bytes, plain: dict[str, str], key: str | None) -> Envelope:
+    missing = [name for name in ("id", "source", "specversion", "type") if not attrs.get(name)]
+    if missing:
+        raise errors.InvalidMessage(
+            f"not a CloudEvent: missing required attribute(s) {', '.join(missing)}", missing[0]
+        )
+    if attrs["specversion"] != SPEC_VERSION:
+        raise errors.InvalidMessage(
+            f"unsupported CloudEvents specversion {attrs['specversion']!r}; expected 1.0", "specversion"
+        )
+    time: datetime | None = None
+    if raw_time := attrs.get("time"):
+        try:
+            time = datetime.fromisoformat(raw_time)
+        except ValueError as exc:
+            raise errors.InvalidMessage(f"CloudEvents attribute time {raw_time!r} is not RFC 3339", "time") from exc
+        if time.tzinfo is None:
+            raise errors.InvalidMessage(f"CloudEvents attribute time {raw_time!r} has no time zone", "time")
+    attempt = 1
+    if raw_attempt := attrs.get("attempt"):
+        try:
+            attempt = int(raw_attempt)
+        except ValueError as exc:
+            raise errors.InvalidMessage(f"extension attempt {raw_attempt!r} is not an integer", "attempt") from exc
+    return Envelope(
+        id=attrs["id"],
+        source=attrs["source"],
+        type=attrs["type"],
+        data=data,
+        time=time,
+        subject=attrs.get("subject"),
+        datacontenttype=attrs["datacontenttype"],
+        dataschema=attrs.get("dataschema"),
+        partitionkey=attrs.get("partitionkey") or key,
+        traceparent=attrs.get("traceparent"),
+        tracestate=attrs.get("tracestate"),
+        correlationid=attrs.get("correlationid"),
+        causationid=attrs.get("causationid"),
+        attempt=max(attempt, 1),
+        extensions={k: v for k, v in attrs.items() if k not in _KNOWN},
+        headers=plain,
+    )
+
+
+def is_json(content_type: str) -> bool:
+    """True if a media type is JSON (``application/json``, ``*+json``, ``text/json``)."""
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base == JSON or base.endswith("+json") or base == "text/json"

@@ -1,0 +1,35 @@
+"""Validation of identifiers that become broker subjects, routing keys, topics or SQL values.
+
+A name that reaches a NATS subject or an AMQP routing key unchecked can change
+what a subscription matches (``*`` and ``>`` are wildcards there), so every
+topic, handler and schedule name passes :func:`check` before it is used.
+"""
+
+from __future__ import annotations
+
+import re
+
+from conveyor import errors
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+def check(kind: str, value: object) -> str:
+    """Return ``value`` if it is a valid identifier, else raise.
+
+    Valid: 1 to 128 characters of lowercase letters, digits, ``.``, ``_``, ``-``,
+    starting with a letter or digit, with no empty dot-separated token.
+
+    Args:
+        kind: what the value names ("topic", "handler name", ...), for the message.
+        value: the candidate.
+
+    Raises:
+        ConfigurationError: the value is not a valid identifier.
+    """
+    if not isinstance(value, str) or not _NAME.match(value) or ".." in value or value.endswith("."):
+        raise errors.ConfigurationError(
+            f"invalid {kind} {value!r}: use 1-128 characters of a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit, with no empty '.'-separated part"
+        )
+    return value

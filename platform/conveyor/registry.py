@@ -1,0 +1,258 @@
+"""Handler registration (``@on``) and discovery of the application's modules.
+
+``@on`` validates at import time and attaches a :class:`Handler` to the
+function; it keeps no global state. :func:`discover` imports the modules named
+in ``CONVEYOR_APP`` (and their submodules) and collects what they declare, so
+a registry is always the explicit result of loading a list of modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import sys
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import ModuleType
+from typing import Any, TypeVar
+
+from conveyor import errors, names, payloads, retry
+
+F = TypeVar("F", bound=Callable[..., Any])
+_ATTRIBUTE = "__conveyor_handler__"
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A registered handler.
+
+    Attributes:
+        name: stable dotted name; keys the subscription, the inbox and metrics.
+        topic: the topic it consumes.
+        func: the decorated function.
+        decode: turns an envelope into the payload argument.
+        takes_context: whether the function has a second (context) parameter.
+        is_async: coroutine function (else run in a thread).
+        retry: the retry policy.
+        timeout: seconds a single attempt may take, or ``None``.
+        concurrency: most messages handled at once by one worker process, or
+            ``None`` for the worker's default.
+    """
+
+    name: str
+    topic: str
+    func: Callable[..., Any] = field(repr=False)
+    decode: payloads.Decoder = field(repr=False)
+    takes_context: bool
+    is_async: bool
+    retry: retry.RetryPolicy
+    timeout: float | None
+    concurrency: int | None
+
+    @property
+    def where(self) -> str:
+        """``module.function`` of the handler, for messages."""
+        return f"{self.func.__module__}.{self.func.__qualname__}"
+
+
+def on(
+    topic: str,
+    *,
+    name: str | None = None,
+    max_attempts: int = 5,
+    timeout: timedelta | float | None = 30.0,
+    concurrency: int | None = None,
+    backoff: retry.RetryPolicy | None = None,
+) -> Callable[[F], F]:
+    """Declare a handler for the messages of ``topic``.
+
+    The decorated function takes the payload as its first parameter (its
+    annotation says how to decode it) and, optionally, a
+    :class:`~conveyor.Context` as its second. Coroutine functions run on the
+    event loop; plain functions run in a worker thread.
+
+    Args:
+        topic: the topic to consume.
+        name: stable dotted handler name (default ``module.function``). It
+            keys the consumer group/queue/durable, the inbox and the metrics:
+            renaming it is a migration, so set it explicitly.
+        max_attempts: deliveries before the message is dead-lettered.
+        timeout: longest a single attempt may run; a timeout counts as a failure.
+        concurrency: most messages of this handler in flight per worker process.
+        backoff: full retry policy; its ``max_attempts`` is replaced by ``max_attempts``.
+
+    Raises:
+        ConfigurationError: invalid topic or name, or a missing or unusable
+            payload annotation; the message names the module and function.
+    """
+
+    def decorate(func: F) -> F:
+        where = f"{func.__module__}.{func.__qualname__}"
+        try:
+            names.check("topic", topic)
+            handler_name = names.check("handler name", name or _default_name(func))
+            policy = _policy(backoff, max_attempts)
+            seconds = retry.seconds(timeout)
+            if seconds is not None and seconds <= 0:
+                raise errors.ConfigurationError(f"timeout must be positive, got {timeout!r}")
+            if concurrency is not None and concurrency < 1:
+                raise errors.ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+            annotation, takes_context = _payload_annotation(func, where)
+            decode = payloads.decoder_for(annotation, where)
+        except errors.ConfigurationError as exc:
+            raise errors.ConfigurationError(f"handler {where}: {exc}") from None
+        handler = Handler(
+            name=handler_name,
+            topic=topic,
+            func=func,
+            decode=decode,
+            takes_context=takes_context,
+            is_async=inspect.iscoroutinefunction(func),
+            retry=policy,
+            timeout=seconds,
+            concurrency=concurrency,
+        )
+        setattr(func, _ATTRIBUTE, handler)
+        return func
+
+    return decorate
+
+
+def _default_name(func: Callable[..., Any]) -> str:
+    return f"{func.__module__}.{func.__name__}".lower().replace("_", "-")
+
+
+def _policy(backoff: retry.RetryPolicy | None, max_attempts: int) -> retry.RetryPolicy:
+    if backoff is None:
+        return retry.RetryPolicy(max_attempts=max_attempts)
+    return retry.RetryPolicy(
+        max_attempts=max_attempts,
+        initial_delay=backoff.initial_delay,
+        max_delay=backoff.max_delay,
+        multiplier=backoff.multiplier,
+        jitter=backoff.jitter,
+    )
+
+
+def _payload_annotation(func: Callable[..., Any], where: str) -> tuple[Any, bool]:
+    params = [
+        p
+        for p in inspect.signature(func).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if not 1 <= len(params) <= 2:
+        raise errors.ConfigurationError(
+            f"a handler takes (payload) or (payload, ctx), but {where} takes {len(params)} parameters"
+        )
+    try:
+        hints = typing.get_type_hints(func)
+    except NameError as exc:
+        raise errors.ConfigurationError(f"cannot resolve the annotations of {where}: {exc}") from exc
+    annotation = hints.get(params[0].name)
+    if annotation is None:
+        raise errors.ConfigurationError(
+            f"the payload parameter {params[0].name!r} has no type annotation; annotate it with "
+            "a pydantic model, dict, str, bytes or Envelope"
+        )
+    return annotation, len(params) == 2
+
+
+class Registry:
+    """The handlers (and schedules) of one application, by name."""
+
+    def __init__(self, handlers: Iterable[Handler] = ()) -> None:
+        self._handlers: dict[str, Handler] = {}
+        for handler in handlers:
+            self.add(handler)
+
+    def add(self, handler: Handler) -> None:
+        """Add a handler.
+
+        Raises:
+            ConfigurationError: another handler already has this name.
+        """
+        existing = self._handlers.get(handler.name)
+        if existing is not None and existing.func is not handler.func:
+            raise errors.ConfigurationError(
+                f"duplicate handler name {handler.name!r}: {existing.where} and {handler.where}; "
+                "give each handler a unique name="
+            )
+        self._handlers[handler.name] = handler
+
+    @property
+    def handlers(self) -> list[Handler]:
+        """Handlers in registration order."""
+        return list(self._handlers.values())
+
+    def topics(self) -> list[str]:
+        """Every topic some handler consumes, without repeats."""
+        return list(dict.fromkeys(h.topic for h in self._handlers.values()))
+
+    @classmethod
+    def of(cls, *funcs: Callable[..., Any]) -> Registry:
+        """A registry of decorated functions (for tests and small programs).
+
+        Raises:
+            ConfigurationError: a function was not decorated with ``@on``.
+        """
+        found = []
+        for func in funcs:
+            handler = getattr(func, _ATTRIBUTE, None)
+            if not isinstance(handler, Handler):
+                raise errors.ConfigurationError(f"{func!r} is not decorated with @on")
+            found.append(handler)
+        return cls(found)
+
+
+def discover(modules: Sequence[str], app_dir: str | None = None) -> Registry:
+    """Import the application's modules and collect their handlers.
+
+    Packages are walked: ``handlers`` loads ``handlers/billing.py`` and the rest.
+
+    Args:
+        modules: importable module or package names.
+        app_dir: directory put first on ``sys.path`` (the project root).
+
+    Raises:
+        ConfigurationError: a module cannot be imported or declares an invalid
+            or duplicate handler; the message names it.
+    """
+    if app_dir is not None and app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+    registry = Registry()
+    for module in _import_all(modules):
+        for value in list(vars(module).values()):
+            handler = getattr(value, _ATTRIBUTE, None)
+            if isinstance(handler, Handler) and value.__module__ == module.__name__:
+                registry.add(handler)
+    return registry
+
+
+def _import_all(modules: Sequence[str]) -> list[ModuleType]:
+    loaded: list[ModuleType] = []
+    for name in modules:
+        module = _import(name)
+        loaded.append(module)
+        if hasattr(module, "__path__"):
+            for info in pkgutil.walk_packages(module.__path__, prefix=f"{name}."):
+                loaded.append(_import(info.name))
+    return loaded
+
+
+def _import(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except errors.ConfigurationError:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name == name or name.startswith(f"{exc.name}."):
+            raise errors.ConfigurationError(
+                f"cannot import application module {name!r} (setting CONVEYOR_APP): no such module "
+                f"on the path; run from the project directory or set CONVEYOR_APP"
+            ) from exc
+        raise errors.ConfigurationError(f"cannot import application module {name!r}: {exc}") from exc
+    except Exception as exc:
+        raise errors.ConfigurationError(f"cannot import application module {name!r}: {exc!r}") from exc

@@ -1,0 +1,1 @@
+"""The long-running parts: worker, HTTP server, process assembly and supervision."""

@@ -1,0 +1,221 @@
+"""HTTP: health, readiness, metrics, and CloudEvents ingest, on Starlette served by uvicorn.
+
+* ``GET /healthz``: the process is alive.
+* ``GET /readyz``: each dependency (broker, database, subscriptions) is checked;
+  ``healthy`` (200), ``degraded`` (200, a non-critical check failed) or
+  ``unhealthy`` (503), with per-check details.
+* ``GET /metrics``: Prometheus text format.
+* ``POST /events/{topic}`` (only where ingest is enabled): a CloudEvent in the
+  HTTP binding's structured (``application/cloudevents+json``) or binary
+  (``ce-*`` headers) mode; 202 once the event is accepted durably, 400 with a
+  JSON body naming the field for an invalid event, 401 without the configured
+  bearer token, 413 over the size limit, 415 for other media types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import prometheus_client
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from conveyor import envelope, errors, names
+
+log = logging.getLogger("conveyor.http")
+
+Accept = Callable[[str, envelope.Envelope], Awaitable[None]]
+"""Takes an ingested event for a topic and returns once it is durably accepted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A readiness check.
+
+    Attributes:
+        name: shown in the ``/readyz`` body.
+        probe: returns normally when healthy; raises with the reason otherwise.
+        critical: a failing critical check makes the process unhealthy (503);
+            a failing non-critical one only degraded.
+    """
+
+    name: str
+    probe: Callable[[], Awaitable[None]]
+    critical: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """How ``POST /events/{topic}`` behaves.
+
+    Attributes:
+        accept: takes the event (publishes it, or writes it to the outbox).
+        max_bytes: largest request body accepted.
+        token: bearer token required, if any.
+    """
+
+    accept: Accept
+    max_bytes: int
+    token: str | None = None
+
+
+def create_app(checks: Sequence[Check], ingest: IngestConfig | None = None) -> Starlette:
+    """Build the ASGI application."""
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        results = await asyncio.gather(*(_run_check(check) for check in checks))
+        failed_critical = any(not ok and check.critical for check, (ok, _) in zip(checks, results, strict=True))
+        failed_any = any(not ok for ok, _ in results)
+        status = "unhealthy" if failed_critical else "degraded" if failed_any else "healthy"
+        body = {
+            "status": status,
+            "checks": {check.name: detail for check, (_, detail) in zip(checks, results, strict=True)},
+        }
+        return JSONResponse(body, status_code=503 if failed_critical else 200)
+
+    async def metrics(request: Request) -> Response:
+        return Response(prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    if ingest is not None:
+        routes.append(Route("/events/{topic}", _ingest_endpoint(ingest), methods=["POST"]))
+    return Starlette(routes=routes)
+
+
+async def _run_check(check: Check) -> tuple[bool, dict[str, Any]]:
+    try:
+        async with asyncio.timeout(5):
+            await check.probe()
+    except Exception as exc:
+        return False, {"ok": False, "critical": check.critical, "error": str(exc) or type(exc).__name__}
+    return True, {"ok": True, "critical": check.critical}
+
+
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status_code=status)
+
+
+def _ingest_endpoint(config: IngestConfig) -> Callable[[Request], Awaitable[Response]]:
+    expected = f"Bearer {config.token}".encode() if config.token else None
+
+    async def ingest(request: Request) -> Response:
+        if expected is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                response = _error(401, "missing or wrong bearer token")
+                response.headers["www-authenticate"] = "Bearer"
+                return response
+        topic = request.path_params["topic"]
+        try:
+            names.check("topic", topic)
+        except errors.ConfigurationError as exc:
+            return _error(400, str(exc), "topic")
+        headers = {k: v for k, v in request.headers.items() if k == "content-type" or k.startswith("ce-")}
+        media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        binary = "ce-specversion" in headers or "ce-id" in headers
+        if media != envelope.STRUCTURED and not binary:
+            return _error(
+                415,
+                f"unsupported media type {media or '(none)'!r}: send application/cloudevents+json "
+                "(structured mode) or ce-* headers (binary mode)",
+            )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_bytes:
+            return _error(413, f"body of {declared} bytes exceeds the limit of {config.max_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > config.max_bytes:
+                return _error(413, f"body exceeds the limit of {config.max_bytes} bytes")
+        try:
+            event = envelope.decode(envelope.WireMessage(bytes(body), headers))
+            if envelope.is_json(event.datacontenttype):
+                event.json()  # reject malformed JSON data now rather than at a handler
+        except errors.InvalidMessage as exc:
+            return _error(400, str(exc), exc.field)
+        try:
+            await config.accept(topic, event)
+        except errors.ConveyorError as exc:
+            log.error("could not accept an event for %s: %s", topic, exc)
+            return _error(503, f"event not accepted, try again: {exc}")
+        return JSONResponse({"id": event.id, "topic": topic}, status_code=202)
+
+    return ingest
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our event loop; signals stay with the process runner."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer:
+    """Serves an ASGI app on ``host:port`` until stopped.
+
+    Args:
+        app: the application.
+        host: address to bind.
+        port: port to bind (0 picks a free one; see :attr:`port` after start).
+    """
+
+    def __init__(self, app: Starlette, host: str, port: int) -> None:
+        self._app = app
+        self._host = host
+        self.port = port
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Bind and serve in the background.
+
+        Raises:
+            ConfigurationError: the address cannot be bound (in use, or not local).
+        """
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise errors.ConfigurationError(
+                f"cannot listen on {self._host}:{self.port} ({exc.strerror}); set CONVEYOR_HTTP_PORT "
+                "or --port to a free port, or 0 to turn the HTTP server off"
+            ) from exc
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off")
+        self._server = _EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http")
+        while not self._server.started and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()
+        log.info("HTTP listening on http://%s:%d", self._host, self.port)
+
+    async def stop(self) -> None:
+        """Stop accepting requests and finish those under way."""
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await asyncio.gather(self._task, return_exceptions=True)

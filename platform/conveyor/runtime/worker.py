@@ -1,0 +1,274 @@
+"""The worker: consumes each handler's subscription and applies one policy on every broker.
+
+For each delivery: decode the CloudEvent and the payload (a message that fails
+either is *poison*: dead-lettered at once with the reason), run the handler
+under its timeout, then
+
+* success: send what the handler published, then ack;
+* ``Retry`` or an exception: nack with the backoff delay, or dead-letter once
+  ``max_attempts`` is reached;
+* ``Reject``: dead-letter at once.
+
+A dead-lettered copy goes to ``<topic>.dlq`` with the original body and
+headers plus ``conveyor-dlq-*`` headers (handler, error type, error, attempts,
+time); only after the broker confirmed it is the original acked. Nothing is
+dropped, and nothing a handler does crashes the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from conveyor import context, envelope, errors, ports, registry, telemetry
+from conveyor.runtime import dispatch
+
+log = logging.getLogger("conveyor.worker")
+
+DLQ_SUFFIX = ".dlq"
+DLQ_HEADER = "conveyor-dlq-"
+_MAX_ERROR_TEXT = 1000
+
+
+def dead_letter_topic(topic: str) -> str:
+    """The dead-letter topic of ``topic``."""
+    return topic + DLQ_SUFFIX
+
+
+class HandlerRunner:
+    """Runs one handler for the deliveries of its subscription.
+
+    Args:
+        handler: the handler.
+        transport: where to publish outgoing messages and dead letters.
+        source: CloudEvents ``source`` of messages the handler publishes.
+        max_message_bytes: larger messages are dead-lettered unread.
+    """
+
+    def __init__(
+        self,
+        handler: registry.Handler,
+        transport: ports.Transport,
+        *,
+        source: str,
+        max_message_bytes: int,
+    ) -> None:
+        self.handler = handler
+        self._transport = transport
+        self._source = source
+        self._max_bytes = max_message_bytes
+        self._prefix = transport.binary_prefix
+        self._dlq_topic = dead_letter_topic(handler.topic)
+        self._seconds = telemetry.HANDLER_SECONDS.labels(handler.name)
+        self._outcomes = {
+            outcome: telemetry.MESSAGES.labels(handler.name, outcome)
+            for outcome in ("succeeded", "retried", "dead_lettered")
+        }
+        self._in_flight = telemetry.IN_FLIGHT.labels(handler.name)
+
+    async def process(self, delivery: ports.Delivery) -> None:
+        """Handle one delivery to the end: ack, nack or dead-letter. Never raises."""
+        self._in_flight.inc()
+        try:
+            await self._process(delivery)
+        except asyncio.CancelledError:
+            raise  # drain deadline: leave the delivery unsettled for redelivery
+        except Exception:
+            # A broker failure while settling: the broker will redeliver.
+            log.exception("could not settle a delivery of %s; it will be redelivered", self.handler.name)
+        finally:
+            self._in_flight.dec()
+
+    async def _process(self, delivery: ports.Delivery) -> None:
+        handler = self.handler
+        size = len(delivery.message.body)
+        if size > self._max_bytes:
+            await self._dead_letter(
+                delivery, delivery.attempt, "MessageTooLarge",
+                f"message of {size} bytes exceeds the limit of {self._max_bytes} bytes",
+            )  # fmt: skip
+            return
+        try:
+            message = envelope.decode(delivery.message)
+            payload = handler.decode(message)
+        except errors.InvalidMessage as exc:
+            await self._dead_letter(delivery, delivery.attempt, "InvalidMessage", str(exc))
+            return
+        attempt = max(delivery.attempt, message.attempt)
+        message.attempt = attempt
+        ctx = context.Context(message, handler.name, self._source)
+        started = time.perf_counter()
+        try:
+            await self._call(payload, ctx)
+        except errors.Retry as signal:
+            delay = signal.delay if signal.delay is not None else handler.retry.delay(attempt)
+            await self._failed(delivery, attempt, delay, "Retry", signal.reason)
+        except errors.Reject as signal:
+            await self._dead_letter(delivery, attempt, "Rejected", signal.reason)
+        except TimeoutError:
+            reason = f"attempt exceeded the handler timeout of {handler.timeout}s"
+            await self._failed(delivery, attempt, handler.retry.delay(attempt), "TimeoutError", reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._failed(delivery, attempt, handler.retry.delay(attempt), type(exc).__name__, str(exc))
+        else:
+            self._seconds.observe(time.perf_counter() - started)
+            try:
+                for outgoing in ctx.outgoing:
+                    wire = envelope.to_binary(outgoing.envelope, self._prefix)
+                    await self._transport.publish(outgoing.topic, wire)
+            except errors.TransportError as exc:
+                text = f"could not publish the handler's messages: {exc}"
+                await self._failed(delivery, attempt, handler.retry.delay(attempt), "TransportError", text)
+                return
+            await delivery.ack()
+            self._outcomes["succeeded"].inc()
+
+    async def _call(self, payload: Any, ctx: context.Context) -> None:
+        handler = self.handler
+        args = (payload, ctx) if handler.takes_context else (payload,)
+        async with asyncio.timeout(handler.timeout):
+            if handler.is_async:
+                await handler.func(*args)
+            else:
+                await asyncio.to_thread(handler.func, *args)
+
+    async def _failed(self, delivery: ports.Delivery, attempt: int, delay: float, kind: str, text: str) -> None:
+        if self.handler.retry.exhausted(attempt):
+            await self._dead_letter(delivery, attempt, kind, text)
+            return
+        log.warning(
+            "%s failed attempt %d/%d (%s: %s); retrying in %.2fs",
+            self.handler.name, attempt, self.handler.retry.max_attempts, kind, text, delay,
+        )  # fmt: skip
+        await delivery.nack(delay)
+        self._outcomes["retried"].inc()
+
+    async def _dead_letter(self, delivery: ports.Delivery, attempt: int, kind: str, text: str) -> None:
+        original = delivery.message
+        headers = dict(original.headers)
+        headers.update(dead_letter_headers(self.handler.name, delivery.topic, kind, text, attempt))
+        copy = envelope.WireMessage(
+            body=original.body, headers=headers, key=original.key, message_id=envelope.new_id()
+        )
+        try:
+            await self._transport.publish(self._dlq_topic, copy)
+        except errors.TransportError as exc:
+            log.error("could not dead-letter a message of %s (%s); it will be redelivered", self.handler.name, exc)
+            await delivery.nack(self.handler.retry.delay(attempt))
+            return
+        await delivery.ack()
+        self._outcomes["dead_lettered"].inc()
+        log.error(
+            "%s dead-lettered a message to %s after %d attempt(s): %s: %s",
+            self.handler.name, self._dlq_topic, attempt, kind, text,
+        )  # fmt: skip
+
+
+def dead_letter_headers(handler: str, topic: str, kind: str, text: str, attempts: int) -> dict[str, str]:
+    """The ``conveyor-dlq-*`` headers that explain why a message was dead-lettered."""
+    clean = " ".join(text.split())[:_MAX_ERROR_TEXT]  # header values must be one line
+    return {
+        DLQ_HEADER + "handler": handler,
+        DLQ_HEADER + "topic": topic,
+        DLQ_HEADER + "error-type": kind,
+        DLQ_HEADER + "error": clean,
+        DLQ_HEADER + "attempts": str(attempts),
+        DLQ_HEADER + "at": envelope.format_time(datetime.now(UTC)),
+    }
+
+
+class Worker:
+    """Subscribes every handler of a registry and runs them.
+
+    Args:
+        handlers: the handlers to run.
+        transport: a connected transport.
+        source: CloudEvents ``source`` for messages the handlers publish.
+        concurrency: default per-handler concurrency (a handler's own setting wins).
+        max_message_bytes: larger messages are dead-lettered unread.
+    """
+
+    def __init__(
+        self,
+        handlers: Sequence[registry.Handler],
+        transport: ports.Transport,
+        *,
+        source: str,
+        concurrency: int = 16,
+        max_message_bytes: int = 1024 * 1024,
+    ) -> None:
+        self._handlers = list(handlers)
+        self._transport = transport
+        self._source = source
+        self._concurrency = concurrency
+        self._max_bytes = max_message_bytes
+        self._consumers: list[ports.Consumer] = []
+        self._dispatchers: list[dispatch.Dispatcher] = []
+
+    def subscriptions(self) -> list[ports.Subscription]:
+        """One subscription per handler, sized from its concurrency and timeout."""
+        subscriptions = []
+        for handler in self._handlers:
+            concurrency = handler.concurrency or self._concurrency
+            subscriptions.append(
+                ports.Subscription(
+                    name=handler.name,
+                    topic=handler.topic,
+                    prefetch=concurrency * 2,
+                    ack_wait=(handler.timeout or 300.0) + 30.0,
+                    max_deliveries=max(handler.retry.max_attempts * 2, 10),
+                )
+            )
+        return subscriptions
+
+    def topics(self) -> list[str]:
+        """Topics the worker consumes and their dead-letter topics."""
+        consumed = dict.fromkeys(h.topic for h in self._handlers)
+        return [*consumed, *(dead_letter_topic(t) for t in consumed)]
+
+    async def declare(self) -> None:
+        """Create or reconcile the topology of every handler."""
+        await self._transport.declare(self.topics(), self.subscriptions())
+
+    async def start(self) -> None:
+        """Declare topology and start consuming."""
+        await self.declare()
+        for handler, subscription in zip(self._handlers, self.subscriptions(), strict=True):
+            runner = HandlerRunner(
+                handler, self._transport, source=self._source, max_message_bytes=self._max_bytes
+            )
+            dispatcher = dispatch.Dispatcher(runner.process, handler.concurrency or self._concurrency)
+            self._dispatchers.append(dispatcher)
+            self._consumers.append(await self._transport.subscribe(subscription, dispatcher.submit))
+            log.info("subscribed %s to %s", handler.name, handler.topic)
+
+    @property
+    def consumers(self) -> list[ports.Consumer]:
+        """The running consumers, one per handler."""
+        return list(self._consumers)
+
+    @property
+    def ready(self) -> bool:
+        """True when every subscription is consuming."""
+        return len(self._consumers) == len(self._handlers) and all(c.active for c in self._consumers)
+
+    async def stop(self, timeout: float) -> bool:
+        """Stop fetching, then let in-flight work finish for up to ``timeout`` seconds.
+
+        Returns:
+            True if all in-flight work finished; unfinished work is left
+            unacknowledged and will be redelivered.
+        """
+        for consumer in self._consumers:
+            await consumer.stop()
+        results = await asyncio.gather(*(d.drain(timeout) for d in self._dispatchers))
+        finished = all(results)
+        if not finished:
+            log.warning("drain deadline of %.1fs reached; unfinished messages will be redelivered", timeout)
+        return finished

@@ -1,0 +1,1 @@
+"""The example application's cron jobs (declared with ``@cron``/``@every``)."""
