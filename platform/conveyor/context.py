@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from conveyor import envelope, names
+from conveyor import envelope, names, telemetry
 
 _log = logging.getLogger("conveyor.handler")
 
@@ -62,8 +62,9 @@ class Context:
 
         The message is sent only if the handler succeeds, before the incoming
         message is acknowledged; a failed or retried attempt sends nothing.
-        Correlation and trace ids are carried over; the causation id is the
-        incoming message's id.
+        The correlation id is carried over, the causation id is the incoming
+        message's id, and the trace context is the handler's span, so the
+        next consumer continues the same trace.
 
         Args:
             topic: destination topic.
@@ -80,6 +81,9 @@ class Context:
         """
         names.check("topic", topic)
         parent = self.message
+        traceparent, tracestate = telemetry.current_trace()
+        if traceparent is None:
+            traceparent, tracestate = parent.traceparent, parent.tracestate
         child = envelope.create(
             type or topic,
             data,
@@ -88,8 +92,8 @@ class Context:
             headers=headers,
             correlationid=parent.correlationid or parent.id,
             causationid=parent.id,
-            traceparent=parent.traceparent,
-            tracestate=parent.tracestate,
+            traceparent=traceparent,
+            tracestate=tracestate,
         )
         self.outgoing.append(Outgoing(topic, child))
         return child

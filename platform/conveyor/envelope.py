@@ -44,10 +44,8 @@ KAFKA_PREFIX = "ce_"
 HTTP_PREFIX = "ce-"
 NATS_PREFIX = "ce-"
 AMQP_PREFIX = "cloudEvents_"
-# Lower-cased prefixes accepted when decoding: every binding's, plus the
-# ``cloudEvents:`` of AMQP binding 1.0.
-_PREFIXES = ("ce_", "ce-", "cloudevents_", "cloudevents:")
-_PREFIX_LENGTHS = {p: len(p) for p in _PREFIXES}
+# Decoding accepts every binding's prefix (compared lower-cased): ``ce_``,
+# ``ce-``, ``cloudEvents_`` and the ``cloudEvents:`` of AMQP binding 1.0.
 
 # Attributes with a field of their own; anything else prefixed is an extension.
 _KNOWN = frozenset(
@@ -265,13 +263,13 @@ def decode(message: WireMessage) -> Envelope:
     content_type: str | None = None
     for name, value in message.headers.items():
         lower = name.lower()
-        if lower == "content-type":
+        head = lower[:3]
+        if head == "ce_" or head == "ce-":
+            attrs[lower[3:]] = value
+        elif lower.startswith("cloudevents") and lower[11:12] in ("_", ":"):
+            attrs[lower[12:]] = value
+        elif lower == "content-type":
             content_type = value
-            continue
-        for prefix in _PREFIXES:
-            if lower.startswith(prefix):
-                attrs[lower[_PREFIX_LENGTHS[prefix] :]] = value
-                break
         else:
             plain[name] = value
     if content_type is not None and content_type.lower().startswith("application/cloudevents"):

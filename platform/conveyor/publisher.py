@@ -31,6 +31,7 @@ class Publisher:
     def __init__(self, url: str, *, source: str = "conveyor") -> None:
         self._transport: ports.Transport = transports.create(url)
         self._source = source
+        self._system = telemetry.messaging_system(self._transport)
 
     async def __aenter__(self) -> Publisher:
         await self.connect()
@@ -92,5 +93,6 @@ class Publisher:
             TransportError: the broker did not confirm the message.
         """
         names.check("topic", topic)
-        await self._transport.publish(topic, envelope.to_binary(event, self._transport.binary_prefix))
+        with telemetry.producer_span(topic, event, self._system):
+            await self._transport.publish(topic, envelope.to_binary(event, self._transport.binary_prefix))
         telemetry.PUBLISHED.labels(topic).inc()

@@ -1,8 +1,15 @@
-"""Metrics (Prometheus) for the runtime. Tracing is added by the transports' spans."""
+"""Metrics (Prometheus) and traces (OpenTelemetry) of the runtime."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import Counter, Gauge, Histogram
+
+from conveyor import envelope
 
 MESSAGES = Counter(
     "conveyor_messages",
@@ -17,3 +24,69 @@ HANDLER_SECONDS = Histogram(
 )
 IN_FLIGHT = Gauge("conveyor_in_flight", "Messages accepted by a handler and not yet settled.", ["handler"])
 PUBLISHED = Counter("conveyor_published", "Messages published, by topic.", ["topic"])
+
+
+# -- tracing -----------------------------------------------------------------
+# Spans follow the OpenTelemetry messaging semantic conventions: a PRODUCER span
+# "send <topic>" whose context travels in the CloudEvents ``traceparent``
+# extension, and a CONSUMER span "process <topic>" that continues that trace.
+# With no SDK configured the API's no-op tracer makes this nearly free.
+
+_tracer = trace.get_tracer("conveyor")
+_propagator = TraceContextTextMapPropagator()
+_SYSTEMS = {"MemoryTransport": "memory", "KafkaTransport": "kafka", "RabbitTransport": "rabbitmq", "NatsTransport": "nats"}
+
+
+def messaging_system(transport: object) -> str:
+    """The ``messaging.system`` value for a transport."""
+    return _SYSTEMS.get(type(transport).__name__, type(transport).__name__.lower())
+
+
+def current_trace() -> tuple[str | None, str | None]:
+    """``(traceparent, tracestate)`` of the current span, or ``(None, None)``."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return carrier.get("traceparent"), carrier.get("tracestate")
+
+
+@contextlib.contextmanager
+def producer_span(topic: str, message: envelope.Envelope, system: str) -> Iterator[None]:
+    """A PRODUCER span around a publish; stamps its context into ``message``."""
+    with _tracer.start_as_current_span(
+        f"send {topic}",
+        kind=trace.SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": system,
+            "messaging.operation.type": "send",
+            "messaging.destination.name": topic,
+            "messaging.message.id": message.id,
+        },
+    ):
+        message.traceparent, message.tracestate = current_trace()
+        yield
+
+
+@contextlib.contextmanager
+def consumer_span(topic: str, handler: str, message: envelope.Envelope, system: str) -> Iterator[trace.Span]:
+    """A CONSUMER span for handling ``message``, continuing the producer's trace."""
+    parent = None
+    if message.traceparent:
+        carrier = {"traceparent": message.traceparent}
+        if message.tracestate:
+            carrier["tracestate"] = message.tracestate
+        parent = _propagator.extract(carrier)
+    attributes: dict[str, str | int] = {
+        "messaging.system": system,
+        "messaging.operation.type": "process",
+        "messaging.destination.name": topic,
+        "messaging.consumer.group.name": handler,
+        "messaging.message.id": message.id,
+        "conveyor.attempt": message.attempt,
+    }
+    if message.correlationid:
+        attributes["messaging.message.conversation_id"] = message.correlationid
+    with _tracer.start_as_current_span(
+        f"process {topic}", context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes,
+        record_exception=False, set_status_on_exception=False,
+    ) as span:  # fmt: skip
+        yield span

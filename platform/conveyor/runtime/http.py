@@ -22,6 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import prometheus_client
 import uvicorn
@@ -130,7 +131,9 @@ def _ingest_endpoint(config: IngestConfig) -> Callable[[Request], Awaitable[Resp
             names.check("topic", topic)
         except errors.ConfigurationError as exc:
             return _error(400, str(exc), "topic")
-        headers = {k: v for k, v in request.headers.items() if k == "content-type" or k.startswith("ce-")}
+        # The HTTP binding percent-encodes attribute values in ce-* headers.
+        headers = {k: unquote(v) if k.startswith("ce-") else v for k, v in request.headers.items()}
+        headers = {k: v for k, v in headers.items() if k == "content-type" or k.startswith("ce-")}
         media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         binary = "ce-specversion" in headers or "ce-id" in headers
         if media != envelope.STRUCTURED and not binary:

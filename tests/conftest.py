@@ -1,0 +1,59 @@
+"""Shared fixtures: URLs of the real services the tests talk to.
+
+Locally, a test whose service is down is skipped with the command to start it;
+in CI (``CI=true``) a missing service is a failure, never a skip.
+Override the addresses with ``CONVEYOR_TEST_RABBIT_URL``, ``CONVEYOR_TEST_NATS_URL``,
+``CONVEYOR_TEST_POSTGRES_URL``; Kafka is a Tansu broker started for the session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+
+def _reachable(url: str, name: str, default_port: int) -> str:
+    from conveyor.testing import brokers
+
+    parts = urlsplit(url)
+    brokers.require_service(name, parts.hostname or "127.0.0.1", parts.port or default_port)
+    return url
+
+
+@pytest.fixture(scope="session")
+def rabbit_url() -> str:
+    """A RabbitMQ server (default amqp://guest:guest@127.0.0.1:5672/)."""
+    url = os.environ.get("CONVEYOR_TEST_RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    return _reachable(url, "RabbitMQ", 5672)
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    """A NATS server with JetStream (default nats://127.0.0.1:4222)."""
+    url = os.environ.get("CONVEYOR_TEST_NATS_URL", "nats://127.0.0.1:4222")
+    return _reachable(url, "NATS", 4222)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A PostgreSQL server's ``test`` database, as a SQLAlchemy asyncpg URL."""
+    url = os.environ.get("CONVEYOR_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+    return _reachable(url, "PostgreSQL", 5432)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[object]:
+    """A Tansu (Kafka-protocol, memory-only) broker for the whole session."""
+    from conveyor.testing.brokers import TansuBroker
+
+    with TansuBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def kafka_url(kafka_broker: object) -> str:
+    """``kafka://127.0.0.1:PORT`` of the session's Tansu broker."""
+    return str(kafka_broker.url)  # type: ignore[attr-defined]

@@ -1,0 +1,118 @@
+"""The CLI end to end: the embedded default, ingest, drain on SIGTERM, exit codes."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from cli import Process, free_port, run
+
+ORDER = {
+    "specversion": "1.0", "id": "o-1", "source": "shop", "type": "orders.placed",
+    "data": {"order_id": "o-1", "customer": "ada@example.com", "total_cents": 4200},
+}  # fmt: skip
+STRUCTURED = {"content-type": "application/cloudevents+json"}
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def embedded(tmp_path: Path, port: int) -> Iterator[Process]:
+    process = Process(["run", "--port", str(port)], tmp_path / "run.log", CONVEYOR_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/c.db")
+    try:
+        process.wait_ready(port)
+        yield process
+    finally:
+        process.close()
+
+
+def test_run_handles_a_posted_event_through_the_example_flow(embedded: Process, port: int) -> None:
+    response = httpx.post(f"http://127.0.0.1:{port}/events/orders.placed", content=orjson.dumps(ORDER), headers=STRUCTURED)
+    assert response.status_code == 202
+    embedded.wait_for_log("charged o-1: 4200 cents")
+    embedded.wait_for_log("emailed ada@example.com")
+
+
+def test_run_dead_letters_an_invalid_order_and_keeps_running(embedded: Process, port: int) -> None:
+    bad = {**ORDER, "id": "o-2", "data": {"order_id": "o-2", "customer": "bob@example.com", "total_cents": 0}}
+    url = f"http://127.0.0.1:{port}/events/orders.placed"
+    assert httpx.post(url, content=orjson.dumps(bad), headers=STRUCTURED).status_code == 202
+    embedded.wait_for_log("dead-lettered a message to orders.placed.dlq")
+    assert httpx.post(url, content=orjson.dumps(ORDER), headers=STRUCTURED).status_code == 202
+    embedded.wait_for_log("charged o-1")
+
+
+def test_sigterm_exits_zero(embedded: Process) -> None:
+    assert embedded.terminate() == 0
+    assert "stopped" in embedded.text()
+
+
+SLOW_APP = '''
+import asyncio, logging
+from conveyor import on
+
+@on("jobs", name="slow.job")
+async def slow(job: dict) -> None:
+    logging.getLogger("app").info("started %s", job["n"])
+    await asyncio.sleep(1.5)
+    logging.getLogger("app").info("finished %s", job["n"])
+'''
+
+
+def test_sigterm_drains_in_flight_work_before_exiting(tmp_path: Path, port: int) -> None:
+    (tmp_path / "slowapp.py").write_text(SLOW_APP)
+    process = Process(["run", "--port", str(port), "--app", "slowapp"], tmp_path / "run.log", cwd=tmp_path)
+    try:
+        process.wait_ready(port)
+        event = {"specversion": "1.0", "id": "j-1", "source": "t", "type": "jobs", "data": {"n": 1}}
+        httpx.post(f"http://127.0.0.1:{port}/events/jobs", content=orjson.dumps(event), headers=STRUCTURED)
+        process.wait_for_log("started 1")
+        assert process.terminate() == 0
+        assert "finished 1" in process.text()
+    finally:
+        process.close()
+
+
+def test_bad_broker_url_exits_2_naming_the_setting() -> None:
+    result = run(["run"], CONVEYOR_BROKER_URL="redis://localhost:6379")
+    assert result.returncode == 2
+    assert "CONVEYOR_BROKER_URL" in result.stderr
+
+
+def test_unknown_app_module_exits_2_naming_it() -> None:
+    result = run(["handlers", "--app", "no_such_module_here"])
+    assert (result.returncode, "no_such_module_here" in result.stderr) == (2, True)
+
+
+def test_port_in_use_exits_2(embedded: Process, port: int) -> None:
+    result = run(["run", "--port", str(port)])
+    assert (result.returncode, "cannot listen" in result.stderr) == (2, True)
+
+
+def test_handlers_lists_the_example_application() -> None:
+    result = run(["handlers"])
+    assert result.returncode == 0, result.stderr
+    assert "billing.charge-order" in result.stdout and "orders.placed" in result.stdout
+
+
+def test_publish_to_memory_broker_explains_the_alternative() -> None:
+    result = run(["publish", "orders.placed", "{}"])
+    assert (result.returncode, "POST /events" in result.stderr) == (2, True)
+
+
+def test_usage_error_exits_2() -> None:
+    assert run(["worker", "--no-such-flag"]).returncode == 2
+
+
+def test_json_log_format_writes_json_lines(tmp_path: Path, port: int) -> None:
+    process = Process(["run", "--port", str(port), "--log-format", "json"], tmp_path / "run.log")
+    try:
+        process.wait_ready(port)
+    finally:
+        process.terminate()
+    lines = [orjson.loads(line) for line in process.text().splitlines() if line.startswith("{")]
+    assert any(line["message"].startswith("service conveyor ready") for line in lines)

@@ -1,0 +1,71 @@
+"""The dispatcher: bounded in-flight work, per-key order, concurrency across keys, drain."""
+
+import asyncio
+
+from conveyor.envelope import WireMessage
+from conveyor.runtime.dispatch import Dispatcher
+from conveyor.testing import wait_for
+
+
+class FakeDelivery:
+    def __init__(self, body: str, key: str | None = None) -> None:
+        self.topic = "t"
+        self.message = WireMessage(body.encode(), key=key)
+        self.attempt = 1
+
+    async def ack(self) -> None: ...
+
+    async def nack(self, delay: float) -> None: ...
+
+
+async def test_submit_waits_when_concurrency_plus_buffer_are_taken() -> None:
+    release = asyncio.Event()
+
+    async def process(delivery: object) -> None:
+        await release.wait()
+
+    dispatcher = Dispatcher(process, concurrency=2, buffer=1)
+    for i in range(3):
+        await dispatcher.submit(FakeDelivery(str(i)))
+    blocked = asyncio.ensure_future(dispatcher.submit(FakeDelivery("4")))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    release.set()
+    await asyncio.wait_for(blocked, 1)
+    assert await dispatcher.drain(1)
+
+
+async def test_same_key_runs_in_order_and_keys_run_concurrently() -> None:
+    order: list[str] = []
+    running = [0, 0]
+
+    async def process(delivery: FakeDelivery) -> None:
+        running[0] += 1
+        running[1] = max(running)
+        await asyncio.sleep(0.001 * (hash(delivery.message.body) % 5))
+        order.append(delivery.message.body.decode())
+        running[0] -= 1
+
+    dispatcher = Dispatcher(process, concurrency=4)  # type: ignore[arg-type]
+    for n in range(20):
+        for key in "abc":
+            await dispatcher.submit(FakeDelivery(f"{key}{n}", key=key))
+    assert await dispatcher.drain(5)
+    for key in "abc":
+        assert [x for x in order if x[0] == key] == [f"{key}{n}" for n in range(20)]
+    assert running[1] > 1
+
+
+async def test_drain_deadline_cancels_unfinished_work() -> None:
+    finished: list[str] = []
+
+    async def process(delivery: FakeDelivery) -> None:
+        await asyncio.sleep(0.01 if delivery.message.body == b"fast" else 30)
+        finished.append(delivery.message.body.decode())
+
+    dispatcher = Dispatcher(process, concurrency=4)  # type: ignore[arg-type]
+    await dispatcher.submit(FakeDelivery("fast"))
+    await dispatcher.submit(FakeDelivery("slow"))
+    await wait_for(lambda: finished == ["fast"], 2)
+    assert not await dispatcher.drain(0.1)
+    assert finished == ["fast"] and dispatcher.in_flight == 0
