@@ -17,7 +17,7 @@ import click
 import orjson
 
 from conveyor import errors, logs, registry, settings
-from conveyor.runtime import app
+from conveyor.runtime import app, supervisor
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("conveyor.cli")
@@ -100,10 +100,21 @@ def run(**flags: Any) -> None:
 @_common
 @_http_options
 @click.option("--concurrency", type=int, help="Messages per handler at once (CONVEYOR_CONCURRENCY).")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes to run and keep running; child i serves HTTP on port + i.")
+@click.option("--declare-only", is_flag=True, help="Create or reconcile the broker topology, then exit.")
 @_exits
-def worker(**flags: Any) -> None:
+def worker(processes: int, declare_only: bool, **flags: Any) -> None:
     """Consume and handle messages (serves /healthz, /readyz, /metrics)."""
-    _serve(_load(**flags), app.Parts(worker=True, ingest=False))
+    config = _load(**flags)
+    handlers = registry.discover(config.app, config.app_dir)
+    if declare_only:
+        asyncio.run(app.declare(config, handlers))
+        click.echo(f"declared {len(handlers.handlers)} subscription(s) on {app.redact(config.broker_url)}")
+    elif processes > 1:
+        sys.exit(asyncio.run(supervisor.Supervisor(config, processes).run()))
+    else:
+        asyncio.run(app.serve(config, handlers, app.Parts(worker=True, ingest=False)))
 
 
 @main.command()

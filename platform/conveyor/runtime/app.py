@@ -66,13 +66,24 @@ async def serve(settings: Settings, handlers: registry.Registry, parts: Parts, s
                 server = http.HttpServer(http.create_app(checks, ingest), settings.http_host, settings.http_port)
                 await server.start()
                 stack.push_async_callback(server.stop)
-            log.info("service %s ready (broker %s)", settings.service, _redact(settings.broker_url))
+            log.info("service %s ready (broker %s)", settings.service, redact(settings.broker_url))
             await stop.wait()
             log.info("shutting down: draining for up to %.0fs", settings.drain_timeout)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     log.info("stopped")
+
+
+async def declare(settings: Settings, handlers: registry.Registry) -> None:
+    """Create or reconcile the broker topology of every handler, then disconnect.
+
+    Raises:
+        TransportError: the broker refused the topology or is unreachable.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        transport = await _connect(settings, stack)
+        await worker.Worker(handlers.handlers, transport, source=settings.service).declare()
 
 
 async def _connect(settings: Settings, stack: contextlib.AsyncExitStack) -> ports.Transport:
@@ -102,7 +113,8 @@ def _ingest(settings: Settings, transport: ports.Transport) -> http.IngestConfig
     return http.IngestConfig(accept=accept, max_bytes=settings.max_message_bytes, token=token)
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """The URL with its credentials hidden, for logs."""
     scheme, sep, rest = url.partition("://")
     if "@" in rest:
         rest = "***@" + rest.rsplit("@", 1)[1]

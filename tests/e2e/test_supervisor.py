@@ -1,0 +1,35 @@
+"""``conveyor worker --processes N``: children are started, restarted when they die, drained on SIGTERM."""
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+from cli import Process, free_port
+
+
+def child_pids(process: Process) -> list[int]:
+    return [int(pid) for pid in re.findall(r"started worker \d+ \(pid (\d+)\)", process.text())]
+
+
+def test_supervisor_restarts_a_dead_worker_and_drains_all_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    process = Process(["worker", "--processes", "2", "--port", str(port)], tmp_path / "sup.log")
+    try:
+        process.wait_ready(port)
+        first, second = child_pids(process)
+        os.kill(first, signal.SIGKILL)
+        process.wait_for_log("exited with -9; restarting")
+        deadline = time.monotonic() + 20
+        while len(child_pids(process)) < 3:
+            assert time.monotonic() < deadline, process.text()
+            time.sleep(0.1)
+        process.wait_ready(port)
+        assert httpx.get(f"http://127.0.0.1:{port + 1}/readyz").status_code == 200
+        assert process.terminate() == 0
+        assert process.text().count("conveyor: stopped") == 2
+        assert "all workers stopped" in process.text()
+    finally:
+        process.close()
