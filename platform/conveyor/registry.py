@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from conveyor import errors, names, payloads, retry
+from conveyor.scheduling import schedules as scheduling
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ATTRIBUTE = "__conveyor_handler__"
@@ -161,12 +162,46 @@ def _payload_annotation(func: Callable[..., Any], where: str) -> tuple[Any, bool
 
 
 class Registry:
-    """The handlers (and schedules) of one application, by name."""
+    """The handlers and schedules of one application, by name."""
 
-    def __init__(self, handlers: Iterable[Handler] = ()) -> None:
+    def __init__(self, handlers: Iterable[Handler] = (), schedules: Iterable[scheduling.Schedule] = ()) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._schedules: dict[str, scheduling.Schedule] = {}
         for handler in handlers:
             self.add(handler)
+        for schedule in schedules:
+            self.add_schedule(schedule)
+
+    def add_schedule(self, schedule: scheduling.Schedule) -> None:
+        """Add a schedule.
+
+        Raises:
+            ConfigurationError: another schedule already has this name.
+        """
+        existing = self._schedules.get(schedule.name)
+        if existing is not None and existing.func is not schedule.func:
+            raise errors.ConfigurationError(
+                f"duplicate schedule name {schedule.name!r}: {existing.where} and {schedule.where}; "
+                "give each schedule a unique name="
+            )
+        self._schedules[schedule.name] = schedule
+
+    @property
+    def schedules(self) -> list[scheduling.Schedule]:
+        """Schedules in registration order."""
+        return list(self._schedules.values())
+
+    def schedule(self, name: str) -> scheduling.Schedule:
+        """The schedule called ``name``.
+
+        Raises:
+            NotFound: no such schedule.
+        """
+        try:
+            return self._schedules[name]
+        except KeyError:
+            known = ", ".join(self._schedules) or "none"
+            raise errors.NotFound(f"no schedule named {name!r} (known: {known})") from None
 
     def add(self, handler: Handler) -> None:
         """Add a handler.
@@ -198,17 +233,21 @@ class Registry:
         Raises:
             ConfigurationError: a function was not decorated with ``@on``.
         """
-        found = []
+        registry = cls()
         for func in funcs:
             handler = getattr(func, _ATTRIBUTE, None)
-            if not isinstance(handler, Handler):
-                raise errors.ConfigurationError(f"{func!r} is not decorated with @on")
-            found.append(handler)
-        return cls(found)
+            schedule = getattr(func, scheduling.ATTRIBUTE, None)
+            if isinstance(handler, Handler):
+                registry.add(handler)
+            elif isinstance(schedule, scheduling.Schedule):
+                registry.add_schedule(schedule)
+            else:
+                raise errors.ConfigurationError(f"{func!r} is not decorated with @on, @cron or @every")
+        return registry
 
 
 def discover(modules: Sequence[str], app_dir: str | None = None) -> Registry:
-    """Import the application's modules and collect their handlers.
+    """Import the application's modules and collect their handlers and schedules.
 
     Packages are walked: ``handlers`` loads ``handlers/billing.py`` and the rest.
 
@@ -225,9 +264,14 @@ def discover(modules: Sequence[str], app_dir: str | None = None) -> Registry:
     registry = Registry()
     for module in _import_all(modules):
         for value in list(vars(module).values()):
+            if getattr(value, "__module__", None) != module.__name__:
+                continue
             handler = getattr(value, _ATTRIBUTE, None)
-            if isinstance(handler, Handler) and value.__module__ == module.__name__:
+            schedule = getattr(value, scheduling.ATTRIBUTE, None)
+            if isinstance(handler, Handler):
                 registry.add(handler)
+            elif isinstance(schedule, scheduling.Schedule):
+                registry.add_schedule(schedule)
     return registry
 
 

@@ -95,7 +95,7 @@ def test_duplicate_names_are_rejected_naming_both_functions() -> None:
 def test_undecorated_function_is_rejected() -> None:
     def plain(order: Order) -> None: ...
 
-    with pytest.raises(ConfigurationError, match="not decorated"):
+    with pytest.raises(ConfigurationError, match="not decorated with @on, @cron or @every"):
         Registry.of(plain)
 
 
