@@ -8,6 +8,7 @@ PYTHON ?= python3
 run:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e .
+	$(VENV)/bin/conveyor db upgrade
 	$(VENV)/bin/conveyor run
 
 # Install everything, start the local services (PostgreSQL, RabbitMQ, NATS), run every test.

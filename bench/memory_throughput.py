@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pydantic
-
 from conveyor import envelope, ports, registry
 from conveyor.runtime.worker import Worker
 from conveyor.testing import unique

@@ -20,6 +20,7 @@ from conveyor.errors import (
 from conveyor.publisher import Publisher
 from conveyor.registry import Handler, Registry, on
 from conveyor.retry import RetryPolicy
+from conveyor.scheduling.schedules import Schedule, cron, every
 
 __all__ = [
     "ConcurrencyConflict",
@@ -35,8 +36,11 @@ __all__ = [
     "Reject",
     "Retry",
     "RetryPolicy",
+    "Schedule",
     "StoreError",
     "TransientTransportError",
     "TransportError",
+    "cron",
+    "every",
     "on",
 ]

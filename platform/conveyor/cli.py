@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from conveyor import errors, logs, registry, settings
+from conveyor import errors, logs, registry, schedules_cli, settings
 from conveyor.runtime import app, supervisor
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,7 +29,9 @@ def _common(func: F) -> F:
         click.option("--broker-url", help="Broker URL (CONVEYOR_BROKER_URL), e.g. nats://127.0.0.1:4222."),
         click.option("--app", "app_modules", help="Comma-separated modules to load (CONVEYOR_APP)."),
         click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR (CONVEYOR_LOG_LEVEL)."),
-        click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format (CONVEYOR_LOG_FORMAT)."),
+        click.option(
+            "--log-format", type=click.Choice(["text", "json"]), help="Log line format (CONVEYOR_LOG_FORMAT)."
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -65,6 +67,9 @@ def _exits(func: F) -> F:
         except errors.ConfigurationError as exc:
             click.echo(f"conveyor: configuration error: {exc}", err=True)
             sys.exit(2)
+        except errors.NotFound as exc:
+            click.echo(f"conveyor: {exc}", err=True)
+            sys.exit(2)
         except errors.ConveyorError as exc:
             click.echo(f"conveyor: error: {exc}", err=True)
             sys.exit(1)
@@ -73,7 +78,8 @@ def _exits(func: F) -> F:
 
 
 def _serve(config: settings.Settings, parts: app.Parts) -> None:
-    handlers = registry.discover(config.app, config.app_dir) if parts.worker else registry.Registry()
+    needs_app = parts.worker or parts.scheduler
+    handlers = registry.discover(config.app, config.app_dir) if needs_app else registry.Registry()
     asyncio.run(app.serve(config, handlers, parts))
 
 
@@ -93,15 +99,20 @@ def run(**flags: Any) -> None:
     The local default: with no configuration it uses the in-memory broker and
     listens on 127.0.0.1:8000.
     """
-    _serve(_load(**flags), app.Parts(worker=True, ingest=True))
+    _serve(_load(**flags), app.Parts(worker=True, ingest=True, relay=True, scheduler=True))
 
 
 @main.command()
 @_common
 @_http_options
 @click.option("--concurrency", type=int, help="Messages per handler at once (CONVEYOR_CONCURRENCY).")
-@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes to run and keep running; child i serves HTTP on port + i.")
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes to run and keep running; child i serves HTTP on port + i.",
+)
 @click.option("--declare-only", is_flag=True, help="Create or reconcile the broker topology, then exit.")
 @_exits
 def worker(processes: int, declare_only: bool, **flags: Any) -> None:
@@ -115,6 +126,89 @@ def worker(processes: int, declare_only: bool, **flags: Any) -> None:
         sys.exit(asyncio.run(supervisor.Supervisor(config, processes).run()))
     else:
         asyncio.run(app.serve(config, handlers, app.Parts(worker=True, ingest=False)))
+
+
+@main.command()
+@_common
+@_http_options
+@_exits
+def relay(**flags: Any) -> None:
+    """Publish the outbox: committed messages go to the broker, in per-key order."""
+    _serve(_load(**flags), app.Parts(worker=False, relay=True))
+
+
+@main.command()
+@_common
+@_http_options
+@_exits
+def scheduler(**flags: Any) -> None:
+    """Fire the application's cron jobs, exactly once across any number of scheduler replicas."""
+    _serve(_load(**flags), app.Parts(worker=False, scheduler=True))
+
+
+@main.group(invoke_without_command=True)
+@_common
+@click.pass_context
+@_exits
+def schedules(click_context: click.Context, **flags: Any) -> None:
+    """List schedules: expression, time zone, next three fires, last run and its status."""
+    click_context.obj = flags
+    if click_context.invoked_subcommand is not None:
+        return
+    config = _load(**flags)
+    found = registry.discover(config.app, config.app_dir)
+    if not found.schedules:
+        click.echo(f"no schedules in {', '.join(config.app)}")
+        return
+    rows = asyncio.run(schedules_cli.overview(config, found))
+    schedules_cli.print_table([("NAME", "EXPRESSION", "TZ", "NEXT FIRES (UTC)", "LAST RUN", "STATE"), *rows])
+
+
+def _schedule_command(verb: str, help_text: str) -> Callable[[Callable[..., Any]], Any]:
+    def decorate(func: Callable[..., Any]) -> Any:
+        return schedules.command(name=verb, help=help_text)(click.argument("name")(click.pass_context(_exits(func))))
+
+    return decorate
+
+
+@_schedule_command("trigger", "Run schedule NAME once now (its job goes through the outbox to a worker).")
+def schedules_trigger(click_context: click.Context, name: str) -> None:
+    config = _load(**click_context.obj)
+    schedule = registry.discover(config.app, config.app_dir).schedule(name)
+    run_id = asyncio.run(schedules_cli.trigger(config, schedule))
+    click.echo(f"triggered {name} (run {run_id})")
+
+
+@_schedule_command("pause", "Pause schedule NAME on every scheduler replica.")
+def schedules_pause(click_context: click.Context, name: str) -> None:
+    config = _load(**click_context.obj)
+    asyncio.run(schedules_cli.set_paused(config, registry.discover(config.app, config.app_dir).schedule(name), True))
+    click.echo(f"paused {name}")
+
+
+@_schedule_command("resume", "Resume schedule NAME; fires missed while paused are not run.")
+def schedules_resume(click_context: click.Context, name: str) -> None:
+    config = _load(**click_context.obj)
+    asyncio.run(schedules_cli.set_paused(config, registry.discover(config.app, config.app_dir).schedule(name), False))
+    click.echo(f"resumed {name}")
+
+
+@main.group()
+def db() -> None:
+    """The service's database."""
+
+
+@db.command()
+@click.option("--database-url", help="SQLAlchemy async URL (CONVEYOR_DATABASE_URL).")
+@_exits
+def upgrade(database_url: str | None) -> None:
+    """Create or migrate the database's tables (events, outbox, inbox, schedules, sagas)."""
+    from event_store import migrate
+
+    config = settings.load(database_url=database_url)
+    logs.configure(config.log_level, config.log_format)
+    asyncio.run(migrate.upgrade(config.database_url))
+    click.echo(f"database {app.redact(config.database_url)} is up to date")
 
 
 @main.command()
@@ -169,7 +263,9 @@ def list_handlers(**flags: Any) -> None:
     rows = [("NAME", "TOPIC", "ATTEMPTS", "TIMEOUT", "CONCURRENCY", "FUNCTION")]
     for h in found:
         timeout = f"{h.timeout:g}s" if h.timeout else "-"
-        rows.append((h.name, h.topic, str(h.retry.max_attempts), timeout, str(h.concurrency or config.concurrency), h.where))
+        rows.append(
+            (h.name, h.topic, str(h.retry.max_attempts), timeout, str(h.concurrency or config.concurrency), h.where)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from conveyor import envelope, names, telemetry
+from conveyor import envelope, errors, names, telemetry
+from conveyor.transaction import Transaction
 
 _log = logging.getLogger("conveyor.handler")
 
@@ -20,6 +22,19 @@ class Outgoing:
     envelope: envelope.Envelope
 
 
+class Transactions(Protocol):
+    """Opens handler transactions (implemented by the runtime over the database)."""
+
+    def begin(self, ctx: Context) -> contextlib.AbstractAsyncContextManager[Transaction]:
+        """A transaction that first marks ``ctx.message`` as handled in the inbox.
+
+        Raises:
+            AlreadyHandled: the inbox already has the message for this handler.
+            StoreError: the database failed.
+        """
+        ...
+
+
 class Context:
     """Passed to a handler as its second argument.
 
@@ -30,12 +45,15 @@ class Context:
         logger: a logger whose records carry the message id and handler name.
     """
 
-    __slots__ = ("_logger", "_source", "handler", "message", "outgoing")
+    __slots__ = ("_logger", "_source", "_transactions", "handler", "message", "outgoing")
 
-    def __init__(self, message: envelope.Envelope, handler: str, source: str) -> None:
+    def __init__(
+        self, message: envelope.Envelope, handler: str, source: str, transactions: Transactions | None = None
+    ) -> None:
         self.message = message
         self.handler = handler
         self._source = source
+        self._transactions = transactions
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
         self.outgoing: list[Outgoing] = []
 
@@ -79,12 +97,29 @@ class Context:
         Raises:
             ConfigurationError: invalid topic, or data that cannot be serialised.
         """
+        self.outgoing.append(Outgoing(topic, self.child(topic, data, key=key, type=type, headers=headers)))
+        return self.outgoing[-1].envelope
+
+    def child(
+        self,
+        topic: str,
+        data: Any,
+        *,
+        key: str | None = None,
+        type: str | None = None,  # noqa: A002 - the CloudEvents attribute name
+        headers: Mapping[str, str] | None = None,
+    ) -> envelope.Envelope:
+        """An envelope caused by the message being handled (ids and trace carried over).
+
+        Raises:
+            ConfigurationError: invalid topic, or data that cannot be serialised.
+        """
         names.check("topic", topic)
         parent = self.message
         traceparent, tracestate = telemetry.current_trace()
         if traceparent is None:
             traceparent, tracestate = parent.traceparent, parent.tracestate
-        child = envelope.create(
+        return envelope.create(
             type or topic,
             data,
             source=self._source,
@@ -95,5 +130,24 @@ class Context:
             traceparent=traceparent,
             tracestate=tracestate,
         )
-        self.outgoing.append(Outgoing(topic, child))
-        return child
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """One database transaction: the inbox mark, your writes and the outbox, committed together.
+
+        The inbox row ``(handler name, message id)`` is inserted first; if this
+        message was already handled (a redelivery), the handler stops here and
+        the message is acknowledged without running the rest again. Put every
+        effect inside the transaction. ``tx.session`` is a SQLAlchemy
+        ``AsyncSession``; ``tx.publish(...)`` writes to the outbox.
+
+        Raises:
+            ConfigurationError: this process has no database configured.
+            StoreError: the database failed (the attempt is retried).
+        """
+        if self._transactions is None:
+            raise errors.ConfigurationError(
+                "ctx.transaction() needs a database: set CONVEYOR_DATABASE_URL and run `conveyor db upgrade`"
+            )
+        async with self._transactions.begin(self) as tx:
+            yield tx

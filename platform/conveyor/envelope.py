@@ -50,11 +50,22 @@ AMQP_PREFIX = "cloudEvents_"
 # Attributes with a field of their own; anything else prefixed is an extension.
 _KNOWN = frozenset(
     {
-        "id", "source", "specversion", "type", "time", "subject", "dataschema",
-        "datacontenttype", "partitionkey", "traceparent", "tracestate",
-        "correlationid", "causationid", "attempt",
+        "id",
+        "source",
+        "specversion",
+        "type",
+        "time",
+        "subject",
+        "dataschema",
+        "datacontenttype",
+        "partitionkey",
+        "traceparent",
+        "tracestate",
+        "correlationid",
+        "causationid",
+        "attempt",
     }
-)  # fmt: skip
+)
 
 
 @dataclass(slots=True)
@@ -232,9 +243,7 @@ def to_binary(envelope: Envelope, prefix: str) -> WireMessage:
     for name, value in envelope.attributes().items():
         headers[prefix + name] = value
     headers["content-type"] = envelope.datacontenttype
-    return WireMessage(
-        body=envelope.data, headers=headers, key=envelope.partitionkey, message_id=envelope.id
-    )
+    return WireMessage(body=envelope.data, headers=headers, key=envelope.partitionkey, message_id=envelope.id)
 
 
 def to_structured(envelope: Envelope) -> WireMessage:
@@ -247,9 +256,7 @@ def to_structured(envelope: Envelope) -> WireMessage:
         event["data_base64"] = base64.b64encode(envelope.data).decode("ascii")
     headers = dict(envelope.headers)
     headers["content-type"] = STRUCTURED
-    return WireMessage(
-        body=orjson.dumps(event), headers=headers, key=envelope.partitionkey, message_id=envelope.id
-    )
+    return WireMessage(body=orjson.dumps(event), headers=headers, key=envelope.partitionkey, message_id=envelope.id)
 
 
 def decode(message: WireMessage) -> Envelope:
@@ -307,10 +314,7 @@ def _decode_structured(message: WireMessage, plain: dict[str, str]) -> Envelope:
             raise errors.InvalidMessage(f"data_base64 is not valid base64: {exc}", "data_base64") from exc
     elif "data" in event:
         value = event.pop("data")
-        if isinstance(value, str) and not is_json(content_type):
-            data = value.encode()
-        else:
-            data = orjson.dumps(value)
+        data = value.encode() if isinstance(value, str) and not is_json(content_type) else orjson.dumps(value)
     else:
         data = b""
     attrs: dict[str, str] = {}
@@ -327,9 +331,7 @@ def _decode_structured(message: WireMessage, plain: dict[str, str]) -> Envelope:
 def _from_attributes(attrs: dict[str, str], data: bytes, plain: dict[str, str], key: str | None) -> Envelope:
     missing = [name for name in ("id", "source", "specversion", "type") if not attrs.get(name)]
     if missing:
-        raise errors.InvalidMessage(
-            f"not a CloudEvent: missing required attribute(s) {', '.join(missing)}", missing[0]
-        )
+        raise errors.InvalidMessage(f"not a CloudEvent: missing required attribute(s) {', '.join(missing)}", missing[0])
     if attrs["specversion"] != SPEC_VERSION:
         raise errors.InvalidMessage(
             f"unsupported CloudEvents specversion {attrs['specversion']!r}; expected 1.0", "specversion"

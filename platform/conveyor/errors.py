@@ -64,7 +64,7 @@ class InvalidMessage(ConveyorError, ValueError):
         self.field = field
 
 
-class Retry(Exception):  # noqa: N818 - an outcome signal, not an error
+class Retry(Exception):
     """Raised by a handler to have the message delivered again later.
 
     Counts as an attempt: after ``max_attempts`` the message is dead-lettered.
@@ -86,7 +86,7 @@ class Retry(Exception):  # noqa: N818 - an outcome signal, not an error
         self.reason = reason
 
 
-class Reject(Exception):  # noqa: N818 - an outcome signal, not an error
+class Reject(Exception):
     """Raised by a handler to send the message straight to dead letters.
 
     Use it for messages that can never succeed (an invalid order), so they do

@@ -57,5 +57,5 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("aiokafka", "aiormq", "aio_pika", "nats", "uvicorn.error"):
+    for noisy in ("aiokafka", "aiormq", "aio_pika", "nats", "uvicorn.error", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))

@@ -23,8 +23,10 @@ class TransportFeatures:
     Conformance tests read these flags instead of testing for a broker by name.
 
     Attributes:
-        ordered_per_key: deliveries with the same key reach a subscription in
-            publish order.
+        ordered_per_key: deliveries with the same key reach a consumer in
+            publish order. With several competing consumers only partitioned
+            brokers (Kafka) also keep one key on one consumer; elsewhere a
+            key's messages may be spread across replicas.
         history_for_new_groups: a subscription created after messages were
             published still receives them (Kafka, JetStream streams); otherwise
             only messages published after it was declared (RabbitMQ, memory).
@@ -209,4 +211,258 @@ __all__ = [
     "SystemClock",
     "Transport",
     "TransportFeatures",
+]
+
+
+# --- Persistence ports (implemented by the ``event_store`` package) ---------
+# ``tx`` arguments are the caller's open transaction: with the SQL stores, a
+# SQLAlchemy ``AsyncSession`` inside ``session.begin()``. A port that joins the
+# caller's transaction takes it as an argument; there is no ambient session.
+
+from collections.abc import Mapping  # noqa: E402 - appended section
+from contextlib import AbstractAsyncContextManager  # noqa: E402
+from datetime import timedelta  # noqa: E402
+from typing import Any  # noqa: E402
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """One outbox row handed to the relay.
+
+    Attributes:
+        id: the row's position in the outbox (insertion order).
+        message_id: the CloudEvent id; publish it as the broker-level message id.
+        topic: the Conveyor topic to publish to.
+        key: the ordering key, if any.
+        headers: the event as binary-mode HTTP headers (``ce-*``, ``content-type``).
+        body: the event's data.
+        attempts: failed publish attempts so far.
+        created_at: when the row was committed (database clock, aware UTC).
+    """
+
+    id: int
+    message_id: str
+    topic: str
+    key: str | None
+    headers: dict[str, str]
+    body: bytes
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """Backlog figures for metrics.
+
+    Attributes:
+        backlog: unsent rows (due or delayed).
+        oldest_age: seconds since the oldest unsent, due row was created (0 when none).
+    """
+
+    backlog: int
+    oldest_age: float
+
+
+class OutboxBatch(Protocol):
+    """Rows claimed by one relay; settled when the claim's context exits.
+
+    Attributes:
+        messages: the claimed rows in outbox order. For each key they are the
+            oldest unsent rows of that key, in order; publish them in that
+            order and stop at the first failure of a key.
+    """
+
+    messages: Sequence[OutboxMessage]
+
+    def sent(self, message: OutboxMessage) -> None:
+        """Record that the broker confirmed ``message``; it is marked sent on exit."""
+        ...
+
+    def failed(self, message: OutboxMessage, error: str, retry_in: float) -> None:
+        """Record a failed publish (attempts + 1, the error); due again in ``retry_in`` s."""
+        ...
+
+
+class OutboxStore(Protocol):
+    """The relay's side of the transactional outbox.
+
+    Ordering: rows of one key are claimed only as the oldest unsent rows of
+    that key, so at most one relay has a key in flight; rows without a key are
+    claimed freely. Concurrency: several relays may claim at once where the
+    store says so (PostgreSQL: ``FOR UPDATE SKIP LOCKED``); each row is in at
+    most one open claim. Idempotency: a row claimed but never marked sent (the
+    relay crashed after publishing) is claimed again, so a message may be
+    published more than once with the same message id; consumers dedupe.
+    """
+
+    def claim(self, limit: int) -> AbstractAsyncContextManager[OutboxBatch]:
+        """Claim up to ``limit`` due rows; on exit, store what ``sent``/``failed`` recorded.
+
+        If the block raises, rows recorded as sent are still marked; rows not
+        recorded stay unsent and are claimed again later.
+
+        Raises:
+            StoreError: the database failed (nothing was claimed or marked).
+        """
+        ...
+
+    async def wait(self, max_wait: float) -> None:
+        """Return when new rows may be due (a commit was notified), or after ``max_wait`` s."""
+        ...
+
+    async def next_due_in(self) -> float | None:
+        """Seconds until the earliest unsent row becomes due (0 if one is due), None if none.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
+    async def stats(self) -> OutboxStats:
+        """Backlog size and the age of the oldest unsent due row.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
+    async def purge(self, older_than: timedelta) -> int:
+        """Delete rows sent more than ``older_than`` ago; return how many.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections (listeners); idempotent."""
+        ...
+
+
+class InboxStore(Protocol):
+    """Which messages each handler has processed: the inbox half of exactly-once effects."""
+
+    async def claim(self, tx: Any, handler: str, message_id: str) -> bool:
+        """Insert ``(handler, message_id)`` in the caller's transaction ``tx``.
+
+        Call it first in the transaction. Returns False if the row exists: the
+        message was already processed, and the caller should skip its effects
+        (the transaction stays usable). Concurrent claims of the same pair
+        wait for each other: exactly one transaction that commits gets True.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
+    async def purge(self, older_than: timedelta) -> int:
+        """Delete rows processed more than ``older_than`` ago; return how many.
+
+        Keep the retention longer than any redelivery can take, or a late
+        duplicate is processed again.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append to a stream.
+
+    Attributes:
+        type: the event type.
+        data: the encoded event (JSON bytes by convention).
+        metadata: JSON-compatible metadata (correlation ids, trace context, ...).
+    """
+
+    type: str
+    data: bytes
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored.
+
+    Attributes:
+        position: global position in the event log; increases in commit order.
+        stream_id: the stream it belongs to.
+        version: its version within the stream (1, 2, ...).
+        type: the event type.
+        data: the encoded event.
+        metadata: its metadata.
+        recorded_at: when it was recorded (database clock, aware UTC).
+    """
+
+    position: int
+    stream_id: str
+    version: int
+    type: str
+    data: bytes
+    metadata: Mapping[str, Any]
+    recorded_at: datetime
+
+
+class EventStore(Protocol):
+    """Streams of events with optimistic concurrency and a global, commit-ordered log."""
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None,
+        tx: Any = None,
+    ) -> int:
+        """Append events to a stream; return the stream's new version.
+
+        Args:
+            stream_id: the stream.
+            events: the events, in order; they get versions
+                ``expected_version + 1 ...``.
+            expected_version: the version the caller last saw (0: the stream
+                must be new); None appends after whatever is there.
+            tx: the caller's transaction, or None for a transaction of its own.
+
+        Ordering: positions of committed events increase in commit order, so a
+        reader of :meth:`read_all` that resumes after the last position it saw
+        never skips an event. Concurrency: of two appends with the same
+        expected version, one fails.
+
+        Raises:
+            ConcurrencyConflict: the stream is not at ``expected_version``.
+            StoreError: the database failed.
+        """
+        ...
+
+    async def read_stream(
+        self, stream_id: str, *, after_version: int = 0, limit: int | None = None, tx: Any = None
+    ) -> list[RecordedEvent]:
+        """Events of one stream with a version above ``after_version``, oldest first.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
+    async def read_all(self, *, after: int = 0, limit: int = 1000, tx: Any = None) -> list[RecordedEvent]:
+        """Committed events of every stream with a position above ``after``, in commit order.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
+
+__all__ += [
+    "EventStore",
+    "InboxStore",
+    "NewEvent",
+    "OutboxBatch",
+    "OutboxMessage",
+    "OutboxStats",
+    "OutboxStore",
+    "RecordedEvent",
 ]

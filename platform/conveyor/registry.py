@@ -140,9 +140,7 @@ def _policy(backoff: retry.RetryPolicy | None, max_attempts: int) -> retry.Retry
 
 def _payload_annotation(func: Callable[..., Any], where: str) -> tuple[Any, bool]:
     params = [
-        p
-        for p in inspect.signature(func).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        p for p in inspect.signature(func).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     if not 1 <= len(params) <= 2:
         raise errors.ConfigurationError(

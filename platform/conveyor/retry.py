@@ -45,7 +45,7 @@ class RetryPolicy:
         """Seconds to wait after failed attempt ``attempt`` (1-based)."""
         base = min(self.max_delay, self.initial_delay * self.multiplier ** max(attempt - 1, 0))
         if self.jitter:
-            base *= random.uniform(1 - self.jitter, 1 + self.jitter)  # noqa: S311 - not for security
+            base *= random.uniform(1 - self.jitter, 1 + self.jitter)
         return min(base, self.max_delay)
 
     def exhausted(self, attempt: int) -> bool:

@@ -34,7 +34,12 @@ PUBLISHED = Counter("conveyor_published", "Messages published, by topic.", ["top
 
 _tracer = trace.get_tracer("conveyor")
 _propagator = TraceContextTextMapPropagator()
-_SYSTEMS = {"MemoryTransport": "memory", "KafkaTransport": "kafka", "RabbitTransport": "rabbitmq", "NatsTransport": "nats"}
+_SYSTEMS = {
+    "MemoryTransport": "memory",
+    "KafkaTransport": "kafka",
+    "RabbitTransport": "rabbitmq",
+    "NatsTransport": "nats",
+}
 
 
 def messaging_system(transport: object) -> str:
@@ -86,7 +91,11 @@ def consumer_span(topic: str, handler: str, message: envelope.Envelope, system: 
     if message.correlationid:
         attributes["messaging.message.conversation_id"] = message.correlationid
     with _tracer.start_as_current_span(
-        f"process {topic}", context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes,
-        record_exception=False, set_status_on_exception=False,
-    ) as span:  # fmt: skip
+        f"process {topic}",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
         yield span

@@ -3,7 +3,6 @@
 from collections.abc import Callable
 
 import pytest
-
 from conveyor import ports
 from conveyor.testing import TransportConformance, WorkerConformance, unique
 from conveyor.transports.memory import MemoryTransport

@@ -45,7 +45,9 @@ class Process:
         deadline = time.monotonic() + timeout
         while needle not in self.text():
             if self.popen.poll() is not None:
-                raise AssertionError(f"process exited ({self.popen.returncode}) before logging {needle!r}:\n{self.text()}")
+                raise AssertionError(
+                    f"process exited ({self.popen.returncode}) before logging {needle!r}:\n{self.text()}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {needle!r} in the log after {timeout}s:\n{self.text()}")
             time.sleep(0.05)
@@ -76,6 +78,14 @@ class Process:
             self.popen.kill()
             self.popen.wait()
         self._file.close()
+
+
+def migrated(directory: Path) -> dict[str, str]:
+    """Environment naming a fresh, migrated SQLite database in ``directory``."""
+    url = f"sqlite+aiosqlite:///{directory}/conveyor.db"
+    result = run(["db", "upgrade"], CONVEYOR_DATABASE_URL=url)
+    assert result.returncode == 0, result.stderr
+    return {"CONVEYOR_DATABASE_URL": url}
 
 
 def run(args: list[str], cwd: Path = ROOT, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:

@@ -6,12 +6,15 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from cli import Process, free_port, run
+from cli import Process, free_port, migrated, run
 
 ORDER = {
-    "specversion": "1.0", "id": "o-1", "source": "shop", "type": "orders.placed",
+    "specversion": "1.0",
+    "id": "o-1",
+    "source": "shop",
+    "type": "orders.placed",
     "data": {"order_id": "o-1", "customer": "ada@example.com", "total_cents": 4200},
-}  # fmt: skip
+}
 STRUCTURED = {"content-type": "application/cloudevents+json"}
 
 
@@ -22,7 +25,7 @@ def port() -> int:
 
 @pytest.fixture
 def embedded(tmp_path: Path, port: int) -> Iterator[Process]:
-    process = Process(["run", "--port", str(port)], tmp_path / "run.log", CONVEYOR_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/c.db")
+    process = Process(["run", "--port", str(port)], tmp_path / "run.log", **migrated(tmp_path))
     try:
         process.wait_ready(port)
         yield process
@@ -31,7 +34,9 @@ def embedded(tmp_path: Path, port: int) -> Iterator[Process]:
 
 
 def test_run_handles_a_posted_event_through_the_example_flow(embedded: Process, port: int) -> None:
-    response = httpx.post(f"http://127.0.0.1:{port}/events/orders.placed", content=orjson.dumps(ORDER), headers=STRUCTURED)
+    response = httpx.post(
+        f"http://127.0.0.1:{port}/events/orders.placed", content=orjson.dumps(ORDER), headers=STRUCTURED
+    )
     assert response.status_code == 202
     embedded.wait_for_log("charged o-1: 4200 cents")
     embedded.wait_for_log("emailed ada@example.com")
@@ -51,7 +56,7 @@ def test_sigterm_exits_zero(embedded: Process) -> None:
     assert "stopped" in embedded.text()
 
 
-SLOW_APP = '''
+SLOW_APP = """
 import asyncio, logging
 from conveyor import on
 
@@ -60,12 +65,14 @@ async def slow(job: dict) -> None:
     logging.getLogger("app").info("started %s", job["n"])
     await asyncio.sleep(1.5)
     logging.getLogger("app").info("finished %s", job["n"])
-'''
+"""
 
 
 def test_sigterm_drains_in_flight_work_before_exiting(tmp_path: Path, port: int) -> None:
     (tmp_path / "slowapp.py").write_text(SLOW_APP)
-    process = Process(["run", "--port", str(port), "--app", "slowapp"], tmp_path / "run.log", cwd=tmp_path)
+    process = Process(
+        ["run", "--port", str(port), "--app", "slowapp"], tmp_path / "run.log", cwd=tmp_path, **migrated(tmp_path)
+    )
     try:
         process.wait_ready(port)
         event = {"specversion": "1.0", "id": "j-1", "source": "t", "type": "jobs", "data": {"n": 1}}
@@ -88,8 +95,8 @@ def test_unknown_app_module_exits_2_naming_it() -> None:
     assert (result.returncode, "no_such_module_here" in result.stderr) == (2, True)
 
 
-def test_port_in_use_exits_2(embedded: Process, port: int) -> None:
-    result = run(["run", "--port", str(port)])
+def test_port_in_use_exits_2(embedded: Process, port: int, tmp_path: Path) -> None:
+    result = run(["run", "--port", str(port)], **migrated(_mkdir(tmp_path / "other")))
     assert (result.returncode, "cannot listen" in result.stderr) == (2, True)
 
 
@@ -104,15 +111,25 @@ def test_publish_to_memory_broker_explains_the_alternative() -> None:
     assert (result.returncode, "POST /events" in result.stderr) == (2, True)
 
 
+def test_unmigrated_database_exits_2_naming_the_command(tmp_path: Path) -> None:
+    result = run(["worker"], CONVEYOR_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/empty.db")
+    assert (result.returncode, "conveyor db upgrade" in result.stderr) == (2, True), result.stderr
+
+
 def test_usage_error_exits_2() -> None:
     assert run(["worker", "--no-such-flag"]).returncode == 2
 
 
 def test_json_log_format_writes_json_lines(tmp_path: Path, port: int) -> None:
-    process = Process(["run", "--port", str(port), "--log-format", "json"], tmp_path / "run.log")
+    process = Process(["run", "--port", str(port), "--log-format", "json"], tmp_path / "run.log", **migrated(tmp_path))
     try:
         process.wait_ready(port)
     finally:
         process.terminate()
     lines = [orjson.loads(line) for line in process.text().splitlines() if line.startswith("{")]
     assert any(line["message"].startswith("service conveyor ready") for line in lines)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path

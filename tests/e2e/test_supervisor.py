@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
-from cli import Process, free_port
+from cli import Process, free_port, migrated
 
 
 def child_pids(process: Process) -> list[int]:
@@ -16,10 +16,10 @@ def child_pids(process: Process) -> list[int]:
 
 def test_supervisor_restarts_a_dead_worker_and_drains_all_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    process = Process(["worker", "--processes", "2", "--port", str(port)], tmp_path / "sup.log")
+    process = Process(["worker", "--processes", "2", "--port", str(port)], tmp_path / "sup.log", **migrated(tmp_path))
     try:
         process.wait_ready(port)
-        first, second = child_pids(process)
+        first, _second = child_pids(process)
         os.kill(first, signal.SIGKILL)
         process.wait_for_log("exited with -9; restarting")
         deadline = time.monotonic() + 20

@@ -94,9 +94,7 @@ def test_service_has_a_healthcheck(service: str) -> None:
 def test_start_script_is_valid_bash() -> None:
     bash = shutil.which("bash")
     assert bash is not None
-    result = subprocess.run(
-        [bash, "-n", str(START_SCRIPT)], capture_output=True, text=True, check=False
-    )
+    result = subprocess.run([bash, "-n", str(START_SCRIPT)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
 
 

@@ -8,18 +8,25 @@ from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
-
 from conveyor import envelope, errors
 from conveyor.envelope import WireMessage
 
 
 def sample() -> envelope.Envelope:
     return envelope.Envelope(
-        id="e-1", source="shop", type="orders.placed", data=b'{"order_id":"o-1"}',
-        time=datetime(2026, 11, 22, 10, 0, 0, 123000, tzinfo=UTC), subject="orders/o-1",
-        partitionkey="o-1", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        correlationid="c-1", causationid="p-1", attempt=3, extensions={"tenant": "acme"},
-    )  # fmt: skip
+        id="e-1",
+        source="shop",
+        type="orders.placed",
+        data=b'{"order_id":"o-1"}',
+        time=datetime(2026, 11, 22, 10, 0, 0, 123000, tzinfo=UTC),
+        subject="orders/o-1",
+        partitionkey="o-1",
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        correlationid="c-1",
+        causationid="p-1",
+        attempt=3,
+        extensions={"tenant": "acme"},
+    )
 
 
 @pytest.mark.parametrize("prefix", [envelope.KAFKA_PREFIX, envelope.HTTP_PREFIX, envelope.AMQP_PREFIX, "cloudEvents:"])
@@ -71,12 +78,17 @@ def test_our_kafka_message_parses_with_the_cloudevents_sdk() -> None:
 def sdk_event() -> CloudEvent:
     return CloudEvent(
         attributes={
-            "id": "sdk-1", "source": "https://other.example/svc", "type": "com.example.order",
-            "specversion": "1.0", "datacontenttype": "application/json", "subject": "s-1",
-            "time": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "partitionkey": "k-1",
+            "id": "sdk-1",
+            "source": "https://other.example/svc",
+            "type": "com.example.order",
+            "specversion": "1.0",
+            "datacontenttype": "application/json",
+            "subject": "s-1",
+            "time": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+            "partitionkey": "k-1",
         },
         data={"order_id": "o-9", "total_cents": 5},
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
@@ -85,8 +97,11 @@ def test_sdk_http_message_decodes(mode: str) -> None:
     message = convert(sdk_event(), JSONFormat())
     decoded = envelope.decode(WireMessage(message.body, dict(message.headers)))
     assert (decoded.id, decoded.source, decoded.subject, decoded.key) == (
-        "sdk-1", "https://other.example/svc", "s-1", "k-1",
-    )  # fmt: skip
+        "sdk-1",
+        "https://other.example/svc",
+        "s-1",
+        "k-1",
+    )
     assert decoded.json() == {"order_id": "o-9", "total_cents": 5}
 
 
@@ -114,7 +129,13 @@ def test_wrong_specversion_is_invalid() -> None:
 
 
 def test_time_without_zone_is_invalid() -> None:
-    headers = {"ce-id": "x", "ce-specversion": "1.0", "ce-type": "t", "ce-source": "s", "ce-time": "2026-01-01T00:00:00"}
+    headers = {
+        "ce-id": "x",
+        "ce-specversion": "1.0",
+        "ce-type": "t",
+        "ce-source": "s",
+        "ce-time": "2026-01-01T00:00:00",
+    }
     with pytest.raises(errors.InvalidMessage) as caught:
         envelope.decode(WireMessage(b"{}", headers))
     assert caught.value.field == "time"

@@ -5,13 +5,18 @@ from collections.abc import AsyncIterator
 import httpx
 import orjson
 import pytest
-
 from conveyor import envelope, errors
 from conveyor.runtime import http
 
 EVENT = {"specversion": "1.0", "id": "e-1", "source": "shop", "type": "orders.placed", "data": {"order_id": "o-1"}}
 STRUCTURED = {"content-type": "application/cloudevents+json"}
-BINARY = {"content-type": "application/json", "ce-specversion": "1.0", "ce-id": "e-2", "ce-source": "shop", "ce-type": "t"}
+BINARY = {
+    "content-type": "application/json",
+    "ce-specversion": "1.0",
+    "ce-id": "e-2",
+    "ce-source": "shop",
+    "ce-type": "t",
+}
 
 
 class Accepted:
@@ -113,7 +118,9 @@ async def test_readyz_reports_each_check() -> None:
     async def down() -> None:
         raise errors.TransportError("connection refused")
 
-    async with await client_for(http.create_app([http.Check("broker", ok), http.Check("cache", down, critical=False)])) as c:
+    async with await client_for(
+        http.create_app([http.Check("broker", ok), http.Check("cache", down, critical=False)])
+    ) as c:
         degraded = await c.get("/readyz")
     async with await client_for(http.create_app([http.Check("broker", down)])) as c:
         unhealthy = await c.get("/readyz")

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pydantic
 import pytest
-
 from conveyor import ConfigurationError, Context, Envelope, Registry, envelope, on, registry
 
 
@@ -19,14 +18,18 @@ def test_decorated_handler_records_its_settings() -> None:
 
     (handler,) = Registry.of(charge).handlers
     assert (handler.name, handler.topic, handler.retry.max_attempts, handler.timeout, handler.concurrency) == (
-        "billing.charge", "orders.placed", 3, 2.0, 4,
-    )  # fmt: skip
+        "billing.charge",
+        "orders.placed",
+        3,
+        2.0,
+        4,
+    )
     assert handler.takes_context and handler.is_async
 
 
 def test_default_name_derives_from_module_and_function() -> None:
     @on("orders.placed")
-    def Charge_Order(order: Order) -> None: ...  # noqa: N802
+    def Charge_Order(order: Order) -> None: ...
 
     expected = __name__.replace("_", "-") + ".charge-order"
     assert Registry.of(Charge_Order).handlers[0].name == expected
@@ -71,9 +74,14 @@ def test_unvalidatable_payload_type_is_rejected() -> None:
         async def bad(order: Opaque) -> None: ...
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"max_attempts": 0}, "max_attempts"), ({"timeout": 0}, "timeout"), ({"concurrency": 0}, "concurrency"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"timeout": 0}, "timeout"),
+        ({"concurrency": 0}, "concurrency"),
+    ],
+)
 def test_invalid_limits_are_rejected(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
 
@@ -99,12 +107,15 @@ def test_undecorated_function_is_rejected() -> None:
         Registry.of(plain)
 
 
-@pytest.mark.parametrize(("annotation", "data", "expected"), [
-    (bytes, b"\x00\x01", b"\x00\x01"),
-    (str, b"hello", "hello"),
-    (dict, b'{"a": 1}', {"a": 1}),
-    (list[int], b"[1, 2]", [1, 2]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("annotation", "data", "expected"),
+    [
+        (bytes, b"\x00\x01", b"\x00\x01"),
+        (str, b"hello", "hello"),
+        (dict, b'{"a": 1}', {"a": 1}),
+        (list[int], b"[1, 2]", [1, 2]),
+    ],
+)
 def test_payload_decoders_follow_the_annotation(annotation: object, data: bytes, expected: object) -> None:
     decode = registry.payloads.decoder_for(annotation, "here")
     assert decode(Envelope(id="1", source="s", type="t", data=data)) == expected
@@ -124,10 +135,14 @@ def write_app(tmp_path: Path, package: str, files: dict[str, str]) -> None:
 
 
 def test_discover_walks_packages(tmp_path: Path) -> None:
-    write_app(tmp_path, "app_walk", {
-        "billing.py": "from conveyor import on\n@on('orders', name='b.one')\nasync def one(x: dict) -> None: ...\n",
-        "shipping.py": "from conveyor import on\n@on('paid', name='s.two')\ndef two(x: dict) -> None: ...\n",
-    })  # fmt: skip
+    write_app(
+        tmp_path,
+        "app_walk",
+        {
+            "billing.py": "from conveyor import on\n@on('orders', name='b.one')\nasync def one(x: dict) -> None: ...\n",
+            "shipping.py": "from conveyor import on\n@on('paid', name='s.two')\ndef two(x: dict) -> None: ...\n",
+        },
+    )
     found = registry.discover(["app_walk"], str(tmp_path))
     assert sorted(h.name for h in found.handlers) == ["b.one", "s.two"]
 
@@ -138,7 +153,11 @@ def test_discover_missing_module_names_the_setting(tmp_path: Path) -> None:
 
 
 def test_discover_module_with_a_bad_handler_names_module_and_function(tmp_path: Path) -> None:
-    write_app(tmp_path, "app_bad", {"billing.py": "from conveyor import on\n@on('orders', name='x')\nasync def nope(x) -> None: ...\n"})
+    write_app(
+        tmp_path,
+        "app_bad",
+        {"billing.py": "from conveyor import on\n@on('orders', name='x')\nasync def nope(x) -> None: ...\n"},
+    )
     with pytest.raises(ConfigurationError, match=r"app_bad\.billing\.nope"):
         registry.discover(["app_bad"], str(tmp_path))
 

@@ -1,7 +1,6 @@
 """Retry policy: exponential growth, cap, jitter bounds, validation."""
 
 import pytest
-
 from conveyor import ConfigurationError, RetryPolicy
 
 
@@ -21,9 +20,15 @@ def test_exhausted_after_max_attempts() -> None:
     assert [policy.exhausted(n) for n in (1, 2, 3)] == [False, False, True]
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"max_attempts": 0}, {"initial_delay": -1}, {"multiplier": 0.5}, {"jitter": 1.5},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_attempts": 0},
+        {"initial_delay": -1},
+        {"multiplier": 0.5},
+        {"jitter": 1.5},
+    ],
+)
 def test_invalid_policy_is_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigurationError):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]

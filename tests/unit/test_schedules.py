@@ -3,7 +3,6 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from conveyor import ConfigurationError
 from conveyor.scheduling import schedules, triggers
 from conveyor.scheduling.schedules import Fire, cron, every, plan
@@ -35,26 +34,33 @@ def test_day_names_and_ranges_translate() -> None:
 
 def test_six_fields_start_with_seconds() -> None:
     assert declare("*/20 * * * * *").next_fires(utc(2026, 1, 1), 3) == [
-        utc(2026, 1, 1, 0, 0, 20), utc(2026, 1, 1, 0, 0, 40), utc(2026, 1, 1, 0, 1),
-    ]  # fmt: skip
+        utc(2026, 1, 1, 0, 0, 20),
+        utc(2026, 1, 1, 0, 0, 40),
+        utc(2026, 1, 1, 0, 1),
+    ]
 
 
 def test_macros_expand() -> None:
     assert declare("@hourly").next_fires(utc(2026, 1, 1, 0, 30), 1) == [utc(2026, 1, 1, 1)]
 
 
-@pytest.mark.parametrize(("expression", "options", "message"), [
-    ("61 * * * *", {}, "invalid cron expression"),
-    ("* * * *", {}, "expected 5 fields"),
-    ("0 9 * * 8", {}, "out of range"),
-    ("0 9 * * *", {"tz": "Mars/Olympus"}, "unknown time zone"),
-    ("0 9 * * *", {"name": "Bad Name"}, "invalid schedule name"),
-    ("0 9 * * *", {"misfire": "sometimes"}, "misfire must be one of"),
-    ("0 9 * * *", {"overlap": "maybe"}, "overlap must be one of"),
-    ("0 9 * * *", {"max_catchup": 0}, "max_catchup"),
-    ("0 9 * * *", {"jitter": -1}, "jitter"),
-])  # fmt: skip
-def test_invalid_declarations_fail_naming_the_function(expression: str, options: dict[str, object], message: str) -> None:
+@pytest.mark.parametrize(
+    ("expression", "options", "message"),
+    [
+        ("61 * * * *", {}, "invalid cron expression"),
+        ("* * * *", {}, "expected 5 fields"),
+        ("0 9 * * 8", {}, "out of range"),
+        ("0 9 * * *", {"tz": "Mars/Olympus"}, "unknown time zone"),
+        ("0 9 * * *", {"name": "Bad Name"}, "invalid schedule name"),
+        ("0 9 * * *", {"misfire": "sometimes"}, "misfire must be one of"),
+        ("0 9 * * *", {"overlap": "maybe"}, "overlap must be one of"),
+        ("0 9 * * *", {"max_catchup": 0}, "max_catchup"),
+        ("0 9 * * *", {"jitter": -1}, "jitter"),
+    ],
+)
+def test_invalid_declarations_fail_naming_the_function(
+    expression: str, options: dict[str, object], message: str
+) -> None:
     with pytest.raises(ConfigurationError, match=rf"test_schedules\.declare\.<locals>\.job.*{message}"):
         declare(expression, **options)
 
@@ -103,8 +109,10 @@ def test_skipped_wall_time_fires_once_at_the_instant_the_clock_jumped_to() -> No
 def test_repeated_wall_time_fires_at_both_instants() -> None:
     job = declare("30 2 * * *", tz="Europe/Berlin")
     assert job.next_fires(utc(2026, 10, 24, 12), 3) == [
-        utc(2026, 10, 25, 0, 30), utc(2026, 10, 25, 1, 30), utc(2026, 10, 26, 1, 30),
-    ]  # fmt: skip
+        utc(2026, 10, 25, 0, 30),
+        utc(2026, 10, 25, 1, 30),
+        utc(2026, 10, 26, 1, 30),
+    ]
 
 
 # -- misfires --------------------------------------------------------------------------
@@ -123,14 +131,16 @@ AFTER_FIVE_MISSED = LAST + timedelta(seconds=6, milliseconds=500)  # fires :01..
 
 def test_skip_runs_none_of_the_missed_fires() -> None:
     assert plan(every_second("skip"), LAST, AFTER_FIVE_MISSED) == [
-        Fire(LAST + timedelta(seconds=5), run=False), Fire(LAST + timedelta(seconds=6), run=True),
-    ]  # fmt: skip
+        Fire(LAST + timedelta(seconds=5), run=False),
+        Fire(LAST + timedelta(seconds=6), run=True),
+    ]
 
 
 def test_coalesce_runs_the_missed_fires_once() -> None:
     assert plan(every_second("coalesce"), LAST, AFTER_FIVE_MISSED) == [
-        Fire(LAST + timedelta(seconds=5), run=True), Fire(LAST + timedelta(seconds=6), run=True),
-    ]  # fmt: skip
+        Fire(LAST + timedelta(seconds=5), run=True),
+        Fire(LAST + timedelta(seconds=6), run=True),
+    ]
 
 
 def test_all_runs_every_missed_fire() -> None:
@@ -163,5 +173,5 @@ def test_duplicate_schedule_names_are_rejected() -> None:
     @every(timedelta(minutes=1), name="jobs.same")
     def second() -> None: ...
 
-    with pytest.raises(ConfigurationError, match="duplicate schedule name 'jobs.same'"):
+    with pytest.raises(ConfigurationError, match=r"duplicate schedule name 'jobs\.same'"):
         Registry.of(first, second)

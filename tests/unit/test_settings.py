@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from conveyor import ConfigurationError, settings
 
 
@@ -23,8 +22,11 @@ def write_pyproject(text: str) -> None:
 def test_defaults_are_the_embedded_setup() -> None:
     config = settings.load()
     assert (config.broker_url, config.database_url, config.app, config.http_port) == (
-        "memory://", "sqlite+aiosqlite:///conveyor.db", ("handlers", "schedules"), 8000,
-    )  # fmt: skip
+        "memory://",
+        "sqlite+aiosqlite:///conveyor.db",
+        ("handlers", "schedules"),
+        8000,
+    )
 
 
 def test_pyproject_overrides_defaults() -> None:
@@ -49,14 +51,17 @@ def test_app_list_is_split_on_commas(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.load().app == ("billing", "shipping")
 
 
-@pytest.mark.parametrize(("env", "value", "named"), [
-    ("CONVEYOR_BROKER_URL", "redis://localhost", "CONVEYOR_BROKER_URL"),
-    ("CONVEYOR_HTTP_PORT", "99999", "CONVEYOR_HTTP_PORT"),
-    ("CONVEYOR_CONCURRENCY", "zero", "CONVEYOR_CONCURRENCY"),
-    ("CONVEYOR_SERVICE", "Bad Name", "CONVEYOR_SERVICE"),
-    ("CONVEYOR_LOG_FORMAT", "xml", "CONVEYOR_LOG_FORMAT"),
-    ("CONVEYOR_BROKR_URL", "memory://", None),  # typo'd settings are ignored by the environment source
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("env", "value", "named"),
+    [
+        ("CONVEYOR_BROKER_URL", "redis://localhost", "CONVEYOR_BROKER_URL"),
+        ("CONVEYOR_HTTP_PORT", "99999", "CONVEYOR_HTTP_PORT"),
+        ("CONVEYOR_CONCURRENCY", "zero", "CONVEYOR_CONCURRENCY"),
+        ("CONVEYOR_SERVICE", "Bad Name", "CONVEYOR_SERVICE"),
+        ("CONVEYOR_LOG_FORMAT", "xml", "CONVEYOR_LOG_FORMAT"),
+        ("CONVEYOR_BROKR_URL", "memory://", None),  # typo'd settings are ignored by the environment source
+    ],
+)
 def test_invalid_setting_is_named(monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str | None) -> None:
     monkeypatch.setenv(env, value)
     if named is None:

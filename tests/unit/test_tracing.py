@@ -3,15 +3,14 @@
 from collections.abc import Iterator
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
 from conveyor import Context, Publisher, Registry, on
 from conveyor.runtime.worker import Worker
 from conveyor.testing import unique, wait_for
 from conveyor.transports.memory import MemoryTransport
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 _exporter = InMemorySpanExporter()
 
@@ -21,7 +20,7 @@ def _sdk() -> Iterator[None]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(_exporter))
     trace.set_tracer_provider(provider)
-    yield
+    return
 
 
 async def test_consumer_spans_continue_the_producers_trace() -> None:

@@ -11,13 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from conveyor import envelope, errors, ports, registry, transports
-from conveyor.runtime import http, worker
+from conveyor.runtime import http, relay, scheduler, transactions, worker
 from conveyor.settings import Settings
+from event_store import migrate
+from event_store.database import Database
+from event_store.outbox import Outbox
+from event_store.outbox_store import SqlOutboxStore
 
 log = logging.getLogger("conveyor")
 
@@ -28,19 +33,27 @@ class Parts:
 
     Attributes:
         worker: consume and handle messages.
-        ingest: accept ``POST /events/{topic}``.
+        ingest: accept ``POST /events/{topic}`` (into the outbox).
+        relay: publish the outbox.
+        scheduler: claim schedule fires and enqueue their jobs.
     """
 
     worker: bool = True
     ingest: bool = False
+    relay: bool = False
+    scheduler: bool = False
 
 
-async def serve(settings: Settings, handlers: registry.Registry, parts: Parts, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: Settings, handlers: registry.Registry, parts: Parts, stop: asyncio.Event | None = None
+) -> None:
     """Run a process until SIGTERM/SIGINT (or ``stop``), then shut down in order.
 
     Raises:
-        ConfigurationError: a component cannot start with this configuration.
+        ConfigurationError: a component cannot start with this configuration
+            (including an unmigrated database).
         TransportError: the broker cannot be reached at start-up.
+        StoreError: the database cannot be reached at start-up.
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -48,31 +61,78 @@ async def serve(settings: Settings, handlers: registry.Registry, parts: Parts, s
         loop.add_signal_handler(signum, stop.set)
     try:
         async with contextlib.AsyncExitStack() as stack:
+            database = await open_database(settings, stack)
             transport = await _connect(settings, stack)
-            checks = [http.Check("broker", transport.check)]
+            checks = [http.Check("broker", transport.check), http.Check("database", database.check)]
+            if parts.relay:
+                store = SqlOutboxStore(database)
+                stack.push_async_callback(store.close)
+                _background(stack, "relay", relay.Relay(store, transport).run)
+            if parts.scheduler:
+                cron = scheduler.Scheduler(handlers.schedules, database, source=settings.service)
+                _background(stack, "scheduler", cron.run)
             if parts.worker:
+                jobs = scheduler.job_handlers(handlers.schedules, database)
                 consumer = worker.Worker(
-                    handlers.handlers,
+                    [*handlers.handlers, *jobs],
                     transport,
                     source=settings.service,
                     concurrency=settings.concurrency,
                     max_message_bytes=settings.max_message_bytes,
+                    transactions=transactions.DatabaseTransactions(database, settings.service),
                 )
                 stack.push_async_callback(_drain, consumer, settings.drain_timeout)
                 await consumer.start()
                 checks.append(http.Check("subscriptions", _subscriptions_probe(consumer)))
             if settings.http_port:
-                ingest = _ingest(settings, transport) if parts.ingest else None
+                ingest = _ingest(settings, database) if parts.ingest else None
                 server = http.HttpServer(http.create_app(checks, ingest), settings.http_host, settings.http_port)
                 await server.start()
                 stack.push_async_callback(server.stop)
-            log.info("service %s ready (broker %s)", settings.service, redact(settings.broker_url))
+            log.info(
+                "service %s ready (broker %s, database %s)",
+                settings.service,
+                redact(settings.broker_url),
+                database.display_url(),
+            )
             await stop.wait()
             log.info("shutting down: draining for up to %.0fs", settings.drain_timeout)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     log.info("stopped")
+
+
+async def open_database(settings: Settings, stack: contextlib.AsyncExitStack) -> Database:
+    """Open the service's database, refusing one that is not migrated.
+
+    Raises:
+        ConfigurationError: unmigrated database (the message names ``conveyor db upgrade``).
+        StoreError: the database is unreachable.
+    """
+    await migrate.ensure_current(settings.database_url)
+    database = Database(settings.database_url)
+    stack.push_async_callback(database.close)
+    return database
+
+
+def _background(stack: contextlib.AsyncExitStack, name: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``run(stop)`` as a task until shutdown; a crash is logged and ends the process."""
+    stopping = asyncio.Event()
+    task = asyncio.create_task(run(stopping), name=name)
+
+    def crashed(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.critical("%s stopped unexpectedly: %r; shutting down", name, done.exception())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    task.add_done_callback(crashed)
+
+    async def stop() -> None:
+        stopping.set()
+        await asyncio.gather(task, return_exceptions=True)
+
+    stack.push_async_callback(stop)
 
 
 async def declare(settings: Settings, handlers: registry.Registry) -> None:
@@ -105,9 +165,12 @@ def _subscriptions_probe(consumer: worker.Worker) -> Callable[[], Awaitable[None
     return probe
 
 
-def _ingest(settings: Settings, transport: ports.Transport) -> http.IngestConfig:
+def _ingest(settings: Settings, database: Database) -> http.IngestConfig:
+    outbox = Outbox(settings.service)
+
     async def accept(topic: str, event: envelope.Envelope) -> None:
-        await transport.publish(topic, envelope.to_binary(event, transport.binary_prefix))
+        async with database.transaction() as session:
+            await outbox.add(session, topic, event)
 
     token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
     return http.IngestConfig(accept=accept, max_bytes=settings.max_message_bytes, token=token)

@@ -211,7 +211,7 @@ class HttpServer:
         config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off")
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http")
-        while not self._server.started and not self._task.done():
+        while not self._server.started and not self._task.done():  # noqa: ASYNC110 - uvicorn offers no event
             await asyncio.sleep(0.01)
         if self._task.done():
             self._task.result()

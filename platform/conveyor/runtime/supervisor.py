@@ -122,8 +122,13 @@ class Supervisor:
             ran = time.monotonic() - child.started_at
             if ran > _STABLE_AFTER:
                 child.restart_delay = _RESTART_MIN
-            log.error("worker %d (pid %d) exited with %d; restarting in %.1fs",
-                      child.index, child.process.pid, code, child.restart_delay)  # fmt: skip
+            log.error(
+                "worker %d (pid %d) exited with %d; restarting in %.1fs",
+                child.index,
+                child.process.pid,
+                code,
+                child.restart_delay,
+            )
             await asyncio.sleep(child.restart_delay)
             child.restart_delay = min(child.restart_delay * 2, _RESTART_MAX)
             child.restarts += 1

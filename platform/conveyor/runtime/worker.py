@@ -28,6 +28,7 @@ from opentelemetry import trace
 
 from conveyor import context, envelope, errors, ports, registry, telemetry
 from conveyor.runtime import dispatch
+from conveyor.transaction import AlreadyHandled
 
 log = logging.getLogger("conveyor.worker")
 
@@ -49,6 +50,7 @@ class HandlerRunner:
         transport: where to publish outgoing messages and dead letters.
         source: CloudEvents ``source`` of messages the handler publishes.
         max_message_bytes: larger messages are dead-lettered unread.
+        transactions: opens ``ctx.transaction()``; ``None`` without a database.
     """
 
     def __init__(
@@ -58,9 +60,11 @@ class HandlerRunner:
         *,
         source: str,
         max_message_bytes: int,
+        transactions: context.Transactions | None = None,
     ) -> None:
         self.handler = handler
         self._transport = transport
+        self._transactions = transactions
         self._source = source
         self._max_bytes = max_message_bytes
         self._prefix = transport.binary_prefix
@@ -69,7 +73,7 @@ class HandlerRunner:
         self._seconds = telemetry.HANDLER_SECONDS.labels(handler.name)
         self._outcomes = {
             outcome: telemetry.MESSAGES.labels(handler.name, outcome)
-            for outcome in ("succeeded", "retried", "dead_lettered")
+            for outcome in ("succeeded", "retried", "dead_lettered", "duplicate")
         }
 
     async def process(self, delivery: ports.Delivery) -> None:
@@ -87,9 +91,11 @@ class HandlerRunner:
         size = len(delivery.message.body)
         if size > self._max_bytes:
             await self._dead_letter(
-                delivery, delivery.attempt, "MessageTooLarge",
+                delivery,
+                delivery.attempt,
+                "MessageTooLarge",
                 f"message of {size} bytes exceeds the limit of {self._max_bytes} bytes",
-            )  # fmt: skip
+            )
             return
         try:
             message = envelope.decode(delivery.message)
@@ -108,10 +114,15 @@ class HandlerRunner:
         """Call the handler and settle the delivery; return the failure text, if any."""
         handler = self.handler
         attempt = message.attempt
-        ctx = context.Context(message, handler.name, self._source)
+        ctx = context.Context(message, handler.name, self._source, self._transactions)
         started = time.perf_counter()
         try:
             await self._call(payload, ctx)
+        except AlreadyHandled:
+            log.debug("%s skipped duplicate message %s", handler.name, message.id)
+            await delivery.ack()
+            self._outcomes["duplicate"].inc()
+            return None
         except errors.Retry as signal:
             delay = signal.delay if signal.delay is not None else handler.retry.delay(attempt)
             await self._failed(delivery, attempt, delay, "Retry", signal.reason)
@@ -156,8 +167,13 @@ class HandlerRunner:
             return
         log.warning(
             "%s failed attempt %d/%d (%s: %s); retrying in %.2fs",
-            self.handler.name, attempt, self.handler.retry.max_attempts, kind, text, delay,
-        )  # fmt: skip
+            self.handler.name,
+            attempt,
+            self.handler.retry.max_attempts,
+            kind,
+            text,
+            delay,
+        )
         await delivery.nack(delay)
         self._outcomes["retried"].inc()
 
@@ -165,9 +181,7 @@ class HandlerRunner:
         original = delivery.message
         headers = dict(original.headers)
         headers.update(dead_letter_headers(self.handler.name, delivery.topic, kind, text, attempt))
-        copy = envelope.WireMessage(
-            body=original.body, headers=headers, key=original.key, message_id=envelope.new_id()
-        )
+        copy = envelope.WireMessage(body=original.body, headers=headers, key=original.key, message_id=envelope.new_id())
         try:
             await self._transport.publish(self._dlq_topic, copy)
         except errors.TransportError as exc:
@@ -178,8 +192,12 @@ class HandlerRunner:
         self._outcomes["dead_lettered"].inc()
         log.error(
             "%s dead-lettered a message to %s after %d attempt(s): %s: %s",
-            self.handler.name, self._dlq_topic, attempt, kind, text,
-        )  # fmt: skip
+            self.handler.name,
+            self._dlq_topic,
+            attempt,
+            kind,
+            text,
+        )
 
 
 def dead_letter_headers(handler: str, topic: str, kind: str, text: str, attempts: int) -> dict[str, str]:
@@ -204,6 +222,7 @@ class Worker:
         source: CloudEvents ``source`` for messages the handlers publish.
         concurrency: default per-handler concurrency (a handler's own setting wins).
         max_message_bytes: larger messages are dead-lettered unread.
+        transactions: opens ``ctx.transaction()``; ``None`` without a database.
     """
 
     def __init__(
@@ -214,7 +233,9 @@ class Worker:
         source: str,
         concurrency: int = 16,
         max_message_bytes: int = 1024 * 1024,
+        transactions: context.Transactions | None = None,
     ) -> None:
+        self._transactions = transactions
         self._handlers = list(handlers)
         self._transport = transport
         self._source = source
@@ -234,7 +255,9 @@ class Worker:
                     topic=handler.topic,
                     prefetch=concurrency * 2,
                     ack_wait=(handler.timeout or 300.0) + 30.0,
-                    max_deliveries=max(handler.retry.max_attempts * 2, 10),
+                    # A broker-side backstop only; kept constant so that changing
+                    # max_attempts does not change queue arguments (RabbitMQ refuses that).
+                    max_deliveries=max(handler.retry.max_attempts * 2, 50),
                 )
             )
         return subscriptions
@@ -244,16 +267,29 @@ class Worker:
         consumed = dict.fromkeys(h.topic for h in self._handlers)
         return [*consumed, *(dead_letter_topic(t) for t in consumed)]
 
+    def dead_letter_subscriptions(self) -> list[ports.Subscription]:
+        """One subscription per dead-letter topic, named like the topic, that keeps dead letters.
+
+        Without it a broker that drops unrouted messages (RabbitMQ) would lose
+        them; ``conveyor dlq`` reads them from here.
+        """
+        consumed = dict.fromkeys(h.topic for h in self._handlers)
+        return [ports.Subscription(name=dead_letter_topic(t), topic=dead_letter_topic(t)) for t in consumed]
+
     async def declare(self) -> None:
-        """Create or reconcile the topology of every handler."""
-        await self._transport.declare(self.topics(), self.subscriptions())
+        """Create or reconcile the topology of every handler, and the dead-letter subscriptions."""
+        await self._transport.declare(self.topics(), [*self.subscriptions(), *self.dead_letter_subscriptions()])
 
     async def start(self) -> None:
         """Declare topology and start consuming."""
         await self.declare()
         for handler, subscription in zip(self._handlers, self.subscriptions(), strict=True):
             runner = HandlerRunner(
-                handler, self._transport, source=self._source, max_message_bytes=self._max_bytes
+                handler,
+                self._transport,
+                source=self._source,
+                max_message_bytes=self._max_bytes,
+                transactions=self._transactions,
             )
             dispatcher = dispatch.Dispatcher(runner.process, handler.concurrency or self._concurrency)
             telemetry.IN_FLIGHT.labels(handler.name).set_function(lambda d=dispatcher: d.in_flight)

@@ -130,7 +130,9 @@ def every(
     return _declare(lambda: triggers.interval_trigger(interval, start), f"every {interval}", "UTC", locals())
 
 
-def _declare(make_trigger: Callable[[], BaseTrigger], expression: str, tz: str, options: dict[str, Any]) -> Callable[[F], F]:
+def _declare(
+    make_trigger: Callable[[], BaseTrigger], expression: str, tz: str, options: dict[str, Any]
+) -> Callable[[F], F]:
     def decorate(func: F) -> F:
         where = f"{func.__module__}.{func.__qualname__}"
         try:

@@ -31,9 +31,14 @@ from conveyor import errors
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _MACROS = {
-    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
-}  # fmt: skip
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
 _DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # standard cron numbering
 _DOW_TOKEN = re.compile(r"^(\*|[a-z0-9]+)(?:-([a-z0-9]+))?(?:/(\d+))?$")
 
@@ -47,7 +52,9 @@ def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise errors.ConfigurationError(f"unknown time zone {name!r}: use an IANA name such as 'Europe/Berlin'") from exc
+        raise errors.ConfigurationError(
+            f"unknown time zone {name!r}: use an IANA name such as 'Europe/Berlin'"
+        ) from exc
 
 
 def _day_number(token: str) -> int:
@@ -98,9 +105,14 @@ def cron_trigger(expression: str, tz: str) -> CronTrigger:
     minute, hour, day, month, weekday = fields[-5:]
     try:
         return CronTrigger(
-            second=second, minute=minute, hour=hour, day=day, month=month,
-            day_of_week=translate_day_of_week(weekday), timezone=zone(tz),
-        )  # fmt: skip
+            second=second,
+            minute=minute,
+            hour=hour,
+            day=day,
+            month=month,
+            day_of_week=translate_day_of_week(weekday),
+            timezone=zone(tz),
+        )
     except errors.ConfigurationError:
         raise
     except ValueError as exc:

@@ -81,8 +81,11 @@ class TransportConformance(TransportFixtures):
         await transport.subscribe(sub, collector)
         (got,) = await collector.wait(1, self.timeout)
         assert (got.message.body, got.message.headers.get("x-trace"), got.message.key, got.attempt) == (
-            b"hello", "abc", "k1", 1,
-        )  # fmt: skip
+            b"hello",
+            "abc",
+            "k1",
+            1,
+        )
 
     async def test_binary_body_round_trips_byte_for_byte(self, open_transport: OpenTransport) -> None:
         transport = await open_transport()
@@ -102,9 +105,14 @@ class TransportConformance(TransportFixtures):
         sub = _sub(topic)
         await transport.declare([topic], [sub])
         sent = envelope.create(
-            "orders.placed", {"order_id": "o-1"}, source="shop", key="o-1", subject="orders/o-1",
-            correlationid="c-1", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )  # fmt: skip
+            "orders.placed",
+            {"order_id": "o-1"},
+            source="shop",
+            key="o-1",
+            subject="orders/o-1",
+            correlationid="c-1",
+            traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
         await transport.publish(topic, envelope.to_binary(sent, transport.binary_prefix))
         collector = Collector()
         await transport.subscribe(sub, collector)
@@ -273,7 +281,9 @@ class TransportConformance(TransportFixtures):
         sub = _sub(topic)
         await transport.declare([topic], [sub])
         keys = [f"k{i}" for i in range(5)]
-        await self.publish_all(transport, topic, [WireMessage(f"{k}:{n}".encode(), key=k) for n in range(20) for k in keys])
+        await self.publish_all(
+            transport, topic, [WireMessage(f"{k}:{n}".encode(), key=k) for n in range(20) for k in keys]
+        )
         collector = Collector()
         await transport.subscribe(sub, collector)
         await collector.wait(100, self.timeout)

@@ -143,6 +143,22 @@ class WorkerConformance(TransportFixtures):
         assert headers[DLQ_HEADER + "error"] == "order o-9 is invalid"
         assert calls == [1]
 
+    async def test_dead_letters_are_kept_when_nobody_is_watching(self, open_transport: OpenTransport) -> None:
+        transport, topic = await open_transport(), unique("wk")
+
+        @registry.on(topic, name=unique("h"))
+        async def reject(payload: Order) -> None:
+            raise Reject("never valid")
+
+        worker = await self.start_worker(transport, reject)
+        sent = order("o-lost?")
+        await self.send(transport, topic, sent)
+        (keeper,) = worker.dead_letter_subscriptions()
+        kept = Collector()
+        await transport.subscribe(keeper, kept)
+        (dead,) = await kept.wait(1, self.timeout)
+        assert envelope.decode(dead.message).id == sent.id
+
     async def test_timeout_counts_as_a_failed_attempt(self, open_transport: OpenTransport) -> None:
         transport, topic = await open_transport(), unique("wk")
         attempts: list[int] = []
@@ -206,7 +222,7 @@ class WorkerConformance(TransportFixtures):
         async def record(payload: Order, ctx: Context) -> None:
             running[0] += 1
             running[1] = max(running)
-            await asyncio.sleep(random.uniform(0, 0.01))  # noqa: S311
+            await asyncio.sleep(random.uniform(0, 0.01))
             key, _, n = payload.order_id.partition(":")
             seen.setdefault(key, []).append(int(n))
             running[0] -= 1

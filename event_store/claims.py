@@ -1,0 +1,176 @@
+"""Schedule fire claims and run history: one row per (schedule, UTC fire time).
+
+The unique constraint on ``(schedule, fire_time)`` is what makes a fire happen
+once across any number of scheduler replicas: each replica inserts the claim
+with ``ON CONFLICT DO NOTHING`` in the same transaction as the job's outbox
+message, and only the one whose insert took effect enqueues the job. A row
+then records the run: ``claimed`` -> ``started`` -> ``succeeded``/``failed``,
+or ``skipped`` (misfire policy or overlap).
+
+Pause state lives in ``schedule_states``; every replica reads it each tick.
+All times are aware UTC; the database clock (:func:`database_now`) is the one
+that decides what is due, so a host with a skewed clock neither fires early
+nor twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from event_store import database, models
+
+CLAIMED, STARTED, SUCCEEDED, FAILED, SKIPPED = "claimed", "started", "succeeded", "failed", "skipped"
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One fire of a schedule and what became of it."""
+
+    id: int
+    schedule: str
+    fire_time: datetime
+    status: str
+    claimed_by: str | None
+    claimed_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+
+
+async def database_now(session: AsyncSession) -> datetime:
+    """The database clock's current UTC time.
+
+    Raises:
+        StoreError: the database failed.
+    """
+    with database.translating():
+        value = (await session.execute(sa.select(models.utcnow()))).scalar_one()
+    if isinstance(value, str):  # SQLite returns the text as is from a bare SELECT
+        value = datetime.fromisoformat(value[:26])
+    return _utc(value)
+
+
+async def last_fire(session: AsyncSession, schedule: str) -> datetime | None:
+    """The latest claimed fire time of ``schedule`` (any status), or None."""
+    table = models.schedule_claims
+    with database.translating():
+        value = (
+            await session.execute(sa.select(sa.func.max(table.c.fire_time)).where(table.c.schedule == schedule))
+        ).scalar_one()
+    return None if value is None else _utc(value)
+
+
+async def claim(
+    session: AsyncSession, schedule: str, fire_time: datetime, *, status: str, claimed_by: str
+) -> int | None:
+    """Claim a fire in the caller's transaction.
+
+    Returns:
+        The new row's id, or None if some replica already claimed this fire.
+
+    Raises:
+        StoreError: the database failed.
+    """
+    insert = database.insert_for(session)
+    statement = (
+        insert(models.schedule_claims)
+        .values(schedule=schedule, fire_time=_utc(fire_time), status=status, claimed_by=claimed_by)
+        .on_conflict_do_nothing(index_elements=["schedule", "fire_time"])
+        .returning(models.schedule_claims.c.id)
+    )
+    with database.translating():
+        return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def mark(session: AsyncSession, run_id: int, status: str, error: str | None = None) -> None:
+    """Record a run's progress (``started``, ``succeeded`` or ``failed``) with database time."""
+    table = models.schedule_claims
+    values: dict[str, object] = {"status": status, "error": error}
+    values["started_at" if status == STARTED else "finished_at"] = models.utcnow()
+    with database.translating():
+        await session.execute(sa.update(table).where(table.c.id == run_id).values(**values))
+
+
+async def running_since(session: AsyncSession, schedule: str, started_after: datetime) -> bool:
+    """True if a run of ``schedule`` claimed or started after ``started_after`` has not finished."""
+    table = models.schedule_claims
+    statement = sa.select(sa.func.count()).where(
+        table.c.schedule == schedule,
+        table.c.status.in_((CLAIMED, STARTED)),
+        table.c.claimed_at > _utc(started_after),
+    )
+    with database.translating():
+        return int((await session.execute(statement)).scalar_one()) > 0
+
+
+async def history(session: AsyncSession, schedule: str, limit: int = 10) -> list[Run]:
+    """The latest runs of ``schedule``, newest first."""
+    table = models.schedule_claims
+    statement = sa.select(table).where(table.c.schedule == schedule).order_by(table.c.fire_time.desc()).limit(limit)
+    with database.translating():
+        rows = (await session.execute(statement)).mappings().all()
+    return [
+        Run(
+            id=row["id"],
+            schedule=row["schedule"],
+            fire_time=_utc(row["fire_time"]),
+            status=row["status"],
+            claimed_by=row["claimed_by"],
+            claimed_at=_utc(row["claimed_at"]),
+            started_at=row["started_at"] and _utc(row["started_at"]),
+            finished_at=row["finished_at"] and _utc(row["finished_at"]),
+            error=row["error"],
+        )
+        for row in rows
+    ]
+
+
+async def purge(session: AsyncSession, older_than: timedelta, now: datetime) -> int:
+    """Delete finished runs fired before ``now - older_than``, keeping each schedule's latest."""
+    table = models.schedule_claims
+    latest = sa.select(sa.func.max(table.c.id)).group_by(table.c.schedule).scalar_subquery()
+    statement = sa.delete(table).where(
+        table.c.fire_time < _utc(now - older_than),
+        table.c.status.in_((SUCCEEDED, FAILED, SKIPPED)),
+        table.c.id.not_in(latest),
+    )
+    with database.translating():
+        result = await session.execute(statement)
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """Whether a schedule is paused, and since when it runs again."""
+
+    paused: bool
+    resumed_at: datetime | None
+
+
+async def states(session: AsyncSession) -> dict[str, State]:
+    """Pause state of every schedule that was ever paused."""
+    table = models.schedule_states
+    with database.translating():
+        rows = (await session.execute(sa.select(table))).mappings().all()
+    return {row["schedule"]: State(bool(row["paused"]), row["resumed_at"] and _utc(row["resumed_at"])) for row in rows}
+
+
+async def set_paused(session: AsyncSession, schedule: str, paused: bool) -> None:
+    """Pause or resume a schedule for every replica (resuming records the database time)."""
+    table = models.schedule_states
+    insert = database.insert_for(session)
+    values: dict[str, object] = {"schedule": schedule, "paused": paused, "updated_at": models.utcnow()}
+    if not paused:
+        values["resumed_at"] = models.utcnow()
+    update = {k: v for k, v in values.items() if k != "schedule"}
+    statement = insert(table).values(**values).on_conflict_do_update(index_elements=["schedule"], set_=update)
+    with database.translating():
+        await session.execute(statement)

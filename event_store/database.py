@@ -1,0 +1,279 @@
+"""The database: an async engine and sessions with each dialect's settings, and error translation.
+
+Two dialects are supported:
+
+* **SQLite** through aiosqlite (``sqlite+aiosqlite:///conveyor.db``, the
+  embedded default): WAL journal, foreign keys on, a busy timeout, and every
+  writing transaction opened with ``BEGIN IMMEDIATE`` so there is one writer at
+  a time and a transaction that reads before it writes never fails to upgrade
+  its lock (in WAL mode a deferred transaction whose snapshot went stale gets
+  ``SQLITE_BUSY`` at once, whatever the busy timeout).
+* **PostgreSQL** through asyncpg (``postgresql+asyncpg://...``).
+
+Driver and SQLAlchemy errors never leave this package: :func:`translating`
+turns them into :class:`~conveyor.errors.StoreError` (or its subclasses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from conveyor import errors
+from sqlalchemy import event, exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+DEFAULT_URL = "sqlite+aiosqlite:///conveyor.db"
+READONLY = "conveyor_readonly"
+"""Execution option: on SQLite, open the transaction with a deferred ``BEGIN`` (no write lock)."""
+OUTBOX_ADDED = "conveyor_outbox_added"
+"""Session ``info`` flag set by :meth:`Outbox.add`; the commit then wakes in-process relays."""
+
+_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+_SYNC_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
+_CONFLICT_STATES = {"40001", "40P01"}  # serialization failure, deadlock
+_BUSY_STATES = {"55P03", "57014"}  # lock not available (lock_timeout), statement timeout
+
+
+class StoreUnavailable(errors.StoreError):
+    """The database is unreachable or busy; the operation may succeed if retried."""
+
+    retryable = True
+
+
+def normalize_url(url: str | URL, *, sync: bool = False) -> URL:
+    """Parse a database URL and pick Conveyor's driver for its dialect.
+
+    ``postgresql://``, ``postgres://`` and ``postgresql+asyncpg://`` all mean
+    PostgreSQL; ``sqlite://`` and ``sqlite+aiosqlite://`` mean SQLite.
+
+    Args:
+        url: a SQLAlchemy URL.
+        sync: return the synchronous driver's URL (psycopg, sqlite3) instead
+            of the async one.
+
+    Raises:
+        ConfigurationError: the URL cannot be parsed or names another database.
+    """
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError as error:
+        raise errors.ConfigurationError(f"invalid database URL {url!r}: {error}") from error
+    backend = parsed.get_backend_name()
+    if backend == "postgres":
+        backend = "postgresql"
+    if backend not in _ASYNC_DRIVERS:
+        raise errors.ConfigurationError(
+            f"unsupported database URL {parsed.render_as_string()!r}: use sqlite+aiosqlite:///FILE "
+            "or postgresql+asyncpg://USER@HOST/DB"
+        )
+    drivers = _SYNC_DRIVERS if sync else _ASYNC_DRIVERS
+    return parsed.set(drivername=drivers[backend])
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    """True for an in-memory SQLite URL (one connection is the whole database)."""
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def configure_sqlite(engine: sa.Engine, busy_timeout: float) -> None:
+    """Install the SQLite connection settings and ``BEGIN IMMEDIATE`` on a (sync) engine.
+
+    Used for the async engine's ``sync_engine`` and for the synchronous engine
+    of the eventsourcing recorders, so both take the same locks.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event, not the driver, open transactions.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: sa.Connection) -> None:
+        readonly = connection.get_execution_options().get(READONLY, False)
+        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def insert_for(session: AsyncSession) -> Any:
+    """The dialect's ``insert`` construct (it has ``on_conflict_do_nothing``) for a session."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert
+    return sqlite.insert
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error wrapped by SQLAlchemy, if there is one."""
+    seen: BaseException | None = error
+    for _ in range(4):
+        if seen is None:
+            return None
+        code = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(code, str):
+            return code
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return None
+
+
+def translate(error: BaseException) -> errors.StoreError:
+    """Map a SQLAlchemy/driver exception to Conveyor's error tree.
+
+    Unique violations of ``events (stream_id, version)``, serialization failures
+    and deadlocks become :class:`~conveyor.errors.ConcurrencyConflict`;
+    unreachable or locked databases :class:`StoreUnavailable`; the rest
+    :class:`~conveyor.errors.StoreError`.
+    """
+    text = " ".join(str(getattr(error, "orig", None) or error).split())[:500]
+    state = sqlstate(error)
+    if state in _CONFLICT_STATES:
+        return errors.ConcurrencyConflict(f"concurrent update: {text}")
+    if isinstance(error, exc.IntegrityError):
+        if "uq_events_stream_id_version" in text or "events.stream_id, events.version" in text:
+            return errors.ConcurrencyConflict(f"stream version already written: {text}")
+        return errors.StoreError(f"integrity error: {text}")
+    if state in _BUSY_STATES or "database is locked" in text:
+        return StoreUnavailable(f"database busy: {text}")
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return StoreUnavailable(f"database connection lost: {text}")
+    if isinstance(error, exc.InterfaceError | exc.OperationalError | exc.TimeoutError | OSError):
+        return StoreUnavailable(f"database unavailable: {text}")
+    return errors.StoreError(f"database error: {text}")
+
+
+@contextlib.contextmanager
+def translating() -> Iterator[None]:
+    """Re-raise SQLAlchemy and driver errors raised inside as :class:`StoreError`."""
+    try:
+        yield
+    except errors.ConveyorError:
+        raise
+    except (exc.SQLAlchemyError, OSError, ConnectionError) as error:
+        raise translate(error) from error
+
+
+class Database:
+    """An async engine and session factory for one database URL.
+
+    Args:
+        url: SQLAlchemy URL (see :func:`normalize_url`); default
+            ``sqlite+aiosqlite:///conveyor.db``.
+        pool_size: connections kept open (PostgreSQL, file SQLite).
+        busy_timeout: SQLite: seconds to wait for the write lock.
+        lock_timeout: PostgreSQL: seconds an event append waits for the
+            events table lock before failing with :class:`StoreUnavailable`.
+        echo: log SQL statements.
+
+    Raises:
+        ConfigurationError: invalid or unsupported URL.
+    """
+
+    def __init__(
+        self,
+        url: str | URL = DEFAULT_URL,
+        *,
+        pool_size: int = 5,
+        busy_timeout: float = 30.0,
+        lock_timeout: float = 30.0,
+        echo: bool = False,
+    ) -> None:
+        self.url = normalize_url(url)
+        self.dialect = self.url.get_backend_name()
+        self.lock_timeout = lock_timeout
+        kwargs: dict[str, Any] = {"echo": echo}
+        if is_memory_sqlite(self.url):
+            kwargs["poolclass"] = StaticPool
+        else:
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
+        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            configure_sqlite(self.engine.sync_engine, busy_timeout)
+        # A Session class of our own, so commit hooks apply to our sessions only.
+        session_class = type("ConveyorSession", (Session,), {})
+        event.listen(session_class, "after_commit", self._after_commit)
+        self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            self.engine, expire_on_commit=False, sync_session_class=session_class
+        )
+        self._readonly_sessions = async_sessionmaker(
+            self.engine.execution_options(**{READONLY: True}),
+            expire_on_commit=False,
+            sync_session_class=session_class,
+        )
+        self.outbox_signal = asyncio.Event()
+        """Set when a session of this database committed outbox rows (in-process wake-up)."""
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True on SQLite."""
+        return self.dialect == "sqlite"
+
+    @property
+    def is_postgres(self) -> bool:
+        """True on PostgreSQL."""
+        return self.dialect == "postgresql"
+
+    def display_url(self) -> str:
+        """The URL with the password hidden, for messages and logs."""
+        return self.url.render_as_string(hide_password=True)
+
+    def _after_commit(self, session: Session) -> None:
+        if session.info.pop(OUTBOX_ADDED, False):
+            self.outbox_signal.set()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[AsyncSession]:
+        """A session in a new transaction, committed on success and rolled back on error.
+
+        Args:
+            readonly: a transaction that only reads (on SQLite it then takes
+                no write lock).
+
+        Raises:
+            StoreError: the database failed; :class:`StoreUnavailable` when it is
+                unreachable or busy, :class:`~conveyor.errors.ConcurrencyConflict`
+                on a conflicting concurrent write.
+        """
+        factory = self._readonly_sessions if readonly else self.sessions
+        with translating():
+            async with factory() as session, session.begin():
+                yield session
+
+    async def check(self) -> None:
+        """Verify the database answers now (for readiness).
+
+        Raises:
+            StoreUnavailable: it does not, with the reason.
+        """
+        try:
+            async with self.transaction(readonly=True) as session:
+                await session.execute(sa.text("SELECT 1"))
+        except errors.StoreError as error:
+            raise StoreUnavailable(
+                f"database {self.display_url()} is not reachable: {error}"
+            ) from error
+
+    async def close(self) -> None:
+        """Close every pooled connection; idempotent."""
+        await self.engine.dispose()
+
+    async def __aenter__(self) -> Database:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

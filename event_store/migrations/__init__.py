@@ -1,0 +1,1 @@
+"""Alembic migrations of Conveyor's tables; run them with :func:`event_store.migrate.upgrade`."""

@@ -1,0 +1,217 @@
+"""The scheduler: claims each fire of each schedule once, across replicas, and enqueues its job.
+
+Every tick, for each schedule that is not paused, the scheduler reads the
+database clock and the latest claimed fire, plans the due fires
+(:func:`conveyor.scheduling.schedules.plan`, which applies the misfire policy),
+and for each one inserts the claim ``(schedule, UTC fire time)`` and the job's
+outbox message in one transaction. The unique claim means that of N replicas
+racing for a fire exactly one enqueues it; the relay then publishes the job to
+``schedules.<name>``, where a worker runs it as a handler (retries, dead
+letters, traces) and records started/succeeded/failed on the claim row.
+
+The host clock is used only to decide how long to sleep; what is due is decided
+by the database clock, so a skewed host neither fires early nor twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import random
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from conveyor import context, envelope, errors, payloads, ports, registry, retry
+from conveyor.scheduling import schedules as scheduling
+from event_store import claims
+from event_store.database import Database
+from event_store.outbox import Outbox
+
+log = logging.getLogger("conveyor.scheduler")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOptions:
+    """How the scheduler paces itself.
+
+    Attributes:
+        grace: a fire found at most this late is on time; older ones are misfires.
+        max_sleep: longest pause between ticks, in seconds.
+        retention: finished runs older than this are deleted.
+    """
+
+    grace: timedelta = scheduling.DEFAULT_GRACE
+    max_sleep: float = 1.0
+    retention: timedelta = timedelta(days=7)
+
+
+class Scheduler:
+    """Claims and enqueues the fires of a set of schedules.
+
+    Args:
+        schedules: the schedules to run.
+        database: the service's database (claims and outbox).
+        source: CloudEvents ``source`` of job messages.
+        clock: the host clock (injectable; only used for sleeping).
+        options: pacing.
+    """
+
+    def __init__(
+        self,
+        schedules: Sequence[scheduling.Schedule],
+        database: Database,
+        *,
+        source: str,
+        clock: ports.Clock | None = None,
+        options: SchedulerOptions | None = None,
+    ) -> None:
+        self._schedules = list(schedules)
+        self._database = database
+        self._outbox = Outbox(source)
+        self._clock = clock or ports.SystemClock()
+        self._options = options or SchedulerOptions()
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick until ``stop`` is set; back off while the database is unavailable."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                wait = await self.tick()
+                failures = 0
+            except errors.StoreError as exc:
+                failures += 1
+                wait = min(2.0**failures, 30.0)
+                log.error("scheduler tick failed (%s); retrying in %.0fs", exc, wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+
+    async def tick(self) -> float:
+        """Claim every due fire now; return seconds until the next one is due (capped).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        async with self._database.transaction(readonly=True) as session:
+            now = await claims.database_now(session)
+            states = await claims.states(session)
+        next_due: datetime | None = None
+        for schedule in self._schedules:
+            state = states.get(schedule.name)
+            if state is None or not state.paused:
+                await self._claim_due(schedule, now, state)
+            upcoming = schedule.next_fires(now, 1)
+            if upcoming and (next_due is None or upcoming[0] < next_due):
+                next_due = upcoming[0]
+        if next_due is None:
+            return self._options.max_sleep
+        return min(max((next_due - now).total_seconds(), 0.01), self._options.max_sleep)
+
+    async def _claim_due(self, schedule: scheduling.Schedule, now: datetime, state: claims.State | None) -> None:
+        async with self._database.transaction() as session:
+            last = await claims.last_fire(session, schedule.name)
+            if state is not None and state.resumed_at is not None:
+                last = state.resumed_at if last is None else max(last, state.resumed_at)
+            for fire in scheduling.plan(schedule, last, now, self._options.grace):
+                await self._claim(session, schedule, fire, now)
+
+    async def _claim(self, session: Any, schedule: scheduling.Schedule, fire: scheduling.Fire, now: datetime) -> None:
+        status = claims.CLAIMED if fire.run else claims.SKIPPED
+        if fire.run and schedule.overlap == "skip":
+            stale = timedelta(seconds=(schedule.timeout or 3600) * schedule.max_attempts + 60)
+            if await claims.running_since(session, schedule.name, now - stale):
+                status = claims.SKIPPED
+                log.warning("%s: fire %s skipped, the previous run is still going", schedule.name, fire.at)
+        run_id = await claims.claim(session, schedule.name, fire.at, status=status, claimed_by=self.identity)
+        if run_id is None or status != claims.CLAIMED:
+            return
+        await enqueue(self._outbox, session, schedule, fire.at, run_id, "cron")
+        log.info("%s: claimed fire %s (run %d)", schedule.name, envelope.format_time(fire.at), run_id)
+
+    async def purge(self) -> int:
+        """Delete finished runs older than the retention period."""
+        async with self._database.transaction() as session:
+            now = await claims.database_now(session)
+            return await claims.purge(session, self._options.retention, now)
+
+
+async def enqueue(
+    outbox: Outbox, session: Any, schedule: scheduling.Schedule, fire_time: datetime, run_id: int, trigger: str
+) -> envelope.Envelope:
+    """Put a schedule's job message in the outbox (jitter delays it; the fire keeps its time)."""
+    at = None
+    if schedule.jitter:
+        at = fire_time + timedelta(seconds=random.uniform(0, schedule.jitter))
+    data = {
+        "schedule": schedule.name,
+        "fire_time": envelope.format_time(fire_time),
+        "run_id": run_id,
+        "trigger": trigger,
+    }
+    return await outbox.add(session, schedule.topic, data, at=at, subject=schedule.name)
+
+
+async def trigger_now(database: Database, schedule: scheduling.Schedule, source: str) -> int:
+    """Run a schedule once now (``conveyor schedules trigger``): a claim at the database time.
+
+    Returns:
+        The run's id.
+
+    Raises:
+        StoreError: the database failed.
+    """
+    async with database.transaction() as session:
+        now = await claims.database_now(session)
+        run_id = await claims.claim(session, schedule.name, now, status=claims.CLAIMED, claimed_by="manual")
+        if run_id is None:  # the same microsecond as another trigger
+            raise errors.ConcurrencyConflict(f"{schedule.name} was triggered at the same instant; try again")
+        await enqueue(Outbox(source), session, schedule, now, run_id, "manual")
+        return run_id
+
+
+def job_handlers(schedules: Sequence[scheduling.Schedule], database: Database) -> list[registry.Handler]:
+    """Handlers that run schedules' jobs on a worker and record each run's outcome."""
+    return [_job_handler(schedule, database) for schedule in schedules]
+
+
+def _job_handler(schedule: scheduling.Schedule, database: Database) -> registry.Handler:
+    takes_context = bool(inspect.signature(schedule.func).parameters)
+    is_async = inspect.iscoroutinefunction(schedule.func)
+
+    async def run_job(job: dict[str, Any], ctx: context.Context) -> None:
+        run_id = int(job["run_id"])
+        async with database.transaction() as session:
+            await claims.mark(session, run_id, claims.STARTED)
+        args = (ctx,) if takes_context else ()
+        try:
+            if is_async:
+                await schedule.func(*args)
+            else:
+                await asyncio.to_thread(schedule.func, *args)
+        except BaseException as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(errors.StoreError):
+                async with database.transaction() as session:
+                    await claims.mark(session, run_id, claims.FAILED, error=text[:2000])
+            raise
+        async with database.transaction() as session:
+            await claims.mark(session, run_id, claims.SUCCEEDED)
+
+    run_job.__qualname__ = f"job[{schedule.where}]"
+    return registry.Handler(
+        name=schedule.topic,
+        topic=schedule.topic,
+        func=run_job,
+        decode=payloads.decoder_for(dict[str, Any], schedule.where),
+        takes_context=True,
+        is_async=True,
+        retry=retry.RetryPolicy(max_attempts=schedule.max_attempts),
+        timeout=schedule.timeout,
+        concurrency=None,
+    )

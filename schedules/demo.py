@@ -1,0 +1,26 @@
+"""A schedule that drives the example flow, so `conveyor run` shows events moving with no input."""
+
+import itertools
+import logging
+from datetime import timedelta
+
+from conveyor import Context, every
+
+from handlers.models import OrderPlaced
+
+log = logging.getLogger("schedules.demo")
+_orders = itertools.count(1)
+
+
+@every(timedelta(seconds=5), name="demo.place-order", misfire="skip")
+async def place_demo_order(ctx: Context) -> None:
+    """Place an order every five seconds: every fourth is large (its first charge attempt fails)."""
+    n = next(_orders)
+    order = OrderPlaced(
+        order_id=f"demo-{ctx.message.id[:8]}",
+        customer=f"customer{n}@example.com",
+        total_cents=12_500 if n % 4 == 0 else 1_000 + n,
+    )
+    async with ctx.transaction() as tx:
+        tx.publish("orders.placed", order, key=order.order_id)
+    log.info("placed demo order %s (%d cents)", order.order_id, order.total_cents)
