@@ -4,6 +4,7 @@ The public API. Everything not listed in ``__all__`` is internal.
 """
 
 from conveyor.context import Context
+from conveyor.delayed import schedule_at
 from conveyor.envelope import Envelope
 from conveyor.errors import (
     ConcurrencyConflict,
@@ -21,6 +22,7 @@ from conveyor.publisher import Publisher
 from conveyor.registry import Handler, Registry, on
 from conveyor.retry import RetryPolicy
 from conveyor.scheduling.schedules import Schedule, cron, every
+from conveyor.transaction import Transaction
 
 __all__ = [
     "ConcurrencyConflict",
@@ -38,9 +40,11 @@ __all__ = [
     "RetryPolicy",
     "Schedule",
     "StoreError",
+    "Transaction",
     "TransientTransportError",
     "TransportError",
     "cron",
     "every",
     "on",
+    "schedule_at",
 ]

@@ -78,7 +78,7 @@ def _exits(func: F) -> F:
 
 
 def _serve(config: settings.Settings, parts: app.Parts) -> None:
-    needs_app = parts.worker or parts.scheduler
+    needs_app = parts.worker or parts.scheduler or parts.relay
     handlers = registry.discover(config.app, config.app_dir) if needs_app else registry.Registry()
     asyncio.run(app.serve(config, handlers, parts))
 
@@ -133,7 +133,11 @@ def worker(processes: int, declare_only: bool, **flags: Any) -> None:
 @_http_options
 @_exits
 def relay(**flags: Any) -> None:
-    """Publish the outbox: committed messages go to the broker, in per-key order."""
+    """Publish the outbox: committed messages go to the broker, in per-key order.
+
+    Declares the application's subscriptions first, so nothing it publishes is
+    dropped by a broker that keeps only routed messages (RabbitMQ).
+    """
     _serve(_load(**flags), app.Parts(worker=False, relay=True))
 
 

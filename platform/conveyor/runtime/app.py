@@ -64,7 +64,18 @@ async def serve(
             database = await open_database(settings, stack)
             transport = await _connect(settings, stack)
             checks = [http.Check("broker", transport.check), http.Check("database", database.check)]
+            consumer = worker.Worker(
+                [*handlers.handlers, *scheduler.job_handlers(handlers.schedules, database)],
+                transport,
+                source=settings.service,
+                concurrency=settings.concurrency,
+                max_message_bytes=settings.max_message_bytes,
+                transactions=transactions.DatabaseTransactions(database, settings.service),
+            )
             if parts.relay:
+                # Queues must exist before the relay publishes, or a broker that drops
+                # unrouted messages (RabbitMQ) loses what it sends first.
+                await consumer.declare()
                 store = SqlOutboxStore(database)
                 stack.push_async_callback(store.close)
                 _background(stack, "relay", relay.Relay(store, transport).run)
@@ -72,15 +83,6 @@ async def serve(
                 cron = scheduler.Scheduler(handlers.schedules, database, source=settings.service)
                 _background(stack, "scheduler", cron.run)
             if parts.worker:
-                jobs = scheduler.job_handlers(handlers.schedules, database)
-                consumer = worker.Worker(
-                    [*handlers.handlers, *jobs],
-                    transport,
-                    source=settings.service,
-                    concurrency=settings.concurrency,
-                    max_message_bytes=settings.max_message_bytes,
-                    transactions=transactions.DatabaseTransactions(database, settings.service),
-                )
                 stack.push_async_callback(_drain, consumer, settings.drain_timeout)
                 await consumer.start()
                 checks.append(http.Check("subscriptions", _subscriptions_probe(consumer)))

@@ -123,7 +123,7 @@ class Relay:
 
     def retry_delay(self, attempts: int) -> float:
         """Backoff before a row that failed ``attempts + 1`` times is due again (with jitter)."""
-        base = min(self.options.retry_base * (2 ** min(attempts, 30)), self.options.retry_max)
+        base = min(self.options.retry_base * 2.0 ** min(attempts, 30), self.options.retry_max)
         return base * random.uniform(0.8, 1.0)
 
     async def run_once(self) -> RoundResult:

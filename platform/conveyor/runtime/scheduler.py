@@ -34,6 +34,8 @@ from event_store.database import Database
 from event_store.outbox import Outbox
 
 log = logging.getLogger("conveyor.scheduler")
+SKEW_WARNING = 5.0
+"""Seconds of host/database clock disagreement that are logged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +60,8 @@ class Scheduler:
         schedules: the schedules to run.
         database: the service's database (claims and outbox).
         source: CloudEvents ``source`` of job messages.
-        clock: the host clock (injectable; only used for sleeping).
+        clock: the host clock (injectable). Only used to report skew: what is
+            due is always decided by the database clock.
         options: pacing.
     """
 
@@ -77,6 +80,9 @@ class Scheduler:
         self._clock = clock or ports.SystemClock()
         self._options = options or SchedulerOptions()
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.skew = 0.0
+        """Seconds the host clock is ahead of the database clock, as of the last tick."""
+        self._next_skew_warning = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop`` is set; back off while the database is unavailable."""
@@ -101,6 +107,7 @@ class Scheduler:
         async with self._database.transaction(readonly=True) as session:
             now = await claims.database_now(session)
             states = await claims.states(session)
+        self._check_skew(now)
         next_due: datetime | None = None
         for schedule in self._schedules:
             state = states.get(schedule.name)
@@ -112,6 +119,14 @@ class Scheduler:
         if next_due is None:
             return self._options.max_sleep
         return min(max((next_due - now).total_seconds(), 0.01), self._options.max_sleep)
+
+    def _check_skew(self, database_now: datetime) -> None:
+        """Warn (once a minute) when this host's clock disagrees with the database's."""
+        skew = (self._clock.now() - database_now).total_seconds()
+        self.skew = skew
+        if abs(skew) > SKEW_WARNING and self._clock.monotonic() >= self._next_skew_warning:
+            self._next_skew_warning = self._clock.monotonic() + 60
+            log.warning("host clock is %+.1fs off the database clock; the database clock decides what is due", skew)
 
     async def _claim_due(self, schedule: scheduling.Schedule, now: datetime, state: claims.State | None) -> None:
         async with self._database.transaction() as session:

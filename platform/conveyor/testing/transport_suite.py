@@ -76,7 +76,7 @@ class TransportConformance(TransportFixtures):
         topic = unique("ct")
         sub = _sub(topic)
         await transport.declare([topic], [sub])
-        await transport.publish(topic, WireMessage(b"hello", {"x-trace": "abc"}, key="k1", message_id="m-1"))
+        await transport.publish(topic, WireMessage(b"hello", {"x-trace": "abc"}, key="k1", message_id=unique("m")))
         collector = Collector()
         await transport.subscribe(sub, collector)
         (got,) = await collector.wait(1, self.timeout)

@@ -1,0 +1,156 @@
+"""The scheduler on SQLite and PostgreSQL: misfire policies, skewed clocks, pause/resume, trigger, delays."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from conveyor import ports, schedule_at
+from conveyor.runtime import scheduler
+from conveyor.runtime.relay import Relay, RelayOptions
+from conveyor.scheduling.schedules import Schedule, every
+from conveyor.testing import Collector, unique
+from conveyor.transports.memory import MemoryTransport
+
+from event_store import Database, claims, models
+from event_store.outbox_store import SqlOutboxStore
+
+
+def each_second(misfire: str = "coalesce", overlap: str = "allow") -> Schedule:
+    @every(timedelta(seconds=1), name=unique("tick"), misfire=misfire, overlap=overlap)  # type: ignore[arg-type]
+    def job() -> None: ...
+
+    return job.__conveyor_schedule__  # type: ignore[attr-defined, no-any-return]
+
+
+async def db_now(db: Database) -> datetime:
+    async with db.transaction(readonly=True) as session:
+        return await claims.database_now(session)
+
+
+async def claim_rows(db: Database, schedule: Schedule) -> list[claims.Run]:
+    async with db.transaction(readonly=True) as session:
+        return sorted(await claims.history(session, schedule.name, limit=10_000), key=lambda r: r.fire_time)
+
+
+async def enqueued(db: Database, schedule: Schedule) -> int:
+    async with db.transaction(readonly=True) as session:
+        query = sa.select(sa.func.count()).select_from(models.outbox).where(models.outbox.c.topic == schedule.topic)
+        return int((await session.execute(query)).scalar_one())
+
+
+class SkewedClock:
+    def __init__(self, seconds: float) -> None:
+        self.offset = timedelta(seconds=seconds)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+@pytest.mark.parametrize(("policy", "runs"), [("skip", 0), ("coalesce", 1), ("all", 5)])
+async def test_downtime_across_five_fires_follows_the_misfire_policy(db: Database, policy: str, runs: int) -> None:
+    schedule = each_second(misfire=policy)
+    last = (await db_now(db)).replace(microsecond=0) - timedelta(seconds=6)  # fires last+1..last+5 are missed
+    async with db.transaction() as session:
+        await claims.claim(session, schedule.name, last, status=claims.SUCCEEDED, claimed_by="before-downtime")
+    await scheduler.Scheduler([schedule], db, source="t").tick()
+    rows = await claim_rows(db, schedule)
+    missed = [r for r in rows if last < r.fire_time <= last + timedelta(seconds=5)]
+    assert sum(r.status == claims.CLAIMED for r in missed) == runs
+    on_time = [r for r in rows if r.fire_time > last + timedelta(seconds=5)]
+    assert await enqueued(db, schedule) == runs + len(on_time)
+
+
+async def test_skewed_host_clocks_neither_fire_early_nor_twice(db: Database) -> None:
+    schedule = each_second()
+    fast = scheduler.Scheduler([schedule], db, source="t", clock=SkewedClock(+30))
+    slow = scheduler.Scheduler([schedule], db, source="t", clock=SkewedClock(-30))
+    deadline = time.monotonic() + 3.2
+    while time.monotonic() < deadline:
+        await asyncio.gather(fast.tick(), slow.tick())
+        await asyncio.sleep(0.05)
+    rows = await claim_rows(db, schedule)
+    fires = [r.fire_time for r in rows]
+    assert len(fires) >= 3 and len(set(fires)) == len(fires)
+    assert all(r.claimed_at >= r.fire_time for r in rows), "a fire was claimed before its time"
+    assert all(b - a == timedelta(seconds=1) for a, b in zip(fires, fires[1:], strict=False)), fires
+    assert await enqueued(db, schedule) == len(rows)
+    assert round(fast.skew) == 30 and round(slow.skew) == -30
+
+
+async def test_paused_schedule_is_not_fired_by_any_replica_and_resume_skips_the_pause(db: Database) -> None:
+    schedule = each_second(misfire="all")
+    replica = scheduler.Scheduler([schedule], db, source="t")
+    await replica.tick()
+    async with db.transaction() as session:
+        await claims.set_paused(session, schedule.name, True)
+    before = len(await claim_rows(db, schedule))
+    await asyncio.sleep(2.2)
+    await replica.tick()
+    assert len(await claim_rows(db, schedule)) == before
+    async with db.transaction() as session:
+        await claims.set_paused(session, schedule.name, False)
+    resumed = await db_now(db)
+    await asyncio.sleep(1.1)
+    await replica.tick()
+    after = await claim_rows(db, schedule)
+    assert len(after) > before
+    assert all(r.fire_time > resumed - timedelta(seconds=1) for r in after[before:]), "paused fires were run"
+
+
+async def test_trigger_enqueues_one_manual_run(db: Database) -> None:
+    schedule = each_second()
+    run_id = await scheduler.trigger_now(db, schedule, "t")
+    (row,) = await claim_rows(db, schedule)
+    assert (row.id, row.status, row.claimed_by) == (run_id, claims.CLAIMED, "manual")
+    assert await enqueued(db, schedule) == 1
+
+
+async def test_overlap_skip_does_not_start_a_fire_while_the_last_run_is_going(db: Database) -> None:
+    schedule = each_second(overlap="skip")
+    replica = scheduler.Scheduler([schedule], db, source="t")
+    await replica.tick()
+    await asyncio.sleep(1.1)
+    await replica.tick()  # the first run was claimed and never finished: still "running"
+    statuses = [r.status for r in await claim_rows(db, schedule)]
+    assert statuses[0] == claims.CLAIMED and claims.SKIPPED in statuses[1:]
+
+
+async def test_delayed_message_is_delivered_on_time_across_a_relay_restart(db: Database) -> None:
+    transport = MemoryTransport(f"memory://{unique('delay')}")
+    await transport.connect()
+    topic = unique("later")
+    sub = ports.Subscription(name=unique("sub"), topic=topic)
+    await transport.declare([topic], [sub])
+    received = Collector()
+    await transport.subscribe(sub, received)
+    store = SqlOutboxStore(db, listen=False)
+    options = RelayOptions(poll_interval=0.1)
+
+    first_stop = asyncio.Event()
+    first = asyncio.create_task(Relay(store, transport, options=options).run(first_stop))
+    async with db.transaction() as session:
+        due = await claims.database_now(session) + timedelta(seconds=2)
+        await schedule_at(session, topic, {"n": 1}, at=due)
+    await asyncio.sleep(0.5)
+    first_stop.set()
+    await first  # the relay stops before the message is due
+
+    second_stop = asyncio.Event()
+    second = asyncio.create_task(Relay(store, transport, options=options).run(second_stop))
+    try:
+        (got,) = await received.wait(1, timeout=10)
+        delivered = await db_now(db)
+    finally:
+        second_stop.set()
+        await second
+        await store.close()
+        await transport.close()
+    assert got.message.body == b'{"n":1}'
+    assert due <= delivered <= due + timedelta(seconds=1), (due, delivered)

@@ -1,0 +1,350 @@
+"""NATS JetStream transport: topology, dedup, reconnects and CloudEvents interop with other clients.
+
+Every test uses its own topics and durables in the shared ``CONVEYOR`` stream;
+the restart test restarts the local nats-server (same store directory) and
+always leaves it running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import nats
+import orjson
+import pytest
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.bindings import http as ce_http
+from cloudevents.core.v1.event import CloudEvent
+from conveyor import envelope, errors, ports
+from conveyor.envelope import WireMessage
+from conveyor.testing import Collector, unique, wait_for
+from conveyor.testing.brokers import port_open
+from conveyor.transports.nats import NatsTransport, durable_name
+from nats.js import JetStreamContext
+
+TIMEOUT = 20.0
+NATS_SERVER = "/usr/sbin/nats-server"
+START = [
+    "start-stop-daemon", "--start", "--oknodo", "--background", "--exec", NATS_SERVER, "--",
+    "-a", "127.0.0.1", "-p", "4222", "-js", "-sd", "/var/lib/nats-server", "-l", "/var/log/nats-server.log",
+]  # fmt: skip
+# SIGKILL, as in a crash: a graceful stop answers pending pull requests with a
+# 409, and a client must also recover when nothing tells it they are gone.
+KILL = ["start-stop-daemon", "--stop", "--oknodo", "--signal", "KILL", "--retry", "5", "--exec", NATS_SERVER]
+
+OpenTransport = Callable[..., Awaitable[NatsTransport]]
+
+
+@pytest.fixture
+async def open_transport(nats_url: str) -> AsyncIterator[OpenTransport]:
+    """Connected transports on the session's server, closed at teardown."""
+    opened: list[NatsTransport] = []
+
+    async def open_one(**options: object) -> NatsTransport:
+        transport = NatsTransport(nats_url, inactive_threshold=3600.0, **options)  # type: ignore[arg-type]
+        await transport.connect()
+        opened.append(transport)
+        return transport
+
+    yield open_one
+    for transport in reversed(opened):
+        await transport.close()
+
+
+@pytest.fixture
+async def raw_js(nats_url: str) -> AsyncIterator[JetStreamContext]:
+    """A plain nats-py JetStream client: another service, not Conveyor."""
+    nc = await nats.connect(nats_url)
+    yield nc.jetstream()
+    await nc.close()
+
+
+def sub(topic: str, name: str | None = None, **options: float) -> ports.Subscription:
+    return ports.Subscription(name=name or unique("sub"), topic=topic, **options)  # type: ignore[arg-type]
+
+
+# -- names and topology ---------------------------------------------------------
+
+
+def test_durable_name_of_dotted_name_is_readable() -> None:
+    assert durable_name("billing.charge-order") == "billing_charge-order"
+
+
+def test_durable_name_of_names_that_map_alike_differ() -> None:
+    assert len({durable_name(n) for n in ("a.b", "a_b", "a_.b", "a._b")}) == 4
+
+
+def test_durable_name_of_invalid_name_raises_configuration_error() -> None:
+    with pytest.raises(errors.ConfigurationError):
+        durable_name("orders.*")
+
+
+async def test_moved_subscription_follows_its_new_topic(open_transport: OpenTransport) -> None:
+    transport = await open_transport()
+    old, new, name = unique("nt"), unique("nt"), unique("sub")
+    await transport.declare([old], [sub(old, name)])
+    await transport.declare([new], [sub(new, name)])
+    await transport.publish(old, WireMessage(b"old topic"))
+    await transport.publish(new, WireMessage(b"new topic"))
+    collector = Collector()
+    await transport.subscribe(sub(new, name), collector)
+    await collector.wait(1, TIMEOUT)
+    await asyncio.sleep(0.3)  # a stale filter would deliver "old topic" first; catch stragglers
+    assert collector.bodies() == [b"new topic"]
+
+
+async def test_declare_updates_changed_ack_wait_in_place(
+    open_transport: OpenTransport, raw_js: JetStreamContext
+) -> None:
+    transport = await open_transport()
+    topic, name = unique("nt"), unique("sub")
+    await transport.declare([topic], [sub(topic, name, ack_wait=30.0)])
+    await transport.declare([topic], [sub(topic, name, ack_wait=45.0)])
+    info = await raw_js.consumer_info(transport.stream, durable_name(name))
+    assert info.config.ack_wait == 45.0
+
+
+# -- publishing -----------------------------------------------------------------
+
+
+async def test_publish_same_message_id_twice_is_delivered_once(open_transport: OpenTransport) -> None:
+    transport = await open_transport()
+    topic = unique("nt")
+    subscription = sub(topic)
+    await transport.declare([topic], [subscription])
+    same = unique("id")
+    await transport.publish(topic, WireMessage(b"first", message_id=same))
+    await transport.publish(topic, WireMessage(b"second", message_id=same))
+    await transport.publish(topic, WireMessage(b"marker"))
+    collector = Collector()
+    await transport.subscribe(subscription, collector)
+    await wait_for(lambda: b"marker" in collector.bodies(), TIMEOUT, "the marker")
+    assert collector.bodies() == [b"first", b"marker"]
+
+
+async def test_publish_without_a_stream_raises_transient_error(
+    open_transport: OpenTransport, raw_js: JetStreamContext
+) -> None:
+    stream = unique("ST").replace(".", "_").upper()
+    transport = await open_transport(stream=stream, subject_prefix=stream.lower())
+    await raw_js.delete_stream(stream)  # created by this test's transport
+    with pytest.raises(errors.TransientTransportError):
+        await transport.publish(unique("nt"), WireMessage(b"nowhere"))
+
+
+async def test_connect_to_a_closed_port_raises_transient_error() -> None:
+    transport = NatsTransport("nats://127.0.0.1:1", connect_timeout=1.0)
+    with pytest.raises(errors.TransientTransportError):
+        await transport.connect()
+
+
+async def test_check_after_close_raises_transport_error(open_transport: OpenTransport) -> None:
+    transport = await open_transport()
+    await transport.close()
+    with pytest.raises(errors.TransportError):
+        await transport.check()
+
+
+# -- consuming ------------------------------------------------------------------
+
+
+async def test_attempt_count_survives_a_new_connection(open_transport: OpenTransport) -> None:
+    first = await open_transport()
+    topic = unique("nt")
+    subscription = sub(topic)
+    await first.declare([topic], [subscription])
+    await first.publish(topic, WireMessage(b"again"))
+
+    async def nack_twice_then_keep(delivery: ports.Delivery) -> None:
+        if delivery.attempt < 3:
+            await delivery.nack(0.0)
+
+    failing = Collector(settle=nack_twice_then_keep)
+    await first.subscribe(subscription, failing)
+    await failing.wait(3, TIMEOUT)
+    await first.close()  # gives the third delivery back unsettled
+    collector = Collector()
+    await (await open_transport()).subscribe(subscription, collector)
+    (got,) = await collector.wait(1, TIMEOUT)
+    assert (got.message.body, got.attempt) == (b"again", 4)
+
+
+async def test_stopped_consumer_is_not_active(open_transport: OpenTransport) -> None:
+    transport = await open_transport()
+    topic = unique("nt")
+    consumer = await transport.subscribe(sub(topic), Collector())
+    await wait_for(lambda: consumer.active, TIMEOUT, "the consumer to become active")
+    await consumer.stop()
+    assert not consumer.active
+
+
+async def test_deleted_durable_is_recreated_and_consumption_resumes(
+    open_transport: OpenTransport, raw_js: JetStreamContext
+) -> None:
+    transport = await open_transport()
+    topic = unique("nt")
+    subscription = sub(topic)
+    collector = Collector()
+    await transport.subscribe(subscription, collector)
+    await transport.publish(topic, WireMessage(b"first"))
+    await collector.wait(1, TIMEOUT)
+    await raw_js.delete_consumer(transport.stream, durable_name(subscription.name))  # this test's own
+    await transport.publish(topic, WireMessage(b"second"))
+    await wait_for(lambda: b"second" in collector.bodies(), TIMEOUT, "the message after the deletion")
+
+
+async def _run(command: list[str]) -> None:
+    process = await asyncio.create_subprocess_exec(*command)
+    assert await process.wait() == 0, f"{command} failed"
+
+
+async def _wait_port(host: str, port: int, open_: bool, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await asyncio.to_thread(port_open, host, port, 0.2) != open_:
+        assert time.monotonic() < deadline, f"port {port} still {'closed' if open_ else 'open'}"
+        await asyncio.sleep(0.05)
+
+
+async def _publish_retrying(transport: NatsTransport, topic: str, message: WireMessage) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            await transport.publish(topic, message)
+            return
+        except errors.TransientTransportError:
+            assert time.monotonic() < deadline, "publish kept failing after the restart"
+            await asyncio.sleep(0.1)
+
+
+async def test_consumer_resumes_after_server_restart_without_loss(open_transport: OpenTransport, nats_url: str) -> None:
+    parts = urlsplit(nats_url)
+    if (parts.hostname, parts.port) != ("127.0.0.1", 4222):
+        pytest.skip("restarts only the local nats-server on 127.0.0.1:4222")  # environment
+    transport = await open_transport()
+    topic = unique("nt")
+    subscription = sub(topic, prefetch=40, ack_wait=3.0)
+    await transport.declare([topic], [subscription])
+    held: list[ports.Delivery] = []
+
+    async def hold_three(delivery: ports.Delivery) -> None:
+        # Three stay unsettled until the end, so the consumer cannot count on
+        # credit they free; the rest leave it idle with pull requests
+        # outstanding, which the restart kills without an answer.
+        if len(held) < 3:
+            held.append(delivery)
+        else:
+            await delivery.ack()
+
+    collector = Collector(settle=hold_three)
+    await transport.subscribe(subscription, collector)
+    before = [f"before-{i}".encode() for i in range(20)]
+    for body in before:
+        await transport.publish(topic, WireMessage(body))
+    await collector.wait(len(before), TIMEOUT)
+    try:
+        await _run(KILL)
+        await _wait_port("127.0.0.1", 4222, open_=False)
+    finally:
+        await _run(START)
+        await _wait_port("127.0.0.1", 4222, open_=True)
+    after = [f"after-{i}".encode() for i in range(20)]
+    for body in after:
+        await _publish_retrying(transport, topic, WireMessage(body))
+    expected = set(before + after)
+    await wait_for(lambda: expected <= set(collector.bodies()), TIMEOUT, "every message after the restart")
+    for delivery in held:
+        await delivery.ack()
+
+
+# -- CloudEvents interop --------------------------------------------------------
+
+
+def _sdk_event() -> CloudEvent:
+    return CloudEvent(
+        attributes={
+            "id": envelope.new_id(), "source": "/other-service", "type": "orders.placed",
+            "specversion": "1.0", "datacontenttype": "application/json", "time": datetime.now(UTC),
+            "subject": "orders/o-1", "partitionkey": "o-1",
+        },
+        data={"order_id": "o-1", "total_cents": 250},
+    )  # fmt: skip
+
+
+async def _consume_one(transport: NatsTransport, topic: str) -> WireMessage:
+    collector = Collector()
+    await transport.subscribe(sub(topic), collector)
+    (got,) = await collector.wait(1, TIMEOUT)
+    return got.message
+
+
+async def _decoded_from(
+    transport: NatsTransport, raw_js: JetStreamContext, body: bytes, headers: dict[str, str] | None
+) -> envelope.Envelope:
+    topic = unique("nt")
+    await raw_js.publish(transport.subject(topic), body, headers=headers)
+    return envelope.decode(await _consume_one(transport, topic))
+
+
+def _summary(event: BaseCloudEvent | envelope.Envelope) -> tuple[object, ...]:
+    if isinstance(event, envelope.Envelope):
+        return event.id, event.source, event.type, event.subject, event.key, orjson.loads(event.data)
+    return (
+        event.get_id(), event.get_source(), event.get_type(), event.get_subject(),
+        event.get_extension("partitionkey"), event.get_data(),
+    )  # fmt: skip
+
+
+async def test_sdk_binary_mode_message_from_a_plain_client_decodes(
+    open_transport: OpenTransport, raw_js: JetStreamContext
+) -> None:
+    event = _sdk_event()
+    message = ce_http.to_binary_event(event)
+    decoded = await _decoded_from(await open_transport(), raw_js, message.body, message.headers)
+    assert _summary(decoded) == _summary(event)
+
+
+async def test_sdk_structured_mode_message_from_a_plain_client_decodes(
+    open_transport: OpenTransport, raw_js: JetStreamContext
+) -> None:
+    event = _sdk_event()
+    message = ce_http.to_structured_event(event)
+    assert message.headers["content-type"].startswith(envelope.STRUCTURED)
+    decoded = await _decoded_from(await open_transport(), raw_js, message.body, message.headers)
+    assert _summary(decoded) == _summary(event)
+
+
+async def test_structured_message_without_headers_decodes(
+    open_transport: OpenTransport, raw_js: JetStreamContext
+) -> None:
+    event = _sdk_event()
+    body = ce_http.to_structured_event(event).body
+    decoded = await _decoded_from(await open_transport(), raw_js, body, None)
+    assert _summary(decoded) == _summary(event)
+
+
+async def test_published_envelope_decodes_with_the_cloudevents_sdk(
+    open_transport: OpenTransport, raw_js: JetStreamContext
+) -> None:
+    transport = await open_transport()
+    topic = unique("nt")
+    sent = envelope.create("orders.placed", {"order_id": "o-1", "total_cents": 250}, source="shop", key="o-1")
+    await transport.publish(topic, envelope.to_binary(sent, transport.binary_prefix))
+    stored = await raw_js.get_last_msg(transport.stream, transport.subject(topic))
+    assert stored.headers is not None and stored.data is not None
+    event = ce_http.from_http_event(ce_http.HTTPMessage(headers=dict(stored.headers), body=stored.data))
+    assert _summary(event) == _summary(sent)
+    assert (event.get_time(), stored.headers["Nats-Msg-Id"]) == (sent.time, sent.id)
+
+
+async def test_message_from_a_plain_client_has_no_key_or_id(
+    open_transport: OpenTransport, raw_js: JetStreamContext
+) -> None:
+    transport = await open_transport()
+    topic = unique("nt")
+    await raw_js.publish(transport.subject(topic), b"plain")
+    got = await _consume_one(transport, topic)
+    assert (got.body, got.key, got.message_id) == (b"plain", None, None)
