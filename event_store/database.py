@@ -264,9 +264,7 @@ class Database:
             async with self.transaction(readonly=True) as session:
                 await session.execute(sa.text("SELECT 1"))
         except errors.StoreError as error:
-            raise StoreUnavailable(
-                f"database {self.display_url()} is not reachable: {error}"
-            ) from error
+            raise StoreUnavailable(f"database {self.display_url()} is not reachable: {error}") from error
 
     async def close(self) -> None:
         """Close every pooled connection; idempotent."""

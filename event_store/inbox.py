@@ -80,9 +80,7 @@ class Inbox:
         total = 0
         while True:
             chunk = (
-                sa.select(table.c.handler, table.c.message_id)
-                .where(table.c.processed_at < cutoff)
-                .limit(_PURGE_CHUNK)
+                sa.select(table.c.handler, table.c.message_id).where(table.c.processed_at < cutoff).limit(_PURGE_CHUNK)
             )
             condition = sa.tuple_(table.c.handler, table.c.message_id).in_(chunk)
             async with self.db.transaction() as session:

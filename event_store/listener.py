@@ -31,9 +31,7 @@ class PgListener:
         signal: the event to set.
     """
 
-    def __init__(
-        self, url: URL, channel: str, signal: asyncio.Event, retry_interval: float = 5.0
-    ) -> None:
+    def __init__(self, url: URL, channel: str, signal: asyncio.Event, retry_interval: float = 5.0) -> None:
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._channel = channel
         self._signal = signal

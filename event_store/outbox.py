@@ -58,9 +58,7 @@ def require_aware(name: str, value: datetime) -> datetime:
         ConfigurationError: ``value`` is naive (its time zone would be a guess).
     """
     if value.tzinfo is None:
-        raise errors.ConfigurationError(
-            f"{name} must be an aware datetime (e.g. datetime.now(UTC)), got {value!r}"
-        )
+        raise errors.ConfigurationError(f"{name} must be an aware datetime (e.g. datetime.now(UTC)), got {value!r}")
     return value.astimezone(UTC)
 
 

@@ -127,12 +127,10 @@ class SqlOutboxStore:
         self.window = window
         self._statement = self._claim_statement()
         self._listener = (
-            listener.PgListener(db.url, models.OUTBOX_CHANNEL, db.outbox_signal)
-            if listen and db.is_postgres
-            else None
+            listener.PgListener(db.url, models.OUTBOX_CHANNEL, db.outbox_signal) if listen and db.is_postgres else None
         )
 
-    def _claim_statement(self) -> sa.TextClause:
+    def _claim_statement(self) -> sa.TextualSelect:
         now = str(models.utcnow().compile(dialect=self.db.engine.dialect))
         lock = "FOR UPDATE OF o SKIP LOCKED" if self.db.is_postgres else ""
         outbox = models.outbox.c
@@ -143,18 +141,14 @@ class SqlOutboxStore:
 
     async def _select(self, session: AsyncSession, limit: int) -> list[ports.OutboxMessage]:
         window = self.window or max(limit * 4, 256)
-        result = await session.execute(
-            self._statement, {"window": window, "per_key": self.per_key, "limit": limit}
-        )
+        result = await session.execute(self._statement, {"window": window, "per_key": self.per_key, "limit": limit})
         return _keep_key_prefixes(result.all())
 
     async def _settle(self, session: AsyncSession, batch: SqlOutboxBatch) -> None:
         table = models.outbox
         if batch.sent_ids:
             await session.execute(
-                sa.update(table)
-                .where(table.c.id.in_(batch.sent_ids))
-                .values(sent_at=models.utcnow())
+                sa.update(table).where(table.c.id.in_(batch.sent_ids)).values(sent_at=models.utcnow())
             )
         for row_id, error, retry_in in batch.failures:
             await session.execute(
@@ -212,9 +206,7 @@ class SqlOutboxStore:
             StoreError: the database failed.
         """
         table = models.outbox
-        query = sa.select(sa.func.min(table.c.available_at), models.utcnow()).where(
-            table.c.sent_at.is_(None)
-        )
+        query = sa.select(sa.func.min(table.c.available_at), models.utcnow()).where(table.c.sent_at.is_(None))
         async with self.db.transaction(readonly=True) as session:
             earliest, now = (await session.execute(query)).one()
         if earliest is None:
@@ -232,17 +224,11 @@ class SqlOutboxStore:
         unsent = table.c.sent_at.is_(None)
         backlog = sa.select(sa.func.count()).select_from(table).where(unsent).scalar_subquery()
         oldest = (
-            sa.select(sa.func.min(table.c.available_at))
-            .where(unsent, table.c.available_at <= now)
-            .scalar_subquery()
+            sa.select(sa.func.min(table.c.available_at)).where(unsent, table.c.available_at <= now).scalar_subquery()
         )
         async with self.db.transaction(readonly=True) as session:
             count, earliest, db_now = (await session.execute(sa.select(backlog, oldest, now))).one()
-        age = (
-            0.0
-            if earliest is None
-            else max((as_utc(db_now) - as_utc(earliest)).total_seconds(), 0.0)
-        )
+        age = 0.0 if earliest is None else max((as_utc(db_now) - as_utc(earliest)).total_seconds(), 0.0)
         return ports.OutboxStats(backlog=int(count), oldest_age=age)
 
     async def purge(self, older_than: timedelta) -> int:

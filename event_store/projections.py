@@ -43,9 +43,7 @@ async def load_position(session: AsyncSession, name: str, *, lock: bool = False)
     if lock:
         insert = database.insert_for(session)
         await session.execute(
-            insert(table)
-            .values(name=name, position=0)
-            .on_conflict_do_nothing(index_elements=["name"])
+            insert(table).values(name=name, position=0).on_conflict_do_nothing(index_elements=["name"])
         )
     query = sa.select(table.c.position).where(table.c.name == name)
     if lock and session.get_bind().dialect.name == "postgresql":
@@ -57,9 +55,7 @@ async def save_position(session: AsyncSession, name: str, position: int) -> None
     """Store ``position`` for ``name`` in the caller's transaction (the row must exist)."""
     table = models.positions
     await session.execute(
-        sa.update(table)
-        .where(table.c.name == name)
-        .values(position=position, updated_at=models.utcnow())
+        sa.update(table).where(table.c.name == name).values(position=position, updated_at=models.utcnow())
     )
 
 
@@ -72,9 +68,7 @@ class ProjectionRunner:
         batch_size: events per transaction.
     """
 
-    def __init__(
-        self, db: database.Database, projection: Projection, *, batch_size: int = 100
-    ) -> None:
+    def __init__(self, db: database.Database, projection: Projection, *, batch_size: int = 100) -> None:
         names.check("projection name", projection.name)
         self.db = db
         self.projection = projection
@@ -107,9 +101,7 @@ class ProjectionRunner:
                 await save_position(session, name, events[-1].position)
         return len(events)
 
-    async def run(
-        self, stop: asyncio.Event, *, poll_interval: float = 0.5, max_backoff: float = 30.0
-    ) -> None:
+    async def run(self, stop: asyncio.Event, *, poll_interval: float = 0.5, max_backoff: float = 30.0) -> None:
         """Run until ``stop`` is set: apply batches, poll when caught up, back off on failures."""
         backoff = poll_interval
         while not stop.is_set():

@@ -114,16 +114,12 @@ class SqlEventStore:
                 events lock was not granted within ``lock_timeout``).
         """
         if not stream_id or len(stream_id) > 255:
-            raise errors.ConfigurationError(
-                f"stream id must be 1-255 characters, got {stream_id!r}"
-            )
+            raise errors.ConfigurationError(f"stream id must be 1-255 characters, got {stream_id!r}")
         table = models.events
         async with self._session(tx) as session:
             await lock_events(session, self.db.lock_timeout)
             current = (
-                await session.execute(
-                    sa.select(sa.func.max(table.c.version)).where(table.c.stream_id == stream_id)
-                )
+                await session.execute(sa.select(sa.func.max(table.c.version)).where(table.c.stream_id == stream_id))
             ).scalar() or 0
             if expected_version is not None and current != expected_version:
                 raise errors.ConcurrencyConflict(
@@ -176,9 +172,7 @@ class SqlEventStore:
             StoreError: the database failed.
         """
         table = models.events
-        query = (
-            sa.select(table).where(table.c.position > after).order_by(table.c.position).limit(limit)
-        )
+        query = sa.select(table).where(table.c.position > after).order_by(table.c.position).limit(limit)
         async with self._session(tx, readonly=True) as session:
             return [_recorded(row) for row in (await session.execute(query)).all()]
 
@@ -189,9 +183,7 @@ class SqlEventStore:
             StoreError: the database failed.
         """
         async with self._session(tx, readonly=True) as session:
-            value = (
-                await session.execute(sa.select(sa.func.max(models.events.c.position)))
-            ).scalar()
+            value = (await session.execute(sa.select(sa.func.max(models.events.c.position)))).scalar()
         return int(value or 0)
 
     async def save_snapshot(self, snapshot: Snapshot, *, tx: AsyncSession | None = None) -> None:
@@ -215,21 +207,14 @@ class SqlEventStore:
                 .on_conflict_do_nothing(index_elements=["stream_id", "version"])
             )
 
-    async def load_snapshot(
-        self, stream_id: str, *, tx: AsyncSession | None = None
-    ) -> Snapshot | None:
+    async def load_snapshot(self, stream_id: str, *, tx: AsyncSession | None = None) -> Snapshot | None:
         """The newest snapshot of a stream, or None.
 
         Raises:
             StoreError: the database failed.
         """
         table = models.snapshots
-        query = (
-            sa.select(table)
-            .where(table.c.stream_id == stream_id)
-            .order_by(table.c.version.desc())
-            .limit(1)
-        )
+        query = sa.select(table).where(table.c.stream_id == stream_id).order_by(table.c.version.desc()).limit(1)
         async with self._session(tx, readonly=True) as session:
             row = (await session.execute(query)).first()
         if row is None:

@@ -47,9 +47,7 @@ def _main() -> None:
     if connection is not None:
         _run(connection)
         return
-    url = os.environ.get("CONVEYOR_DATABASE_URL") or context.config.get_main_option(
-        "sqlalchemy.url"
-    )
+    url = os.environ.get("CONVEYOR_DATABASE_URL") or context.config.get_main_option("sqlalchemy.url")
     if not url:
         raise RuntimeError("set CONVEYOR_DATABASE_URL to the database to migrate")
     asyncio.run(_run_async(url))

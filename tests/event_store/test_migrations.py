@@ -1,0 +1,62 @@
+"""Migrations: upgrade creates the tables; ensure_current refuses an unmigrated database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import es_dbs
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from conveyor import errors
+
+from event_store import database, ensure_current, head_revision, models, upgrade
+
+
+@pytest.fixture
+def empty_url(db_kind: str) -> Iterator[str]:
+    url = es_dbs.create_empty(db_kind)
+    yield url
+    leaked = es_dbs.open_connections(url)
+    es_dbs.drop(url)
+    assert leaked == 0
+
+
+async def test_ensure_current_empty_database_raises_with_command(empty_url: str) -> None:
+    expected = rf"is not migrated \(at revision none, need {head_revision()}\): run `conveyor db upgrade`"
+    with pytest.raises(errors.ConfigurationError, match=expected):
+        await ensure_current(empty_url)
+
+
+async def test_upgrade_empty_database_becomes_current(empty_url: str) -> None:
+    await upgrade(empty_url)
+    await ensure_current(empty_url)
+
+
+async def test_upgrade_twice_is_idempotent(empty_url: str) -> None:
+    await upgrade(empty_url)
+    await upgrade(empty_url)
+    await ensure_current(empty_url)
+
+
+def _diff(connection: sa.Connection) -> list[object]:
+    context = MigrationContext.configure(connection, opts={"compare_server_default": False})
+    return [d for d in compare_metadata(context, models.metadata) if "conveyor_alembic_version" not in str(d)]
+
+
+async def test_upgrade_creates_exactly_the_models_tables(empty_url: str) -> None:
+    await upgrade(empty_url)
+    db = database.Database(empty_url)
+    try:
+        async with db.engine.connect() as connection:
+            differences = await connection.run_sync(_diff)
+    finally:
+        await db.close()
+    assert differences == []
+
+
+async def test_ensure_current_database_behind_raises(empty_url: str) -> None:
+    await upgrade(empty_url, "0001")
+    with pytest.raises(errors.ConfigurationError, match=r"at revision 0001, need "):
+        await ensure_current(empty_url)

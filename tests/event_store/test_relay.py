@@ -1,0 +1,287 @@
+"""The outbox relay: publish with confirmation, then mark sent; order, delays, crashes, backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import sqlalchemy as sa
+from conveyor import envelope, errors, ports
+from conveyor.runtime.relay import Relay, RelayOptions
+from conveyor.testing import Collector, unique, wait_for
+from conveyor.transports.memory import MemoryTransport
+
+from event_store import Database, Outbox, SqlOutboxStore, models
+
+TOPIC = "relay.test"
+
+
+@dataclass
+class Broker:
+    """A memory broker with one subscription on TOPIC that records every delivery."""
+
+    url: str
+    transport: MemoryTransport
+    collector: Collector = field(default_factory=Collector)
+
+    def ids(self) -> list[str]:
+        return [r.message.message_id or "" for r in self.collector.received]
+
+    def by_key(self) -> dict[str, list[int]]:
+        lanes: dict[str, list[int]] = defaultdict(list)
+        for r in self.collector.received:
+            event = envelope.decode(r.message)
+            lanes[event.partitionkey or ""].append(event.json()["n"])
+        return lanes
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    url = f"memory://{unique('relay')}"
+    transport = MemoryTransport(url)
+    await transport.connect()
+    subscription = ports.Subscription(name=unique("sub"), topic=TOPIC, prefetch=10_000)
+    result = Broker(url, transport)
+    await transport.subscribe(subscription, result.collector)
+    yield result
+    await transport.close()
+
+
+async def _add(db: Database, count: int, *, key: str | None = None, start: int = 0, **kw: object) -> list[str]:
+    async with db.transaction() as session:
+        return [
+            (await Outbox().add(session, TOPIC, {"n": start + n}, key=key, **kw)).id  # type: ignore[arg-type]
+            for n in range(count)
+        ]
+
+
+async def _unsent(db: Database) -> int:
+    async with db.transaction(readonly=True) as session:
+        query = sa.select(sa.func.count()).select_from(models.outbox).where(models.outbox.c.sent_at.is_(None))
+        return int((await session.execute(query)).scalar_one())
+
+
+Running = list[tuple[asyncio.Task[None], asyncio.Event, Relay]]
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Running]:
+    """Relays started by a test; stopped, awaited and their stores closed at teardown."""
+    tasks: Running = []
+    yield tasks
+    for _, stop, _ in tasks:
+        stop.set()
+    await asyncio.gather(*(task for task, _, _ in tasks), return_exceptions=True)
+    for _, _, relay in tasks:
+        await relay.store.close()
+
+
+def _start(relay: Relay, tasks: Running) -> asyncio.Task[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    tasks.append((task, stop, relay))
+    return task
+
+
+async def test_relay_publishes_committed_rows_and_marks_them_sent(db: Database, broker: Broker) -> None:
+    ids = await _add(db, 5)
+    relay = Relay(SqlOutboxStore(db, listen=False), broker.transport)
+    result = await relay.run_once()
+    assert (result.published, broker.ids(), await _unsent(db)) == (5, ids, 0)
+
+
+async def test_relay_publishes_ce_headers_in_transport_binding(db: Database, broker: Broker) -> None:
+    await _add(db, 1, key="k")
+    await Relay(SqlOutboxStore(db, listen=False), broker.transport).run_once()
+    message = broker.collector.received[0].message
+    assert (message.headers["ce-type"], message.key, message.headers["content-type"]) == (
+        TOPIC,
+        "k",
+        "application/json",
+    )
+
+
+async def test_relay_run_wakes_on_commit_without_waiting_for_poll(
+    db: Database, broker: Broker, running: Running
+) -> None:
+    relay = Relay(SqlOutboxStore(db), broker.transport, options=RelayOptions(poll_interval=30.0))
+    _start(relay, running)
+    await asyncio.sleep(0.2)  # let it go idle
+    await _add(db, 1)
+    await broker.collector.wait(1, timeout=5.0)
+
+
+async def test_relay_listen_notify_wakes_relay_of_other_process(
+    db: Database, broker: Broker, running: Running, postgres_only: None
+) -> None:
+    other = Database(db.url)  # another "process": no in-process signal reaches it
+    try:
+        relay = Relay(SqlOutboxStore(other), broker.transport, options=RelayOptions(poll_interval=30.0))
+        _start(relay, running)
+        await asyncio.sleep(0.3)  # let it LISTEN and go idle
+        await _add(db, 1)
+        await broker.collector.wait(1, timeout=5.0)
+    finally:
+        for task, stop, relay in running:
+            stop.set()
+            await task
+            await relay.store.close()
+        running.clear()
+        await other.close()
+
+
+async def test_relay_keeps_per_key_order_across_failures(db: Database, broker: Broker) -> None:
+    await _add(db, 3, key="k")
+    store = SqlOutboxStore(db, listen=False)
+    async with store.claim(10) as batch:  # the first row of the key fails
+        batch.failed(batch.messages[0], "broker said no", 0.0)
+    await Relay(store, broker.transport).run_once()
+    assert broker.by_key()["k"] == [0, 1, 2]
+
+
+async def test_relay_failed_keyed_row_holds_back_later_rows_of_key(db: Database, broker: Broker) -> None:
+    await _add(db, 3, key="k")
+    await _add(db, 1, key="other", start=10)
+    store = SqlOutboxStore(db, listen=False)
+    async with store.claim(10) as batch:
+        batch.failed(batch.messages[0], "broker said no", 3600.0)
+    await Relay(store, broker.transport).run_once()
+    assert dict(broker.by_key()) == {"other": [10]}
+
+
+async def test_relay_delayed_row_not_claimed_before_available_at(db: Database, broker: Broker) -> None:
+    await _add(db, 1, delay=3600)
+    result = await Relay(SqlOutboxStore(db, listen=False), broker.transport).run_once()
+    assert (result.claimed, await _unsent(db)) == (0, 1)
+
+
+async def test_relay_delayed_row_published_once_due(db: Database, broker: Broker, running: Running) -> None:
+    started = time.monotonic()
+    await _add(db, 1, delay=1.0)
+    _start(Relay(SqlOutboxStore(db), broker.transport, options=RelayOptions(poll_interval=30.0)), running)
+    received = await broker.collector.wait(1, timeout=10.0)
+    assert received[0].at - started >= 0.95
+
+
+async def test_relay_delayed_keyless_row_does_not_block_others(db: Database, broker: Broker) -> None:
+    await _add(db, 1, delay=3600)
+    await _add(db, 1, start=1)
+    await Relay(SqlOutboxStore(db, listen=False), broker.transport).run_once()
+    assert broker.by_key()[""] == [1]
+
+
+class _DownTransport(MemoryTransport):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.calls = 0
+
+    async def publish(self, topic: str, message: envelope.WireMessage) -> None:
+        self.calls += 1
+        raise errors.TransientTransportError("broker unreachable")
+
+
+async def test_relay_broker_down_backs_off_and_records_error(db: Database, broker: Broker) -> None:
+    await _add(db, 1)
+    transport = _DownTransport(broker.url)
+    stop = asyncio.Event()
+    relay = Relay(SqlOutboxStore(db, listen=False), transport, options=RelayOptions(retry_base=0.05, max_backoff=0.5))
+    task = asyncio.create_task(relay.run(stop))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), 1.5)
+    stop.set()
+    await task
+    async with db.transaction(readonly=True) as session:
+        row = (await session.execute(sa.select(models.outbox))).one()
+    assert 2 <= transport.calls <= 10  # retried, but no hot loop
+    assert (row.attempts, row.sent_at) == (transport.calls, None)
+    assert "broker unreachable" in row.last_error
+
+
+class _HangAfterPublish(MemoryTransport):
+    """Delivers the message, then never confirms: the relay dies before marking it sent."""
+
+    async def publish(self, topic: str, message: envelope.WireMessage) -> None:
+        await super().publish(topic, message)
+        await asyncio.Event().wait()
+
+
+async def test_relay_killed_after_publish_republishes_same_id_on_restart(db: Database, broker: Broker) -> None:
+    # In-process version of the crash point relay.after-publish; the subprocess
+    # version is test_relay_crash_point_exits_before_mark_sent.
+    [message_id] = await _add(db, 1)
+    hanging = _HangAfterPublish(broker.url)
+    await hanging.connect()
+    task = asyncio.create_task(Relay(SqlOutboxStore(db, listen=False), hanging).run(asyncio.Event()))
+    await broker.collector.wait(1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert await _unsent(db) == 1
+    await Relay(SqlOutboxStore(db, listen=False), broker.transport).run_once()
+    assert broker.ids() == [message_id, message_id]
+    assert await _unsent(db) == 0
+
+
+_CRASHING_RELAY = """
+import asyncio, sys
+from conveyor.runtime.relay import Relay
+from conveyor.transports.memory import MemoryTransport
+from event_store import Database, SqlOutboxStore
+
+async def main():
+    db = Database(sys.argv[1])
+    transport = MemoryTransport("memory://crash")
+    await transport.connect()
+    await Relay(SqlOutboxStore(db), transport).run_once()
+    print("survived")
+
+asyncio.run(main())
+"""
+
+
+async def test_relay_crash_point_exits_before_mark_sent(db: Database, broker: Broker) -> None:
+    [message_id] = await _add(db, 1)
+    env = {**os.environ, "CONVEYOR_CRASH_AT": "relay.after-publish"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CRASHING_RELAY, db.url.render_as_string(hide_password=False),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert (process.returncode, out) == (70, b""), err.decode()
+    assert await _unsent(db) == 1
+    await Relay(SqlOutboxStore(db, listen=False), broker.transport).run_once()
+    assert broker.ids() == [message_id]
+
+
+async def test_relay_three_relays_publish_each_message_once_in_key_order(
+    db: Database, broker: Broker, postgres_only: None
+) -> None:
+    keys = [f"k{i}" for i in range(6)]
+    for key in keys:
+        await _add(db, 40, key=key)
+    await _add(db, 60)
+    total = 6 * 40 + 60
+    databases = [Database(db.url) for _ in range(3)]
+    stores = [SqlOutboxStore(d, per_key=4) for d in databases]
+    relays = [Relay(s, broker.transport, options=RelayOptions(batch_size=10, poll_interval=0.05)) for s in stores]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(r.run(stop)) for r in relays]
+    try:
+        await wait_for(lambda: len(broker.collector.received) >= total, 60, f"{total} messages")
+        await wait_for(lambda: True, 0.2)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for store, database in zip(stores, databases, strict=True):
+            await store.close()
+            await database.close()
+    ids = broker.ids()
+    assert len(ids) == len(set(ids)) == total
+    lanes = broker.by_key()
+    assert all(lanes[key] == list(range(40)) for key in keys), {k: lanes[k][:10] for k in keys}
