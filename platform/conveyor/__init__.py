@@ -18,6 +18,7 @@ from conveyor.errors import (
     TransientTransportError,
     TransportError,
 )
+from conveyor.ports import NewEvent, RecordedEvent
 from conveyor.publisher import Publisher
 from conveyor.registry import Handler, Registry, on
 from conveyor.retry import RetryPolicy
@@ -32,8 +33,10 @@ __all__ = [
     "Envelope",
     "Handler",
     "InvalidMessage",
+    "NewEvent",
     "NotFound",
     "Publisher",
+    "RecordedEvent",
     "Registry",
     "Reject",
     "Retry",

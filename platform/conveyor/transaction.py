@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from conveyor import envelope
+from conveyor import envelope, ports
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -27,6 +27,23 @@ class Pending:
     at: datetime | None = None
 
 
+class StreamWriter(Protocol):
+    """The event store, inside a handler's transaction (``tx.events``)."""
+
+    async def append(self, stream_id: str, events: Sequence[ports.NewEvent], *, expected_version: int | None) -> int:
+        """Append events to a stream in this transaction; return the stream's new version.
+
+        Raises:
+            ConcurrencyConflict: the stream is not at ``expected_version`` (0: it must be new).
+            StoreError: the database failed.
+        """
+        ...
+
+    async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[ports.RecordedEvent]:
+        """The stream's events after ``after_version``, oldest first."""
+        ...
+
+
 class Transaction:
     """One database transaction of a handler, from ``async with ctx.transaction() as tx``.
 
@@ -37,12 +54,14 @@ class Transaction:
 
     Attributes:
         session: the SQLAlchemy ``AsyncSession`` of the transaction, for your writes.
+        events: the event store, writing in this same transaction.
     """
 
-    __slots__ = ("_build", "pending", "session")
+    __slots__ = ("_build", "events", "pending", "session")
 
-    def __init__(self, session: AsyncSession, build: Callable[..., envelope.Envelope]) -> None:
+    def __init__(self, session: AsyncSession, build: Callable[..., envelope.Envelope], events: StreamWriter) -> None:
         self.session = session
+        self.events = events
         self._build = build
         self.pending: list[Pending] = []
 

@@ -133,3 +133,12 @@ def test_json_log_format_writes_json_lines(tmp_path: Path, port: int) -> None:
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
+
+
+def test_the_same_order_charged_twice_is_rejected_by_the_event_stream(embedded: Process, port: int) -> None:
+    url = f"http://127.0.0.1:{port}/events/orders.placed"
+    assert httpx.post(url, content=orjson.dumps(ORDER), headers=STRUCTURED).status_code == 202
+    embedded.wait_for_log("charged o-1")
+    again = {**ORDER, "id": "o-1-again"}
+    assert httpx.post(url, content=orjson.dumps(again), headers=STRUCTURED).status_code == 202
+    embedded.wait_for_log("order o-1 was already charged")

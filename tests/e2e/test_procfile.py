@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import orjson
 from cli import ROOT, clean_env, free_port, migrated
-
 from conveyor.testing import unique
 
 APP = """

@@ -18,8 +18,8 @@ import es_dbs
 import httpx
 import sqlalchemy as sa
 from cli import Process, free_port
-
 from conveyor.testing import unique
+
 from event_store import Database, Outbox
 from event_store.database import normalize_url
 
@@ -77,12 +77,15 @@ def test_relay_crash_after_publish_yields_each_effect_once(postgres_url: str, ra
                            CONVEYOR_CRASH_AT="relay.after-publish", **env)  # fmt: skip
         relays.append(crashing)
         assert crashing.popen.wait(60) == 70, crashing.text()
-        assert scalar(url, "SELECT count(*) FROM outbox WHERE sent_at IS NULL") == COUNT, "the crash came before marking"
+        assert scalar(url, "SELECT count(*) FROM outbox WHERE sent_at IS NULL") == COUNT, (
+            "the crash came before marking"
+        )
         relays.append(Process(["relay", "--port", "0"], tmp_path / "relay2.log", cwd=tmp_path, **env))
         deadline = time.monotonic() + 60
-        while scalar(url, "SELECT count(*) FROM outbox WHERE sent_at IS NULL") or scalar(
-            url, "SELECT count(*) FROM effects"
-        ) < COUNT:
+        while (
+            scalar(url, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+            or scalar(url, "SELECT count(*) FROM effects") < COUNT
+        ):
             assert time.monotonic() < deadline, worker.text()
             time.sleep(0.2)
         time.sleep(0.5)  # any late duplicate would land now

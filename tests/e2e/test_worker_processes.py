@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from cli import Process, free_port, migrated
-
 from conveyor import Publisher
 from conveyor.testing import unique
 
@@ -73,4 +72,6 @@ def test_two_worker_processes_split_messages_without_loss_or_duplicates(
     shares = handled(tmp_path)
     every_id = [n for ids in shares.values() for n in ids]
     assert sorted(every_id, key=int) == [str(n) for n in range(COUNT)], "lost or doubled messages"
-    assert len(shares) == 2 and all(shares.values()), f"both processes should get a share: {[len(v) for v in shares.values()]}"
+    assert len(shares) == 2 and all(shares.values()), (
+        f"both processes should get a share: {[len(v) for v in shares.values()]}"
+    )

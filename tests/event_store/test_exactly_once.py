@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import sqlalchemy as sa
-
 from conveyor import Context, envelope, on, registry
 from conveyor.runtime.transactions import DatabaseTransactions
 from conveyor.runtime.worker import Worker
 from conveyor.testing import unique, wait_for
 from conveyor.transports.memory import MemoryTransport
+
 from event_store import Database
 
 
