@@ -18,17 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "event_store"))
 
-import es_dbs  # noqa: E402
+import es_dbs
+from conveyor import Context, Registry, every
+from conveyor.runtime import scheduler
+from conveyor.runtime.relay import Relay
+from conveyor.runtime.transactions import DatabaseTransactions
+from conveyor.runtime.worker import Worker
+from conveyor.testing import unique
+from conveyor.transports.memory import MemoryTransport
 
-from conveyor import Context, Registry, every  # noqa: E402
-from conveyor.runtime import scheduler  # noqa: E402
-from conveyor.runtime.relay import Relay  # noqa: E402
-from conveyor.runtime.transactions import DatabaseTransactions  # noqa: E402
-from conveyor.runtime.worker import Worker  # noqa: E402
-from conveyor.testing import unique  # noqa: E402
-from conveyor.transports.memory import MemoryTransport  # noqa: E402
-from event_store import Database  # noqa: E402
-from event_store.outbox_store import SqlOutboxStore  # noqa: E402
+from event_store import Database
+from event_store.outbox_store import SqlOutboxStore
 
 
 async def measure(kind: str, replicas: int, fires: int) -> list[float]:

@@ -7,6 +7,7 @@ database. The job writes a ledger row inside ``ctx.transaction()``.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,7 +96,8 @@ def test_replicas_fire_each_second_exactly_once(race_db: tuple[str, int], rabbit
         wait_until(
             lambda: len(query(url, ledger)) >= len(query(url, claimed)),
             30,
-            f"the last jobs: claims {[(str(r[0]), r[2]) for r in query(url, claimed)]}, ledger {sorted(query(url, ledger))}",
+            f"the last jobs: claims {[(str(r[0]), r[2]) for r in query(url, claimed)]}, "
+            f"ledger {sorted(query(url, ledger))}",
             workers,
         )
         for process in workers:
@@ -108,6 +110,6 @@ def test_replicas_fire_each_second_exactly_once(race_db: tuple[str, int], rabbit
     executed = sorted(str(row[0])[:19].replace("T", " ") for row in query(url, ledger))
     assert len(fires) >= FIRES and len(set(fires)) == len(fires)
     seconds = [time.mktime(time.strptime(f, "%Y-%m-%d %H:%M:%S")) for f in fires]
-    assert all(b - a == 1 for a, b in zip(seconds, seconds[1:], strict=False)), f"missed fires: {fires}"
+    assert all(b - a == 1 for a, b in itertools.pairwise(seconds)), f"missed fires: {fires}"
     assert executed == sorted(f.replace("T", " ") for f in fires), "a fire ran twice or not at all"
     assert len({row[1] for row in claims}) >= 2, "the replicas did not actually race"

@@ -1,4 +1,4 @@
-"""Two ``conveyor worker`` OS processes sharing a handler, on each real broker: the messages are split, none lost or doubled.
+"""Two ``conveyor worker`` OS processes sharing a handler, on each real broker: messages split, none lost or doubled.
 
 Each process appends the ids it handled to a file of its own; the test publishes
 with :class:`conveyor.Publisher` (as another service would) and reads the files.

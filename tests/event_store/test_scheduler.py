@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -79,7 +80,7 @@ async def test_skewed_host_clocks_neither_fire_early_nor_twice(db: Database) -> 
     fires = [r.fire_time for r in rows]
     assert len(fires) >= 3 and len(set(fires)) == len(fires)
     assert all(r.claimed_at >= r.fire_time for r in rows), "a fire was claimed before its time"
-    assert all(b - a == timedelta(seconds=1) for a, b in zip(fires, fires[1:], strict=False)), fires
+    assert all(b - a == timedelta(seconds=1) for a, b in itertools.pairwise(fires)), fires
     assert await enqueued(db, schedule) == len(rows)
     assert round(fast.skew) == 30 and round(slow.skew) == -30
 
