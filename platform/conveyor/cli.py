@@ -154,7 +154,7 @@ def scheduler(**flags: Any) -> None:
 @_common
 @click.pass_context
 @_exits
-def schedules(click_context: click.Context, **flags: Any) -> None:
+def schedules(click_context: click.Context, /, **flags: Any) -> None:
     """List schedules: expression, time zone, next three fires, last run and its status."""
     click_context.obj = flags
     if click_context.invoked_subcommand is not None:

@@ -20,7 +20,7 @@ async def _database(config: settings.Settings, stack: contextlib.AsyncExitStack)
 
 async def overview(config: settings.Settings, found: registry.Registry) -> list[tuple[str, ...]]:
     """One row per schedule: name, expression, zone, next three fires, last run, state."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     async with contextlib.AsyncExitStack() as stack:
         database = await _database(config, stack)
         async with database.transaction(readonly=True) as session:

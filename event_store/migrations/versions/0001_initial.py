@@ -31,7 +31,7 @@ FOR EACH STATEMENT EXECUTE FUNCTION conveyor_outbox_notify()
 """
 
 
-def _now(name: str, nullable: bool = False, default: bool = True) -> sa.Column:
+def _now(name: str, nullable: bool = False, default: bool = True) -> sa.Column:  # type: ignore[type-arg]
     return sa.Column(
         name,
         sa.DateTime(timezone=True),

@@ -13,8 +13,9 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from conveyor import envelope, errors, ports, registry, transports
 from conveyor.runtime import http, relay, scheduler, transactions, worker
@@ -118,7 +119,9 @@ async def open_database(settings: Settings, stack: contextlib.AsyncExitStack) ->
     return database
 
 
-def _background(stack: contextlib.AsyncExitStack, name: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+def _background(
+    stack: contextlib.AsyncExitStack, name: str, run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+) -> None:
     """Run ``run(stop)`` as a task until shutdown; a crash is logged and ends the process."""
     stopping = asyncio.Event()
     task = asyncio.create_task(run(stopping), name=name)

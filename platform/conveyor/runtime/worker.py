@@ -18,6 +18,7 @@ dropped, and nothing a handler does crashes the worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -292,7 +293,7 @@ class Worker:
                 transactions=self._transactions,
             )
             dispatcher = dispatch.Dispatcher(runner.process, handler.concurrency or self._concurrency)
-            telemetry.IN_FLIGHT.labels(handler.name).set_function(lambda d=dispatcher: d.in_flight)
+            telemetry.IN_FLIGHT.labels(handler.name).set_function(functools.partial(_in_flight, dispatcher))
             self._dispatchers.append(dispatcher)
             self._consumers.append(await self._transport.subscribe(subscription, dispatcher.submit))
             log.info("subscribed %s to %s", handler.name, handler.topic)
@@ -321,3 +322,7 @@ class Worker:
         if not finished:
             log.warning("drain deadline of %.1fs reached; unfinished messages will be redelivered", timeout)
         return finished
+
+
+def _in_flight(dispatcher: dispatch.Dispatcher) -> float:
+    return dispatcher.in_flight
