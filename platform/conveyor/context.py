@@ -116,7 +116,7 @@ class Context:
         """
         names.check("topic", topic)
         parent = self.message
-        traceparent, tracestate = telemetry.current_trace()
+        traceparent, tracestate = telemetry.current_trace() if telemetry.tracing() else (None, None)
         if traceparent is None:
             traceparent, tracestate = parent.traceparent, parent.tracestate
         return envelope.create(

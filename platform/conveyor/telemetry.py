@@ -47,6 +47,11 @@ def messaging_system(transport: object) -> str:
     return _SYSTEMS.get(type(transport).__name__, type(transport).__name__.lower())
 
 
+def tracing() -> bool:
+    """True once an OpenTelemetry SDK tracer provider is installed (else spans are skipped: no cost)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 def current_trace() -> tuple[str | None, str | None]:
     """``(traceparent, tracestate)`` of the current span, or ``(None, None)``."""
     carrier: dict[str, str] = {}
@@ -57,6 +62,9 @@ def current_trace() -> tuple[str | None, str | None]:
 @contextlib.contextmanager
 def producer_span(topic: str, message: envelope.Envelope, system: str) -> Iterator[None]:
     """A PRODUCER span around a publish; stamps its context into ``message``."""
+    if not tracing():
+        yield
+        return
     with _tracer.start_as_current_span(
         f"send {topic}",
         kind=trace.SpanKind.PRODUCER,
@@ -74,6 +82,9 @@ def producer_span(topic: str, message: envelope.Envelope, system: str) -> Iterat
 @contextlib.contextmanager
 def consumer_span(topic: str, handler: str, message: envelope.Envelope, system: str) -> Iterator[trace.Span]:
     """A CONSUMER span for handling ``message``, continuing the producer's trace."""
+    if not tracing():
+        yield trace.INVALID_SPAN
+        return
     parent = None
     if message.traceparent:
         carrier = {"traceparent": message.traceparent}
