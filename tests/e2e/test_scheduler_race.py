@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import es_dbs
+import databases
 import pytest
 import sqlalchemy as sa
 from cli import Process
@@ -45,13 +45,13 @@ def race_db(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
     kind, replicas = request.param
     if kind == "postgres":
         request.getfixturevalue("postgres_url")
-    url = es_dbs.create(kind)
+    url = databases.create(kind)
     engine = sa.create_engine(normalize_url(url, sync=True))
     with engine.begin() as connection:
         connection.execute(sa.text("CREATE TABLE race_ledger (fire_time VARCHAR(40) NOT NULL)"))
     engine.dispose()
     yield url, replicas
-    es_dbs.drop(url)
+    databases.drop(url)
 
 
 def query(url: str, sql: str) -> list[tuple[object, ...]]:

@@ -10,7 +10,7 @@ import os
 import time
 from typing import ClassVar
 
-import es_dbs
+import databases
 import pytest
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
@@ -39,7 +39,7 @@ class _OnFreshDatabase:
 
     def _datastore(self) -> recorder_module.Datastore:
         _require(self.kind)
-        url = es_dbs.create(self.kind)
+        url = databases.create(self.kind)
         datastore = recorder_module.Datastore(url, create_table=False)
 
         def cleanup() -> None:
@@ -49,8 +49,8 @@ class _OnFreshDatabase:
             while datastore.engine.pool.checkedout() and time.monotonic() < deadline:  # type: ignore[attr-defined]
                 time.sleep(0.01)
             datastore.close()
-            leaked = es_dbs.open_connections(url)
-            es_dbs.drop(url)
+            leaked = databases.open_connections(url)
+            databases.drop(url)
             assert leaked == 0, f"{leaked} connection(s) left open"
 
         self.addCleanup(cleanup)  # type: ignore[attr-defined]
@@ -117,7 +117,7 @@ class Account(Aggregate):
 
 
 def test_application_with_persistence_module_stores_aggregates(db_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    url = es_dbs.create(db_kind)
+    url = databases.create(db_kind)
     env = {
         "PERSISTENCE_MODULE": "event_store.eventsourcing_recorder",
         "CONVEYOR_DATABASE_URL": url,
@@ -135,8 +135,8 @@ def test_application_with_persistence_module_stores_aggregates(db_kind: str, mon
         app.close()
         copy.close()
     finally:
-        leaked = es_dbs.open_connections(url)
-        es_dbs.drop(url)
+        leaked = databases.open_connections(url)
+        databases.drop(url)
     assert (loaded.owner, loaded.balance, len(notifications), leaked) == ("ada", 30, 2, 0)
     assert "POSTGRES_ENABLE_DB_FUNCTIONS" not in os.environ
 
@@ -144,9 +144,9 @@ def test_application_with_persistence_module_stores_aggregates(db_kind: str, mon
 def test_datastore_unmigrated_database_refused_when_create_table_false(db_kind: str) -> None:
     from conveyor import errors
 
-    url = es_dbs.create_empty(db_kind)
+    url = databases.create_empty(db_kind)
     try:
         with pytest.raises(errors.ConfigurationError, match="not migrated"):
             recorder_module.Datastore(url, create_table=False)
     finally:
-        es_dbs.drop(url)
+        databases.drop(url)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import es_dbs
+import databases
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -16,10 +16,10 @@ from event_store import database, ensure_current, head_revision, models, upgrade
 
 @pytest.fixture
 def empty_url(db_kind: str) -> Iterator[str]:
-    url = es_dbs.create_empty(db_kind)
+    url = databases.create_empty(db_kind)
     yield url
-    leaked = es_dbs.open_connections(url)
-    es_dbs.drop(url)
+    leaked = databases.open_connections(url)
+    databases.drop(url)
     assert leaked == 0
 
 

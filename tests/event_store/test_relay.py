@@ -119,14 +119,14 @@ async def test_relay_run_wakes_on_commit_without_waiting_for_poll(
 
 
 async def test_relay_listen_notify_wakes_relay_of_other_process(
-    db: Database, broker: Broker, running: Running, postgres_only: None
+    pg_db: Database, broker: Broker, running: Running
 ) -> None:
-    other = Database(db.url)  # another "process": no in-process signal reaches it
+    other = Database(pg_db.url)  # another "process": no in-process signal reaches it
     try:
         relay = Relay(SqlOutboxStore(other), broker.transport, options=RelayOptions(poll_interval=30.0))
         _start(relay, running)
         await asyncio.sleep(0.3)  # let it LISTEN and go idle
-        await _add(db, 1)
+        await _add(pg_db, 1)
         await broker.collector.wait(1, timeout=5.0)
     finally:
         for task, stop, relay in running:
@@ -259,15 +259,13 @@ async def test_relay_crash_point_exits_before_mark_sent(db: Database, broker: Br
     assert broker.ids() == [message_id]
 
 
-async def test_relay_three_relays_publish_each_message_once_in_key_order(
-    db: Database, broker: Broker, postgres_only: None
-) -> None:
+async def test_relay_three_relays_publish_each_message_once_in_key_order(pg_db: Database, broker: Broker) -> None:
     keys = [f"k{i}" for i in range(6)]
     for key in keys:
-        await _add(db, 40, key=key)
-    await _add(db, 60)
+        await _add(pg_db, 40, key=key)
+    await _add(pg_db, 60)
     total = 6 * 40 + 60
-    databases = [Database(db.url) for _ in range(3)]
+    databases = [Database(pg_db.url) for _ in range(3)]
     stores = [SqlOutboxStore(d, per_key=4) for d in databases]
     relays = [Relay(s, broker.transport, options=RelayOptions(batch_size=10, poll_interval=0.05)) for s in stores]
     stop = asyncio.Event()

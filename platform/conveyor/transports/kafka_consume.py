@@ -4,12 +4,7 @@ One :class:`KafkaConsumer` per subscription runs an ``AIOKafkaConsumer`` in the
 subscription's consumer group, subscribed to the Conveyor topic and to the
 subscription's retry topic (see :mod:`conveyor.transports.kafka` for the design).
 
-Offsets: every record handed out (or held for a delayed redelivery) is *taken*
-in its partition's :class:`_Partition`; settling marks it done, and the offset
-after the longest settled prefix is committed. Settling out of order (the
-runtime runs keys concurrently) therefore never commits past an unsettled
-record. Commits are batched by :class:`_Committer`: acks arriving while a commit
-is in flight ride on the next one.
+Offsets are tracked and committed by :mod:`conveyor.transports.kafka_offsets`.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ import heapq
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +23,7 @@ from aiokafka import errors as kafka_errors
 
 from conveyor import errors, ports
 from conveyor.envelope import WireMessage
+from conveyor.transports import kafka_offsets
 
 log = logging.getLogger("conveyor.transports.kafka")
 
@@ -37,19 +32,11 @@ ATTEMPT_HEADER = "conveyor-attempt"
 NOT_BEFORE_HEADER = "conveyor-not-before"
 _INTERNAL = frozenset({MESSAGE_ID_HEADER, ATTEMPT_HEADER, NOT_BEFORE_HEADER})
 
-#: Commit errors that mean "the group moved on": the records are redelivered to
-#: the partition's new owner, which at-least-once allows.
-_LOST_TO_REBALANCE = (
-    kafka_errors.CommitFailedError,
-    kafka_errors.IllegalStateError,
-    kafka_errors.RebalanceInProgressError,
-    kafka_errors.IllegalGenerationError,
-    kafka_errors.UnknownMemberIdError,
-)
 _POLL_SECONDS = 1.0  # longest getmany wait; also how often a full consumer polls
 _BACKOFF_MAX = 5.0
 
 Send = Callable[[str, WireMessage, dict[str, str]], Awaitable[None]]
+Leave = Callable[[int, str, str], Awaitable[None]]
 
 
 def record_headers(message: WireMessage, extra: dict[str, str] | None = None) -> list[tuple[str, bytes]]:
@@ -83,110 +70,13 @@ def from_record(record: Any) -> tuple[WireMessage, int, int]:
     return WireMessage(body, headers, key, message_id), attempt, not_before
 
 
-class _Partition:
-    """Offsets taken from one assigned partition, and how far they are settled."""
-
-    __slots__ = ("revoked", "settled", "taken", "tp")
-
-    def __init__(self, tp: TopicPartition) -> None:
-        self.tp = tp
-        self.taken: deque[int] = deque()
-        self.settled: set[int] = set()
-        self.revoked = False
-
-    def take(self, offset: int) -> None:
-        self.taken.append(offset)
-
-    def settle(self, offset: int) -> int | None:
-        """Mark ``offset`` done; return the offset to commit if the settled prefix grew."""
-        taken = self.taken
-        if taken and taken[0] == offset and not self.settled:
-            taken.popleft()
-            return offset + 1
-        self.settled.add(offset)
-        commit = None
-        while taken and taken[0] in self.settled:
-            done = taken.popleft()
-            self.settled.discard(done)
-            commit = done + 1
-        return commit
-
-
-class _Committer:
-    """Commits offsets in rounds: one request in flight, later acks join the next."""
-
-    def __init__(self, kafka: AIOKafkaConsumer, group: str, timeout: float) -> None:
-        self._kafka = kafka
-        self._group = group
-        self._timeout = timeout
-        self._pending: dict[TopicPartition, int] = {}
-        self._round: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def request(self, tp: TopicPartition, offset: int) -> asyncio.Future[None]:
-        """Queue ``offset`` of ``tp`` for the next round; return that round's future."""
-        self._pending[tp] = offset
-        return self._kick()
-
-    def forget(self, tps: set[TopicPartition]) -> None:
-        """Drop queued offsets of partitions this member no longer owns."""
-        for tp in tps:
-            self._pending.pop(tp, None)
-
-    async def flush(self) -> None:
-        """Wait until every queued offset was committed (or given up).
-
-        Raises:
-            TransientTransportError: the last round failed.
-        """
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
-        if self._pending:
-            await asyncio.shield(self._kick())
-
-    def _kick(self) -> asyncio.Future[None]:
-        if self._round is None:
-            self._round = asyncio.get_running_loop().create_future()
-            self._round.add_done_callback(_consume_exception)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name=f"kafka-commit:{self._group}")
-        return self._round
-
-    async def _run(self) -> None:
-        while self._pending and self._round is not None:
-            offsets, self._pending = self._pending, {}
-            done, self._round = self._round, None
-            try:
-                # aiokafka retries retriable errors (broker away) without end: bound it.
-                await asyncio.wait_for(self._kafka.commit(offsets), self._timeout)
-            except _LOST_TO_REBALANCE as exc:
-                log.warning(
-                    "offset commit of group %s lost to a rebalance (%s); records of %d partition(s) "
-                    "will be redelivered to their new owner", self._group, exc, len(offsets),
-                )  # fmt: skip
-                done.set_result(None)
-            except (kafka_errors.KafkaError, OSError, TimeoutError) as exc:
-                for tp, offset in offsets.items():
-                    self._pending.setdefault(tp, offset)
-                text = f"offset commit of group {self._group} failed: {exc!r}"
-                done.set_exception(errors.TransientTransportError(text))
-                return  # the next ack (or flush) tries again
-            else:
-                done.set_result(None)
-
-
-def _consume_exception(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: an ack cancelled while waiting must not log "never retrieved"
-
-
 @dataclass(order=True, slots=True)
 class _Held:
     """A record taken from its partition but not handed out before ``due`` (epoch seconds)."""
 
     due: float
     seq: int
-    partition: _Partition = field(compare=False)
+    partition: kafka_offsets.PartitionOffsets = field(compare=False)
     offset: int = field(compare=False)
     message: WireMessage = field(compare=False)
     attempt: int = field(compare=False)
@@ -218,7 +108,7 @@ class KafkaDelivery:
         self._settled = True
         committed = self._consumer.settle(self._partition, self._offset)
         if committed is not None:
-            await committed
+            await asyncio.shield(committed)  # shared by the acks of a round
 
     async def nack(self, delay: float) -> None:
         """Publish a copy with attempt + 1 to the retry topic, then commit the original.
@@ -249,7 +139,7 @@ class KafkaDelivery:
             return
         committed = consumer.settle(self._partition, self._offset)
         if committed is not None:
-            await committed
+            await asyncio.shield(committed)  # shared by the acks of a round
 
     def _check(self) -> None:
         if self._settled:
@@ -279,6 +169,8 @@ class KafkaConsumer:
         callback: awaited with each delivery.
         send: publishes a wire message with extra headers (for retry copies).
         commit_timeout: seconds one offset commit may take before it counts as failed.
+        leave: sends LeaveGroup(node, group, member) for a member aiokafka would not
+            take out of the group itself (see :meth:`_close`).
     """
 
     def __init__(
@@ -289,6 +181,7 @@ class KafkaConsumer:
         callback: ports.DeliveryCallback,
         send: Send,
         commit_timeout: float,
+        leave: Leave,
     ) -> None:
         self.subscription = subscription
         self.retry_topic = retry_topic
@@ -298,15 +191,16 @@ class KafkaConsumer:
         self._callback = callback
         self._prefetch = max(subscription.prefetch, 1)
         self._hold_limit = max(self._prefetch * 4, 64)
-        self._committer = _Committer(kafka, subscription.name, commit_timeout)
-        self._partitions: dict[TopicPartition, _Partition] = {}
+        self._committer = kafka_offsets.Committer(kafka, subscription.name, commit_timeout)
+        self._leave = leave
+        self._partitions: dict[TopicPartition, kafka_offsets.PartitionOffsets] = {}
         self._held: list[_Held] = []
         self._seq = itertools.count()
         self._unsettled = 0
         self._room = asyncio.Event()
         self._paused: set[TopicPartition] = set()
         self._full = False
-        self._healthy = False
+        self._healthy = True  # until the fetch loop fails; active also needs an assignment
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
@@ -327,7 +221,9 @@ class KafkaConsumer:
             await self._kafka.start()
         except (kafka_errors.KafkaError, OSError) as exc:
             await self._kafka.stop()
-            raise errors.TransientTransportError(f"cannot start the Kafka consumer of {self.subscription.name}: {exc!r}") from exc
+            raise errors.TransientTransportError(
+                f"cannot start the Kafka consumer of {self.subscription.name}: {exc!r}"
+            ) from exc
         self._task = asyncio.create_task(self._run(), name=f"kafka-consumer:{self.subscription.name}")
 
     async def stop(self) -> None:
@@ -357,11 +253,23 @@ class KafkaConsumer:
             log.warning("final offset commit of %s failed (%s); settled records may be redelivered",
                         self.subscription.name, exc)  # fmt: skip
         self.closed = True
-        await self._kafka.stop()  # sends LeaveGroup: the partitions move on at once
+        # aiokafka sends LeaveGroup on stop only for generation > 0, but Tansu
+        # numbers a group's first generation 0: without a LeaveGroup the next
+        # member waits a session timeout for this one. Send it ourselves then.
+        coordinator = getattr(self._kafka, "_coordinator", None)
+        node = getattr(coordinator, "coordinator_id", None)
+        member = getattr(coordinator, "member_id", "")
+        first_generation = getattr(coordinator, "generation", -1) == 0
+        await self._kafka.stop()
+        if first_generation and member and node is not None:
+            try:
+                await self._leave(node, self.subscription.name, member)
+            except (kafka_errors.KafkaError, OSError) as exc:
+                log.info("LeaveGroup for %s failed: %r", self.subscription.name, exc)
 
     # -- settling (called by deliveries) -------------------------------------
 
-    def settle(self, partition: _Partition, offset: int) -> asyncio.Future[None] | None:
+    def settle(self, partition: kafka_offsets.PartitionOffsets, offset: int) -> asyncio.Future[None] | None:
         """Settle ``offset``; return the commit round to wait for if the settled prefix grew.
 
         Raises:
@@ -383,7 +291,9 @@ class KafkaConsumer:
         if self._stopping and self._unsettled == 0 and self._closing is None:
             self._closing = asyncio.create_task(self._close(), name=f"kafka-close:{self.subscription.name}")
 
-    def hold(self, partition: _Partition, offset: int, message: WireMessage, attempt: int, due: float) -> None:
+    def hold(
+        self, partition: kafka_offsets.PartitionOffsets, offset: int, message: WireMessage, attempt: int, due: float
+    ) -> None:
         """Hand the record out again at ``due`` (epoch seconds); its offset stays taken."""
         heapq.heappush(self._held, _Held(due, next(self._seq), partition, offset, message, attempt))
         self._room.set()  # wake a loop waiting for room: it re-reads its timers
@@ -410,7 +320,7 @@ class KafkaConsumer:
         """Start tracking newly assigned partitions."""
         for tp in assigned:
             if tp not in self._partitions:
-                self._partitions[tp] = _Partition(tp)
+                self._partitions[tp] = kafka_offsets.PartitionOffsets(tp)
         log.debug("%s assigned %s", self.subscription.name, sorted(assigned))
 
     # -- the fetch loop -------------------------------------------------------
@@ -445,9 +355,7 @@ class KafkaConsumer:
         timeout = _POLL_SECONDS
         if self._held:
             timeout = min(timeout, max(self._held[0].due - time.time(), 0.0))
-        batch = await self._kafka.getmany(
-            timeout_ms=int(timeout * 1000), max_records=self._prefetch - self._unsettled
-        )
+        batch = await self._kafka.getmany(timeout_ms=int(timeout * 1000), max_records=self._prefetch - self._unsettled)
         self._healthy = True
         for tp, records in batch.items():
             partition = self._partitions.get(tp)
@@ -488,7 +396,7 @@ class KafkaConsumer:
             self._kafka.pause(*pause)
         self._paused = wanted
 
-    async def _accept(self, partition: _Partition, record: Any) -> None:
+    async def _accept(self, partition: kafka_offsets.PartitionOffsets, record: Any) -> None:
         message, attempt, not_before = from_record(record)
         partition.take(record.offset)
         held = _Held(not_before / 1000, next(self._seq), partition, record.offset, message, attempt)

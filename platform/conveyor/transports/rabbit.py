@@ -32,6 +32,9 @@ Reconnects are our own loop: aio-pika's robust connection has a history of
 consumers that do not come back after a broker restart. On connection loss the
 transport reconnects with backoff and every consumer opens a new channel and
 consumes again; deliveries of the lost channel are redelivered by the broker.
+
+The message mapping and delay tiers live in :mod:`conveyor.transports.rabbit_wire`,
+the consumers in :mod:`conveyor.transports.rabbit_consume`.
 """
 
 from __future__ import annotations
@@ -40,10 +43,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
-from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -54,303 +54,9 @@ from pamqp.common import FieldTable
 
 from conveyor import errors, names, ports
 from conveyor.envelope import AMQP_PREFIX, WireMessage
+from conveyor.transports import rabbit_consume, rabbit_wire
 
 log = logging.getLogger("conveyor.transports.rabbit")
-
-KEY_HEADER = "conveyor-key"
-ATTEMPT_HEADER = "conveyor-attempt"
-DUE_HEADER = "conveyor-due"
-DELIVERY_COUNT = "x-delivery-count"
-DEFAULT_TIERS = tuple(0.05 * 2**k for k in range(17))  # 50 ms .. 3276.8 s
-_PERSISTENT = 2
-# Headers RabbitMQ adds when dead-lettering: not part of the message.
-_BROKER_HEADERS = frozenset(
-    {"x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
-     "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", DELIVERY_COUNT}
-)  # fmt: skip
-_INTERNAL = _BROKER_HEADERS | {KEY_HEADER, ATTEMPT_HEADER, DUE_HEADER}
-_UNREACHABLE = (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError, TimeoutError)
-_REFUSED = (aiormq.exceptions.AuthenticationError, aiormq.exceptions.ConnectionNotAllowed)
-_TRANSIENT = (
-    *_UNREACHABLE,
-    aiormq.exceptions.ChannelInvalidStateError,
-    aiormq.exceptions.DeliveryError,
-)
-_DRIVER_ERRORS = (
-    aiormq.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    *_UNREACHABLE,
-)
-
-
-def _error(doing: str, exc: BaseException) -> errors.TransportError:
-    """Translate a driver exception: transient if the broker is unreachable or busy."""
-    text = f"RabbitMQ {doing} failed: {type(exc).__name__}: {exc}"
-    if isinstance(exc, _REFUSED):
-        return errors.TransportError(text + " (check the user, password and vhost of the URL)")
-    if isinstance(exc, _TRANSIENT):
-        return errors.TransientTransportError(text)
-    return errors.TransportError(text)
-
-
-def _text(value: Any) -> str:
-    """A header value from any client as text (pamqp gives bytes, ints, datetimes...)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", "replace")
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
-
-
-def _int(value: Any, default: int) -> int:
-    try:
-        return int(_text(value))
-    except ValueError:
-        return default
-
-
-def outgoing_properties(message: WireMessage) -> Basic.Properties:
-    """AMQP properties of a wire message: headers table, content type, id, persistent."""
-    headers: dict[str, Any] = {}
-    content_type = None
-    for name, value in message.headers.items():
-        if name.lower() == "content-type":
-            content_type = value
-        else:
-            headers[name] = value
-    if message.key is not None:
-        headers[KEY_HEADER] = message.key
-    return Basic.Properties(
-        content_type=content_type,
-        headers=headers,
-        delivery_mode=_PERSISTENT,
-        message_id=message.message_id,
-    )
-
-
-def incoming(raw: aiormq.abc.DeliveredMessage) -> tuple[WireMessage, int, int | None]:
-    """Read a delivery: the wire message, its attempt and its due time (epoch ms), if any."""
-    props = raw.header.properties
-    headers: dict[str, str] = {}
-    key = due = None
-    attempt, returns = 1, 0
-    for name, value in (props.headers or {}).items():
-        if name not in _INTERNAL:
-            headers[name] = _text(value)
-        elif name == KEY_HEADER:
-            key = _text(value)
-        elif name == ATTEMPT_HEADER:
-            attempt = _int(value, 1)
-        elif name == DELIVERY_COUNT:
-            returns = _int(value, 0)
-        elif name == DUE_HEADER:
-            due = _int(value, 0)
-    if props.content_type:
-        headers["content-type"] = props.content_type
-    return WireMessage(raw.body, headers, key, props.message_id), max(attempt, 1) + returns, due
-
-
-def copy_properties(
-    raw: aiormq.abc.DeliveredMessage, attempt: int, due: int | None
-) -> Basic.Properties:
-    """Properties of a delayed copy: same message, next attempt (user_id and expiry dropped)."""
-    props = raw.header.properties
-    headers = {k: v for k, v in (props.headers or {}).items() if k not in _BROKER_HEADERS}
-    headers[ATTEMPT_HEADER] = attempt
-    if due is not None:
-        headers[DUE_HEADER] = due
-    return Basic.Properties(
-        content_type=props.content_type, content_encoding=props.content_encoding, headers=headers,
-        delivery_mode=_PERSISTENT, correlation_id=props.correlation_id, reply_to=props.reply_to,
-        message_id=props.message_id, timestamp=props.timestamp, message_type=props.message_type,
-        app_id=props.app_id,
-    )  # fmt: skip
-
-
-class RabbitDelivery:
-    """A delivery from a quorum queue; settled on the channel it came from."""
-
-    __slots__ = ("_consumer", "_raw", "_settled", "attempt", "message", "topic")
-
-    def __init__(
-        self,
-        consumer: RabbitConsumer,
-        raw: aiormq.abc.DeliveredMessage,
-        message: WireMessage,
-        attempt: int,
-    ):
-        self._consumer = consumer
-        self._raw = raw
-        self._settled = False
-        self.topic = consumer.topic
-        self.message = message
-        self.attempt = attempt
-
-    async def ack(self) -> None:
-        """Settle as done.
-
-        Raises:
-            TransportError: the channel is gone; the broker redelivers the message.
-        """
-        self._settle()
-        try:
-            await self._raw.channel.basic_ack(self._raw.delivery_tag or 0)
-        except _DRIVER_ERRORS as exc:
-            raise _error("ack", exc) from exc
-
-    async def nack(self, delay: float) -> None:
-        """Redeliver after ``delay`` seconds (rounded up to a delay tier) with attempt + 1.
-
-        Raises:
-            TransportError: the copy was not confirmed; the original is requeued.
-        """
-        self._settle()
-        await self._consumer.postpone(self._raw, self.attempt + 1, delay)
-
-    def _settle(self) -> None:
-        if self._settled:
-            raise errors.TransportError("delivery already acked or nacked")
-        self._settled = True
-
-
-class RabbitConsumer:
-    """Consumes one subscription's queue on a channel of its own, re-attaching after losses."""
-
-    def __init__(
-        self,
-        transport: RabbitTransport,
-        subscription: ports.Subscription,
-        callback: ports.DeliveryCallback,
-    ):
-        self.topic = subscription.topic
-        self._transport = transport
-        self._queue = transport.queue_name(subscription.name)
-        self._prefetch = max(subscription.prefetch, 1)
-        self._callback = callback
-        self._channel: AbstractChannel | None = None
-        self._underlay: aiormq.abc.AbstractChannel | None = None
-        self._tag: str | None = None
-        self._buffer: asyncio.Queue[aiormq.abc.DeliveredMessage | None] = asyncio.Queue()
-        self._offered: aiormq.abc.DeliveredMessage | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def active(self) -> bool:
-        """True while registered as a consumer on an open channel."""
-        underlay = self._underlay
-        if underlay is None or underlay.is_closed:
-            return False
-        return self._tag in cast(aiormq.Channel, underlay).consumers  # not cancelled by the broker
-
-    async def start(self) -> None:
-        """Attach once (errors propagate), then keep consuming in a task."""
-        await self._attach()
-        self._task = asyncio.create_task(self._run(), name=f"rabbit-consumer:{self._queue}")
-
-    async def _attach(self) -> None:
-        connection = await self._transport.wait_connected()
-        try:
-            channel = await connection.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=self._prefetch)
-            underlay = await channel.get_underlay_channel()
-            buffer: asyncio.Queue[aiormq.abc.DeliveredMessage | None] = asyncio.Queue()
-            underlay.closing.add_done_callback(lambda _: buffer.put_nowait(None))
-
-            async def receive(raw: aiormq.abc.DeliveredMessage) -> None:
-                buffer.put_nowait(raw)  # bounded by the prefetch
-
-            consume = await underlay.basic_consume(self._queue, receive, no_ack=False)
-        except _DRIVER_ERRORS as exc:
-            raise _error(f"consuming queue {self._queue!r}", exc) from exc
-        self._channel, self._underlay, self._buffer = channel, underlay, buffer
-        self._tag = consume.consumer_tag
-
-    async def _run(self) -> None:
-        backoff = self._transport.backoff_min
-        while True:
-            await self._pump()
-            self._tag = None
-            while self._tag is None:  # the channel is gone: a new one, with backoff
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._transport.backoff_max)
-                try:
-                    await self._attach()
-                except errors.TransportError as exc:
-                    log.warning("cannot consume %s yet (%s)", self._queue, exc)
-            log.info("consuming %s again", self._queue)
-            backoff = self._transport.backoff_min
-
-    async def _pump(self) -> None:
-        """Hand out deliveries one at a time until the channel closes."""
-        buffer, underlay = self._buffer, self._underlay
-        assert underlay is not None
-        while (raw := await buffer.get()) is not None and not underlay.is_closed:
-            message, attempt, due = incoming(raw)
-            if due is not None and due > time.time() * 1000:
-                await self._hop(raw, attempt, due)
-                continue
-            self._offered = raw
-            try:
-                await self._callback(RabbitDelivery(self, raw, message, attempt))
-            except Exception:  # a broken callback must not kill the consumer; the broker redelivers
-                log.exception("delivery callback of %s failed", self._queue)
-            self._offered = None
-
-    async def _hop(self, raw: aiormq.abc.DeliveredMessage, attempt: int, due: int) -> None:
-        # A delay longer than the largest tier: another round, same attempt.
-        try:
-            await self.postpone(raw, attempt, (due - time.time() * 1000) / 1000, due=due)
-        except errors.TransportError as exc:
-            log.warning("could not delay a message of %s again (%s); requeued", self._queue, exc)
-
-    async def postpone(
-        self, raw: aiormq.abc.DeliveredMessage, attempt: int, delay: float, due: int | None = None
-    ) -> None:
-        """Send a copy through a delay tier back to this queue, then ack the original.
-
-        Raises:
-            TransportError: the copy was not confirmed; the original is requeued at once.
-        """
-        if due is None and delay > self._transport.tiers[-1]:
-            due = int((time.time() + delay) * 1000)
-        try:
-            await self._transport.send_delayed(
-                self._queue, raw.body, copy_properties(raw, attempt, due), delay
-            )
-            await raw.channel.basic_ack(raw.delivery_tag or 0)
-        except (errors.TransportError, *_DRIVER_ERRORS) as exc:
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await raw.channel.basic_reject(raw.delivery_tag or 0, requeue=True)
-            if isinstance(exc, errors.TransportError):
-                raise
-            raise _error("nack", exc) from exc
-
-    async def stop(self) -> None:
-        """Stop fetching; deliveries buffered but not handed out go back to the queue."""
-        await self.halt()
-        underlay, tag = self._underlay, self._tag
-        self._tag = None
-        if underlay is None or underlay.is_closed:
-            return
-        leftovers = [self._offered] if self._offered is not None else []
-        while not self._buffer.empty():
-            if (raw := self._buffer.get_nowait()) is not None:
-                leftovers.append(raw)
-        self._offered = None
-        with contextlib.suppress(*_DRIVER_ERRORS):  # if the channel is gone, so are its deliveries
-            if tag is not None:
-                await underlay.basic_cancel(tag)
-            for raw in leftovers:
-                await underlay.basic_reject(raw.delivery_tag or 0, requeue=True)
-
-    async def halt(self) -> None:
-        """Cancel the consuming task (the transport closes the channel)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
 
 class RabbitTransport:
@@ -377,7 +83,7 @@ class RabbitTransport:
         url: str,
         *,
         exchange: str = "conveyor",
-        delay_tiers: Sequence[float] = DEFAULT_TIERS,
+        delay_tiers: Sequence[float] = rabbit_wire.DEFAULT_TIERS,
         timeout: float = 10.0,
         reconnect_max: float = 5.0,
     ) -> None:
@@ -394,7 +100,7 @@ class RabbitTransport:
         self._lock = asyncio.Lock()
         self._closed = True
         self._supervisor: asyncio.Task[None] | None = None
-        self._consumers: list[RabbitConsumer] = []
+        self._consumers: list[rabbit_consume.RabbitConsumer] = []
         self._tiers_declared: set[int] = set()
 
     def queue_name(self, subscription: str) -> str:
@@ -421,8 +127,8 @@ class RabbitTransport:
             connection = await aio_pika.connect(
                 self.url, timeout=self.timeout, client_properties={"connection_name": "conveyor"}
             )
-        except (TimeoutError, *_DRIVER_ERRORS) as exc:
-            raise _error(f"connection to {self._safe_url()}", exc) from exc
+        except (TimeoutError, *rabbit_wire.DRIVER_ERRORS) as exc:
+            raise rabbit_wire.transport_error(f"connection to {self._safe_url()}", exc) from exc
         connection.close_callbacks.add(self._on_connection_closed)
         self._connection = connection
         self._tiers_declared.clear()
@@ -430,7 +136,7 @@ class RabbitTransport:
             await self._open_publisher(connection)
         except errors.TransportError:
             self._connection = None
-            with contextlib.suppress(*_DRIVER_ERRORS, asyncio.TimeoutError):
+            with contextlib.suppress(*rabbit_wire.DRIVER_ERRORS, asyncio.TimeoutError):
                 await connection.close()
             raise
         self._ready.set()
@@ -440,8 +146,8 @@ class RabbitTransport:
             channel = await connection.channel(publisher_confirms=True)
             await channel.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
             self._channel, self._publisher = channel, await channel.get_underlay_channel()
-        except _DRIVER_ERRORS as exc:
-            raise _error(f"declaring exchange {self.exchange!r}", exc) from exc
+        except rabbit_wire.DRIVER_ERRORS as exc:
+            raise rabbit_wire.transport_error(f"declaring exchange {self.exchange!r}", exc) from exc
         return self._publisher
 
     def _on_connection_closed(self, sender: object, exc: BaseException | None = None) -> None:
@@ -460,9 +166,7 @@ class RabbitTransport:
                 try:
                     await self._open()
                 except errors.TransportError as exc:
-                    log.warning(
-                        "reconnecting to RabbitMQ failed (%s); retrying in %.1fs", exc, backoff
-                    )
+                    log.warning("reconnecting to RabbitMQ failed (%s); retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.backoff_max)
             log.info("reconnected to RabbitMQ %s", self._safe_url())
@@ -480,20 +184,13 @@ class RabbitTransport:
             try:
                 await asyncio.wait_for(self._ready.wait(), self.timeout)
             except TimeoutError as exc:
-                raise errors.TransientTransportError(
-                    f"RabbitMQ {self._safe_url()} is unreachable"
-                ) from exc
+                raise errors.TransientTransportError(f"RabbitMQ {self._safe_url()} is unreachable") from exc
         assert self._connection is not None
         return self._connection
 
     async def _channel_for_publish(self) -> aiormq.abc.AbstractChannel:
         publisher = self._publisher
-        if (
-            publisher is not None
-            and not publisher.is_closed
-            and self._ready.is_set()
-            and not self._closed
-        ):
+        if publisher is not None and not publisher.is_closed and self._ready.is_set() and not self._closed:
             return publisher
         connection = await self.wait_connected()
         async with self._lock:  # one reopen for many publishers
@@ -514,7 +211,7 @@ class RabbitTransport:
         self._consumers.clear()
         connection, self._connection, self._publisher = self._connection, None, None
         if connection is not None:
-            with contextlib.suppress(*_DRIVER_ERRORS, asyncio.TimeoutError):
+            with contextlib.suppress(*rabbit_wire.DRIVER_ERRORS, asyncio.TimeoutError):
                 await asyncio.wait_for(connection.close(), self.timeout)
 
     def _safe_url(self) -> str:
@@ -536,39 +233,34 @@ class RabbitTransport:
         try:
             await channel.basic_publish(
                 message.body, exchange=self.exchange, routing_key=topic,
-                properties=outgoing_properties(message), timeout=self.timeout,
+                properties=rabbit_wire.outgoing_properties(message), timeout=self.timeout,
             )  # fmt: skip
-        except _DRIVER_ERRORS as exc:
-            raise _error(f"publish to {topic!r}", exc) from exc
+        except rabbit_wire.DRIVER_ERRORS as exc:
+            raise rabbit_wire.transport_error(f"publish to {topic!r}", exc) from exc
 
-    async def send_delayed(
-        self, queue: str, body: bytes, properties: Basic.Properties, delay: float
-    ) -> None:
+    async def send_delayed(self, queue: str, body: bytes, properties: Basic.Properties, delay: float) -> None:
         """Publish to the delay tier for ``delay``; on expiry it dead-letters into ``queue``.
 
         Raises:
             TransportError: the tier could not be declared or the copy was not confirmed.
         """
-        tier = next((t for t in self.tiers if t >= delay), self.tiers[-1])
-        name = await self._declare_tier(round(tier * 1000))
+        name = await self._declare_tier(rabbit_wire.tier_ms(self.tiers, delay))
         channel = await self._channel_for_publish()
         try:
             await channel.basic_publish(
                 body, exchange=name, routing_key=queue, properties=properties, timeout=self.timeout
             )
-        except _DRIVER_ERRORS as exc:
+        except rabbit_wire.DRIVER_ERRORS as exc:
             self._tiers_declared.clear()  # the tier may have been deleted: declare it again
-            raise _error(f"delaying a message for {queue!r}", exc) from exc
+            raise rabbit_wire.transport_error(f"delaying a message for {queue!r}", exc) from exc
 
     async def _declare_tier(self, ms: int) -> str:
-        name = f"{self.exchange}-delay.{ms}ms"
+        name = rabbit_wire.tier_name(self.exchange, ms)
         if ms in self._tiers_declared:
             return name
         args: FieldTable = {"x-message-ttl": ms, "x-dead-letter-exchange": ""}
         async with self._topology() as channel:
-            exchange = await channel.declare_exchange(
-                name, aio_pika.ExchangeType.FANOUT, durable=True
-            )
+            exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
             queue = await channel.declare_queue(name, durable=True, arguments=args)
             await queue.bind(exchange)
         self._tiers_declared.add(ms)
@@ -584,16 +276,14 @@ class RabbitTransport:
         try:
             channel = await connection.channel(publisher_confirms=True)
             yield channel
-        except _DRIVER_ERRORS as exc:
-            raise _error("declaring topology", exc) from exc
+        except rabbit_wire.DRIVER_ERRORS as exc:
+            raise rabbit_wire.transport_error("declaring topology", exc) from exc
         finally:
             if channel is not None and not channel.is_closed:
-                with contextlib.suppress(*_DRIVER_ERRORS):
+                with contextlib.suppress(*rabbit_wire.DRIVER_ERRORS):
                     await channel.close()
 
-    async def declare(
-        self, topics: Sequence[str], subscriptions: Sequence[ports.Subscription]
-    ) -> None:
+    async def declare(self, topics: Sequence[str], subscriptions: Sequence[ports.Subscription]) -> None:
         """Declare the exchange and each subscription's queue, and reconcile its binding.
 
         Raises:
@@ -614,14 +304,10 @@ class RabbitTransport:
                     await self._declare_subscription(channel, subscription)
             except errors.TransportError as exc:
                 if isinstance(exc.__cause__, aiormq.exceptions.ChannelPreconditionFailed):
-                    raise errors.TransportError(
-                        self._explain(subscription, exc.__cause__)
-                    ) from exc.__cause__
+                    raise errors.TransportError(self._explain(subscription, exc.__cause__)) from exc.__cause__
                 raise
 
-    async def _declare_subscription(
-        self, channel: AbstractChannel, sub: ports.Subscription
-    ) -> None:
+    async def _declare_subscription(self, channel: AbstractChannel, sub: ports.Subscription) -> None:
         exchange = self.exchange
         args: FieldTable = {"x-queue-type": "quorum", "x-delivery-limit": sub.max_deliveries}
         queue = await channel.declare_queue(self.queue_name(sub.name), durable=True, arguments=args)
@@ -655,14 +341,14 @@ class RabbitTransport:
 
     async def subscribe(
         self, subscription: ports.Subscription, callback: ports.DeliveryCallback
-    ) -> RabbitConsumer:
+    ) -> rabbit_consume.RabbitConsumer:
         """Declare the subscription, then consume its queue with ``prefetch`` unacked at most.
 
         Raises:
             TransportError: the transport is closed or the queue cannot be consumed.
         """
         await self.declare([subscription.topic], [subscription])
-        consumer = RabbitConsumer(self, subscription, callback)
+        consumer = rabbit_consume.RabbitConsumer(self, subscription, callback)
         await consumer.start()
         self._consumers.append(consumer)
         return consumer
@@ -677,8 +363,6 @@ class RabbitTransport:
             raise errors.TransportError(f"not connected to RabbitMQ {self._safe_url()}")
         channel = await self._channel_for_publish()
         try:
-            await channel.exchange_declare(
-                exchange=self.exchange, passive=True, timeout=self.timeout
-            )
-        except _DRIVER_ERRORS as exc:
-            raise _error(f"check of exchange {self.exchange!r}", exc) from exc
+            await channel.exchange_declare(exchange=self.exchange, passive=True, timeout=self.timeout)
+        except rabbit_wire.DRIVER_ERRORS as exc:
+            raise rabbit_wire.transport_error(f"check of exchange {self.exchange!r}", exc) from exc

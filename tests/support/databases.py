@@ -1,4 +1,4 @@
-"""Fresh migrated databases for the event_store tests (importable by unittest-style cases too).
+"""Fresh migrated databases for tests and benchmarks (importable by unittest-style cases too).
 
 Migrations run once per test session into a template (a PostgreSQL template
 database, a SQLite file); each test gets a clone (``CREATE DATABASE ...
@@ -24,7 +24,13 @@ from event_store import database, migrate
 PG_URL = os.environ.get("CONVEYOR_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
 _state: dict[str, str] = {}
-_tmpdir = Path(tempfile.mkdtemp(prefix="conveyor-es-"))
+
+
+def _tmpdir() -> Path:
+    """This session's directory of SQLite files, made on first use (importing this module makes nothing)."""
+    if "tmpdir" not in _state:
+        _state["tmpdir"] = tempfile.mkdtemp(prefix="conveyor-es-")
+    return Path(_state["tmpdir"])
 
 
 def _admin_dsn() -> str:
@@ -66,7 +72,7 @@ def pg_template() -> str:
 def sqlite_template() -> Path:
     """This session's migrated SQLite file."""
     if "sqlite" not in _state:
-        path = _tmpdir / "template.db"
+        path = _tmpdir() / "template.db"
         _migrate_sync(f"sqlite:///{path}")
         _state["sqlite"] = str(path)
     return Path(_state["sqlite"])
@@ -75,7 +81,7 @@ def sqlite_template() -> Path:
 def create(kind: str) -> str:
     """A fresh migrated database of ``kind`` ("sqlite" or "postgres"); return its async URL."""
     if kind == "sqlite":
-        path = _tmpdir / f"{uuid.uuid4().hex[:12]}.db"
+        path = _tmpdir() / f"{uuid.uuid4().hex[:12]}.db"
         shutil.copyfile(sqlite_template(), path)
         return f"sqlite+aiosqlite:///{path}"
     name = f"conveyor_t_{uuid.uuid4().hex[:12]}"
@@ -86,7 +92,7 @@ def create(kind: str) -> str:
 def create_empty(kind: str) -> str:
     """A fresh database with no tables; return its async URL."""
     if kind == "sqlite":
-        return f"sqlite+aiosqlite:///{_tmpdir / uuid.uuid4().hex[:12]}.db"
+        return f"sqlite+aiosqlite:///{_tmpdir() / uuid.uuid4().hex[:12]}.db"
     name = f"conveyor_t_{uuid.uuid4().hex[:12]}"
     _admin(f'CREATE DATABASE "{name}"')
     return _pg_url(name)
@@ -124,4 +130,6 @@ def drop_templates() -> None:
     """Drop this session's templates."""
     if "pg" in _state:
         _admin(f'DROP DATABASE IF EXISTS "{_state.pop("pg")}" WITH (FORCE)')
-    shutil.rmtree(_tmpdir, ignore_errors=True)
+    _state.pop("sqlite", None)  # it lives in the directory below
+    if "tmpdir" in _state:
+        shutil.rmtree(_state.pop("tmpdir"), ignore_errors=True)

@@ -1,0 +1,385 @@
+"""The Kafka transport, on aiokafka: ``kafka://host:port[,host:port][?option=value&...]``.
+
+Wire mapping (other services can publish without Conveyor):
+
+* Kafka topic = the Conveyor topic. :meth:`KafkaTransport.declare` creates
+  missing topics with ``partitions`` partitions (default 8: at least the most
+  replicas of any group, or one replica gets everything) and warns about an
+  existing topic with fewer. Publishing to a topic this process has not seen
+  creates it the same way first.
+* Records use the CloudEvents Kafka binding: binary mode (``ce_`` headers,
+  ``content-type``, key = ``partitionkey``) as the runtime encodes it, and
+  structured mode is understood on input. ``WireMessage.message_id`` travels in
+  the ``conveyor-message-id`` header.
+* Each subscription is a consumer group named after it
+  (``auto_offset_reset="earliest"``, auto-commit off). A new group reads the
+  topic from the start (``features.history_for_new_groups``), so a subscription
+  declared but not consuming yet loses nothing; a group with committed offsets
+  resumes after them.
+
+Guarantees and how they are kept:
+
+* **Publish**: ``acks="all"`` and ``send_and_wait``, so :meth:`publish` returns
+  once the in-sync replicas have the record. ``enable_idempotence=False``:
+  idempotent producers need ``InitProducerId``, which Tansu (the broker in our
+  tests) rejects; a retried send may therefore write a duplicate, which the
+  inbox absorbs.
+* **Ack = commit**, never auto-commit. A record's offset is committed only once
+  it and every earlier record of its partition are settled (deliveries of one
+  partition settle out of order because the runtime runs keys concurrently).
+  A commit lost to a rebalance is logged, not raised: the new owner redelivers
+  (so do records in flight in partitions that move; the inbox absorbs them).
+  Unsettled records at :meth:`close` are not committed and go to the group's
+  next member (``close`` leaves the group at once). Kafka has no broker-side
+  redelivery limit: ``Subscription.max_deliveries`` and ``ack_wait`` are not
+  used; the attempt header and the runtime's retry policy bound retries.
+* **Prefetch**: at most ``Subscription.prefetch`` deliveries are out unsettled
+  (``getmany(max_records=room)``). When the limit holds for a while (slow
+  handlers), every partition is paused and the loop keeps polling, so
+  ``max_poll_interval_ms`` never expires and slow handlers cause no rebalances.
+* **nack(delay)**: a copy (same key, body and headers; ``conveyor-attempt`` =
+  attempt + 1, ``conveyor-not-before`` = epoch ms) goes to the subscription's
+  retry topic ``_conveyor.retry.<subscription name>`` (Conveyor topics cannot
+  start with ``_``, so it never collides), and the original is committed once
+  the broker acked the copy. Only that group reads its retry topic; the
+  consumer holds a copy in memory (bounded; past the bound the retry partitions
+  are paused) until its time, so a long delay blocks neither other keys nor
+  other retries. ``Delivery.attempt`` is the ``conveyor-attempt`` header, so
+  attempts survive restarts, and the delay survives a worker crash. A retried
+  message loses its place in its key's order; records are otherwise delivered
+  in partition order (``ordered_per_key``). The not-before time is wall-clock:
+  skewed hosts shorten or lengthen delays. A held copy also holds back the
+  commits of later copies of its retry partition, so a crash redelivers those
+  (duplicates, never losses). If the copy cannot be published, the record is
+  redelivered from memory after the delay instead.
+* **Reconnects**: aiokafka reconnects by itself; the fetch loop logs errors,
+  backs off and continues, and positions reset to the earliest offset when the
+  broker lost them (a memory-only broker restarted). ``Consumer.active`` is
+  true while the member has partitions assigned and its fetch loop is healthy
+  (a member of a group with more members than partitions stays inactive).
+
+Tansu (the Kafka-protocol broker of our tests) numbers a group's first
+generation 0, and aiokafka only sends LeaveGroup for generation > 0, so the
+consumer sends LeaveGroup itself in that case; otherwise the next member waits
+a session timeout. Tansu also holds a JoinGroup about half the session timeout,
+which is why tests use short session timeouts.
+
+URL options (query parameters; integers):
+
+``partitions`` (8) partitions of topics created here; ``replication_factor`` (1)
+their replication factor (set it to your cluster's, e.g. 3);
+``session_timeout_ms`` (10000), ``heartbeat_interval_ms`` (3000),
+``max_poll_interval_ms`` (300000), ``rebalance_timeout_ms`` (= session timeout)
+and ``fetch_max_wait_ms`` (100) for the consumers; ``request_timeout_ms``
+(30000) for requests, sends and commits. Tests on Tansu use
+``?partitions=4&session_timeout_ms=2000&heartbeat_interval_ms=400``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from urllib.parse import parse_qsl, urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import errors as kafka_errors
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.protocol.group import LeaveGroupRequest
+
+from conveyor import errors, names, ports
+from conveyor.envelope import KAFKA_PREFIX, WireMessage
+from conveyor.transports import kafka_consume
+
+log = logging.getLogger("conveyor.transports.kafka")
+
+RETRY_PREFIX = "_conveyor.retry."
+_TOPIC_EXISTS = kafka_errors.TopicAlreadyExistsError.errno
+_DEFAULT_PORT = 9092
+_ADMIN_ATTEMPTS = 2
+
+
+def retry_topic(subscription: str) -> str:
+    """The retry topic of a subscription (read only by its group)."""
+    return RETRY_PREFIX + subscription
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KafkaOptions:
+    """Tuning of a :class:`KafkaTransport`; each field is also a URL query parameter.
+
+    Attributes:
+        partitions: partitions of topics this transport creates; at least the
+            most replicas of any group, or the extra replicas sit idle.
+        replication_factor: replication factor of topics this transport creates.
+        session_timeout_ms: a member silent this long is dropped from its group.
+        heartbeat_interval_ms: how often members heartbeat (well below the session timeout).
+        max_poll_interval_ms: a member that does not poll this long leaves its
+            group; the fetch loop keeps polling while handlers run.
+        rebalance_timeout_ms: how long members get to rejoin during a rebalance
+            (0 = the session timeout).
+        fetch_max_wait_ms: how long a fetch waits on the broker for new records.
+            Kafka answers as soon as records arrive; Tansu tends to wait it out,
+            so it bounds delivery latency there (100 ms: ~25 ms median on Tansu,
+            500 ms: ~200 ms). Raise it to cut idle fetch requests on Kafka.
+        request_timeout_ms: limit of broker requests, sends and commits.
+    """
+
+    partitions: int = 8
+    replication_factor: int = 1
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_interval_ms: int = 300_000
+    rebalance_timeout_ms: int = 0
+    fetch_max_wait_ms: int = 100
+    request_timeout_ms: int = 30_000
+
+    @classmethod
+    def from_query(cls, query: str) -> KafkaOptions:
+        """Parse URL query parameters.
+
+        Raises:
+            ConfigurationError: an unknown parameter or a value that is not a positive integer.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, int] = {}
+        for name, raw in parse_qsl(query, keep_blank_values=True):
+            if name not in known:
+                raise errors.ConfigurationError(
+                    f"unknown Kafka URL parameter {name!r}; known: {', '.join(sorted(known))}"
+                )
+            if not raw.isdigit() or (int(raw) == 0 and name != "rebalance_timeout_ms"):
+                raise errors.ConfigurationError(f"Kafka URL parameter {name}={raw!r} must be a positive integer")
+            values[name] = int(raw)
+        return cls(**values)
+
+
+def parse_url(url: str) -> tuple[list[str], KafkaOptions]:
+    """Bootstrap servers and options of a ``kafka://`` URL.
+
+    Raises:
+        ConfigurationError: not a ``kafka://host:port[,host:port]`` URL, or bad options.
+    """
+    parts = urlsplit(url)
+    hosts = [h.strip() for h in parts.netloc.split(",") if h.strip()]
+    if parts.scheme != "kafka" or not hosts or parts.path not in ("", "/"):
+        raise errors.ConfigurationError(f"invalid Kafka URL {url!r}: expected kafka://host:port[,host:port]")
+    servers = [h if ":" in h else f"{h}:{_DEFAULT_PORT}" for h in hosts]
+    return servers, KafkaOptions.from_query(parts.query)
+
+
+def _translate(exc: BaseException, what: str) -> errors.TransportError:
+    transient = isinstance(exc, OSError | TimeoutError | kafka_errors.KafkaTimeoutError) or getattr(
+        exc, "retriable", False
+    )
+    kind = errors.TransientTransportError if transient else errors.TransportError
+    return kind(f"{what}: {exc!r}")
+
+
+class KafkaTransport:
+    """Transport over Kafka (or a Kafka-protocol broker such as Tansu or Redpanda).
+
+    Args:
+        url: ``kafka://host:port[,host:port]``, with options as query parameters.
+        options: tuning; when given, the URL's query parameters are ignored.
+
+    Raises:
+        ConfigurationError: the URL or an option is invalid.
+    """
+
+    features = ports.TransportFeatures(
+        ordered_per_key=True,
+        history_for_new_groups=True,
+        attempts_survive_restart=True,
+        durable=True,
+    )
+    binary_prefix = KAFKA_PREFIX
+
+    def __init__(self, url: str, options: KafkaOptions | None = None) -> None:
+        self.url = url
+        self.servers, parsed = parse_url(url)
+        self.options = options or parsed
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._consumers: list[kafka_consume.KafkaConsumer] = []
+        self._topics: set[str] = set()
+        self._topic_lock = asyncio.Lock()
+
+    @property
+    def _timeout(self) -> float:
+        return self.options.request_timeout_ms / 1000
+
+    async def connect(self) -> None:
+        """Start the producer and the admin client.
+
+        Raises:
+            TransientTransportError: the broker is unreachable.
+        """
+        bootstrap = ",".join(self.servers)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id="conveyor",
+            acks="all",
+            enable_idempotence=False,  # Tansu rejects InitProducerId; see the module docs
+            request_timeout_ms=self.options.request_timeout_ms,
+        )
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, client_id="conveyor-admin", request_timeout_ms=self.options.request_timeout_ms
+        )
+        try:
+            await producer.start()
+            await admin.start()
+        except (kafka_errors.KafkaError, OSError) as exc:
+            await producer.stop()
+            await admin.close()
+            raise errors.TransientTransportError(f"cannot connect to Kafka at {bootstrap}: {exc!r}") from exc
+        self._producer, self._admin = producer, admin
+
+    async def close(self) -> None:
+        """Stop every consumer (unsettled records go to other members), then the producer; idempotent."""
+        consumers, self._consumers = self._consumers, []
+        for consumer in consumers:
+            await consumer.close()
+        producer, self._producer = self._producer, None
+        admin, self._admin = self._admin, None
+        if producer is not None:
+            await producer.stop()
+        if admin is not None:
+            await admin.close()
+
+    async def declare(self, topics: Sequence[str], subscriptions: Sequence[ports.Subscription]) -> None:
+        """Create missing topics (and each subscription's retry topic).
+
+        Consumer groups need no declaring: a new group starts at the earliest
+        offset, so it receives everything published from now on (and before).
+
+        Raises:
+            ConfigurationError: an invalid topic or subscription name.
+            TransportError: topics cannot be created or described.
+        """
+        wanted = [names.check("topic", t) for t in topics]
+        for subscription in subscriptions:
+            wanted.append(names.check("topic", subscription.topic))
+            wanted.append(retry_topic(names.check("subscription name", subscription.name)))
+        await self._ensure_topics(wanted, recheck=True)
+
+    async def publish(self, topic: str, message: WireMessage) -> None:
+        """Send a record and return once the in-sync replicas have it (``acks="all"``).
+
+        Raises:
+            TransportError: the transport is closed or the broker refused the record.
+            TransientTransportError: the broker is unreachable or did not answer in time.
+        """
+        if topic not in self._topics:
+            await self._ensure_topics([names.check("topic", topic)])
+        await self._send(topic, message, {})
+
+    async def _send(self, topic: str, message: WireMessage, extra: dict[str, str]) -> None:
+        producer = self._producer
+        if producer is None:
+            raise errors.TransportError(f"Kafka transport {self.url} is not connected (closed or never connected)")
+        key = message.key.encode() if message.key is not None else None
+        try:
+            await producer.send_and_wait(
+                topic, message.body, key=key, headers=kafka_consume.record_headers(message, extra)
+            )
+        except (kafka_errors.KafkaError, OSError) as exc:
+            raise _translate(exc, f"publish to Kafka topic {topic!r} failed") from exc
+
+    async def subscribe(self, subscription: ports.Subscription, callback: ports.DeliveryCallback) -> ports.Consumer:
+        """Declare the subscription and join its consumer group.
+
+        The partition assignment arrives in the background; ``active`` turns
+        true once partitions are assigned.
+
+        Raises:
+            TransportError: not connected, or the topics cannot be created.
+            TransientTransportError: the broker is unreachable.
+        """
+        if self._producer is None:
+            raise errors.TransportError(f"Kafka transport {self.url} is not connected; call connect() first")
+        await self.declare([], [subscription])
+        options = self.options
+        kafka = AIOKafkaConsumer(
+            bootstrap_servers=",".join(self.servers),
+            client_id=f"conveyor-{subscription.name}",
+            group_id=subscription.name,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=options.session_timeout_ms,
+            heartbeat_interval_ms=options.heartbeat_interval_ms,
+            max_poll_interval_ms=options.max_poll_interval_ms,
+            rebalance_timeout_ms=options.rebalance_timeout_ms or None,
+            fetch_max_wait_ms=options.fetch_max_wait_ms,
+            request_timeout_ms=options.request_timeout_ms,
+        )
+        consumer = kafka_consume.KafkaConsumer(
+            kafka, subscription, retry_topic(subscription.name), callback, self._send, self._timeout, self._leave
+        )
+        await consumer.start()
+        self._consumers.append(consumer)
+        return consumer
+
+    async def _leave(self, node: int, group: str, member: str) -> None:
+        if self._producer is not None:
+            await self._producer.client.send(node, LeaveGroupRequest(group, member))
+
+    async def check(self) -> None:
+        """Fetch the cluster's topic list (a metadata round trip).
+
+        Raises:
+            TransportError: not connected, or the broker did not answer.
+        """
+        if self._admin is None:
+            raise errors.TransportError(f"Kafka transport {self.url} is not connected")
+        try:
+            await asyncio.wait_for(self._admin.list_topics(), min(self._timeout, 5.0))
+        except (kafka_errors.KafkaError, OSError, TimeoutError) as exc:
+            raise _translate(exc, f"Kafka at {','.join(self.servers)} is not reachable") from exc
+
+    async def _ensure_topics(self, topics: Sequence[str], *, recheck: bool = False) -> None:
+        # recheck: ask the broker even about topics this process created before
+        # (declare reconciles; a broker that lost its data gets them back).
+        async with self._topic_lock:
+            missing = list(dict.fromkeys(t for t in topics if recheck or t not in self._topics))
+            if not missing:
+                return
+            admin = self._admin
+            if admin is None:
+                raise errors.TransportError(f"Kafka transport {self.url} is not connected")
+            for attempt in range(_ADMIN_ATTEMPTS):
+                try:
+                    await self._create_topics(admin, missing)
+                    break
+                except (kafka_errors.KafkaError, OSError) as exc:
+                    # The admin client does not retry; a dropped connection (broker
+                    # restart) is replaced on the next request, so try once more.
+                    if attempt + 1 == _ADMIN_ATTEMPTS or not getattr(exc, "retriable", isinstance(exc, OSError)):
+                        raise _translate(exc, f"cannot create Kafka topics {missing}") from exc
+                    await asyncio.sleep(0.2)
+            self._topics.update(missing)
+
+    async def _create_topics(self, admin: AIOKafkaAdminClient, topics: list[str]) -> None:
+        options = self.options
+        response = await admin.create_topics(
+            [NewTopic(t, options.partitions, options.replication_factor) for t in topics]
+        )
+        existing = []
+        for topic, code, text in response.topic_errors:
+            if code == _TOPIC_EXISTS:
+                existing.append(topic)
+            elif code:
+                raise errors.TransportError(f"cannot create Kafka topic {topic!r}: error {code} {text}")
+        if existing:
+            self._check_partitions(await admin.describe_topics(existing))
+
+    def _check_partitions(self, described: list[dict[str, object]]) -> None:
+        for topic in described:
+            count = len(topic.get("partitions") or ())  # type: ignore[arg-type]
+            if count < self.options.partitions:
+                log.warning(
+                    "Kafka topic %s has %d partition(s), fewer than the configured %d: at most %d "
+                    "replicas of a group share its work",
+                    topic.get("topic"), count, self.options.partitions, count,
+                )  # fmt: skip

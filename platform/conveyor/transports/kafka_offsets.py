@@ -1,0 +1,141 @@
+"""Offset bookkeeping of the Kafka consumer: settled prefixes and batched commits.
+
+Every record handed out (or held for a delayed redelivery) is *taken* in its
+partition's :class:`PartitionOffsets`; settling marks it done, and the offset
+after the longest settled prefix is what gets committed. Settling out of order
+(the runtime runs keys concurrently) therefore never commits past an unsettled
+record, and Kafka's gaps in offsets (compaction, transaction markers) are
+harmless because only offsets actually taken are tracked.
+
+:class:`Committer` batches commits: one request in flight per consumer; acks
+arriving meanwhile ride on the next request, and each ack waits for the round
+that carries its offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import errors as kafka_errors
+
+from conveyor import errors
+
+log = logging.getLogger("conveyor.transports.kafka")
+
+#: Commit errors that mean "the group moved on": the records are redelivered to
+#: the partition's new owner, which at-least-once allows.
+LOST_TO_REBALANCE = (
+    kafka_errors.CommitFailedError,
+    kafka_errors.IllegalStateError,
+    kafka_errors.RebalanceInProgressError,
+    kafka_errors.IllegalGenerationError,
+    kafka_errors.UnknownMemberIdError,
+)
+
+
+class PartitionOffsets:
+    """Offsets taken from one assigned partition, and how far they are settled."""
+
+    __slots__ = ("revoked", "settled", "taken", "tp")
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.taken: deque[int] = deque()
+        self.settled: set[int] = set()
+        self.revoked = False
+
+    def take(self, offset: int) -> None:
+        self.taken.append(offset)
+
+    def settle(self, offset: int) -> int | None:
+        """Mark ``offset`` done; return the offset to commit if the settled prefix grew."""
+        taken = self.taken
+        if taken and taken[0] == offset and not self.settled:
+            taken.popleft()
+            return offset + 1
+        self.settled.add(offset)
+        commit = None
+        while taken and taken[0] in self.settled:
+            done = taken.popleft()
+            self.settled.discard(done)
+            commit = done + 1
+        return commit
+
+
+class Committer:
+    """Commits offsets in rounds: one request in flight, later acks join the next."""
+
+    def __init__(self, kafka: AIOKafkaConsumer, group: str, timeout: float) -> None:
+        self._kafka = kafka
+        self._group = group
+        self._timeout = timeout
+        self._pending: dict[TopicPartition, int] = {}
+        self._round: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self, tp: TopicPartition, offset: int) -> asyncio.Future[None]:
+        """Queue ``offset`` of ``tp`` for the next round; return that round's future."""
+        self._pending[tp] = offset
+        return self._kick()
+
+    def forget(self, tps: set[TopicPartition]) -> None:
+        """Drop queued offsets of partitions this member no longer owns."""
+        for tp in tps:
+            self._pending.pop(tp, None)
+
+    async def flush(self) -> None:
+        """Wait until every queued offset was committed (or given up).
+
+        Raises:
+            TransientTransportError: the last round failed.
+        """
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        if self._pending:
+            await asyncio.shield(self._kick())
+
+    def _kick(self) -> asyncio.Future[None]:
+        if self._round is None:
+            self._round = asyncio.get_running_loop().create_future()
+            self._round.add_done_callback(_consume_exception)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"kafka-commit:{self._group}")
+        return self._round
+
+    async def _run(self) -> None:
+        while self._pending and self._round is not None:
+            offsets, self._pending = self._pending, {}
+            done, self._round = self._round, None
+            try:
+                # aiokafka retries retriable errors (broker away) without end: bound it.
+                await asyncio.wait_for(self._kafka.commit(offsets), self._timeout)
+            except LOST_TO_REBALANCE as exc:
+                log.warning(
+                    "offset commit of group %s lost to a rebalance (%s); records of %d partition(s) "
+                    "will be redelivered to their new owner", self._group, exc, len(offsets),
+                )  # fmt: skip
+                _resolve(done, None)
+            except (kafka_errors.KafkaError, OSError, TimeoutError) as exc:
+                for tp, offset in offsets.items():
+                    self._pending.setdefault(tp, offset)
+                text = f"offset commit of group {self._group} failed: {exc!r}"
+                _resolve(done, errors.TransientTransportError(text))
+                return  # the next ack (or flush) tries again
+            else:
+                _resolve(done, None)
+
+
+def _resolve(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not future.done():
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
+
+
+def _consume_exception(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: an ack cancelled while waiting must not log "never retrieved"

@@ -1,0 +1,141 @@
+"""The wire side of the RabbitMQ transport: message mapping, delay tiers, driver errors.
+
+A :class:`~conveyor.envelope.WireMessage` travels as an AMQP 0-9-1 message:
+its headers in the headers table (``content-type`` in the ``content_type``
+property), its key in the header ``conveyor-key``, its id in ``message_id``,
+persistent. A delayed copy carries ``conveyor-attempt`` and, past the largest
+delay tier, ``conveyor-due`` (see :mod:`conveyor.transports.rabbit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import aiormq
+import aiormq.abc
+from pamqp.commands import Basic
+
+from conveyor import errors
+from conveyor.envelope import WireMessage
+
+KEY_HEADER = "conveyor-key"
+ATTEMPT_HEADER = "conveyor-attempt"
+DUE_HEADER = "conveyor-due"
+DELIVERY_COUNT = "x-delivery-count"
+DEFAULT_TIERS = tuple(0.05 * 2**k for k in range(17))  # 50 ms .. 3276.8 s
+_PERSISTENT = 2
+# Headers RabbitMQ adds when dead-lettering: not part of the message.
+_BROKER_HEADERS = frozenset(
+    {"x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+     "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", DELIVERY_COUNT}
+)  # fmt: skip
+_INTERNAL = _BROKER_HEADERS | {KEY_HEADER, ATTEMPT_HEADER, DUE_HEADER}
+_UNREACHABLE = (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError, TimeoutError)
+_REFUSED = (aiormq.exceptions.AuthenticationError, aiormq.exceptions.ConnectionNotAllowed)
+_TRANSIENT = (
+    *_UNREACHABLE,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.DeliveryError,
+)
+DRIVER_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    *_UNREACHABLE,
+)
+"""The driver exceptions the transport catches and translates with :func:`transport_error`."""
+
+
+def transport_error(doing: str, exc: BaseException) -> errors.TransportError:
+    """Translate a driver exception: transient if the broker is unreachable or busy."""
+    text = f"RabbitMQ {doing} failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, _REFUSED):
+        return errors.TransportError(text + " (check the user, password and vhost of the URL)")
+    if isinstance(exc, _TRANSIENT):
+        return errors.TransientTransportError(text)
+    return errors.TransportError(text)
+
+
+def _text(value: Any) -> str:
+    """A header value from any client as text (pamqp gives bytes, ints, datetimes...)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(_text(value))
+    except ValueError:
+        return default
+
+
+def outgoing_properties(message: WireMessage) -> Basic.Properties:
+    """AMQP properties of a wire message: headers table, content type, id, persistent."""
+    headers: dict[str, Any] = {}
+    content_type = None
+    for name, value in message.headers.items():
+        if name.lower() == "content-type":
+            content_type = value
+        else:
+            headers[name] = value
+    if message.key is not None:
+        headers[KEY_HEADER] = message.key
+    return Basic.Properties(
+        content_type=content_type,
+        headers=headers,
+        delivery_mode=_PERSISTENT,
+        message_id=message.message_id,
+    )
+
+
+def incoming(raw: aiormq.abc.DeliveredMessage) -> tuple[WireMessage, int, int | None]:
+    """Read a delivery: the wire message, its attempt and its due time (epoch ms), if any."""
+    props = raw.header.properties
+    headers: dict[str, str] = {}
+    key = due = None
+    attempt, returns = 1, 0
+    for name, value in (props.headers or {}).items():
+        if name not in _INTERNAL:
+            headers[name] = _text(value)
+        elif name == KEY_HEADER:
+            key = _text(value)
+        elif name == ATTEMPT_HEADER:
+            attempt = _int(value, 1)
+        elif name == DELIVERY_COUNT:
+            returns = _int(value, 0)
+        elif name == DUE_HEADER:
+            due = _int(value, 0)
+    if props.content_type:
+        headers["content-type"] = props.content_type
+    return WireMessage(raw.body, headers, key, props.message_id), max(attempt, 1) + returns, due
+
+
+def copy_properties(raw: aiormq.abc.DeliveredMessage, attempt: int, due: int | None) -> Basic.Properties:
+    """Properties of a delayed copy: same message, next attempt (user_id and expiry dropped)."""
+    props = raw.header.properties
+    headers = {k: v for k, v in (props.headers or {}).items() if k not in _BROKER_HEADERS}
+    headers[ATTEMPT_HEADER] = attempt
+    if due is not None:
+        headers[DUE_HEADER] = due
+    return Basic.Properties(
+        content_type=props.content_type, content_encoding=props.content_encoding, headers=headers,
+        delivery_mode=_PERSISTENT, correlation_id=props.correlation_id, reply_to=props.reply_to,
+        message_id=props.message_id, timestamp=props.timestamp, message_type=props.message_type,
+        app_id=props.app_id,
+    )  # fmt: skip
+
+
+def tier_ms(tiers: Sequence[float], delay: float) -> int:
+    """The delay tier (milliseconds) a delay rounds up to; the largest one if none is long enough."""
+    return round(next((t for t in tiers if t >= delay), tiers[-1]) * 1000)
+
+
+def tier_name(exchange: str, ms: int) -> str:
+    """The fanout exchange and classic queue of a delay tier: ``<exchange>-delay.<ms>ms``."""
+    return f"{exchange}-delay.{ms}ms"
