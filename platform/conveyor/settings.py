@@ -40,6 +40,8 @@ class Settings(BaseSettings):
             (or answered 413 over HTTP).
         concurrency: default number of messages one handler runs at once per process.
         drain_timeout: seconds in-flight work may take to finish after SIGTERM.
+        retention: seconds sent outbox rows, inbox rows and finished schedule
+            runs are kept (default 7 days); longer than any redelivery can take.
         log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
         log_format: ``text`` (human-readable lines) or ``json`` (one object per line).
     """
@@ -62,6 +64,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = pydantic.Field(default=1024 * 1024, ge=1024)
     concurrency: int = pydantic.Field(default=16, ge=1, le=10_000)
     drain_timeout: float = pydantic.Field(default=30.0, ge=0)
+    retention: float = pydantic.Field(default=7 * 24 * 3600, ge=60)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -15,10 +15,11 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from conveyor import envelope, errors, ports, registry, transports
-from conveyor.runtime import http, relay, scheduler, transactions, worker
+from conveyor.runtime import housekeeping, http, relay, scheduler, transactions, worker
 from conveyor.settings import Settings
 from event_store import migrate
 from event_store.database import Database
@@ -79,7 +80,10 @@ async def serve(
                 await consumer.declare()
                 store = SqlOutboxStore(database)
                 stack.push_async_callback(store.close)
-                _background(stack, "relay", relay.Relay(store, transport).run)
+                options = relay.RelayOptions(retention=timedelta(seconds=settings.retention))
+                _background(stack, "relay", relay.Relay(store, transport, options=options).run)
+                retention = timedelta(seconds=settings.retention)
+                _background(stack, "housekeeping", lambda stop: housekeeping.run(database, retention, stop))
             if parts.scheduler:
                 cron = scheduler.Scheduler(handlers.schedules, database, source=settings.service)
                 _background(stack, "scheduler", cron.run)

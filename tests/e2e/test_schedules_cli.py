@@ -1,0 +1,63 @@
+"""``conveyor schedules pause|resume|trigger`` from the command line, seen by a running scheduler replica."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from cli import Process, migrated, run
+from conveyor.testing import unique
+
+APP = """
+import os
+from datetime import timedelta
+
+from conveyor import every
+
+
+@every(timedelta(seconds=1), name=os.environ["CLI_SCHEDULE"])
+def tick() -> None: ...
+"""
+
+
+def claims(db: Path, name: str, who: str | None = None) -> int:
+    with sqlite3.connect(db) as connection:
+        sql, args = "SELECT count(*) FROM schedule_claims WHERE schedule = ?", [name]
+        if who is not None:
+            sql, args = sql + " AND claimed_by = ?", [name, who]
+        return int(connection.execute(sql, args).fetchone()[0])
+
+
+def wait_for_claims(db: Path, name: str, at_least: int, replica: Process) -> None:
+    deadline = time.monotonic() + 20
+    while claims(db, name) < at_least:
+        assert replica.popen.poll() is None and time.monotonic() < deadline, replica.text()
+        time.sleep(0.1)
+
+
+def test_pause_resume_and_trigger_from_the_cli_reach_a_running_replica(tmp_path: Path) -> None:
+    (tmp_path / "cliapp.py").write_text(APP)
+    name = unique("cli")
+    env = {"CONVEYOR_APP": "cliapp", "CONVEYOR_APP_DIR": str(tmp_path), "CLI_SCHEDULE": name, **migrated(tmp_path)}
+    db = tmp_path / "conveyor.db"
+    replica = Process(["scheduler", "--port", "0"], tmp_path / "scheduler.log", cwd=tmp_path, **env)
+    try:
+        wait_for_claims(db, name, 2, replica)
+        assert run(["schedules", "pause", name], cwd=tmp_path, **env).returncode == 0
+        time.sleep(1.2)  # a tick under way when the pause landed may still claim one fire
+        paused_at = claims(db, name)
+        time.sleep(2.5)
+        assert claims(db, name) == paused_at, "the replica kept firing a paused schedule"
+        listing = run(["schedules"], cwd=tmp_path, **env)
+        assert name in listing.stdout and "paused" in listing.stdout, listing.stdout + listing.stderr
+        assert run(["schedules", "resume", name], cwd=tmp_path, **env).returncode == 0
+        wait_for_claims(db, name, paused_at + 2, replica)
+        triggered = run(["schedules", "trigger", name], cwd=tmp_path, **env)
+        assert triggered.returncode == 0, triggered.stderr
+        assert claims(db, name, who="manual") == 1
+        unknown = run(["schedules", "trigger", "no.such.schedule"], cwd=tmp_path, **env)
+        assert (unknown.returncode, "no schedule named" in unknown.stderr) == (2, True)
+        assert replica.terminate() == 0
+    finally:
+        replica.close()
