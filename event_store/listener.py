@@ -12,7 +12,6 @@ import logging
 import time
 from typing import Any
 
-import asyncpg
 from sqlalchemy.engine import URL
 
 log = logging.getLogger("conveyor.event_store.listener")
@@ -56,6 +55,8 @@ class PgListener:
             return False
         self._next_attempt = now + self._retry_interval
         await self.close()
+        import asyncpg  # only on PostgreSQL (the `postgres` extra); SQLite installs need not have it
+
         try:
             connection = await asyncpg.connect(self._dsn, timeout=5.0)
             await connection.add_listener(self._channel, self._notified)
@@ -71,6 +72,8 @@ class PgListener:
         """Close the connection; idempotent."""
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed():
+            import asyncpg  # a connection exists, so the driver is installed
+
             try:
                 await connection.close(timeout=2.0)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
