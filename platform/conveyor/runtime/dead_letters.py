@@ -1,0 +1,125 @@
+"""Dead letters: look at them, send them back to their topic, or drop them (``conveyor dlq``).
+
+Dead letters of a topic are kept by the subscription named like its dead-letter
+topic (``orders.placed.dlq``, declared by every worker), so this works the same
+on every broker, through the Transport port:
+
+* ``peek`` consumes without settling, then closes the connection: the broker
+  delivers the messages again later, untouched;
+* ``replay`` publishes each message back to the topic it failed on (the
+  ``conveyor-dlq-*`` headers removed, the CloudEvent id kept, a new broker id),
+  and acks the dead letter only after the broker confirmed the copy;
+* ``purge`` acks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from conveyor import envelope, errors, names, ports
+from conveyor.runtime.worker import DLQ_HEADER, dead_letter_topic
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A dead-lettered message and why it was dead-lettered."""
+
+    message: envelope.WireMessage
+    topic: str
+    handler: str
+    error_type: str
+    error: str
+    attempts: str
+    at: str
+
+    @property
+    def event_id(self) -> str | None:
+        """The CloudEvent id, if the message is a valid CloudEvent."""
+        try:
+            return envelope.decode(self.without_reason()).id
+        except errors.InvalidMessage:
+            return None
+
+    def without_reason(self) -> envelope.WireMessage:
+        """The original message: the ``conveyor-dlq-*`` headers removed, with a fresh broker id."""
+        headers = {k: v for k, v in self.message.headers.items() if not k.startswith(DLQ_HEADER)}
+        return envelope.WireMessage(self.message.body, headers, self.message.key, envelope.new_id())
+
+
+def _dead_letter(delivery: ports.Delivery, topic: str) -> DeadLetter:
+    headers = delivery.message.headers
+
+    def get(name: str) -> str:
+        return headers.get(DLQ_HEADER + name, "")
+
+    return DeadLetter(
+        message=delivery.message, topic=get("topic") or topic, handler=get("handler"),
+        error_type=get("error-type"), error=get("error"), attempts=get("attempts"), at=get("at"),
+    )  # fmt: skip
+
+
+Action = Callable[[ports.Transport, ports.Delivery, DeadLetter], Awaitable[None]]
+
+
+async def _drain(transport: ports.Transport, topic: str, limit: int, idle: float, act: Action) -> list[DeadLetter]:
+    """Hand each dead letter of ``topic`` to ``act`` until ``limit`` or ``idle`` seconds without one."""
+    names.check("topic", topic)
+    keeper = ports.Subscription(name=dead_letter_topic(topic), topic=dead_letter_topic(topic), prefetch=min(limit, 256))
+    found: list[DeadLetter] = []
+    last = time.monotonic()
+
+    async def take(delivery: ports.Delivery) -> None:
+        nonlocal last
+        last = time.monotonic()
+        if len(found) >= limit:
+            return  # left unsettled: redelivered later
+        letter = _dead_letter(delivery, topic)
+        found.append(letter)
+        await act(transport, delivery, letter)
+
+    consumer = await transport.subscribe(keeper, take)
+    try:
+        deadline = time.monotonic() + 60
+        while not consumer.active and time.monotonic() < deadline:  # noqa: ASYNC110 - Kafka joins the group
+            await asyncio.sleep(0.05)
+        last = max(last, time.monotonic())
+        while len(found) < limit and time.monotonic() - last < idle:  # noqa: ASYNC110 - idle deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def peek(transport: ports.Transport, topic: str, *, limit: int = 100, idle: float = 2.0) -> list[DeadLetter]:
+    """Up to ``limit`` dead letters of ``topic``, left in place (close the transport afterwards)."""
+
+    async def keep(transport: ports.Transport, delivery: ports.Delivery, letter: DeadLetter) -> None:
+        return None
+
+    return await _drain(transport, topic, limit, idle, keep)
+
+
+async def replay(transport: ports.Transport, topic: str, *, limit: int = 100, idle: float = 2.0) -> list[DeadLetter]:
+    """Send up to ``limit`` dead letters of ``topic`` back to the topic they failed on.
+
+    Raises:
+        TransportError: a copy was not confirmed (that dead letter stays in place).
+    """
+
+    async def send_back(transport: ports.Transport, delivery: ports.Delivery, letter: DeadLetter) -> None:
+        await transport.publish(letter.topic, letter.without_reason())
+        await delivery.ack()
+
+    return await _drain(transport, topic, limit, idle, send_back)
+
+
+async def purge(transport: ports.Transport, topic: str, *, limit: int = 100_000, idle: float = 2.0) -> list[DeadLetter]:
+    """Delete up to ``limit`` dead letters of ``topic``."""
+
+    async def drop(transport: ports.Transport, delivery: ports.Delivery, letter: DeadLetter) -> None:
+        await delivery.ack()
+
+    return await _drain(transport, topic, limit, idle, drop)
