@@ -176,13 +176,7 @@ class Registry:
         Raises:
             ConfigurationError: another schedule already has this name.
         """
-        existing = self._schedules.get(schedule.name)
-        if existing is not None and existing.func is not schedule.func:
-            raise errors.ConfigurationError(
-                f"duplicate schedule name {schedule.name!r}: {existing.where} and {schedule.where}; "
-                "give each schedule a unique name="
-            )
-        self._schedules[schedule.name] = schedule
+        _add_unique(self._schedules, schedule, "schedule")
 
     @property
     def schedules(self) -> list[scheduling.Schedule]:
@@ -207,13 +201,7 @@ class Registry:
         Raises:
             ConfigurationError: another handler already has this name.
         """
-        existing = self._handlers.get(handler.name)
-        if existing is not None and existing.func is not handler.func:
-            raise errors.ConfigurationError(
-                f"duplicate handler name {handler.name!r}: {existing.where} and {handler.where}; "
-                "give each handler a unique name="
-            )
-        self._handlers[handler.name] = handler
+        _add_unique(self._handlers, handler, "handler")
 
     @property
     def handlers(self) -> list[Handler]:
@@ -242,6 +230,15 @@ class Registry:
             else:
                 raise errors.ConfigurationError(f"{func!r} is not decorated with @on, @cron or @every")
         return registry
+
+
+def _add_unique(table: dict[str, Any], item: Handler | scheduling.Schedule, kind: str) -> None:
+    existing = table.get(item.name)
+    if existing is not None and existing.func is not item.func:
+        raise errors.ConfigurationError(
+            f"duplicate {kind} name {item.name!r}: {existing.where} and {item.where}; give each {kind} a unique name="
+        )
+    table[item.name] = item
 
 
 def discover(modules: Sequence[str], app_dir: str | None = None) -> Registry:
