@@ -80,9 +80,9 @@ async def serve(
                 await consumer.declare()
                 store = SqlOutboxStore(database)
                 stack.push_async_callback(store.close)
-                options = relay.RelayOptions(retention=timedelta(seconds=settings.retention))
-                _background(stack, "relay", relay.Relay(store, transport, options=options).run)
                 retention = timedelta(seconds=settings.retention)
+                options = relay.RelayOptions(retention=retention)
+                _background(stack, "relay", relay.Relay(store, transport, options=options).run)
                 _background(stack, "housekeeping", lambda stop: housekeeping.run(database, retention, stop))
             if parts.scheduler:
                 cron = scheduler.Scheduler(handlers.schedules, database, source=settings.service)
