@@ -69,11 +69,24 @@ async def raw_channel(rabbit_url: str) -> AsyncIterator[aio_pika.abc.AbstractCha
         yield await connection.channel()
 
 
-async def publish_raw(
-    channel: aio_pika.abc.AbstractChannel, topic: str, message: aio_pika.Message
-) -> None:
+async def publish_raw(channel: aio_pika.abc.AbstractChannel, topic: str, message: aio_pika.Message) -> None:
     exchange = await channel.get_exchange("conveyor")
     await exchange.publish(message, routing_key=topic)
+
+
+async def receive_from_plain_client(
+    open_rabbit: Open, raw_channel: aio_pika.abc.AbstractChannel, message: aio_pika.Message
+) -> envelope.Envelope:
+    """Publish ``message`` with plain aio-pika to a fresh topic; return the event our transport decodes."""
+    transport = await open_rabbit()
+    topic = unique("rt")
+    subscription = sub(topic)
+    await transport.declare([topic], [subscription])
+    await publish_raw(raw_channel, topic, message)
+    collector = Collector()
+    await transport.subscribe(subscription, collector)
+    (got,) = await collector.wait(1, TIMEOUT)
+    return envelope.decode(got.message)
 
 
 def sub(topic: str, **options: object) -> ports.Subscription:
@@ -302,19 +315,9 @@ ATTRIBUTES = {
 async def test_binary_event_from_a_plain_client_decodes(
     open_rabbit: Open, raw_channel: aio_pika.abc.AbstractChannel, prefix: str
 ) -> None:
-    transport = await open_rabbit()
-    topic = unique("rt")
-    subscription = sub(topic)
-    await transport.declare([topic], [subscription])
     headers = {prefix + name: value for name, value in ATTRIBUTES.items()}
-    message = aio_pika.Message(
-        b'{"order_id": "o-1"}', headers=headers, content_type="application/json"
-    )
-    await publish_raw(raw_channel, topic, message)
-    collector = Collector()
-    await transport.subscribe(subscription, collector)
-    (got,) = await collector.wait(1, TIMEOUT)
-    event = envelope.decode(got.message)
+    message = aio_pika.Message(b'{"order_id": "o-1"}', headers=headers, content_type="application/json")
+    event = await receive_from_plain_client(open_rabbit, raw_channel, message)
     assert (event.id, event.source, event.type, event.json()) == (
         "e-1",
         "/other-service",
@@ -326,28 +329,15 @@ async def test_binary_event_from_a_plain_client_decodes(
 async def test_structured_event_from_a_plain_client_decodes(
     open_rabbit: Open, raw_channel: aio_pika.abc.AbstractChannel
 ) -> None:
-    transport = await open_rabbit()
-    topic = unique("rt")
-    subscription = sub(topic)
-    await transport.declare([topic], [subscription])
-    body = orjson.dumps(
-        {**ATTRIBUTES, "datacontenttype": "application/json", "data": {"order_id": "o-1"}}
-    )
-    await publish_raw(raw_channel, topic, aio_pika.Message(body, content_type=envelope.STRUCTURED))
-    collector = Collector()
-    await transport.subscribe(subscription, collector)
-    (got,) = await collector.wait(1, TIMEOUT)
-    event = envelope.decode(got.message)
+    body = orjson.dumps({**ATTRIBUTES, "datacontenttype": "application/json", "data": {"order_id": "o-1"}})
+    message = aio_pika.Message(body, content_type=envelope.STRUCTURED)
+    event = await receive_from_plain_client(open_rabbit, raw_channel, message)
     assert (event.id, event.json()) == ("e-1", {"order_id": "o-1"})
 
 
 async def test_event_from_the_cloudevents_sdk_rabbitmq_binding_decodes(
     open_rabbit: Open, raw_channel: aio_pika.abc.AbstractChannel
 ) -> None:
-    transport = await open_rabbit()
-    topic = unique("rt")
-    subscription = sub(topic)
-    await transport.declare([topic], [subscription])
     sdk_event = CloudEvent(
         attributes={
             **ATTRIBUTES,
@@ -358,14 +348,8 @@ async def test_event_from_the_cloudevents_sdk_rabbitmq_binding_decodes(
     )
     sdk_message = ce_rabbitmq.to_binary(sdk_event, JSONFormat())
     content_type = sdk_message.content_type
-    message = aio_pika.Message(
-        sdk_message.body, headers=sdk_message.headers, content_type=content_type
-    )
-    await publish_raw(raw_channel, topic, message)
-    collector = Collector()
-    await transport.subscribe(subscription, collector)
-    (got,) = await collector.wait(1, TIMEOUT)
-    event = envelope.decode(got.message)
+    message = aio_pika.Message(sdk_message.body, headers=sdk_message.headers, content_type=content_type)
+    event = await receive_from_plain_client(open_rabbit, raw_channel, message)
     assert (event.id, event.time, event.json()) == (
         "e-1",
         datetime(2024, 5, 1, tzinfo=UTC),
@@ -416,9 +400,7 @@ async def test_header_values_of_other_types_arrive_as_text(
     }
     underlay = await raw_channel.get_underlay_channel()  # pamqp types, as other clients send them
     properties = Basic.Properties(headers=headers)
-    await underlay.basic_publish(
-        b"{}", exchange="conveyor", routing_key=topic, properties=properties
-    )
+    await underlay.basic_publish(b"{}", exchange="conveyor", routing_key=topic, properties=properties)
     collector = Collector()
     await transport.subscribe(subscription, collector)
     (got,) = await collector.wait(1, TIMEOUT)
