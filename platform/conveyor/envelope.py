@@ -18,12 +18,20 @@ over any broker, is understood. A message that is not a valid CloudEvent raises
 
 The envelope keeps ``data`` as encoded bytes: the handler's payload type
 decides how to parse them (pydantic validates JSON bytes directly, which is
-faster than parsing twice).
+faster than parsing twice). In structured mode ``data`` is the original JSON text
+of the member, byte for byte: re-serialising would turn big integers into floats.
+
+Every attribute is producer input and is validated: names are 1-64 lower-case
+ASCII letters and digits; values are at most 4096 characters (``id`` 128,
+``partitionkey`` 255) without control characters; in structured mode context
+attributes must be JSON strings, extensions strings, numbers or booleans (kept as
+their JSON text); ``attempt`` is an integer, clamped to 1..10,000.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -33,7 +41,7 @@ from typing import Any
 import orjson
 import pydantic
 
-from conveyor import errors
+from conveyor import errors, jsontext
 
 SPEC_VERSION = "1.0"
 JSON = "application/json"
@@ -66,6 +74,16 @@ _KNOWN = frozenset(
         "attempt",
     }
 )
+# Context attributes, which structured mode requires to be JSON strings.
+_CONTEXT = frozenset({"id", "source", "specversion", "type", "time", "subject", "dataschema", "datacontenttype"})
+_NAME = re.compile(r"[a-z0-9]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # C0, DEL, C1, lone surrogates
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+MAX_VALUE = 4096
+"""Longest attribute value accepted, in characters."""
+_LIMITS = {"id": 128, "partitionkey": 255}  # the outbox and inbox column widths
+MAX_ATTEMPT = 10_000
+"""A larger ``attempt`` extension is read as this."""
 
 
 @dataclass(slots=True)
@@ -300,38 +318,93 @@ def _looks_structured(body: bytes) -> bool:
 
 
 def _decode_structured(message: WireMessage, plain: dict[str, str]) -> Envelope:
-    try:
-        event = orjson.loads(message.body)
-    except orjson.JSONDecodeError as exc:
-        raise errors.InvalidMessage(f"structured CloudEvent is not valid JSON: {exc}") from exc
-    if not isinstance(event, dict):
-        raise errors.InvalidMessage("structured CloudEvent must be a JSON object")
-    content_type = event.get("datacontenttype") or JSON
+    event, raw_data = jsontext.object_members(message.body, "structured CloudEvent")
+    content_type = event.pop("datacontenttype", None)
+    if content_type is not None and not isinstance(content_type, str):
+        raise errors.InvalidMessage("CloudEvents attribute 'datacontenttype' must be a string", "datacontenttype")
+    content_type = content_type or JSON
+    if "data_base64" in event and "data" in event:
+        raise errors.InvalidMessage("a structured CloudEvent has data or data_base64, not both", "data")
     if "data_base64" in event:
+        encoded = event.pop("data_base64")
+        if not isinstance(encoded, str):
+            raise errors.InvalidMessage("data_base64 must be a JSON string", "data_base64")
         try:
-            data = base64.b64decode(event.pop("data_base64"), validate=True)
-        except (ValueError, TypeError) as exc:
+            data = base64.b64decode(encoded, validate=True)
+        except ValueError as exc:
             raise errors.InvalidMessage(f"data_base64 is not valid base64: {exc}", "data_base64") from exc
-    elif "data" in event:
+    elif raw_data is not None:
         value = event.pop("data")
-        data = value.encode() if isinstance(value, str) and not is_json(content_type) else orjson.dumps(value)
+        with jsontext.errors_as_invalid("data", "data"):
+            text = value if isinstance(value, str) and not is_json(content_type) else raw_data
+            data = text.encode()
     else:
         data = b""
     attrs: dict[str, str] = {}
     for name, value in event.items():
         if value is None:
             continue
-        if isinstance(value, dict | list):
-            raise errors.InvalidMessage(f"CloudEvents attribute {name!r} must be a scalar", name)
-        attrs[name.lower()] = value if isinstance(value, str) else orjson.dumps(value).decode()
-    attrs["datacontenttype"] = content_type if isinstance(content_type, str) else JSON
+        lower = name.lower()
+        if lower in attrs:
+            raise errors.InvalidMessage(f"duplicate member {_show(name)} in structured CloudEvent", lower)
+        attrs[lower] = _attribute_text(lower, value)
+    attrs["datacontenttype"] = content_type
     return _from_attributes(attrs, data, plain, message.key)
+
+
+def _attribute_text(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if name in _CONTEXT:
+        raise errors.InvalidMessage(f"CloudEvents attribute {_show(name)} must be a JSON string", name)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, jsontext.Number):
+        return value.text
+    raise errors.InvalidMessage(f"CloudEvents attribute {_show(name)} must be a string, number or boolean", name)
+
+
+def check_id(value: str, field: str = "id") -> str:
+    """Return ``value`` if it is a valid event id: 1-128 characters, none of them a control character.
+
+    Args:
+        value: the candidate id.
+        field: what to name in the error (``id``, or the header it came from).
+
+    Raises:
+        InvalidMessage: it is not valid.
+    """
+    if not value:
+        raise errors.InvalidMessage(f"{field} must not be empty", field)
+    _check_value(field, value, _LIMITS["id"])
+    return value
+
+
+def _check_value(name: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise errors.InvalidMessage(f"{name} is longer than {limit} characters", name)
+    if _CONTROL.search(value):
+        raise errors.InvalidMessage(f"{name} contains a control character", name)
+
+
+def _check(attrs: dict[str, str]) -> None:
+    for name, value in attrs.items():
+        if not _NAME.fullmatch(name):
+            raise errors.InvalidMessage(
+                f"invalid CloudEvents attribute name {_show(name)}: use 1-64 lower-case letters a-z and digits", name
+            )
+        _check_value(name, value, _LIMITS.get(name, MAX_VALUE))
+
+
+_show = jsontext.show
+check_json = jsontext.check_json
 
 
 def _from_attributes(attrs: dict[str, str], data: bytes, plain: dict[str, str], key: str | None) -> Envelope:
     missing = [name for name in ("id", "source", "specversion", "type") if not attrs.get(name)]
     if missing:
         raise errors.InvalidMessage(f"not a CloudEvent: missing required attribute(s) {', '.join(missing)}", missing[0])
+    _check(attrs)
     if attrs["specversion"] != SPEC_VERSION:
         raise errors.InvalidMessage(
             f"unsupported CloudEvents specversion {attrs['specversion']!r}; expected 1.0", "specversion"
@@ -346,10 +419,9 @@ def _from_attributes(attrs: dict[str, str], data: bytes, plain: dict[str, str], 
             raise errors.InvalidMessage(f"CloudEvents attribute time {raw_time!r} has no time zone", "time")
     attempt = 1
     if raw_attempt := attrs.get("attempt"):
-        try:
-            attempt = int(raw_attempt)
-        except ValueError as exc:
-            raise errors.InvalidMessage(f"extension attempt {raw_attempt!r} is not an integer", "attempt") from exc
+        if not _INTEGER.fullmatch(raw_attempt):
+            raise errors.InvalidMessage(f"extension attempt {_show(raw_attempt)} is not an integer", "attempt")
+        attempt = min(max(int(raw_attempt), 1), MAX_ATTEMPT)
     return Envelope(
         id=attrs["id"],
         source=attrs["source"],
@@ -364,7 +436,7 @@ def _from_attributes(attrs: dict[str, str], data: bytes, plain: dict[str, str], 
         tracestate=attrs.get("tracestate"),
         correlationid=attrs.get("correlationid"),
         causationid=attrs.get("causationid"),
-        attempt=max(attempt, 1),
+        attempt=attempt,
         extensions={k: v for k, v in attrs.items() if k not in _KNOWN},
         headers=plain,
     )

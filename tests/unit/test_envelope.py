@@ -165,3 +165,208 @@ def test_create_encodes_models_and_bytes() -> None:
 def test_unserialisable_data_is_a_configuration_error() -> None:
     with pytest.raises(errors.ConfigurationError, match="cannot serialise"):
         envelope.create("t", object(), source="s")
+
+
+# Structured mode keeps the data member byte for byte.
+
+_HEAD = b'{"specversion":"1.0","id":"e-1","source":"shop","type":"t","datacontenttype":"application/json","data":'
+
+
+def structured(data: bytes) -> WireMessage:
+    return WireMessage(_HEAD + data + b"}", {"content-type": envelope.STRUCTURED})
+
+
+def structured_event(members: str) -> WireMessage:
+    return WireMessage(members.encode(), {"content-type": envelope.STRUCTURED})
+
+
+def binary(**attrs: str) -> WireMessage:
+    headers = {"ce-id": "e-1", "ce-specversion": "1.0", "ce-type": "t", "ce-source": "shop"}
+    headers.update({f"ce-{name}": value for name, value in attrs.items()})
+    return WireMessage(b"{}", headers)
+
+
+EXACT_DATA = {
+    "30-digit integer": b"123456789012345678901234567890",
+    "5000-digit number": b"9" * 5000,
+    "floats": b"[1.10, 1e5, -0.0, 2.50E-3]",
+    "unicode escapes": '{"s": "\\u00e9\\ud83d\\ude00 é"}'.encode(),
+    "odd whitespace": b'{ "b" :\t[ 1 ,\n {"a" : {} } ] ,"a":null\r\n}',
+    "string": b'"text"',
+}
+
+
+@pytest.mark.parametrize("data", EXACT_DATA.values(), ids=EXACT_DATA.keys())
+def test_structured_data_is_kept_byte_for_byte(data: bytes) -> None:
+    assert envelope.decode(structured(data)).data == data
+
+
+@pytest.mark.parametrize("data", EXACT_DATA.values(), ids=EXACT_DATA.keys())
+def test_structured_reencoding_keeps_data_bytes(data: bytes) -> None:
+    reencoded = envelope.to_structured(envelope.decode(structured(data)))
+    assert envelope.decode(reencoded).data == data
+
+
+def test_structured_string_data_with_non_json_content_type_is_its_utf8() -> None:
+    members = '"specversion":"1.0","id":"e","source":"s","type":"t","datacontenttype":"text/plain"'
+    wire = structured_event("{" + members + ',"data":"caf\\u00e9"}')
+    assert envelope.decode(wire).data == "café".encode()
+
+
+MALFORMED = {
+    "invalid UTF-8": _HEAD + b'"\xff"}',
+    "10,000-deep": _HEAD + b"[" * 10_000 + b"]" * 10_000 + b"}",
+    "NaN": _HEAD + b"NaN}",
+    "Infinity": _HEAD + b"[-Infinity]}",
+    "trailing data": _HEAD + b"1} {}",
+    "unterminated": _HEAD + b'"abc}',
+    "missing value": _HEAD + b"}",
+    "control character in string": _HEAD + b'"a\x01b"}',
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+def test_structured_malformed_body_is_invalid(body: bytes) -> None:
+    with pytest.raises(errors.InvalidMessage):
+        envelope.decode(WireMessage(body, {"content-type": envelope.STRUCTURED}))
+
+
+def test_structured_duplicate_member_is_invalid() -> None:
+    wire = structured_event('{"specversion":"1.0","id":"e-1","source":"s","type":"t","id":"e-2"}')
+    with pytest.raises(errors.InvalidMessage, match="duplicate") as caught:
+        envelope.decode(wire)
+    assert caught.value.field == "id"
+
+
+def test_check_json_accepts_a_5000_digit_number() -> None:
+    envelope.check_json(b"[" + b"7" * 5000 + b"]")
+
+
+def test_check_json_refuses_malformed_data() -> None:
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.check_json(b'{"a": ')
+    assert caught.value.field == "data"
+
+
+# Every attribute a producer sends is validated.
+
+
+def test_id_of_128_characters_is_valid() -> None:
+    assert envelope.decode(binary(id="i" * 128)).id == "i" * 128
+
+
+def test_id_longer_than_128_characters_is_invalid() -> None:
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(binary(id="i" * 129))
+    assert caught.value.field == "id"
+
+
+@pytest.mark.parametrize("control", ["\x00", "\n", "\r", "\t", "\x1b", "\x7f", "\x80", "\x85", "\x9f"])
+def test_id_with_control_character_is_invalid(control: str) -> None:
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(binary(id=f"e{control}1"))
+    assert caught.value.field == "id"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("id", "5"), ("source", "1"), ("specversion", "1.0"), ("type", "true"), ("subject", "3"), ("time", "1")],
+)
+def test_structured_non_string_context_attribute_is_invalid(name: str, value: str) -> None:
+    members = {"specversion": '"1.0"', "id": '"e-1"', "source": '"s"', "type": '"t"', name: value}
+    wire = structured_event("{" + ",".join(f'"{k}":{v}' for k, v in members.items()) + "}")
+    with pytest.raises(errors.InvalidMessage, match="string") as caught:
+        envelope.decode(wire)
+    assert caught.value.field == name
+
+
+def test_structured_non_string_datacontenttype_is_invalid() -> None:
+    wire = structured_event('{"specversion":"1.0","id":"e-1","source":"s","type":"t","datacontenttype":5,"data":1}')
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(wire)
+    assert caught.value.field == "datacontenttype"
+
+
+def test_structured_number_and_boolean_extensions_are_kept_as_their_text() -> None:
+    wire = structured_event('{"specversion":"1.0","id":"e-1","source":"s","type":"t","amount":12.50,"vip":true}')
+    assert envelope.decode(wire).extensions == {"amount": "12.50", "vip": "true"}
+
+
+@pytest.mark.parametrize("value", ["1.5", "abc", " 3", "3_0", "\u0663", "0x10"])
+def test_attempt_that_is_not_an_integer_is_invalid(value: str) -> None:
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(binary(attempt=value))
+    assert caught.value.field == "attempt"
+
+
+@pytest.mark.parametrize("value", ["true", "1.5", '"2.0"'])
+def test_structured_attempt_that_is_not_an_integer_is_invalid(value: str) -> None:
+    wire = structured_event(f'{{"specversion":"1.0","id":"e-1","source":"s","type":"t","attempt":{value}}}')
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(wire)
+    assert caught.value.field == "attempt"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("99999", 10_000), ("0", 1), ("-5", 1), ("7", 7)])
+def test_attempt_is_clamped_to_1_through_10000(value: str, expected: int) -> None:
+    assert envelope.decode(binary(attempt=value)).attempt == expected
+
+
+@pytest.mark.parametrize("name", ["foo-bar", "foo_bar", "foo bar", "tenant.id", "", "x" * 65])
+def test_invalid_extension_name_is_invalid(name: str) -> None:
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(binary(**{name: "v"}))
+    assert caught.value.field == name
+
+
+def test_structured_invalid_extension_name_is_invalid() -> None:
+    wire = structured_event('{"specversion":"1.0","id":"e-1","source":"s","type":"t","my_ext":"v"}')
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(wire)
+    assert caught.value.field == "my_ext"
+
+
+def test_extension_name_of_64_characters_is_valid() -> None:
+    assert envelope.decode(binary(**{"x" * 64: "v"})).extensions == {"x" * 64: "v"}
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "a\r\nb", "\x1b[31m", "a\x85"])
+def test_attribute_value_with_control_character_is_invalid(value: str) -> None:
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(binary(subject=value))
+    assert caught.value.field == "subject"
+
+
+def test_attribute_value_longer_than_4096_characters_is_invalid() -> None:
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(binary(tenant="v" * 4097))
+    assert caught.value.field == "tenant"
+
+
+def test_attribute_value_of_4096_characters_is_valid() -> None:
+    assert envelope.decode(binary(subject="v" * 4096)).subject == "v" * 4096
+
+
+def test_partitionkey_longer_than_255_characters_is_invalid() -> None:
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(binary(partitionkey="k" * 256))
+    assert caught.value.field == "partitionkey"
+
+
+def test_structured_data_and_data_base64_together_are_invalid() -> None:
+    wire = structured_event('{"specversion":"1.0","id":"e-1","source":"s","type":"t","data_base64":"AA==","data":1}')
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(wire)
+    assert caught.value.field == "data"
+
+
+def test_structured_data_base64_that_is_not_a_string_is_invalid() -> None:
+    wire = structured_event('{"specversion":"1.0","id":"e-1","source":"s","type":"t","data_base64":1234}')
+    with pytest.raises(errors.InvalidMessage) as caught:
+        envelope.decode(wire)
+    assert caught.value.field == "data_base64"
+
+
+def test_check_json_refuses_deep_nesting() -> None:
+    with pytest.raises(errors.InvalidMessage, match="nested too deeply"):
+        envelope.check_json(b"[" * 10_000 + b"]" * 10_000)

@@ -20,11 +20,17 @@ BINARY = {
 
 
 class Accepted:
+    """A fake accept callback, idempotent by event id like the outbox."""
+
     def __init__(self) -> None:
         self.events: list[tuple[str, envelope.Envelope]] = []
 
-    async def __call__(self, topic: str, event: envelope.Envelope) -> None:
+    async def __call__(self, topic: str, event: envelope.Envelope) -> http.Outcome:
+        for seen_topic, seen in self.events:
+            if seen.id == event.id:
+                return "duplicate" if (seen_topic, seen.source) == (topic, event.source) else "conflict"
         self.events.append((topic, event))
+        return "added"
 
 
 @pytest.fixture
@@ -103,7 +109,7 @@ async def test_other_media_type_is_415(client: httpx.AsyncClient) -> None:
 
 
 async def test_accept_failure_is_503() -> None:
-    async def refuse(topic: str, event: envelope.Envelope) -> None:
+    async def refuse(topic: str, event: envelope.Envelope) -> http.Outcome:
         raise errors.TransportError("broker down")
 
     app = http.create_app([], http.IngestConfig(accept=refuse, max_bytes=4096))
@@ -140,3 +146,157 @@ async def test_ingest_is_absent_when_disabled() -> None:
     async with await client_for(http.create_app([])) as c:
         response = await c.post("/events/orders.placed", content=orjson.dumps(EVENT), headers=STRUCTURED)
     assert response.status_code == 404
+
+
+# Idempotency by event id.
+
+
+async def post(client: httpx.AsyncClient, topic: str = "orders.placed", **changes: object) -> httpx.Response:
+    return await client.post(f"/events/{topic}", content=orjson.dumps({**EVENT, **changes}), headers=STRUCTURED)
+
+
+async def test_same_event_posted_twice_answers_202_with_the_same_body(client: httpx.AsyncClient) -> None:
+    first, second = await post(client), await post(client)
+    assert (second.status_code, second.json()) == (202, first.json())
+
+
+async def test_same_event_posted_twice_is_accepted_once(client: httpx.AsyncClient, accepted: Accepted) -> None:
+    await post(client)
+    await post(client)
+    assert len(accepted.events) == 1
+
+
+async def test_same_id_for_another_topic_is_409_naming_id(client: httpx.AsyncClient) -> None:
+    await post(client)
+    response = await post(client, topic="orders.shipped")
+    assert (response.status_code, response.json()["field"]) == (409, "id")
+
+
+async def test_same_id_from_another_source_is_409_naming_id(client: httpx.AsyncClient) -> None:
+    await post(client)
+    response = await post(client, source="billing")
+    assert (response.status_code, response.json()["field"]) == (409, "id")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"id": "i" * 200}, {"id": "e\x00"}, {"id": "e\n1"}, {"id": "e\x7f"}, {"id": "e\x85"}, {"id": 5}, {"id": ""}],
+    ids=["200 characters", "NUL", "LF", "DEL", "C1", "number", "empty"],
+)
+async def test_invalid_structured_id_is_400_naming_id(
+    client: httpx.AsyncClient, accepted: Accepted, changes: dict[str, object]
+) -> None:
+    response = await post(client, **changes)
+    assert (response.status_code, response.json()["field"]) == (400, "id")
+
+
+@pytest.mark.parametrize("ce_id", ["e%001", "e%0D%0A1", "i" * 200], ids=["NUL", "CRLF", "200 characters"])
+async def test_invalid_binary_id_is_400_naming_id(client: httpx.AsyncClient, ce_id: str) -> None:
+    response = await client.post("/events/orders.placed", content=b"{}", headers={**BINARY, "ce-id": ce_id})
+    assert (response.status_code, response.json()["field"]) == (400, "id")
+
+
+# Idempotency-Key.
+
+WITHOUT_ID = {k: v for k, v in BINARY.items() if k != "ce-id"}
+
+
+async def test_idempotency_key_without_ce_id_becomes_the_event_id(
+    client: httpx.AsyncClient, accepted: Accepted
+) -> None:
+    headers = {**WITHOUT_ID, "idempotency-key": "k-1"}
+    response = await client.post("/events/orders.placed", content=b"{}", headers=headers)
+    assert (response.status_code, accepted.events[0][1].id) == (202, "k-1")
+
+
+async def test_quoted_idempotency_key_is_unquoted(client: httpx.AsyncClient, accepted: Accepted) -> None:
+    headers = {**WITHOUT_ID, "idempotency-key": '"k-2"'}
+    await client.post("/events/orders.placed", content=b"{}", headers=headers)
+    assert accepted.events[0][1].id == "k-2"
+
+
+async def test_idempotency_key_retry_is_accepted_once(client: httpx.AsyncClient, accepted: Accepted) -> None:
+    headers = {**WITHOUT_ID, "idempotency-key": "k-3"}
+    for _ in range(2):
+        await client.post("/events/orders.placed", content=b"{}", headers=headers)
+    assert len(accepted.events) == 1
+
+
+async def test_idempotency_key_equal_to_ce_id_is_accepted(client: httpx.AsyncClient) -> None:
+    headers = {**BINARY, "idempotency-key": BINARY["ce-id"]}
+    response = await client.post("/events/orders.placed", content=b"{}", headers=headers)
+    assert response.status_code == 202
+
+
+async def test_idempotency_key_differing_from_ce_id_is_400(client: httpx.AsyncClient, accepted: Accepted) -> None:
+    headers = {**BINARY, "idempotency-key": "other"}
+    response = await client.post("/events/orders.placed", content=b"{}", headers=headers)
+    assert (response.status_code, response.json()["field"]) == (400, "Idempotency-Key")
+
+
+async def test_idempotency_key_differing_from_structured_id_is_400(client: httpx.AsyncClient) -> None:
+    headers = {**STRUCTURED, "idempotency-key": "other"}
+    response = await client.post("/events/orders.placed", content=orjson.dumps(EVENT), headers=headers)
+    assert (response.status_code, response.json()["field"]) == (400, "Idempotency-Key")
+
+
+@pytest.mark.parametrize("key", ["k" * 129, "k\x01", '""'], ids=["129 characters", "control", "empty"])
+async def test_invalid_idempotency_key_is_400(client: httpx.AsyncClient, accepted: Accepted, key: str) -> None:
+    headers = {**WITHOUT_ID, "idempotency-key": key}
+    response = await client.post("/events/orders.placed", content=b"{}", headers=headers)
+    assert (response.status_code, response.json()["field"]) == (400, "Idempotency-Key")
+
+
+# Store failures and authentication.
+
+
+async def refuse_with_driver_text(topic: str, event: envelope.Envelope) -> http.Outcome:
+    raise errors.StoreError('database error: (asyncpg) relation "outbox" password=hunter2')
+
+
+async def test_store_error_is_503_without_the_driver_text() -> None:
+    app = http.create_app([], http.IngestConfig(accept=refuse_with_driver_text, max_bytes=4096))
+    async with await client_for(app) as c:
+        response = await c.post("/events/orders.placed", content=orjson.dumps(EVENT), headers=STRUCTURED)
+    assert (response.status_code, b"asyncpg" in response.content) == (503, False)
+
+
+async def test_store_error_is_503_with_retry_after() -> None:
+    app = http.create_app([], http.IngestConfig(accept=refuse_with_driver_text, max_bytes=4096))
+    async with await client_for(app) as c:
+        response = await c.post("/events/orders.placed", content=orjson.dumps(EVENT), headers=STRUCTURED)
+    assert response.headers["retry-after"].isdigit()
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+async def test_bearer_scheme_is_case_insensitive(client: httpx.AsyncClient, scheme: str) -> None:
+    response = await client.post(
+        "/events/orders.placed",
+        content=orjson.dumps(EVENT),
+        headers={**STRUCTURED, "authorization": f"{scheme} s3cret"},
+    )
+    assert response.status_code == 202
+
+
+@pytest.mark.parametrize("value", ["bearer nope", "Basic s3cret", "s3cret", "bearer", "bearer s3cret2"])
+async def test_wrong_authorization_is_401(client: httpx.AsyncClient, value: str) -> None:
+    response = await client.post(
+        "/events/orders.placed", content=orjson.dumps(EVENT), headers={**STRUCTURED, "authorization": value}
+    )
+    assert response.status_code == 401
+
+
+# Data arrives byte for byte.
+
+
+async def test_binary_data_with_a_400_digit_number_is_accepted(client: httpx.AsyncClient) -> None:
+    response = await client.post("/events/orders.placed", content=b"[" + b"9" * 400 + b"]", headers=BINARY)
+    assert response.status_code == 202
+
+
+async def test_structured_30_digit_integer_reaches_accept_exactly(
+    client: httpx.AsyncClient, accepted: Accepted
+) -> None:
+    body = b'{"specversion":"1.0","id":"e-9","source":"shop","type":"t","data":{"n": 123456789012345678901234567890}}'
+    await client.post("/events/orders.placed", content=body, headers=STRUCTURED)
+    assert accepted.events[0][1].data == b'{"n": 123456789012345678901234567890}'

@@ -9,7 +9,15 @@
   HTTP binding's structured (``application/cloudevents+json``) or binary
   (``ce-*`` headers) mode; 202 once the event is accepted durably, 400 with a
   JSON body naming the field for an invalid event, 401 without the configured
-  bearer token, 413 over the size limit, 415 for other media types.
+  bearer token, 413 over the size limit, 415 for other media types, 503 with
+  ``Retry-After`` when it cannot be stored now.
+
+Ingest is idempotent by event id, so a client retries safely: the same event
+posted again (same id, topic and source) answers 202 with the same body and is
+stored once; the id reused by another event (other topic or source) answers
+409 naming ``id``. A binary-mode post without ``ce-id`` takes its id from the
+``Idempotency-Key`` header; a key that differs from the event's id is a 400.
+Error bodies never carry database or driver text: that goes to the log.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,12 +40,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from conveyor import envelope, errors, names
+from conveyor import envelope, errors, names, persistence
 
 log = logging.getLogger("conveyor.http")
 
-Accept = Callable[[str, envelope.Envelope], Awaitable[None]]
-"""Takes an ingested event for a topic and returns once it is durably accepted."""
+Outcome = persistence.AddOutcome
+"""What :data:`Accept` did with an event: ``added`` (stored now), ``duplicate`` (an
+event with this id, topic and source was stored before; nothing changed) or
+``conflict`` (the id is taken by an event of another topic or source)."""
+
+Accept = Callable[[str, envelope.Envelope], Awaitable[Outcome]]
+"""Takes an ingested event for a topic and returns once it is durably accepted.
+
+It must be idempotent by event id (see :data:`Outcome`); it raises
+:class:`~conveyor.errors.ConveyorError` (typically ``StoreError``) when the
+event cannot be accepted now, which the client sees as a 503 to retry.
+"""
+
+_RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +137,38 @@ def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+def _unavailable(exc: errors.ConveyorError) -> Response:
+    """503 with ``Retry-After``; the reason may quote the database or broker, so only the log gets it."""
+    what = (
+        "the event store is unavailable" if isinstance(exc, errors.StoreError) else "the event cannot be accepted now"
+    )
+    response = _error(503, f"{what}; try again")
+    response.headers["retry-after"] = str(_RETRY_AFTER_SECONDS)
+    return response
+
+
+def _authorized(header: str, token: bytes) -> bool:
+    """True for ``Bearer <token>``; the scheme is case-insensitive (RFC 9110), the token compared in constant time."""
+    scheme, _, credentials = header.partition(" ")
+    matches = hmac.compare_digest(credentials.strip(" ").encode(), token)
+    return matches and scheme.lower() == "bearer"
+
+
+def _idempotency_key(value: str) -> str:
+    """The key of an ``Idempotency-Key`` header, plain or a structured-field string (``"..."``)."""
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = re.sub(r'\\(["\\])', r"\1", value[1:-1])
+    return envelope.check_id(value, "Idempotency-Key")
+
+
 def _ingest_endpoint(config: IngestConfig) -> Callable[[Request], Awaitable[Response]]:
-    expected = f"Bearer {config.token}".encode() if config.token else None
+    token = config.token.encode() if config.token else None
 
     async def ingest(request: Request) -> Response:
-        if expected is not None:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                response = _error(401, "missing or wrong bearer token")
-                response.headers["www-authenticate"] = "Bearer"
-                return response
+        if token is not None and not _authorized(request.headers.get("authorization", ""), token):
+            response = _error(401, "missing or wrong bearer token")
+            response.headers["www-authenticate"] = "Bearer"
+            return response
         topic = request.path_params["topic"]
         try:
             names.check("topic", topic)
@@ -151,16 +194,27 @@ def _ingest_endpoint(config: IngestConfig) -> Callable[[Request], Awaitable[Resp
             if len(body) > config.max_bytes:
                 return _error(413, f"body exceeds the limit of {config.max_bytes} bytes")
         try:
+            key = request.headers.get("idempotency-key")
+            if key is not None:
+                key = _idempotency_key(key)
+                if binary:
+                    headers.setdefault("ce-id", key)
             event = envelope.decode(envelope.WireMessage(bytes(body), headers))
             if envelope.is_json(event.datacontenttype):
-                event.json()  # reject malformed JSON data now rather than at a handler
+                envelope.check_json(event.data)  # reject malformed JSON data now rather than at a handler
         except errors.InvalidMessage as exc:
             return _error(400, str(exc), exc.field)
+        if key is not None and key != event.id:
+            return _error(400, f"Idempotency-Key {key!r} differs from the event id {event.id!r}", "Idempotency-Key")
         try:
-            await config.accept(topic, event)
+            outcome = await config.accept(topic, event)
         except errors.ConveyorError as exc:
-            log.error("could not accept an event for %s: %s", topic, exc)
-            return _error(503, f"event not accepted, try again: {exc}")
+            log.error("could not accept event %s for %s: %s", event.id, topic, exc)
+            return _unavailable(exc)
+        if outcome == "conflict":
+            return _error(
+                409, f"event id {event.id!r} is already used by an event of another topic or source; use a new id", "id"
+            )
         return JSONResponse({"id": event.id, "topic": topic}, status_code=202)
 
     return ingest
