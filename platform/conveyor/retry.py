@@ -43,7 +43,10 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based)."""
-        base = min(self.max_delay, self.initial_delay * self.multiplier ** max(attempt - 1, 0))
+        try:
+            base = min(self.max_delay, self.initial_delay * self.multiplier ** max(attempt - 1, 0))
+        except OverflowError:  # a huge attempt count (a hostile producer's, say) is just "the longest delay"
+            base = self.max_delay
         if self.jitter:
             base *= random.uniform(1 - self.jitter, 1 + self.jitter)
         return min(base, self.max_delay)

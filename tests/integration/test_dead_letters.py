@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-import pytest
-from conveyor import Reject, envelope, on, ports, registry, transports
+from conveyor import Reject, envelope, on, ports, registry
 from conveyor.runtime import dead_letters
 from conveyor.runtime.worker import Worker
 from conveyor.testing import unique, wait_for
 
-KAFKA_FAST = "?partitions=4&session_timeout_ms=2000&heartbeat_interval_ms=400"
 Open = Callable[[], Awaitable[ports.Transport]]
-
-
-@pytest.fixture(params=["memory", "rabbit", "nats", "kafka"])
-def broker_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return f"memory://{unique('dlq')}"
-    url = str(request.getfixturevalue(f"{request.param}_url"))
-    return url + KAFKA_FAST if request.param == "kafka" else url
-
-
-@pytest.fixture
-async def open_transport(broker_url: str) -> AsyncIterator[Open]:
-    opened: list[ports.Transport] = []
-
-    async def open_one() -> ports.Transport:
-        transport = transports.create(broker_url)
-        await transport.connect()
-        opened.append(transport)
-        return transport
-
-    yield open_one
-    for transport in opened:
-        await transport.close()
 
 
 async def peek(open_transport: Open, topic: str) -> list[dead_letters.DeadLetter]:

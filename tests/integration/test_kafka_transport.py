@@ -290,7 +290,7 @@ async def not_used(*args: object) -> None:
 
 
 async def test_fetch_loop_survives_fetch_errors_and_is_inactive_meanwhile() -> None:
-    record = SimpleNamespace(offset=0, key=None, value=b"after the outage", headers=())
+    record = SimpleNamespace(topic="t", partition=0, offset=0, key=None, value=b"after the outage", headers=())
     fake = FailingFetch(record)
     collector = Collector(settle=keep)
     consumer = kafka_consume.KafkaConsumer(

@@ -19,8 +19,10 @@ import pytest
 from cloudevents.core.base import BaseCloudEvent
 from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.v1.event import CloudEvent
-from conveyor import envelope, errors, ports
+from conveyor import Context, Reject, envelope, errors, on, ports, registry
 from conveyor.envelope import WireMessage
+from conveyor.runtime import dead_letters
+from conveyor.runtime.worker import Worker
 from conveyor.testing import Collector, unique, wait_for
 from conveyor.transports.nats import NatsTransport, durable_name
 from nats.js import JetStreamContext
@@ -324,3 +326,34 @@ async def test_message_from_a_plain_client_has_no_key_or_id(
     await raw_js.publish(transport.subject(topic), b"plain")
     got = await _consume_one(transport, topic)
     assert (got.body, got.key, got.message_id) == (b"plain", None, None)
+
+
+async def test_dead_letter_copy_of_a_message_with_jetstream_control_headers_is_stored(
+    open_transport: OpenTransport, raw_js: JetStreamContext
+) -> None:
+    transport = await open_transport()
+    topic = unique("ctl")
+    rejected: list[str] = []
+
+    @on(topic, name=unique("ctl"))
+    async def refuse(payload: dict, ctx: Context) -> None:
+        rejected.append(ctx.message.id)
+        raise Reject("not wanted")
+
+    worker = Worker(registry.Registry.of(refuse).handlers, transport, source="t")
+    await worker.declare()
+    # Valid when published (the stream is at that sequence), refused on any later copy.
+    last = (await raw_js.stream_info(transport.stream)).state.last_seq
+    event = envelope.to_binary(envelope.create(topic, {"n": 1}, source="raw"), envelope.NATS_PREFIX)
+    control = {"Nats-Expected-Last-Sequence": str(last), "Nats-Expected-Stream": transport.stream}
+    await raw_js.publish(transport.subject(topic), event.body, headers={**event.headers, **control})
+    await worker.start()
+    await wait_for(lambda: bool(rejected), TIMEOUT, "the message to be handled")
+    peeker = await open_transport()
+    listed: list[dead_letters.DeadLetter] = []
+    for _ in range(10):
+        listed = await dead_letters.peek(peeker, topic, idle=1.0)
+        if listed:
+            break
+    assert await worker.stop(5)
+    assert [d.event_id for d in listed] == rejected[:1]

@@ -32,3 +32,7 @@ def test_exhausted_after_max_attempts() -> None:
 def test_invalid_policy_is_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigurationError):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_delay_for_a_huge_attempt_is_the_longest_delay_not_an_overflow() -> None:
+    assert RetryPolicy(max_delay=60, jitter=0).delay(100_000) == 60

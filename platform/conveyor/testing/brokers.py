@@ -155,6 +155,15 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def in_ci() -> bool:
+    """True when env ``CI`` is set to anything but an empty, ``0``, ``false`` or ``no`` value.
+
+    CI systems spell it differently (``true``, ``1``, ``yes``, a provider's name):
+    any of them means a missing service must fail, not skip.
+    """
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def require_service(name: str, host: str, port: int) -> None:
     """Skip (locally) or fail (in CI) the calling test unless ``host:port`` is listening.
 
@@ -165,7 +174,7 @@ def require_service(name: str, host: str, port: int) -> None:
         port: Its TCP port.
 
     Raises:
-        pytest.fail.Exception: The service is down and env ``CI`` is ``"true"``.
+        pytest.fail.Exception: The service is down in CI (see :func:`in_ci`).
         pytest.skip.Exception: The service is down elsewhere; the message says how to start it.
     """
     if port_open(host, port, timeout=1.0):
@@ -173,8 +182,8 @@ def require_service(name: str, host: str, port: int) -> None:
     import pytest
 
     message = f"{name} is not reachable on {host}:{port}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message} (CI=true: a missing service is a failure)", pytrace=False)
+    if in_ci():
+        pytest.fail(f"{message} (in CI a missing service is a failure)", pytrace=False)
     key = name.lower()
     command = START_COMMANDS.get(_ALIASES.get(key, key))
     hint = f"start it with `{command}`" if command else "start it"

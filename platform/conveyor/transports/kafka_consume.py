@@ -49,8 +49,15 @@ def record_headers(message: WireMessage, extra: dict[str, str] | None = None) ->
     return headers
 
 
-def from_record(record: Any) -> tuple[WireMessage, int, int]:
-    """Wire message, attempt and not-before time (epoch ms, 0 = now) of a consumed record."""
+def from_record(record: Any, *, trusted: bool = True) -> tuple[WireMessage, int, int]:
+    """Wire message, attempt and not-before time (epoch ms, 0 = now) of a consumed record.
+
+    Args:
+        record: the aiokafka record.
+        trusted: the record comes from our own retry topic. On a producer's
+            topic the attempt and not-before headers are ignored: a producer
+            could otherwise skip every retry, or hold a partition for days.
+    """
     headers: dict[str, str] = {}
     message_id: str | None = None
     attempt, not_before = 1, 0
@@ -60,7 +67,7 @@ def from_record(record: Any) -> tuple[WireMessage, int, int]:
             headers[name] = value
         elif name == MESSAGE_ID_HEADER:
             message_id = value
-        elif value.isdigit():
+        elif trusted and value.isdigit() and len(value) <= 18:
             if name == ATTEMPT_HEADER:
                 attempt = max(int(value), 1)
             else:
@@ -397,7 +404,7 @@ class KafkaConsumer:
         self._paused = wanted
 
     async def _accept(self, partition: kafka_offsets.PartitionOffsets, record: Any) -> None:
-        message, attempt, not_before = from_record(record)
+        message, attempt, not_before = from_record(record, trusted=record.topic == self.retry_topic)
         partition.take(record.offset)
         held = _Held(not_before / 1000, next(self._seq), partition, record.offset, message, attempt)
         if not_before and held.due > time.time():

@@ -221,7 +221,9 @@ class NatsTransport:
             TransportError: closed, or the server refused the message.
         """
         js = self._jetstream()
-        headers = dict(message.headers)
+        # JetStream control headers (Nats-Msg-Id, Nats-Expected-*, ...) are ours to set: a copy of a
+        # consumed message (a dead letter, a replay) carrying a producer's would be refused for good.
+        headers = {k: v for k, v in message.headers.items() if not k.lower().startswith("nats-")}
         if message.message_id is not None:
             headers[nats_consume.MSG_ID_HEADER] = message.message_id
         if message.key is not None:

@@ -145,7 +145,8 @@ class RabbitConsumer:
         buffer, underlay = self._buffer, self._underlay
         assert underlay is not None
         while (raw := await buffer.get()) is not None and not underlay.is_closed:
-            message, attempt, due = rabbit_wire.incoming(raw)
+            trusted = getattr(raw.delivery, "exchange", None) != self._transport.exchange
+            message, attempt, due = rabbit_wire.incoming(raw, trusted=trusted)
             if due is not None and due > time.time() * 1000:
                 await self._hop(raw, attempt, due)
                 continue

@@ -94,8 +94,15 @@ def outgoing_properties(message: WireMessage) -> Basic.Properties:
     )
 
 
-def incoming(raw: aiormq.abc.DeliveredMessage) -> tuple[WireMessage, int, int | None]:
-    """Read a delivery: the wire message, its attempt and its due time (epoch ms), if any."""
+def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple[WireMessage, int, int | None]:
+    """Read a delivery: the wire message, its attempt and its due time (epoch ms), if any.
+
+    Args:
+        raw: the delivery.
+        trusted: it came back through our delay tiers. A message routed by the
+            topic exchange is a producer's: its attempt and due headers are
+            ignored (a producer could skip every retry or park a message).
+    """
     props = raw.header.properties
     headers: dict[str, str] = {}
     key = due = None
@@ -105,11 +112,11 @@ def incoming(raw: aiormq.abc.DeliveredMessage) -> tuple[WireMessage, int, int | 
             headers[name] = _text(value)
         elif name == KEY_HEADER:
             key = _text(value)
-        elif name == ATTEMPT_HEADER:
+        elif name == ATTEMPT_HEADER and trusted:
             attempt = _int(value, 1)
         elif name == DELIVERY_COUNT:
             returns = _int(value, 0)
-        elif name == DUE_HEADER:
+        elif name == DUE_HEADER and trusted:
             due = _int(value, 0)
     if props.content_type:
         headers["content-type"] = props.content_type
@@ -119,7 +126,8 @@ def incoming(raw: aiormq.abc.DeliveredMessage) -> tuple[WireMessage, int, int | 
 def copy_properties(raw: aiormq.abc.DeliveredMessage, attempt: int, due: int | None) -> Basic.Properties:
     """Properties of a delayed copy: same message, next attempt (user_id and expiry dropped)."""
     props = raw.header.properties
-    headers = {k: v for k, v in (props.headers or {}).items() if k not in _BROKER_HEADERS}
+    dropped = _BROKER_HEADERS | {ATTEMPT_HEADER, DUE_HEADER}  # ours are set below; a producer's never pass
+    headers = {k: v for k, v in (props.headers or {}).items() if k not in dropped}
     headers[ATTEMPT_HEADER] = attempt
     if due is not None:
         headers[DUE_HEADER] = due

@@ -1,0 +1,87 @@
+"""Hostile producers on every broker: no message can stop a subscription or stay unsettled.
+
+Each bad message is followed by good ones; the good ones must all be handled,
+and every bad one must end in the dead-letter topic with a reason (never in a
+delivery that is redelivered forever).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+from conveyor import Context, envelope, on, ports, registry
+from conveyor.retry import RetryPolicy
+from conveyor.runtime import dead_letters
+from conveyor.runtime.worker import Worker
+from conveyor.testing import unique, wait_for
+
+Open = Callable[[], Awaitable[ports.Transport]]
+BAD = 40  # more than the dispatcher's prefetch: bad messages that stayed unsettled would fill it
+
+
+def huge_attempt(topic: str, prefix: str) -> envelope.WireMessage:
+    """A binary-mode event whose producer claims attempt 99999."""
+    wire = envelope.to_binary(envelope.create(topic, {"kind": "bad"}, source="hostile"), prefix)
+    wire.headers[prefix + "attempt"] = "99999"
+    return wire
+
+
+def numeric_content_type(topic: str, prefix: str) -> envelope.WireMessage:
+    """A structured event whose ``datacontenttype`` is a number."""
+    body = {"specversion": "1.0", "id": envelope.new_id(), "source": "hostile", "type": topic, "datacontenttype": 5}
+    return envelope.WireMessage(orjson.dumps({**body, "data": {"kind": "bad"}}), {"content-type": envelope.STRUCTURED})
+
+
+async def test_bad_messages_are_dead_lettered_and_good_ones_still_flow(open_transport: Open) -> None:
+    topic = unique("hostile")
+    good: list[int] = []
+
+    @on(topic, name=unique("hostile"), concurrency=4)
+    async def handle(payload: dict) -> None:
+        if payload.get("kind") == "bad":
+            raise RuntimeError("this message always fails")
+        good.append(payload["n"])
+
+    transport = await open_transport()
+    worker = Worker(registry.Registry.of(handle).handlers, transport, source="t")
+    await worker.start()
+    prefix = transport.binary_prefix
+    for n in range(BAD):
+        bad = huge_attempt if n % 2 else numeric_content_type
+        await transport.publish(topic, bad(topic, prefix))
+    for n in range(20):
+        await transport.publish(topic, envelope.to_binary(envelope.create(topic, {"n": n}, source="t"), prefix))
+    await wait_for(lambda: len(good) == 20, 60, f"the good messages (handled {len(good)})")
+    listed: list[dead_letters.DeadLetter] = []
+    for _ in range(20):
+        peeker = await open_transport()
+        listed = await dead_letters.peek(peeker, topic, idle=1.5)
+        await peeker.close()
+        if len(listed) >= BAD:
+            break
+    assert await worker.stop(5)
+    assert (sorted(good), len(listed)) == (list(range(20)), BAD)
+
+
+async def test_a_producers_attempt_and_delay_headers_are_not_trusted(open_transport: Open) -> None:
+    topic = unique("hostile")
+    attempts: list[int] = []
+
+    @on(topic, name=unique("hostile"), max_attempts=3, backoff=RetryPolicy(initial_delay=0.05, jitter=0))
+    async def failing(payload: dict, ctx: Context) -> None:
+        attempts.append(ctx.message.attempt)
+        raise RuntimeError("always fails")
+
+    transport = await open_transport()
+    worker = Worker(registry.Registry.of(failing).handlers, transport, source="t")
+    await worker.start()
+    wire = envelope.to_binary(envelope.create(topic, {"n": 1}, source="hostile"), transport.binary_prefix)
+    far = str(int((time.time() + 86_400) * 1000))
+    wire.headers.update({transport.binary_prefix + "attempt": "5", "conveyor-attempt": "5"})
+    wire.headers.update({"conveyor-not-before": far, "conveyor-due": far})
+    await transport.publish(topic, wire)
+    await wait_for(lambda: len(attempts) == 3, 30, "three attempts")
+    assert await worker.stop(5)
+    assert attempts == [1, 2, 3]
