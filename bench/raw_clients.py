@@ -91,9 +91,7 @@ def consume_deadline(count: int) -> float:
     return 30.0 + count / 100
 
 
-async def run_windowed(
-    operation: Callable[[int], Awaitable[object]], count: int, window: int
-) -> float:
+async def run_windowed(operation: Callable[[int], Awaitable[object]], count: int, window: int) -> float:
     """Run ``operation(0..count-1)`` with at most ``window`` in flight; return seconds taken.
 
     ``window=1`` awaits each operation before starting the next. Errors propagate.
@@ -190,9 +188,7 @@ async def rabbit_publish(connection: Any, queue: str, count: int, window: int = 
         await channel.close()
 
 
-async def rabbit_consume(
-    connection: Any, queue: str, count: int, prefetch: int = DEFAULT_CONSUME_BATCH
-) -> float:
+async def rabbit_consume(connection: Any, queue: str, count: int, prefetch: int = DEFAULT_CONSUME_BATCH) -> float:
     """Consume ``count`` messages with ``prefetch``, acking each; return seconds.
 
     Args:
@@ -467,9 +463,7 @@ async def kafka_consume(
         await consumer.stop()
 
 
-async def bench_kafka(
-    target: str | None, count: int, batch: int, consume_batch: int
-) -> list[Result]:
+async def bench_kafka(target: str | None, count: int, batch: int, consume_batch: int) -> list[Result]:
     """Measure Kafka publish (send_and_wait, batched futures) and consume (two commit styles).
 
     Args:
@@ -486,12 +480,8 @@ async def bench_kafka(
     return [
         Result("kafka", "publish", 'acks="all", send_and_wait each', count, each),
         Result("kafka", "publish", f'acks="all", send + gather per {batch}', count, batched),
-        Result(
-            "kafka", "consume", f"group, commit each (getmany {consume_batch})", count, per_message
-        ),
-        Result(
-            "kafka", "consume", f"group, commit per getmany ({consume_batch})", count, per_batch
-        ),
+        Result("kafka", "consume", f"group, commit each (getmany {consume_batch})", count, per_message),
+        Result("kafka", "consume", f"group, commit per getmany ({consume_batch})", count, per_batch),
     ]
 
 
@@ -567,18 +557,12 @@ def format_table(results: Sequence[Result]) -> str:
         results: Measured phases.
     """
     header = ("broker", "operation", "variant", "messages", "seconds", "msg/s")
-    rows = [
-        (r.broker, r.operation, r.variant, str(r.count), f"{r.seconds:.3f}", f"{r.rate:,.0f}")
-        for r in results
-    ]
+    rows = [(r.broker, r.operation, r.variant, str(r.count), f"{r.seconds:.3f}", f"{r.rate:,.0f}") for r in results]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     numeric = {3, 4, 5}
 
     def line(row: Sequence[str]) -> str:
-        cells = [
-            cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
+        cells = [cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i]) for i, cell in enumerate(row)]
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * width for width in widths)
@@ -608,12 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--count", type=int, default=5000, help="messages per phase (5000)")
-    parser.add_argument(
-        "--brokers", type=parse_brokers, default=list(BROKERS), help="e.g. rabbit,nats (all)"
-    )
-    parser.add_argument(
-        "--window", type=int, default=DEFAULT_WINDOW, help="concurrent publishes (100)"
-    )
+    parser.add_argument("--brokers", type=parse_brokers, default=list(BROKERS), help="e.g. rabbit,nats (all)")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="concurrent publishes (100)")
     parser.add_argument(
         "--kafka-batch",
         type=int,
@@ -628,9 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--rabbit-url", default=DEFAULT_RABBIT_URL)
     parser.add_argument("--nats-url", default=DEFAULT_NATS_URL)
-    parser.add_argument(
-        "--kafka-bootstrap", default=None, help="host:port of a Kafka broker (default: Tansu)"
-    )
+    parser.add_argument("--kafka-bootstrap", default=None, help="host:port of a Kafka broker (default: Tansu)")
     return parser
 
 
@@ -643,15 +621,11 @@ async def run(args: argparse.Namespace) -> list[Result]:
     results: list[Result] = []
     for broker in args.brokers:
         if broker == "rabbit":
-            results += await bench_rabbit(
-                args.rabbit_url, args.count, args.window, args.consume_batch
-            )
+            results += await bench_rabbit(args.rabbit_url, args.count, args.window, args.consume_batch)
         elif broker == "nats":
             results += await bench_nats(args.nats_url, args.count, args.window, args.consume_batch)
         else:
-            results += await bench_kafka(
-                args.kafka_bootstrap, args.count, args.kafka_batch, args.consume_batch
-            )
+            results += await bench_kafka(args.kafka_bootstrap, args.count, args.kafka_batch, args.consume_batch)
     return results
 
 

@@ -20,9 +20,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "support"))
 
 import databases
 from conveyor import Context, Registry, every
-from conveyor.runtime import scheduler
+from conveyor.runtime import app, scheduler
 from conveyor.runtime.relay import Relay
-from conveyor.runtime.transactions import DatabaseTransactions
 from conveyor.runtime.worker import Worker
 from conveyor.testing import unique
 from conveyor.transports.memory import MemoryTransport
@@ -47,16 +46,16 @@ async def measure(kind: str, replicas: int, fires: int) -> list[float]:
     registry = Registry.of(job)
     transport = MemoryTransport(f"memory://{unique('bench')}")
     await transport.connect()
+    stores = app.stores_for(database, "bench")
     worker = Worker(
-        scheduler.job_handlers(registry.schedules, database), transport, source="bench",
-        transactions=DatabaseTransactions(database, "bench"),
-    )  # fmt: skip
+        scheduler.job_handlers(registry.schedules, stores), transport, source="bench", transactions=stores.units
+    )
     await worker.start()
     store = SqlOutboxStore(database)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(Relay(store, transport).run(stop))]
     tasks += [
-        asyncio.create_task(scheduler.Scheduler(registry.schedules, database, source="bench").run(stop))
+        asyncio.create_task(scheduler.Scheduler(registry.schedules, stores, source="bench").run(stop))
         for _ in range(replicas)
     ]
     try:

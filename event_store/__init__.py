@@ -7,12 +7,14 @@ PostgreSQL (asyncpg), with Alembic migrations (:func:`upgrade`,
 """
 
 from event_store.database import DEFAULT_URL, Database, StoreUnavailable
+from event_store.delayed import schedule_at
 from event_store.inbox import Inbox
 from event_store.migrate import ensure_current, head_revision, upgrade
 from event_store.outbox import Outbox
 from event_store.outbox_store import SqlOutboxStore
 from event_store.projections import Projection, ProjectionRunner
 from event_store.store import Snapshot, SqlEventStore
+from event_store.unit_of_work import SqlUnits, sql_persistence
 
 __all__ = [
     "DEFAULT_URL",
@@ -24,8 +26,11 @@ __all__ = [
     "Snapshot",
     "SqlEventStore",
     "SqlOutboxStore",
+    "SqlUnits",
     "StoreUnavailable",
     "ensure_current",
     "head_revision",
+    "schedule_at",
+    "sql_persistence",
     "upgrade",
 ]

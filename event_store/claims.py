@@ -15,10 +15,11 @@ nor twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 import sqlalchemy as sa
+from conveyor import persistence
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from event_store import database, models
@@ -30,19 +31,8 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class Run:
-    """One fire of a schedule and what became of it."""
-
-    id: int
-    schedule: str
-    fire_time: datetime
-    status: str
-    claimed_by: str | None
-    claimed_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
+Run = persistence.Run
+State = persistence.ScheduleState
 
 
 async def database_now(session: AsyncSession) -> datetime:
@@ -91,12 +81,44 @@ async def claim(
 
 
 async def mark(session: AsyncSession, run_id: int, status: str, error: str | None = None) -> None:
-    """Record a run's progress (``started``, ``succeeded`` or ``failed``) with database time."""
+    """Record a run's progress (``started``, ``succeeded`` or ``failed``) with database time, unguarded."""
     table = models.schedule_claims
     values: dict[str, object] = {"status": status, "error": error}
     values["started_at" if status == STARTED else "finished_at"] = models.utcnow()
     with database.translating():
         await session.execute(sa.update(table).where(table.c.id == run_id).values(**values))
+
+
+async def start(session: AsyncSession, run_id: int) -> bool:
+    """Mark a run started unless it already succeeded or was skipped; return whether it may run.
+
+    Claimed, failed (a retry) and started (a redelivery after a crash) runs
+    may start; a succeeded or skipped run is final, so a duplicate delivery of
+    its job finds nothing to do.
+    """
+    table = models.schedule_claims
+    statement = (
+        sa.update(table)
+        .where(table.c.id == run_id, table.c.status.in_((CLAIMED, STARTED, FAILED)))
+        .values(status=STARTED, started_at=models.utcnow(), error=None)
+    )
+    with database.translating():
+        result = await session.execute(statement)
+    return int(result.rowcount or 0) == 1  # type: ignore[attr-defined]
+
+
+async def finish(
+    session: AsyncSession, run_id: int, status: Literal["succeeded", "failed"], error: str | None = None
+) -> None:
+    """Record a run's outcome; a run that already succeeded (or was skipped) keeps its status."""
+    table = models.schedule_claims
+    statement = (
+        sa.update(table)
+        .where(table.c.id == run_id, table.c.status.in_((CLAIMED, STARTED, FAILED)))
+        .values(status=status, finished_at=models.utcnow(), error=error)
+    )
+    with database.translating():
+        await session.execute(statement)
 
 
 async def running_since(session: AsyncSession, schedule: str, started_after: datetime) -> bool:
@@ -147,14 +169,6 @@ async def purge(session: AsyncSession, older_than: timedelta, now: datetime) -> 
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True, slots=True)
-class State:
-    """Whether a schedule is paused, and since when it runs again."""
-
-    paused: bool
-    resumed_at: datetime | None
-
-
 async def states(session: AsyncSession) -> dict[str, State]:
     """Pause state of every schedule that was ever paused."""
     table = models.schedule_states
@@ -174,3 +188,58 @@ async def set_paused(session: AsyncSession, schedule: str, paused: bool) -> None
     statement = insert(table).values(**values).on_conflict_do_update(index_elements=["schedule"], set_=update)
     with database.translating():
         await session.execute(statement)
+
+
+class SqlScheduleStore:
+    """Schedule claims, runs and pause state on SQL (:class:`conveyor.persistence.ScheduleStore`).
+
+    Args:
+        db: the database (for its dialect; every method joins the caller's ``tx``).
+    """
+
+    def __init__(self, db: database.Database) -> None:
+        self.db = db
+
+    async def now(self, tx: AsyncSession) -> datetime:
+        """The database clock (aware UTC)."""
+        return await database_now(tx)
+
+    async def claim(
+        self, tx: AsyncSession, schedule: str, fire_time: datetime, *, status: persistence.RunStatus, claimed_by: str
+    ) -> int | None:
+        """Claim a fire; the run id, or None if it was claimed already."""
+        return await claim(tx, schedule, fire_time, status=status, claimed_by=claimed_by)
+
+    async def start(self, tx: AsyncSession, run_id: int) -> bool:
+        """Mark a run started unless it is final; return whether it may run."""
+        return await start(tx, run_id)
+
+    async def finish(
+        self, tx: AsyncSession, run_id: int, status: Literal["succeeded", "failed"], error: str | None = None
+    ) -> None:
+        """Record a run's outcome, never undoing a success."""
+        await finish(tx, run_id, status, error)
+
+    async def last_fire(self, tx: AsyncSession, schedule: str) -> datetime | None:
+        """The latest claimed fire time of ``schedule``, or None."""
+        return await last_fire(tx, schedule)
+
+    async def running_since(self, tx: AsyncSession, schedule: str, started_after: datetime) -> bool:
+        """True if a run claimed after ``started_after`` has not finished."""
+        return await running_since(tx, schedule, started_after)
+
+    async def states(self, tx: AsyncSession) -> dict[str, persistence.ScheduleState]:
+        """Pause state of every schedule ever paused."""
+        return await states(tx)
+
+    async def set_paused(self, tx: AsyncSession, schedule: str, paused: bool) -> None:
+        """Pause or resume ``schedule`` for every replica."""
+        await set_paused(tx, schedule, paused)
+
+    async def history(self, tx: AsyncSession, schedule: str, limit: int = 10) -> list[persistence.Run]:
+        """The latest runs of ``schedule``, newest first."""
+        return await history(tx, schedule, limit)
+
+    async def purge(self, tx: AsyncSession, older_than: timedelta) -> int:
+        """Delete finished runs older than ``older_than`` by the database clock."""
+        return await purge(tx, older_than, await database_now(tx))

@@ -168,6 +168,15 @@ def translating() -> Iterator[None]:
         raise translate(error) from error
 
 
+async def _discard(session: AsyncSession) -> None:
+    """Close a session (rolling back what it left open); a broken connection is dropped quietly."""
+    try:
+        await session.close()
+    except (exc.SQLAlchemyError, OSError, ConnectionError):
+        with contextlib.suppress(exc.SQLAlchemyError, OSError, ConnectionError):
+            await session.invalidate()
+
+
 class Database:
     """An async engine and session factory for one database URL.
 
@@ -240,6 +249,11 @@ class Database:
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[AsyncSession]:
         """A session in a new transaction, committed on success and rolled back on error.
 
+        Errors the database raises (inside the block or at commit) are
+        translated; an exception of the caller's own propagates unchanged, so
+        an ``OSError`` from the caller's HTTP call is never taken for a
+        database outage.
+
         Args:
             readonly: a transaction that only reads (on SQLite it then takes
                 no write lock).
@@ -250,9 +264,18 @@ class Database:
                 on a conflicting concurrent write.
         """
         factory = self._readonly_sessions if readonly else self.sessions
-        with translating():
-            async with factory() as session, session.begin():
+        session = factory()
+        try:
+            with translating():
+                await session.begin()
+            try:
                 yield session
+            except exc.SQLAlchemyError as error:
+                raise translate(error) from error
+            with translating():
+                await session.commit()
+        finally:
+            await _discard(session)
 
     async def check(self) -> None:
         """Verify the database answers now (for readiness).

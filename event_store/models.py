@@ -104,6 +104,9 @@ snapshots = sa.Table(
 )
 """Snapshots of streams at a version; the newest one per stream is used."""
 
+OUTBOX_RETRYING = "sent_at IS NULL AND (attempts > 0 OR parked_at IS NOT NULL)"
+"""Predicate of the partial index of unsent rows that failed: the few rows that can make a key wait."""
+
 outbox = sa.Table(
     "outbox",
     metadata,
@@ -118,16 +121,29 @@ outbox = sa.Table(
     _time("sent_at", nullable=True, default=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_error", sa.Text, nullable=True),
+    _time("parked_at", nullable=True, default=False),
     sa.Index(
         "ix_outbox_unsent",
         "id",
         postgresql_where=sa.text("sent_at IS NULL"),
         sqlite_where=sa.text("sent_at IS NULL"),
     ),
+    sa.Index(
+        "ix_outbox_retrying",
+        "partition_key",
+        "id",
+        postgresql_where=sa.text(OUTBOX_RETRYING),
+        sqlite_where=sa.text(OUTBOX_RETRYING),
+    ),
     sa.Index("ix_outbox_sent_at", "sent_at"),
     sqlite_autoincrement=True,
 )
-"""Messages waiting for the relay: binary-mode CloudEvents (``ce-*`` headers, data as body)."""
+"""Messages waiting for the relay: binary-mode CloudEvents (``ce-*`` headers, data as body).
+
+``attempts`` counts publishes the broker refused (an outage counts none);
+``parked_at`` is set when the last allowed attempt failed: the row waits for an
+operator, and so do the later rows of its key.
+"""
 
 inbox = sa.Table(
     "inbox",

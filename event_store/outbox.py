@@ -11,6 +11,9 @@ transaction::
 Nothing is published unless the transaction commits, and everything that
 committed is published (at least once) by :class:`conveyor.runtime.relay.Relay`.
 
+A producer that retries (HTTP ingest) uses :meth:`Outbox.add_once`, which
+stores an event id once and reports a duplicate instead of failing.
+
 Each row is a CloudEvent in binary mode with HTTP-binding headers: the envelope
 id is ``message_id``, its attributes are ``ce-*`` entries of ``headers``,
 ``content-type`` its data's media type and ``body`` its data. A service written
@@ -24,12 +27,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from conveyor import envelope, errors, names, telemetry
+from conveyor import envelope, errors, names, persistence, telemetry
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from event_store import database, models
 
 _MAX_DELAY = timedelta(days=3650)
+
+AddOutcome = persistence.AddOutcome
 
 
 def db_time(dialect: str, offset: float = 0.0) -> sa.ColumnElement[Any]:
@@ -181,6 +186,49 @@ class Outbox:
             await session.execute(sa.insert(models.outbox).values(**row))
         session.info[database.OUTBOX_ADDED] = True
         return event
+
+    async def add_once(self, session: AsyncSession, topic: str, event: envelope.Envelope) -> AddOutcome:
+        """Add an event unless its id is in the outbox already, in the caller's open transaction.
+
+        The insert is ``INSERT ... ON CONFLICT (message_id) DO NOTHING``: a
+        duplicate leaves the transaction usable (a failed insert would abort it
+        on PostgreSQL). A concurrent add of the same id waits for the other
+        transaction and, if that commits, sees its row. Ids are remembered as
+        long as their rows are kept: the relay purges sent rows after the
+        retention period, and the id may then be added again.
+
+        Args:
+            session: the caller's session, inside its transaction.
+            topic: destination topic.
+            event: the event; its id is the message id. It is published as soon
+                as the transaction commits.
+
+        Returns:
+            ``"added"``, ``"duplicate"`` (same id, topic and ``source``; the
+            first row is kept as it was) or ``"conflict"`` (the id belongs to
+            an event of another topic or source); see :data:`AddOutcome`.
+
+        Raises:
+            ConfigurationError: invalid topic.
+            StoreError: the database failed.
+        """
+        row = to_row(topic, self.build(topic, event))
+        table = models.outbox
+        statement = (
+            database.insert_for(session)(table).values(**row).on_conflict_do_nothing(index_elements=["message_id"])
+        )
+        with database.translating():
+            result = await session.execute(statement)
+            if int(result.rowcount or 0) == 1:  # type: ignore[attr-defined]
+                session.info[database.OUTBOX_ADDED] = True
+                return "added"
+            query = sa.select(table.c.topic, table.c.headers).where(table.c.message_id == event.id)
+            stored = (await session.execute(query)).one_or_none()
+        if stored is None:
+            return "duplicate"  # sent and purged between the two statements
+        headers = stored.headers if isinstance(stored.headers, dict) else {}
+        same = stored.topic == topic and headers.get(envelope.HTTP_PREFIX + "source") == event.source
+        return "duplicate" if same else "conflict"
 
 
 def to_row(topic: str, event: envelope.Envelope) -> dict[str, Any]:

@@ -2,61 +2,90 @@
 
 Claiming (see :class:`conveyor.ports.OutboxStore`):
 
-* Only the *head* of the backlog is considered: the oldest ``window`` unsent
-  rows that are due, plus keyed rows waiting after a failed publish (those
-  must hold back the later rows of their key). Keyless rows that are merely
-  delayed are left out, so scheduled messages never block others.
-* For each key, the claim takes a prefix of that key's unsent rows (at most
-  ``per_key``), and none if an earlier row of the key is waiting after a
-  failure. Keyless rows are taken freely.
+* A key *waits* while its oldest unsent row that failed is backing off
+  (``attempts > 0``, ``available_at`` in the future) or is parked: the claim
+  skips every row of the key from that row on, so a failing key never fills
+  the claim's window and other keys and keyless rows keep their full rate. The
+  rows that can make a key wait are few (one per failing key) and sit in the
+  partial index ``ix_outbox_retrying``; skipping a row is one probe into it.
+* Of the rows that remain and are due (``available_at <= now``), the oldest
+  ``window`` are considered; a never-attempted row that is delayed holds back
+  nothing. For each key the claim takes a prefix of that key's rows (at most
+  ``per_key``); keyless rows are taken freely.
+* **Parking.** The relay parks a row when its last allowed publish is
+  refused (``parked_at``, ``last_error`` kept). A parked row is never claimed
+  again until an operator retries it (:meth:`SqlOutboxStore.retry`) or purges
+  it (:meth:`SqlOutboxStore.purge_parked`). A parked keyed row **holds its
+  key**: the later rows of that key wait, so per-key order is never silently
+  broken. A parked keyless row blocks nothing. A broker outage is not a row's
+  fault: an interrupted publish records the error only.
 * **PostgreSQL**: the claiming transaction locks its rows with ``FOR UPDATE
   SKIP LOCKED`` and stays open while the relay publishes, then marks the rows
-  and commits. Another relay skips locked rows; it keeps a key's rows only if
-  it also locked that key's first unsent row, so a key is never in flight in
-  two relays. A relay that dies releases its locks with its connection and
-  its unmarked rows are claimed again.
+  and commits, also when the relay's block raised (so rows the broker
+  confirmed are not published again); only cancellation rolls back. Another
+  relay skips locked rows; it keeps a key's rows only if it also locked that
+  key's first claimable row, so a key is never in flight in two relays. A relay
+  that dies releases its locks with its connection and its unmarked rows are
+  claimed again.
 * **SQLite**: the claim reads without holding the write lock (publishing
   would otherwise block every writer of the file), and marks in a short write
-  transaction. Hence: one relay per SQLite file.
+  transaction. Hence one relay per SQLite file, enforced by an exclusive lock
+  on ``<database>-relay.lock`` (:mod:`event_store.relay_lock`): a store whose
+  relay does not hold it claims nothing, says once that it stands by, and
+  tries again on every claim. In-memory SQLite needs no lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Literal
 
 import sqlalchemy as sa
-from conveyor import ports
+from conveyor import errors, ports
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import database, listener, models
+from event_store import database, listener, models, outbox_admin, relay_lock
 from event_store.outbox import as_utc, db_time
 
+log = logging.getLogger("conveyor.event_store.outbox")
+
+# True when no earlier unsent row of o's key makes the key wait. The terms of
+# the inner WHERE imply the predicate of ix_outbox_retrying (models.OUTBOX_RETRYING),
+# so each probe is an index lookup on (partition_key, id).
+_NOT_WAITING = """NOT EXISTS (
+    SELECT 1 FROM outbox w
+    WHERE w.partition_key = o.partition_key AND w.id < o.id
+      AND w.sent_at IS NULL AND (w.attempts > 0 OR w.parked_at IS NOT NULL)
+      AND (w.parked_at IS NOT NULL OR w.available_at > {now})
+)"""
 _CLAIM = """
 WITH head AS (
-    SELECT id, partition_key, available_at FROM outbox
-    WHERE sent_at IS NULL
-      AND (available_at <= {now} OR (partition_key IS NOT NULL AND attempts > 0))
-    ORDER BY id
+    SELECT o.id, o.partition_key FROM outbox o
+    WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND o.available_at <= {now}
+      AND {not_waiting}
+    ORDER BY o.id
     LIMIT :window
 ), ranked AS (
-    SELECT id, partition_key,
-           row_number() OVER (PARTITION BY partition_key ORDER BY id) AS rn,
-           max(CASE WHEN available_at > {now} THEN 1 ELSE 0 END)
-               OVER (PARTITION BY partition_key ORDER BY id) AS blocked
+    SELECT id, partition_key, row_number() OVER (PARTITION BY partition_key ORDER BY id) AS rn
     FROM head
 )
 SELECT o.id, o.message_id, o.topic, o.partition_key, o.headers, o.body, o.attempts,
        o.created_at, r.rn
 FROM outbox o JOIN ranked r ON r.id = o.id
-WHERE o.sent_at IS NULL
-  AND (r.partition_key IS NULL OR (r.rn <= :per_key AND r.blocked = 0))
+WHERE o.sent_at IS NULL AND o.parked_at IS NULL
+  AND (r.partition_key IS NULL OR r.rn <= :per_key)
 ORDER BY o.id
 LIMIT :limit
 {lock}
+"""
+_NEXT_DUE = """
+SELECT min(o.available_at) AS earliest, {now} AS now FROM outbox o
+WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND {not_waiting}
 """
 _PURGE_CHUNK = 1000
 
@@ -68,14 +97,29 @@ class SqlOutboxBatch:
     messages: Sequence[ports.OutboxMessage]
     sent_ids: list[int] = field(default_factory=list)
     failures: list[tuple[int, str, float]] = field(default_factory=list)
+    parkings: list[tuple[int, str]] = field(default_factory=list)
+    interruptions: list[tuple[int, str]] = field(default_factory=list)
 
     def sent(self, message: ports.OutboxMessage) -> None:
         """Record that the broker confirmed ``message``."""
         self.sent_ids.append(message.id)
 
     def failed(self, message: ports.OutboxMessage, error: str, retry_in: float) -> None:
-        """Record a failed publish of ``message``; due again in ``retry_in`` seconds."""
+        """Record a refused publish of ``message``; due again in ``retry_in`` seconds."""
         self.failures.append((message.id, error[:2000], max(retry_in, 0.0)))
+
+    def parked(self, message: ports.OutboxMessage, error: str) -> None:
+        """Record the last refused attempt of ``message``; it is parked."""
+        self.parkings.append((message.id, error[:2000]))
+
+    def interrupted(self, message: ports.OutboxMessage, error: str) -> None:
+        """Record that the broker was unreachable for ``message`` (no attempt spent)."""
+        self.interruptions.append((message.id, error[:2000]))
+
+    @property
+    def recorded(self) -> bool:
+        """True if anything is to be stored."""
+        return bool(self.sent_ids or self.failures or self.parkings or self.interruptions)
 
 
 def _keep_key_prefixes(rows: Sequence[sa.Row[tuple[object, ...]]]) -> list[ports.OutboxMessage]:
@@ -110,7 +154,7 @@ class SqlOutboxStore:
     Args:
         db: the database.
         per_key: most rows of one key in one claim.
-        window: rows of the backlog's head considered per claim (default 4 x limit, >= 256).
+        window: claimable due rows considered per claim (default 4 x limit, >= 256).
         listen: on PostgreSQL, wake on ``LISTEN conveyor_outbox`` (else poll).
     """
 
@@ -125,19 +169,46 @@ class SqlOutboxStore:
         self.db = db
         self.per_key = per_key
         self.window = window
-        self._statement = self._claim_statement()
+        now = str(models.utcnow().compile(dialect=db.engine.dialect))
+        not_waiting = _NOT_WAITING.format(now=now)
+        self._statement = self._claim_statement(now, not_waiting)
+        self._next_due = sa.text(_NEXT_DUE.format(now=now, not_waiting=not_waiting)).columns(
+            sa.column("earliest", sa.DateTime(timezone=True)), sa.column("now", sa.DateTime(timezone=True))
+        )
         self._listener = (
             listener.PgListener(db.url, models.OUTBOX_CHANNEL, db.outbox_signal) if listen and db.is_postgres else None
         )
+        self._listening: asyncio.Future[bool] | None = None
+        file_sqlite = db.is_sqlite and not database.is_memory_sqlite(db.url)
+        self._lock = relay_lock.RelayLock(relay_lock.lock_path(str(db.url.database))) if file_sqlite else None
+        self._standing_by = False
 
-    def _claim_statement(self) -> sa.TextualSelect:
-        now = str(models.utcnow().compile(dialect=self.db.engine.dialect))
+    def _claim_statement(self, now: str, not_waiting: str) -> sa.TextualSelect:
         lock = "FOR UPDATE OF o SKIP LOCKED" if self.db.is_postgres else ""
         outbox = models.outbox.c
-        return sa.text(_CLAIM.format(now=now, lock=lock)).columns(
+        return sa.text(_CLAIM.format(now=now, not_waiting=not_waiting, lock=lock)).columns(
             outbox.id, outbox.message_id, outbox.topic, outbox.partition_key, outbox.headers,
             outbox.body, outbox.attempts, outbox.created_at, sa.column("rn", sa.Integer),
         )  # fmt: skip
+
+    def _may_claim(self) -> bool:
+        """False while another relay holds this SQLite file (logged once per stand-by)."""
+        lock = self._lock
+        if lock is None or lock.held:
+            return True
+        if lock.acquire():
+            if self._standing_by:
+                log.info("outbox relay taking over %s: the other relay stopped", self.db.display_url())
+            self._standing_by = False
+            return True
+        if not self._standing_by:
+            log.info(
+                "outbox relay standing by: another relay publishes %s (it holds %s)",
+                self.db.display_url(),
+                lock.path,
+            )
+            self._standing_by = True
+        return False
 
     async def _select(self, session: AsyncSession, limit: int) -> list[ports.OutboxMessage]:
         window = self.window or max(limit * 4, 256)
@@ -160,39 +231,59 @@ class SqlOutboxStore:
                     available_at=db_time(self.db.dialect, retry_in),
                 )
             )
+        for row_id, error in batch.parkings:
+            await session.execute(
+                sa.update(table)
+                .where(table.c.id == row_id)
+                .values(attempts=table.c.attempts + 1, last_error=error, parked_at=models.utcnow())
+            )
+        for row_id, error in batch.interruptions:
+            await session.execute(sa.update(table).where(table.c.id == row_id).values(last_error=error))
 
     @contextlib.asynccontextmanager
     async def claim(self, limit: int) -> AsyncIterator[SqlOutboxBatch]:
-        """Claim up to ``limit`` due rows; mark what the block recorded when it exits.
+        """Claim up to ``limit`` due rows; store what the block recorded when it exits.
 
         Raises:
             StoreError: the database failed.
         """
+        if not self._may_claim():
+            yield SqlOutboxBatch([])
+            return
         if self.db.is_postgres:
+            failure: Exception | None = None
             async with self.db.transaction() as session:
                 batch = SqlOutboxBatch(await self._select(session, limit))
                 try:
                     yield batch
-                except asyncio.CancelledError:
-                    raise  # roll back: the rows are claimed again (at-least-once)
-                except BaseException:
+                except Exception as exc:  # not cancellation: that rolls back, and the rows are claimed again
+                    failure = exc
+                try:
                     await self._settle(session, batch)
+                except errors.StoreError as settle_error:
+                    if failure is not None:
+                        settle_error.add_note(f"while storing a relay round that failed with {failure!r}")
                     raise
-                await self._settle(session, batch)
+            if failure is not None:
+                raise failure  # after the commit: what the broker confirmed stays marked
             return
         async with self.db.transaction(readonly=True) as session:
             batch = SqlOutboxBatch(await self._select(session, limit))
         try:
             yield batch
         finally:
-            if batch.sent_ids or batch.failures:
+            if batch.recorded:
                 async with self.db.transaction() as session:
                     await self._settle(session, batch)
 
     async def wait(self, max_wait: float) -> None:
         """Return on a commit notification (LISTEN or in-process) or after ``max_wait`` s."""
         if self._listener is not None:
-            await self._listener.ensure()
+            # Shielded: a wait cancelled while the LISTEN connection is being opened
+            # must not drop that connection unclosed; close() awaits it and closes it.
+            if self._listening is None or self._listening.done():
+                self._listening = asyncio.ensure_future(self._listener.ensure())
+            await asyncio.shield(self._listening)
         signal = self.db.outbox_signal
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(max_wait, 0.0)):
@@ -200,21 +291,24 @@ class SqlOutboxStore:
         signal.clear()
 
     async def next_due_in(self) -> float | None:
-        """Seconds until the earliest unsent row is due (0 if one is), None if nothing is unsent.
+        """Seconds until the earliest claimable row is due (0 if one is), None if none will be.
+
+        Parked rows and the rows of waiting keys are not claimable; a waiting
+        key's backing-off row is, at its due time. None while standing by.
 
         Raises:
             StoreError: the database failed.
         """
-        table = models.outbox
-        query = sa.select(sa.func.min(table.c.available_at), models.utcnow()).where(table.c.sent_at.is_(None))
+        if self._lock is not None and not self._lock.held:
+            return None
         async with self.db.transaction(readonly=True) as session:
-            earliest, now = (await session.execute(query)).one()
+            earliest, now = (await session.execute(self._next_due)).one()
         if earliest is None:
             return None
         return max((as_utc(earliest) - as_utc(now)).total_seconds(), 0.0)
 
     async def stats(self) -> ports.OutboxStats:
-        """Unsent rows and the age of the oldest due one.
+        """Unsent rows, parked rows and the age of the oldest due, unparked one.
 
         Raises:
             StoreError: the database failed.
@@ -223,13 +317,59 @@ class SqlOutboxStore:
         now = models.utcnow()
         unsent = table.c.sent_at.is_(None)
         backlog = sa.select(sa.func.count()).select_from(table).where(unsent).scalar_subquery()
+        parked = (
+            sa.select(sa.func.count())
+            .select_from(table)
+            .where(unsent, table.c.parked_at.is_not(None))
+            .scalar_subquery()
+        )
         oldest = (
-            sa.select(sa.func.min(table.c.available_at)).where(unsent, table.c.available_at <= now).scalar_subquery()
+            sa.select(sa.func.min(table.c.available_at))
+            .where(unsent, table.c.parked_at.is_(None), table.c.available_at <= now)
+            .scalar_subquery()
         )
         async with self.db.transaction(readonly=True) as session:
-            count, earliest, db_now = (await session.execute(sa.select(backlog, oldest, now))).one()
+            result = await session.execute(sa.select(backlog, parked, oldest, now))
+            count, parked_count, earliest, db_now = result.one()
         age = 0.0 if earliest is None else max((as_utc(db_now) - as_utc(earliest)).total_seconds(), 0.0)
-        return ports.OutboxStats(backlog=int(count), oldest_age=age)
+        return ports.OutboxStats(backlog=int(count), oldest_age=age, parked=int(parked_count))
+
+    async def entries(
+        self, *, status: Literal["pending", "parked"] | None = None, topic: str | None = None, limit: int = 100
+    ) -> list[ports.OutboxEntry]:
+        """Unsent rows, oldest first (see :meth:`conveyor.ports.OutboxStore.entries`).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        return await outbox_admin.entries(self.db, status=status, topic=topic, limit=limit)
+
+    async def get(self, message_id: str) -> ports.OutboxEntry:
+        """The row of ``message_id``.
+
+        Raises:
+            NotFound: no row has this message id.
+            StoreError: the database failed.
+        """
+        return await outbox_admin.get(self.db, message_id)
+
+    async def retry(self, message_ids: Sequence[str] | None) -> int:
+        """Make rows due now with no attempts (None: every parked row); return how many.
+
+        Raises:
+            NotFound: a given id is not an unsent row; nothing was changed.
+            StoreError: the database failed.
+        """
+        return await outbox_admin.retry(self.db, message_ids)
+
+    async def purge_parked(self, message_ids: Sequence[str] | None) -> int:
+        """Delete parked rows (None: every parked row); return how many.
+
+        Raises:
+            NotFound: a given id is not a parked row; nothing was deleted.
+            StoreError: the database failed.
+        """
+        return await outbox_admin.purge_parked(self.db, message_ids)
 
     async def purge(self, older_than: timedelta) -> int:
         """Delete rows sent more than ``older_than`` ago, in chunks; return how many.
@@ -250,6 +390,10 @@ class SqlOutboxStore:
                 return total
 
     async def close(self) -> None:
-        """Close the LISTEN connection; idempotent."""
+        """Close the LISTEN connection and release the SQLite relay lock; idempotent."""
+        if self._lock is not None:
+            self._lock.release()
         if self._listener is not None:
+            if self._listening is not None:
+                await asyncio.gather(self._listening, return_exceptions=True)
             await self._listener.close()

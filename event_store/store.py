@@ -65,11 +65,28 @@ def _recorded(row: sa.Row[Any]) -> ports.RecordedEvent:
     )
 
 
+_LOCKED = "conveyor_events_locked"
+"""Session ``info`` entry: the transaction that holds the events lock (kept to its commit)."""
+_SET_TIMEOUT = sa.text("SELECT current_setting('lock_timeout'), set_config('lock_timeout', :timeout, true)")
+_RESTORE_TIMEOUT = sa.text("SELECT set_config('lock_timeout', :timeout, true)")
+
+
 async def lock_events(session: AsyncSession, lock_timeout: float) -> None:
-    """Serialise appends on PostgreSQL (see the module docstring); no-op on SQLite."""
-    if session.get_bind().dialect.name == "postgresql":
-        await session.execute(sa.text(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'"))
-        await session.execute(_LOCK_EVENTS)
+    """Serialise appends on PostgreSQL (see the module docstring); no-op on SQLite.
+
+    The lock wait is bounded by ``lock_timeout``; the transaction's own
+    ``lock_timeout`` is restored afterwards, so the caller's later statements
+    keep theirs. The lock is taken once per transaction.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    transaction = session.sync_session.get_transaction()
+    if transaction is not None and session.info.get(_LOCKED) is transaction:
+        return
+    previous = (await session.execute(_SET_TIMEOUT, {"timeout": f"{int(lock_timeout * 1000)}ms"})).scalar_one()
+    await session.execute(_LOCK_EVENTS)
+    await session.execute(_RESTORE_TIMEOUT, {"timeout": previous})
+    session.info[_LOCKED] = session.sync_session.get_transaction()
 
 
 class SqlEventStore:

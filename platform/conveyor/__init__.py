@@ -4,7 +4,6 @@ The public API. Everything not listed in ``__all__`` is internal.
 """
 
 from conveyor.context import Context
-from conveyor.delayed import schedule_at
 from conveyor.envelope import Envelope
 from conveyor.errors import (
     ConcurrencyConflict,
@@ -49,5 +48,4 @@ __all__ = [
     "cron",
     "every",
     "on",
-    "schedule_at",
 ]

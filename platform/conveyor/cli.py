@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from conveyor import errors, logs, registry, schedules_cli, settings
+from conveyor import errors, logs, outbox_cli, registry, schedules_cli, settings
 from conveyor.runtime import app, supervisor
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,6 +46,7 @@ def _http_options(func: F) -> F:
 def _load(**flags: Any) -> settings.Settings:
     config = settings.load(
         broker_url=flags.get("broker_url"),
+        database_url=flags.get("database_url"),
         app=flags.get("app_modules"),
         log_level=flags.get("log_level"),
         log_format=flags.get("log_format"),
@@ -121,7 +122,8 @@ def worker(processes: int, declare_only: bool, **flags: Any) -> None:
     handlers = registry.discover(config.app, config.app_dir)
     if declare_only:
         asyncio.run(app.declare(config, handlers))
-        click.echo(f"declared {len(handlers.handlers)} subscription(s) on {app.redact(config.broker_url)}")
+        count = len(handlers.handlers) + len(handlers.schedules)
+        click.echo(f"declared {count} subscription(s) on {app.redact(config.broker_url)}")
     elif processes > 1:
         sys.exit(asyncio.run(supervisor.Supervisor(config, processes).run()))
     else:
@@ -282,6 +284,69 @@ def dlq_purge(topic: str, limit: int, yes: bool, **flags: Any) -> None:
 
 
 @main.group()
+def outbox() -> None:
+    """Unsent outbox messages: list, show; retry or purge the parked ones."""
+
+
+def _outbox_command(func: F) -> F:
+    func = click.option("--database-url", help="SQLAlchemy async URL (CONVEYOR_DATABASE_URL).")(func)
+    return _common(_exits(func))
+
+
+@outbox.command(name="list")
+@click.option("--parked", is_flag=True, help="Only parked messages (they wait for retry or purge).")
+@click.option("--topic", help="Only messages to this topic.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@_outbox_command
+def outbox_list(parked: bool, topic: str | None, limit: int, **flags: Any) -> None:
+    """List unsent outbox messages, oldest first: status, attempts, last error."""
+    found = asyncio.run(
+        outbox_cli.run(
+            _load(**flags),
+            lambda store: store.entries(status="parked" if parked else None, topic=topic, limit=limit),
+        )
+    )
+    if not found:
+        click.echo("no parked outbox messages" if parked else "no unsent outbox messages")
+        return
+    schedules_cli.print_table(outbox_cli.table(found))
+
+
+@outbox.command(name="show")
+@click.argument("message_id")
+@_outbox_command
+def outbox_show(message_id: str, **flags: Any) -> None:
+    """Show one outbox message: status, attempts, last error, headers and body."""
+    entry = asyncio.run(outbox_cli.run(_load(**flags), lambda store: store.get(message_id)))
+    click.echo(outbox_cli.describe(entry))
+
+
+@outbox.command(name="retry")
+@click.argument("message_ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every parked message.")
+@_outbox_command
+def outbox_retry(message_ids: tuple[str, ...], every: bool, **flags: Any) -> None:
+    """Publish MESSAGE_ID(s) again now, attempts reset (--all: every parked message), ahead of their key."""
+    chosen = outbox_cli.chosen(message_ids, every)
+    count = asyncio.run(outbox_cli.run(_load(**flags), lambda store: store.retry(chosen)))
+    click.echo(f"{count} outbox message(s) will be published again")
+
+
+@outbox.command(name="purge")
+@click.argument("message_ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every parked message.")
+@click.option("--yes", is_flag=True, help="Confirm: the messages are deleted, never published.")
+@_outbox_command
+def outbox_purge(message_ids: tuple[str, ...], every: bool, yes: bool, **flags: Any) -> None:
+    """Delete parked MESSAGE_ID(s) (--all: every parked one); the later messages of their keys move on."""
+    chosen = outbox_cli.chosen(message_ids, every)
+    if not yes:
+        raise click.UsageError("purging deletes parked messages for good: add --yes")
+    count = asyncio.run(outbox_cli.run(_load(**flags), lambda store: store.purge_parked(chosen)))
+    click.echo(f"purged {count} parked outbox message(s)")
+
+
+@main.group()
 def db() -> None:
     """The service's database."""
 
@@ -291,11 +356,9 @@ def db() -> None:
 @_exits
 def upgrade(database_url: str | None) -> None:
     """Create or migrate the database's tables (events, outbox, inbox, schedules, sagas)."""
-    from event_store import migrate
-
     config = settings.load(database_url=database_url)
     logs.configure(config.log_level, config.log_format)
-    asyncio.run(migrate.upgrade(config.database_url))
+    asyncio.run(app.upgrade_database(config.database_url))
     click.echo(f"database {app.redact(config.database_url)} is up to date")
 
 

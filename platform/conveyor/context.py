@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
 
-from conveyor import envelope, errors, names, telemetry
-from conveyor.transaction import Transaction
+from conveyor import envelope, errors, names, persistence, telemetry
+from conveyor.transaction import AlreadyHandled, Transaction
 
 _log = logging.getLogger("conveyor.handler")
-
-
-@dataclass(slots=True)
-class Outgoing:
-    """A message a handler published, sent once the handler succeeds."""
-
-    topic: str
-    envelope: envelope.Envelope
-
-
-class Transactions(Protocol):
-    """Opens handler transactions (implemented by the runtime over the database)."""
-
-    def begin(self, ctx: Context) -> contextlib.AbstractAsyncContextManager[Transaction]:
-        """A transaction that first marks ``ctx.message`` as handled in the inbox.
-
-        Raises:
-            AlreadyHandled: the inbox already has the message for this handler.
-            StoreError: the database failed.
-        """
-        ...
+_IDS = uuid.UUID("9d0c6f5e-3b7a-4c1e-9a51-6f2f3d1b8c47")
+"""Namespace of the ids of messages a handler publishes (see :meth:`Context.child`)."""
 
 
 class Context:
@@ -42,20 +23,40 @@ class Context:
         message: the envelope being handled (id, type, source, subject, time,
             key, attempt, headers, correlation and causation ids, trace context).
         handler: the handler's name.
-        logger: a logger whose records carry the message id and handler name.
+        outgoing: messages the attempt published, in order; sent when it succeeds.
+        duplicate: the inbox showed the message was already handled.
     """
 
-    __slots__ = ("_logger", "_source", "_transactions", "handler", "message", "outgoing")
+    __slots__ = (
+        "_children",
+        "_logger",
+        "_source",
+        "_tx",
+        "_unit",
+        "_units",
+        "duplicate",
+        "handler",
+        "message",
+        "outgoing",
+    )
 
     def __init__(
-        self, message: envelope.Envelope, handler: str, source: str, transactions: Transactions | None = None
+        self,
+        message: envelope.Envelope,
+        handler: str,
+        source: str,
+        units: persistence.UnitOfWorkFactory | None = None,
     ) -> None:
         self.message = message
         self.handler = handler
         self._source = source
-        self._transactions = transactions
+        self._units = units
+        self._unit: persistence.UnitOfWork | None = None
+        self._tx: Transaction | None = None
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
-        self.outgoing: list[Outgoing] = []
+        self._children = 0
+        self.outgoing: list[persistence.Outgoing] = []
+        self.duplicate = False
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -67,6 +68,11 @@ class Context:
             )
         return self._logger
 
+    @property
+    def unit(self) -> persistence.UnitOfWork | None:
+        """The attempt's open unit of work, if ``ctx.transaction()`` opened one."""
+        return self._unit
+
     def publish(
         self,
         topic: str,
@@ -75,14 +81,21 @@ class Context:
         key: str | None = None,
         type: str | None = None,  # noqa: A002 - the CloudEvents attribute name
         headers: Mapping[str, str] | None = None,
+        delay: timedelta | float | None = None,
+        at: datetime | None = None,
     ) -> envelope.Envelope:
-        """Publish a message caused by the one being handled.
+        """Publish a message caused by the one being handled, if the attempt succeeds.
 
-        The message is sent only if the handler succeeds, before the incoming
-        message is acknowledged; a failed or retried attempt sends nothing.
+        Nothing is sent by a failed attempt. When the attempt has a database
+        transaction (``ctx.transaction()``, before or after this call), the
+        message goes to the outbox in it and the relay sends it after the
+        commit; otherwise it is sent to the broker after the handler returns,
+        before the incoming message is acknowledged. Its id is derived from the
+        incoming message's id, the handler and the order of publishes, so a
+        retried attempt sends the same ids and consumers drop the doubles.
+
         The correlation id is carried over, the causation id is the incoming
-        message's id, and the trace context is the handler's span, so the
-        next consumer continues the same trace.
+        message's id, and the trace context is the handler's span.
 
         Args:
             topic: destination topic.
@@ -90,15 +103,27 @@ class Context:
             key: ordering key; messages with the same key are handled in order.
             type: CloudEvents type (default: the topic).
             headers: extra transport headers.
+            delay: publish no earlier than this long after the attempt commits
+                (needs a database: the message waits in the outbox).
+            at: publish no earlier than this aware time (likewise).
 
         Returns:
             The envelope that will be sent.
 
         Raises:
-            ConfigurationError: invalid topic, or data that cannot be serialised.
+            ConfigurationError: invalid topic, data that cannot be serialised,
+                or both ``delay`` and ``at``.
         """
-        self.outgoing.append(Outgoing(topic, self.child(topic, data, key=key, type=type, headers=headers)))
-        return self.outgoing[-1].envelope
+        if delay is not None and at is not None:
+            raise errors.ConfigurationError("give either delay or at, not both")
+        event = self.child(topic, data, key=key, type=type, headers=headers)
+        self.outgoing.append(persistence.Outgoing(topic, event, delay, at))
+        return event
+
+    @property
+    def needs_outbox(self) -> bool:
+        """True if an outgoing message is delayed: it can only wait in the outbox."""
+        return any(o.delay is not None or o.at is not None for o in self.outgoing)
 
     def child(
         self,
@@ -111,6 +136,10 @@ class Context:
     ) -> envelope.Envelope:
         """An envelope caused by the message being handled (ids and trace carried over).
 
+        Its id is a UUID derived from the handler, the incoming message id and
+        how many envelopes this attempt built before it: the same on every
+        attempt that publishes in the same order.
+
         Raises:
             ConfigurationError: invalid topic, or data that cannot be serialised.
         """
@@ -119,7 +148,7 @@ class Context:
         traceparent, tracestate = telemetry.current_trace() if telemetry.tracing() else (None, None)
         if traceparent is None:
             traceparent, tracestate = parent.traceparent, parent.tracestate
-        return envelope.create(
+        event = envelope.create(
             type or topic,
             data,
             source=self._source,
@@ -130,24 +159,71 @@ class Context:
             traceparent=traceparent,
             tracestate=tracestate,
         )
+        event.id = str(uuid.uuid5(_IDS, f"{self.handler}\n{parent.id}\n{self._children}"))
+        self._children += 1
+        return event
 
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
-        """One database transaction: the inbox mark, your writes and the outbox, committed together.
+    def transaction(self) -> _TransactionScope:
+        """The attempt's database transaction: the inbox mark, your writes and the outbox, committed together.
 
-        The inbox row ``(handler name, message id)`` is inserted first; if this
-        message was already handled (a redelivery), the handler stops here and
-        the message is acknowledged without running the rest again. Put every
-        effect inside the transaction. ``tx.session`` is a SQLAlchemy
-        ``AsyncSession``; ``tx.publish(...)`` writes to the outbox.
+        Use it as ``async with ctx.transaction() as tx:``. The first call opens
+        the transaction and inserts the inbox row ``(handler name, message id)``;
+        if this message was already handled (a redelivery), the handler stops
+        there and the message is acknowledged without running the rest. Later
+        calls join the same transaction. It commits once, when the handler
+        returns, with every message the attempt published; an exception or
+        timeout anywhere in the handler rolls all of it back and the retry runs
+        the handler again. ``tx.session`` is a SQLAlchemy ``AsyncSession``.
 
         Raises:
-            ConfigurationError: this process has no database configured.
+            ConfigurationError: this process has no database configured, or the
+                handler is a plain (sync) function.
             StoreError: the database failed (the attempt is retried).
         """
-        if self._transactions is None:
+        return _TransactionScope(self)
+
+    async def open_transaction(self) -> Transaction:
+        """Open (or join) the attempt's transaction; see :meth:`transaction`.
+
+        Raises:
+            ConfigurationError: no database is configured.
+            StoreError: the database failed.
+        """
+        if self._tx is not None:
+            return self._tx
+        if self._units is None:
             raise errors.ConfigurationError(
                 "ctx.transaction() needs a database: set CONVEYOR_DATABASE_URL and run `conveyor db upgrade`"
             )
-        async with self._transactions.begin(self) as tx:
-            yield tx
+        unit = await self._units.begin(self.handler, self.message.id)
+        if unit is None:
+            self.duplicate = True
+            raise AlreadyHandled(f"{self.handler} already handled message {self.message.id}")
+        self._unit = unit
+        self._tx = Transaction(unit.tx, unit.events, self.child, self.outgoing)
+        return self._tx
+
+
+class _TransactionScope:
+    """``async with ctx.transaction() as tx``; refuses a plain ``with`` with an explanation."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    async def __aenter__(self) -> Transaction:
+        return await self._ctx.open_transaction()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None  # the attempt commits or rolls back as a whole, when the handler ends
+
+    def __enter__(self) -> Transaction:
+        raise errors.ConfigurationError(
+            f"handler {self._ctx.handler}: ctx.transaction() is asynchronous; a plain (sync) handler runs in a "
+            "thread and cannot share the attempt's database transaction. Declare it with `async def` and use "
+            "`async with ctx.transaction() as tx:`"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None

@@ -222,7 +222,7 @@ __all__ = [
 from collections.abc import Mapping  # noqa: E402 - appended section
 from contextlib import AbstractAsyncContextManager  # noqa: E402
 from datetime import timedelta  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Literal  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +236,7 @@ class OutboxMessage:
         key: the ordering key, if any.
         headers: the event as binary-mode HTTP headers (``ce-*``, ``content-type``).
         body: the event's data.
-        attempts: failed publish attempts so far.
+        attempts: failed publish attempts so far (a broker outage spends none).
         created_at: when the row was committed (database clock, aware UTC).
     """
 
@@ -255,12 +255,40 @@ class OutboxStats:
     """Backlog figures for metrics.
 
     Attributes:
-        backlog: unsent rows (due or delayed).
-        oldest_age: seconds since the oldest unsent, due row was created (0 when none).
+        backlog: unsent rows (due, delayed or parked).
+        oldest_age: seconds since the oldest unsent, due, unparked row became due (0 when none).
+        parked: rows parked after their last attempt, waiting for an operator.
     """
 
     backlog: int
     oldest_age: float
+    parked: int = 0
+
+
+OutboxStatus = Literal["pending", "parked", "sent"]
+"""Where an outbox row is: ``pending`` (the relay publishes it when due), ``parked``, or ``sent``."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One outbox row as an operator sees it (``conveyor outbox list|show``).
+
+    Attributes:
+        message: the row itself (attempts included).
+        status: ``pending``, ``parked`` (failed ``max_attempts`` times; it
+            waits for ``retry`` or ``purge_parked``) or ``sent``.
+        available_at: when the row is due (a delay, or a failed attempt's backoff).
+        last_error: the last publish error, if any.
+        parked_at: when the row was parked.
+        sent_at: when the broker confirmed it.
+    """
+
+    message: OutboxMessage
+    status: OutboxStatus
+    available_at: datetime
+    last_error: str | None = None
+    parked_at: datetime | None = None
+    sent_at: datetime | None = None
 
 
 class OutboxBatch(Protocol):
@@ -279,7 +307,23 @@ class OutboxBatch(Protocol):
         ...
 
     def failed(self, message: OutboxMessage, error: str, retry_in: float) -> None:
-        """Record a failed publish (attempts + 1, the error); due again in ``retry_in`` s."""
+        """Record a publish the broker refused (attempts + 1, the error); due again in ``retry_in`` s."""
+        ...
+
+    def parked(self, message: OutboxMessage, error: str) -> None:
+        """Record the last attempt the broker refused (attempts + 1, the error) and park the row.
+
+        A parked row is never claimed again until :meth:`OutboxStore.retry`;
+        while it is parked the later rows of its key wait too.
+        """
+        ...
+
+    def interrupted(self, message: OutboxMessage, error: str) -> None:
+        """Record a publish that failed because the broker was unreachable or busy.
+
+        Only the error is kept: the row spends no attempt, is never parked for
+        it, and is due again at once (the relay backs off as a whole).
+        """
         ...
 
 
@@ -288,18 +332,24 @@ class OutboxStore(Protocol):
 
     Ordering: rows of one key are claimed only as the oldest unsent rows of
     that key, so at most one relay has a key in flight; rows without a key are
-    claimed freely. Concurrency: several relays may claim at once where the
-    store says so (PostgreSQL: ``FOR UPDATE SKIP LOCKED``); each row is in at
-    most one open claim. Idempotency: a row claimed but never marked sent (the
-    relay crashed after publishing) is claimed again, so a message may be
-    published more than once with the same message id; consumers dedupe.
+    claimed freely. A key whose oldest unsent row is backing off after a
+    refused publish, or is parked, *waits*: none of its rows is claimed, and
+    it never delays other keys or keyless rows. Delayed rows (not yet due,
+    never attempted) hold back nothing. Concurrency: several relays may claim
+    at once where the store says so (PostgreSQL: ``FOR UPDATE SKIP LOCKED``);
+    each row is in at most one open claim; a store that allows one relay per
+    database (a SQLite file) claims nothing while another relay holds it.
+    Idempotency: a row claimed but never marked sent (the relay crashed after
+    publishing) is claimed again, so a message may be published more than
+    once with the same message id; consumers dedupe.
     """
 
     def claim(self, limit: int) -> AbstractAsyncContextManager[OutboxBatch]:
-        """Claim up to ``limit`` due rows; on exit, store what ``sent``/``failed`` recorded.
+        """Claim up to ``limit`` due rows; on exit, store what the batch recorded.
 
-        If the block raises, rows recorded as sent are still marked; rows not
-        recorded stay unsent and are claimed again later.
+        If the block raises (other than by cancellation), what it recorded is
+        still stored, so rows the broker confirmed are never published again
+        for that; rows not recorded stay unsent and are claimed again later.
 
         Raises:
             StoreError: the database failed (nothing was claimed or marked).
@@ -311,7 +361,11 @@ class OutboxStore(Protocol):
         ...
 
     async def next_due_in(self) -> float | None:
-        """Seconds until the earliest unsent row becomes due (0 if one is due), None if none.
+        """Seconds until the earliest claimable row becomes due (0 if one is), None if none will.
+
+        Only rows :meth:`claim` could return count: parked rows and the rows
+        of a waiting key do not (the waiting key's backing-off row does, at its
+        due time). None also while this store stands by for another relay.
 
         Raises:
             StoreError: the database failed.
@@ -319,9 +373,61 @@ class OutboxStore(Protocol):
         ...
 
     async def stats(self) -> OutboxStats:
-        """Backlog size and the age of the oldest unsent due row.
+        """Backlog size, parked rows and the age of the oldest unsent due row.
 
         Raises:
+            StoreError: the database failed.
+        """
+        ...
+
+    async def entries(
+        self, *, status: Literal["pending", "parked"] | None = None, topic: str | None = None, limit: int = 100
+    ) -> list[OutboxEntry]:
+        """Unsent rows in outbox order (oldest first), at most ``limit``.
+
+        Args:
+            status: only ``pending`` or only ``parked`` rows; None for both.
+            topic: only rows for this topic.
+            limit: most rows returned.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
+    async def get(self, message_id: str) -> OutboxEntry:
+        """The row of ``message_id``, whatever its status (until purged after sending).
+
+        Raises:
+            NotFound: no row has this message id.
+            StoreError: the database failed.
+        """
+        ...
+
+    async def retry(self, message_ids: Sequence[str] | None) -> int:
+        """Make rows due now with no attempts spent, un-parking them; return how many.
+
+        Args:
+            message_ids: unsent rows (parked, or backing off) to retry; None
+                for every parked row. Idempotent: retrying twice is retrying once.
+
+        Raises:
+            NotFound: a given id is not an unsent row; nothing was changed.
+            StoreError: the database failed.
+        """
+        ...
+
+    async def purge_parked(self, message_ids: Sequence[str] | None) -> int:
+        """Delete parked rows (they are never published); return how many.
+
+        The later rows of a purged row's key are then published: the operator
+        chose to give up that message. Idempotent for None.
+
+        Args:
+            message_ids: parked rows to delete; None for every parked row.
+
+        Raises:
+            NotFound: a given id is not a parked row; nothing was deleted.
             StoreError: the database failed.
         """
         ...
@@ -461,8 +567,10 @@ __all__ += [
     "InboxStore",
     "NewEvent",
     "OutboxBatch",
+    "OutboxEntry",
     "OutboxMessage",
     "OutboxStats",
+    "OutboxStatus",
     "OutboxStore",
     "RecordedEvent",
 ]

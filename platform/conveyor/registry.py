@@ -41,6 +41,8 @@ class Handler:
         timeout: seconds a single attempt may take, or ``None``.
         concurrency: most messages handled at once by one worker process, or
             ``None`` for the worker's default.
+        transactional: open the attempt's database transaction (inbox row
+            first) before the handler runs, so a duplicate never runs it.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Handler:
     retry: retry.RetryPolicy
     timeout: float | None
     concurrency: int | None
+    transactional: bool = False
 
     @property
     def where(self) -> str:
@@ -67,6 +70,7 @@ def on(
     timeout: timedelta | float | None = 30.0,
     concurrency: int | None = None,
     backoff: retry.RetryPolicy | None = None,
+    transactional: bool = False,
 ) -> Callable[[F], F]:
     """Declare a handler for the messages of ``topic``.
 
@@ -84,10 +88,16 @@ def on(
         timeout: longest a single attempt may run; a timeout counts as a failure.
         concurrency: most messages of this handler in flight per worker process.
         backoff: full retry policy; its ``max_attempts`` is replaced by ``max_attempts``.
+        transactional: run the whole handler inside the attempt's database
+            transaction, opened (inbox row first) before it is called: a
+            duplicate delivery is acknowledged without running the handler at
+            all. Without it the transaction opens at the first
+            ``ctx.transaction()``. Needs an ``async def`` handler.
 
     Raises:
-        ConfigurationError: invalid topic or name, or a missing or unusable
-            payload annotation; the message names the module and function.
+        ConfigurationError: invalid topic or name, a missing or unusable
+            payload annotation, or ``transactional`` on a plain (sync)
+            function; the message names the module and function.
     """
 
     def decorate(func: F) -> F:
@@ -103,6 +113,12 @@ def on(
                 raise errors.ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
             annotation, takes_context = _payload_annotation(func, where)
             decode = payloads.decoder_for(annotation, where)
+            is_async = inspect.iscoroutinefunction(func)
+            if transactional and not is_async:
+                raise errors.ConfigurationError(
+                    "transactional=True needs an `async def` handler: a plain function runs in a thread "
+                    "and cannot share the attempt's database transaction"
+                )
         except errors.ConfigurationError as exc:
             raise errors.ConfigurationError(f"handler {where}: {exc}") from None
         handler = Handler(
@@ -111,10 +127,11 @@ def on(
             func=func,
             decode=decode,
             takes_context=takes_context,
-            is_async=inspect.iscoroutinefunction(func),
+            is_async=is_async,
             retry=policy,
             timeout=seconds,
             concurrency=concurrency,
+            transactional=transactional,
         )
         setattr(func, _ATTRIBUTE, handler)
         return func

@@ -7,27 +7,26 @@ from datetime import datetime
 
 import click
 
-from conveyor import envelope, registry, settings
+from conveyor import envelope, persistence, registry, settings
 from conveyor.runtime import app, scheduler
 from conveyor.scheduling.schedules import Schedule
-from event_store import claims
-from event_store.database import Database
 
 
-async def _database(config: settings.Settings, stack: contextlib.AsyncExitStack) -> Database:
-    return await app.open_database(config, stack)
+async def _stores(config: settings.Settings, stack: contextlib.AsyncExitStack) -> persistence.Persistence:
+    return await app.open_persistence(config, stack)
 
 
 async def overview(config: settings.Settings, found: registry.Registry) -> list[tuple[str, ...]]:
     """One row per schedule: name, expression, zone, next three fires, last run, state."""
     rows: list[tuple[str, ...]] = []
     async with contextlib.AsyncExitStack() as stack:
-        database = await _database(config, stack)
-        async with database.transaction(readonly=True) as session:
-            now = await claims.database_now(session)
-            states = await claims.states(session)
+        stores = await _stores(config, stack)
+        claims = stores.schedules
+        async with stores.database.transaction(readonly=True) as tx:
+            now = await claims.now(tx)
+            states = await claims.states(tx)
             for schedule in found.schedules:
-                last = await claims.history(session, schedule.name, limit=1)
+                last = await claims.history(tx, schedule.name, limit=1)
                 state = states.get(schedule.name)
                 rows.append(
                     (
@@ -49,16 +48,15 @@ def _short(value: datetime) -> str:
 async def trigger(config: settings.Settings, schedule: Schedule) -> int:
     """Enqueue one run of ``schedule`` now; return the run id."""
     async with contextlib.AsyncExitStack() as stack:
-        database = await _database(config, stack)
-        return await scheduler.trigger_now(database, schedule, config.service)
+        return await scheduler.trigger_now(await _stores(config, stack), schedule, config.service)
 
 
 async def set_paused(config: settings.Settings, schedule: Schedule, paused: bool) -> None:
     """Pause or resume ``schedule`` for every scheduler replica."""
     async with contextlib.AsyncExitStack() as stack:
-        database = await _database(config, stack)
-        async with database.transaction() as session:
-            await claims.set_paused(session, schedule.name, paused)
+        stores = await _stores(config, stack)
+        async with stores.database.transaction() as tx:
+            await stores.schedules.set_paused(tx, schedule.name, paused)
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:

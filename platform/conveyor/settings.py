@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         drain_timeout: seconds in-flight work may take to finish after SIGTERM.
         retention: seconds sent outbox rows, inbox rows and finished schedule
             runs are kept (default 7 days); longer than any redelivery can take.
+        relay_max_attempts: publishes of one outbox message the broker may
+            refuse before the relay parks it (``conveyor outbox list --parked``);
+            an unreachable broker spends none.
         log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
         log_format: ``text`` (human-readable lines) or ``json`` (one object per line).
     """
@@ -65,6 +68,7 @@ class Settings(BaseSettings):
     concurrency: int = pydantic.Field(default=16, ge=1, le=10_000)
     drain_timeout: float = pydantic.Field(default=30.0, ge=0)
     retention: float = pydantic.Field(default=7 * 24 * 3600, ge=60)
+    relay_max_attempts: int = pydantic.Field(default=10, ge=1, le=1000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from conveyor import envelope, ports
+from conveyor import envelope, persistence, ports
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 
-class AlreadyHandled(Exception):
-    """The message was already handled by this handler (the inbox has it); nothing is run again."""
+class AlreadyHandled(BaseException):
+    """The message was already handled by this handler (the inbox has it); nothing is run again.
 
-
-@dataclass(slots=True)
-class Pending:
-    """A message published in a transaction, written to the outbox at commit."""
-
-    topic: str
-    envelope: envelope.Envelope
-    delay: timedelta | float | None = None
-    at: datetime | None = None
+    A ``BaseException`` so that a handler's ``except Exception`` cannot swallow
+    it and carry on with effects that were already applied.
+    """
 
 
 class StreamWriter(Protocol):
@@ -45,25 +38,34 @@ class StreamWriter(Protocol):
 
 
 class Transaction:
-    """One database transaction of a handler, from ``async with ctx.transaction() as tx``.
+    """The handler attempt's database transaction, from ``async with ctx.transaction() as tx``.
 
-    The inbox row ``(handler, message id)`` was inserted first: a duplicate
-    delivery never gets this far. Messages published with :meth:`publish` are
-    written to the outbox in the same transaction and sent by the relay after
-    the commit, so a rolled-back transaction sends nothing.
+    The inbox row ``(handler, message id)`` was its first write: a duplicate
+    delivery never gets this far. The transaction stays open until the handler
+    returns: leaving the ``async with`` block does not commit, a second
+    ``ctx.transaction()`` joins the same transaction, and a failure anywhere in
+    the attempt rolls everything back. Messages published with :meth:`publish`
+    (or ``ctx.publish``) are written to the outbox in it and sent by the relay
+    after the commit, so a rolled-back attempt sends nothing.
 
     Attributes:
         session: the SQLAlchemy ``AsyncSession`` of the transaction, for your writes.
         events: the event store, writing in this same transaction.
     """
 
-    __slots__ = ("_build", "events", "pending", "session")
+    __slots__ = ("_build", "_outgoing", "events", "session")
 
-    def __init__(self, session: AsyncSession, build: Callable[..., envelope.Envelope], events: StreamWriter) -> None:
+    def __init__(
+        self,
+        session: AsyncSession,
+        events: StreamWriter,
+        build: Callable[..., envelope.Envelope],
+        outgoing: list[persistence.Outgoing],
+    ) -> None:
         self.session = session
         self.events = events
         self._build = build
-        self.pending: list[Pending] = []
+        self._outgoing = outgoing
 
     def publish(
         self,
@@ -76,7 +78,7 @@ class Transaction:
         delay: timedelta | float | None = None,
         at: datetime | None = None,
     ) -> envelope.Envelope:
-        """Publish a message if, and only if, this transaction commits.
+        """Publish a message if, and only if, the attempt commits.
 
         Args:
             topic: destination topic.
@@ -98,5 +100,5 @@ class Transaction:
         if delay is not None and at is not None:
             raise errors.ConfigurationError("give either delay or at, not both")
         event = self._build(topic, data, key=key, type=type, headers=headers)
-        self.pending.append(Pending(topic, event, delay, at))
+        self._outgoing.append(persistence.Outgoing(topic, event, delay, at))
         return event

@@ -16,9 +16,7 @@ class TrackingRabbitTransport(RabbitTransport):
 
     declared: set[str]
 
-    async def declare(
-        self, topics: Sequence[str], subscriptions: Sequence[ports.Subscription]
-    ) -> None:
+    async def declare(self, topics: Sequence[str], subscriptions: Sequence[ports.Subscription]) -> None:
         self.declared.update(s.name for s in subscriptions)
         await super().declare(topics, subscriptions)
 
@@ -49,15 +47,11 @@ async def rabbit_factory(rabbit_url: str) -> AsyncIterator[Callable[[], ports.Tr
 
 class TestRabbitTransport(TransportConformance):
     @pytest.fixture
-    def make_transport(
-        self, rabbit_factory: Callable[[], ports.Transport]
-    ) -> Callable[[], ports.Transport]:
+    def make_transport(self, rabbit_factory: Callable[[], ports.Transport]) -> Callable[[], ports.Transport]:
         return rabbit_factory
 
 
 class TestRabbitWorker(WorkerConformance):
     @pytest.fixture
-    def make_transport(
-        self, rabbit_factory: Callable[[], ports.Transport]
-    ) -> Callable[[], ports.Transport]:
+    def make_transport(self, rabbit_factory: Callable[[], ports.Transport]) -> Callable[[], ports.Transport]:
         return rabbit_factory

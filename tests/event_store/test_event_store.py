@@ -136,3 +136,25 @@ async def test_projection_failure_rolls_back_writes_and_position_together(db: Da
     assert await runner.run_once() == 4
     assert await runner.run_once() == 0
     assert (await runner.position(), await _count_rows(db)) == (4, 4)
+
+
+async def test_transaction_callers_own_connection_error_is_not_taken_for_a_database_outage(db: Database) -> None:
+    with pytest.raises(ConnectionError, match="the payment gateway"):
+        async with db.transaction():
+            raise ConnectionError("the payment gateway hung up")
+
+
+async def test_transaction_database_error_inside_the_block_is_translated(db: Database) -> None:
+    with pytest.raises(errors.StoreError):
+        async with db.transaction() as session:
+            await session.execute(sa.text("SELECT * FROM no_such_table"))
+
+
+async def test_append_leaves_the_transactions_lock_timeout_as_it_was(pg_db: Database) -> None:
+    store = SqlEventStore(pg_db)
+    async with pg_db.transaction() as session:
+        await session.execute(sa.text("SET LOCAL lock_timeout = '1234ms'"))
+        await store.append("s-1", [ports.NewEvent("e", b"{}")], expected_version=0, tx=session)
+        await store.append("s-2", [ports.NewEvent("e", b"{}")], expected_version=0, tx=session)
+        after = (await session.execute(sa.text("SHOW lock_timeout"))).scalar_one()
+    assert after == "1234ms"

@@ -6,7 +6,7 @@ import asyncio
 
 import sqlalchemy as sa
 from conveyor import Context, envelope, on, registry
-from conveyor.runtime.transactions import DatabaseTransactions
+from conveyor.runtime import app
 from conveyor.runtime.worker import Worker
 from conveyor.testing import unique, wait_for
 from conveyor.transports.memory import MemoryTransport
@@ -37,7 +37,7 @@ async def test_a_message_delivered_five_times_two_at_once_has_one_effect(db: Dat
     for transport in transports:
         await transport.connect()
         worker = Worker(registry.Registry.of(apply).handlers, transport, source="t",
-                        transactions=DatabaseTransactions(db, "t"))  # fmt: skip
+                        transactions=app.stores_for(db, "t").units)  # fmt: skip
         await worker.start()
         workers.append(worker)
     event = envelope.create(topic, {"n": 1}, source="t")
@@ -74,7 +74,7 @@ async def test_a_failed_transaction_leaves_no_inbox_row_so_the_retry_applies_the
     transport = MemoryTransport(f"memory://{unique('once')}")
     await transport.connect()
     worker = Worker(registry.Registry.of(flaky).handlers, transport, source="t",
-                    transactions=DatabaseTransactions(db, "t"))  # fmt: skip
+                    transactions=app.stores_for(db, "t").units)  # fmt: skip
     await worker.start()
     event = envelope.create(topic, {"n": 1}, source="t")
     await transport.publish(topic, envelope.to_binary(event, transport.binary_prefix))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import sqlalchemy as sa
-from conveyor.runtime import housekeeping
+from conveyor.runtime import app, housekeeping
 
 from event_store import Database, Inbox, claims, models
 
@@ -23,7 +23,7 @@ async def test_purge_deletes_only_what_is_older_than_the_retention(db: Database)
             .where(models.inbox.c.message_id.in_(["m-0", "m-1"]))
             .values(processed_at=now - timedelta(days=30))
         )
-    inbox, runs = await housekeeping.purge_once(db, timedelta(days=7))
+    inbox, runs = await housekeeping.purge_once(app.stores_for(db, "t"), timedelta(days=7))
     async with db.transaction(readonly=True) as session:
         kept_inbox = sorted(r[0] for r in await session.execute(sa.select(models.inbox.c.message_id)))
         kept_runs = len(await claims.history(session, "s.one"))

@@ -7,65 +7,25 @@ import os
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import pytest
 import sqlalchemy as sa
-from conveyor import envelope, errors, ports
+from conveyor import envelope, errors
 from conveyor.runtime.relay import Relay, RelayOptions
-from conveyor.testing import Collector, unique, wait_for
+from conveyor.testing import wait_for
 from conveyor.transports.memory import MemoryTransport
+from relay_helpers import TOPIC, Broker, open_broker
+from relay_helpers import add as _add
+from relay_helpers import unsent as _unsent
 
-from event_store import Database, Outbox, SqlOutboxStore, models
-
-TOPIC = "relay.test"
-
-
-@dataclass
-class Broker:
-    """A memory broker with one subscription on TOPIC that records every delivery."""
-
-    url: str
-    transport: MemoryTransport
-    collector: Collector = field(default_factory=Collector)
-
-    def ids(self) -> list[str]:
-        return [r.message.message_id or "" for r in self.collector.received]
-
-    def by_key(self) -> dict[str, list[int]]:
-        lanes: dict[str, list[int]] = defaultdict(list)
-        for r in self.collector.received:
-            event = envelope.decode(r.message)
-            lanes[event.partitionkey or ""].append(event.json()["n"])
-        return lanes
+from event_store import Database, SqlOutboxStore, models
 
 
 @pytest.fixture
 async def broker() -> AsyncIterator[Broker]:
-    url = f"memory://{unique('relay')}"
-    transport = MemoryTransport(url)
-    await transport.connect()
-    subscription = ports.Subscription(name=unique("sub"), topic=TOPIC, prefetch=10_000)
-    result = Broker(url, transport)
-    await transport.subscribe(subscription, result.collector)
-    yield result
-    await transport.close()
-
-
-async def _add(db: Database, count: int, *, key: str | None = None, start: int = 0, **kw: object) -> list[str]:
-    async with db.transaction() as session:
-        return [
-            (await Outbox().add(session, TOPIC, {"n": start + n}, key=key, **kw)).id  # type: ignore[arg-type]
-            for n in range(count)
-        ]
-
-
-async def _unsent(db: Database) -> int:
-    async with db.transaction(readonly=True) as session:
-        query = sa.select(sa.func.count()).select_from(models.outbox).where(models.outbox.c.sent_at.is_(None))
-        return int((await session.execute(query)).scalar_one())
+    async with open_broker() as opened:
+        yield opened
 
 
 Running = list[tuple[asyncio.Task[None], asyncio.Event, Relay]]
@@ -137,6 +97,20 @@ async def test_relay_listen_notify_wakes_relay_of_other_process(
         await other.close()
 
 
+@pytest.mark.parametrize("after", [0.002, 0.005, 0.01])
+async def test_outbox_store_wait_cancelled_while_opening_listen_leaks_no_connection(
+    pg_db: Database, after: float
+) -> None:
+    # A relay stopped during its first idle wait cancels the wait mid-connect;
+    # the pg_db fixture fails the test if a connection is left open.
+    store = SqlOutboxStore(pg_db)
+    waiting = asyncio.create_task(store.wait(5.0))
+    await asyncio.sleep(after)  # lands the cancellation inside the LISTEN connection's set-up
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    await store.close()
+
+
 async def test_relay_keeps_per_key_order_across_failures(db: Database, broker: Broker) -> None:
     await _add(db, 3, key="k")
     store = SqlOutboxStore(db, listen=False)
@@ -177,6 +151,13 @@ async def test_relay_delayed_keyless_row_does_not_block_others(db: Database, bro
     assert broker.by_key()[""] == [1]
 
 
+async def test_relay_delayed_keyed_row_does_not_hold_back_its_key(db: Database, broker: Broker) -> None:
+    await _add(db, 1, key="k", delay=3600)
+    await _add(db, 1, key="k", start=1)
+    await Relay(SqlOutboxStore(db, listen=False), broker.transport).run_once()
+    assert broker.by_key()["k"] == [1]
+
+
 class _DownTransport(MemoryTransport):
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -187,7 +168,7 @@ class _DownTransport(MemoryTransport):
         raise errors.TransientTransportError("broker unreachable")
 
 
-async def test_relay_broker_down_backs_off_and_records_error(db: Database, broker: Broker) -> None:
+async def test_relay_broker_down_backs_off_without_spending_attempts(db: Database, broker: Broker) -> None:
     await _add(db, 1)
     transport = _DownTransport(broker.url)
     stop = asyncio.Event()
@@ -200,8 +181,7 @@ async def test_relay_broker_down_backs_off_and_records_error(db: Database, broke
     async with db.transaction(readonly=True) as session:
         row = (await session.execute(sa.select(models.outbox))).one()
     assert 2 <= transport.calls <= 10  # retried, but no hot loop
-    assert (row.attempts, row.sent_at) == (transport.calls, None)
-    assert "broker unreachable" in row.last_error
+    assert (row.attempts, row.parked_at, row.sent_at, "broker unreachable" in row.last_error) == (0, None, None, True)
 
 
 class _HangAfterPublish(MemoryTransport):
@@ -218,10 +198,12 @@ async def test_relay_killed_after_publish_republishes_same_id_on_restart(db: Dat
     [message_id] = await _add(db, 1)
     hanging = _HangAfterPublish(broker.url)
     await hanging.connect()
-    task = asyncio.create_task(Relay(SqlOutboxStore(db, listen=False), hanging).run(asyncio.Event()))
+    dying = SqlOutboxStore(db, listen=False)
+    task = asyncio.create_task(Relay(dying, hanging).run(asyncio.Event()))
     await broker.collector.wait(1)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    await dying.close()  # a dead process's relay lock (SQLite) goes with it
     assert await _unsent(db) == 1
     await Relay(SqlOutboxStore(db, listen=False), broker.transport).run_once()
     assert broker.ids() == [message_id, message_id]

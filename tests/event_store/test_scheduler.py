@@ -6,17 +6,19 @@ import asyncio
 import itertools
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conveyor import ports, schedule_at
-from conveyor.runtime import scheduler
-from conveyor.runtime.relay import Relay, RelayOptions
+from conveyor import Context, envelope, ports
+from conveyor.runtime import app, scheduler
+from conveyor.runtime.relay import Relay, RelayOptions, wire_message
+from conveyor.runtime.worker import Worker
 from conveyor.scheduling.schedules import Schedule, every
-from conveyor.testing import Collector, unique
+from conveyor.testing import Collector, unique, wait_for
 from conveyor.transports.memory import MemoryTransport
 
-from event_store import Database, claims, models
+from event_store import Database, claims, models, schedule_at
 from event_store.outbox_store import SqlOutboxStore
 
 
@@ -60,7 +62,7 @@ async def test_downtime_across_five_fires_follows_the_misfire_policy(db: Databas
     last = (await db_now(db)).replace(microsecond=0) - timedelta(seconds=6)  # fires last+1..last+5 are missed
     async with db.transaction() as session:
         await claims.claim(session, schedule.name, last, status=claims.SUCCEEDED, claimed_by="before-downtime")
-    await scheduler.Scheduler([schedule], db, source="t").tick()
+    await scheduler.Scheduler([schedule], app.stores_for(db, "t"), source="t").tick()
     rows = await claim_rows(db, schedule)
     missed = [r for r in rows if last < r.fire_time <= last + timedelta(seconds=5)]
     assert sum(r.status == claims.CLAIMED for r in missed) == runs
@@ -70,8 +72,8 @@ async def test_downtime_across_five_fires_follows_the_misfire_policy(db: Databas
 
 async def test_skewed_host_clocks_neither_fire_early_nor_twice(db: Database) -> None:
     schedule = each_second()
-    fast = scheduler.Scheduler([schedule], db, source="t", clock=SkewedClock(+30))
-    slow = scheduler.Scheduler([schedule], db, source="t", clock=SkewedClock(-30))
+    fast = scheduler.Scheduler([schedule], app.stores_for(db, "t"), source="t", clock=SkewedClock(+30))
+    slow = scheduler.Scheduler([schedule], app.stores_for(db, "t"), source="t", clock=SkewedClock(-30))
     deadline = time.monotonic() + 3.2
     while time.monotonic() < deadline:
         await asyncio.gather(fast.tick(), slow.tick())
@@ -87,7 +89,7 @@ async def test_skewed_host_clocks_neither_fire_early_nor_twice(db: Database) -> 
 
 async def test_paused_schedule_is_not_fired_by_any_replica_and_resume_skips_the_pause(db: Database) -> None:
     schedule = each_second(misfire="all")
-    replica = scheduler.Scheduler([schedule], db, source="t")
+    replica = scheduler.Scheduler([schedule], app.stores_for(db, "t"), source="t")
     await replica.tick()
     async with db.transaction() as session:
         await claims.set_paused(session, schedule.name, True)
@@ -107,7 +109,7 @@ async def test_paused_schedule_is_not_fired_by_any_replica_and_resume_skips_the_
 
 async def test_trigger_enqueues_one_manual_run(db: Database) -> None:
     schedule = each_second()
-    run_id = await scheduler.trigger_now(db, schedule, "t")
+    run_id = await scheduler.trigger_now(app.stores_for(db, "t"), schedule, "t")
     (row,) = await claim_rows(db, schedule)
     assert (row.id, row.status, row.claimed_by) == (run_id, claims.CLAIMED, "manual")
     assert await enqueued(db, schedule) == 1
@@ -115,7 +117,7 @@ async def test_trigger_enqueues_one_manual_run(db: Database) -> None:
 
 async def test_overlap_skip_does_not_start_a_fire_while_the_last_run_is_going(db: Database) -> None:
     schedule = each_second(overlap="skip")
-    replica = scheduler.Scheduler([schedule], db, source="t")
+    replica = scheduler.Scheduler([schedule], app.stores_for(db, "t"), source="t")
     await replica.tick()
     await asyncio.sleep(1.1)
     await replica.tick()  # the first run was claimed and never finished: still "running"
@@ -155,3 +157,54 @@ async def test_delayed_message_is_delivered_on_time_across_a_relay_restart(db: D
         await transport.close()
     assert got.message.body == b'{"n":1}'
     assert due <= delivered <= due + timedelta(seconds=1), (due, delivered)
+
+
+def relay_wire(row: sa.Row[Any], prefix: str) -> envelope.WireMessage:
+    """The message the relay would publish for an outbox row."""
+    message = ports.OutboxMessage(
+        id=row.id, message_id=row.message_id, topic=row.topic, key=row.partition_key, headers=row.headers,
+        body=row.body, attempts=row.attempts, created_at=row.created_at,
+    )  # fmt: skip
+    return wire_message(message, prefix)
+
+
+async def test_a_job_message_delivered_twice_runs_the_job_once(db: Database) -> None:
+    runs: list[str] = []
+
+    @every(timedelta(hours=1), name=unique("once"))
+    async def job(ctx: Context) -> None:
+        runs.append(ctx.message.id)
+
+    schedule: Schedule = job.__conveyor_schedule__  # type: ignore[attr-defined]
+    stores = app.stores_for(db, "t")
+    run_id = await scheduler.trigger_now(stores, schedule, "t")
+    async with db.transaction(readonly=True) as session:
+        row = (await session.execute(sa.select(models.outbox).where(models.outbox.c.topic == schedule.topic))).one()
+    transport = MemoryTransport(f"memory://{unique('jobs')}")
+    await transport.connect()
+    worker = Worker(scheduler.job_handlers([schedule], stores), transport, source="t", transactions=stores.units)
+    await worker.start()
+    wire = relay_wire(row, transport.binary_prefix)
+    try:
+        await transport.publish(schedule.topic, wire)
+        await wait_for(lambda: len(runs) == 1, 10, "the first run")
+        await transport.publish(schedule.topic, wire)  # a duplicate (a relay crash between publish and mark)
+        await asyncio.sleep(0.5)
+        assert await worker.stop(5)
+    finally:
+        await transport.close()
+    (claim,) = await claim_rows(db, schedule)
+    assert (runs, claim.id, claim.status) == ([row.message_id], run_id, claims.SUCCEEDED)
+
+
+async def test_a_failed_run_never_overwrites_a_success(db: Database) -> None:
+    schedule = each_second()
+    stores = app.stores_for(db, "t")
+    run_id = await scheduler.trigger_now(stores, schedule, "t")
+    async with db.transaction() as session:
+        assert await claims.start(session, run_id)
+        await claims.finish(session, run_id, "succeeded")
+        started_again = await claims.start(session, run_id)
+        await claims.finish(session, run_id, "failed", error="a late duplicate failed")
+    (claim,) = await claim_rows(db, schedule)
+    assert (started_again, claim.status, claim.error) == (False, claims.SUCCEEDED, None)

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from conveyor import envelope, errors, ports, registry, transports
-from conveyor.runtime import housekeeping, http, relay, scheduler, transactions, worker
+from conveyor import envelope, errors, persistence, ports, registry, transports
+from conveyor.runtime import housekeeping, http, relay, scheduler, worker
 from conveyor.settings import Settings
 from event_store import migrate
 from event_store.database import Database
-from event_store.outbox import Outbox
-from event_store.outbox_store import SqlOutboxStore
+from event_store.unit_of_work import sql_persistence
 
 log = logging.getLogger("conveyor")
 
@@ -63,36 +62,37 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            database = await open_database(settings, stack)
+            stores = await open_persistence(settings, stack)
+            database = stores.database
             transport = await _connect(settings, stack)
             checks = [http.Check("broker", transport.check), http.Check("database", database.check)]
             consumer = worker.Worker(
-                [*handlers.handlers, *scheduler.job_handlers(handlers.schedules, database)],
+                [*handlers.handlers, *scheduler.job_handlers(handlers.schedules, stores)],
                 transport,
                 source=settings.service,
                 concurrency=settings.concurrency,
                 max_message_bytes=settings.max_message_bytes,
-                transactions=transactions.DatabaseTransactions(database, settings.service),
+                transactions=stores.units,
             )
             if parts.relay:
                 # Queues must exist before the relay publishes, or a broker that drops
                 # unrouted messages (RabbitMQ) loses what it sends first.
                 await consumer.declare()
-                store = SqlOutboxStore(database)
+                store = stores.relay_store()
                 stack.push_async_callback(store.close)
                 retention = timedelta(seconds=settings.retention)
-                options = relay.RelayOptions(retention=retention)
+                options = relay.RelayOptions(retention=retention, max_attempts=settings.relay_max_attempts)
                 _background(stack, "relay", relay.Relay(store, transport, options=options).run)
-                _background(stack, "housekeeping", lambda stop: housekeeping.run(database, retention, stop))
+                _background(stack, "housekeeping", lambda stop: housekeeping.run(stores, retention, stop))
             if parts.scheduler:
-                cron = scheduler.Scheduler(handlers.schedules, database, source=settings.service)
+                cron = scheduler.Scheduler(handlers.schedules, stores, source=settings.service)
                 _background(stack, "scheduler", cron.run)
             if parts.worker:
                 stack.push_async_callback(_drain, consumer, settings.drain_timeout)
                 await consumer.start()
                 checks.append(http.Check("subscriptions", _subscriptions_probe(consumer)))
             if settings.http_port:
-                ingest = _ingest(settings, database) if parts.ingest else None
+                ingest = _ingest(settings, stores) if parts.ingest else None
                 server = http.HttpServer(http.create_app(checks, ingest), settings.http_host, settings.http_port)
                 await server.start()
                 stack.push_async_callback(server.stop)
@@ -123,6 +123,48 @@ async def open_database(settings: Settings, stack: contextlib.AsyncExitStack) ->
     return database
 
 
+async def upgrade_database(url: str) -> None:
+    """Create or migrate the database's tables to the current version (``conveyor db upgrade``).
+
+    Raises:
+        ConfigurationError: invalid database URL.
+        StoreError: the database is unreachable or refused a migration.
+    """
+    await migrate.upgrade(url)
+
+
+async def open_persistence(settings: Settings, stack: contextlib.AsyncExitStack) -> persistence.Persistence:
+    """Open the service's database and its stores (the one place that builds the SQL ones).
+
+    Raises:
+        ConfigurationError: unmigrated database (the message names ``conveyor db upgrade``).
+        StoreError: the database is unreachable.
+    """
+    return stores_for(await open_database(settings, stack), settings.service)
+
+
+async def open_outbox_store(settings: Settings, stack: contextlib.AsyncExitStack) -> ports.OutboxStore:
+    """Open the service's outbox for an operator (``conveyor outbox ...``); it is never claimed from here.
+
+    Raises:
+        ConfigurationError: unmigrated database (the message names ``conveyor db upgrade``).
+        StoreError: the database is unreachable.
+    """
+    store = (await open_persistence(settings, stack)).relay_store()
+    stack.push_async_callback(store.close)
+    return store
+
+
+def stores_for(database: Database, source: str) -> persistence.Persistence:
+    """The SQL stores of an open database behind the persistence ports.
+
+    Args:
+        database: the service's database.
+        source: CloudEvents ``source`` of messages the stores build.
+    """
+    return sql_persistence(database, source)
+
+
 def _background(
     stack: contextlib.AsyncExitStack, name: str, run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 ) -> None:
@@ -145,14 +187,15 @@ def _background(
 
 
 async def declare(settings: Settings, handlers: registry.Registry) -> None:
-    """Create or reconcile the broker topology of every handler, then disconnect.
+    """Create or reconcile the broker topology of every handler and schedule job, then disconnect.
 
     Raises:
         TransportError: the broker refused the topology or is unreachable.
     """
     async with contextlib.AsyncExitStack() as stack:
         transport = await _connect(settings, stack)
-        await worker.Worker(handlers.handlers, transport, source=settings.service).declare()
+        jobs = scheduler.job_handlers(handlers.schedules, None)  # topology only: never run here
+        await worker.Worker([*handlers.handlers, *jobs], transport, source=settings.service).declare()
 
 
 async def _connect(settings: Settings, stack: contextlib.AsyncExitStack) -> ports.Transport:
@@ -174,12 +217,11 @@ def _subscriptions_probe(consumer: worker.Worker) -> Callable[[], Awaitable[None
     return probe
 
 
-def _ingest(settings: Settings, database: Database) -> http.IngestConfig:
-    outbox = Outbox(settings.service)
-
-    async def accept(topic: str, event: envelope.Envelope) -> None:
-        async with database.transaction() as session:
-            await outbox.add(session, topic, event)
+def _ingest(settings: Settings, stores: persistence.Persistence) -> http.IngestConfig:
+    async def accept(topic: str, event: envelope.Envelope) -> http.Outcome:
+        # Idempotent by event id: a client that retries a post gets the first answer again.
+        async with stores.database.transaction() as tx:
+            return await stores.outbox.add_once(tx, topic, event)
 
     token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
     return http.IngestConfig(accept=accept, max_bytes=settings.max_message_bytes, token=token)

@@ -12,31 +12,30 @@ import contextlib
 import logging
 from datetime import timedelta
 
-from conveyor import errors
-from event_store import claims
-from event_store.database import Database
-from event_store.inbox import Inbox
+from conveyor import errors, persistence
 
 log = logging.getLogger("conveyor.housekeeping")
 
 
-async def purge_once(database: Database, retention: timedelta) -> tuple[int, int]:
+async def purge_once(stores: persistence.Persistence, retention: timedelta) -> tuple[int, int]:
     """Delete old inbox rows and finished schedule runs; return how many of each.
 
     Raises:
         StoreError: the database failed.
     """
-    inbox = await Inbox(database).purge(retention)
-    async with database.transaction() as session:
-        runs = await claims.purge(session, retention, await claims.database_now(session))
+    inbox = await stores.inbox.purge(retention)
+    async with stores.database.transaction() as tx:
+        runs = await stores.schedules.purge(tx, retention)
     return inbox, runs
 
 
-async def run(database: Database, retention: timedelta, stop: asyncio.Event, interval: float = 300.0) -> None:
+async def run(
+    stores: persistence.Persistence, retention: timedelta, stop: asyncio.Event, interval: float = 300.0
+) -> None:
     """Purge every ``interval`` seconds until ``stop`` is set; failures are logged and retried next time."""
     while not stop.is_set():
         try:
-            inbox, runs = await purge_once(database, retention)
+            inbox, runs = await purge_once(stores, retention)
             if inbox or runs:
                 log.info("purged %d inbox rows and %d schedule runs older than %s", inbox, runs, retention)
         except errors.StoreError as exc:

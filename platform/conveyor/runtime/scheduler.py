@@ -27,11 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from conveyor import context, envelope, errors, payloads, ports, registry, retry
+from conveyor import context, envelope, errors, payloads, persistence, ports, registry, retry
 from conveyor.scheduling import schedules as scheduling
-from event_store import claims
-from event_store.database import Database
-from event_store.outbox import Outbox
 
 log = logging.getLogger("conveyor.scheduler")
 SKEW_WARNING = 5.0
@@ -58,7 +55,7 @@ class Scheduler:
 
     Args:
         schedules: the schedules to run.
-        database: the service's database (claims and outbox).
+        stores: the service's persistence (claims and outbox).
         source: CloudEvents ``source`` of job messages.
         clock: the host clock (injectable). Only used to report skew: what is
             due is always decided by the database clock.
@@ -68,15 +65,17 @@ class Scheduler:
     def __init__(
         self,
         schedules: Sequence[scheduling.Schedule],
-        database: Database,
+        stores: persistence.Persistence,
         *,
         source: str,
         clock: ports.Clock | None = None,
         options: SchedulerOptions | None = None,
     ) -> None:
         self._schedules = list(schedules)
-        self._database = database
-        self._outbox = Outbox(source)
+        self._stores = stores
+        self._database = stores.database
+        self._claims = stores.schedules
+        self._source = source
         self._clock = clock or ports.SystemClock()
         self._options = options or SchedulerOptions()
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
@@ -104,9 +103,9 @@ class Scheduler:
         Raises:
             StoreError: the database failed.
         """
-        async with self._database.transaction(readonly=True) as session:
-            now = await claims.database_now(session)
-            states = await claims.states(session)
+        async with self._database.transaction(readonly=True) as tx:
+            now = await self._claims.now(tx)
+            states = await self._claims.states(tx)
         self._check_skew(now)
         next_due: datetime | None = None
         for schedule in self._schedules:
@@ -128,36 +127,44 @@ class Scheduler:
             self._next_skew_warning = self._clock.monotonic() + 60
             log.warning("host clock is %+.1fs off the database clock; the database clock decides what is due", skew)
 
-    async def _claim_due(self, schedule: scheduling.Schedule, now: datetime, state: claims.State | None) -> None:
-        async with self._database.transaction() as session:
-            last = await claims.last_fire(session, schedule.name)
+    async def _claim_due(
+        self, schedule: scheduling.Schedule, now: datetime, state: persistence.ScheduleState | None
+    ) -> None:
+        async with self._database.transaction() as tx:
+            last = await self._claims.last_fire(tx, schedule.name)
             if state is not None and state.resumed_at is not None:
                 last = state.resumed_at if last is None else max(last, state.resumed_at)
             for fire in scheduling.plan(schedule, last, now, self._options.grace):
-                await self._claim(session, schedule, fire, now)
+                await self._claim(tx, schedule, fire, now)
 
-    async def _claim(self, session: Any, schedule: scheduling.Schedule, fire: scheduling.Fire, now: datetime) -> None:
-        status = claims.CLAIMED if fire.run else claims.SKIPPED
-        if fire.run and schedule.overlap == "skip":
+    async def _claim(self, tx: Any, schedule: scheduling.Schedule, fire: scheduling.Fire, now: datetime) -> None:
+        run = fire.run
+        if run and schedule.overlap == "skip":
             stale = timedelta(seconds=(schedule.timeout or 3600) * schedule.max_attempts + 60)
-            if await claims.running_since(session, schedule.name, now - stale):
-                status = claims.SKIPPED
+            if await self._claims.running_since(tx, schedule.name, now - stale):
+                run = False
                 log.warning("%s: fire %s skipped, the previous run is still going", schedule.name, fire.at)
-        run_id = await claims.claim(session, schedule.name, fire.at, status=status, claimed_by=self.identity)
-        if run_id is None or status != claims.CLAIMED:
+        status: persistence.RunStatus = "claimed" if run else "skipped"
+        run_id = await self._claims.claim(tx, schedule.name, fire.at, status=status, claimed_by=self.identity)
+        if run_id is None or not run:
             return
-        await enqueue(self._outbox, session, schedule, fire.at, run_id, "cron")
+        await enqueue(self._stores, tx, schedule, fire.at, run_id, "cron", self._source)
         log.info("%s: claimed fire %s (run %d)", schedule.name, envelope.format_time(fire.at), run_id)
 
     async def purge(self) -> int:
         """Delete finished runs older than the retention period."""
-        async with self._database.transaction() as session:
-            now = await claims.database_now(session)
-            return await claims.purge(session, self._options.retention, now)
+        async with self._database.transaction() as tx:
+            return await self._claims.purge(tx, self._options.retention)
 
 
 async def enqueue(
-    outbox: Outbox, session: Any, schedule: scheduling.Schedule, fire_time: datetime, run_id: int, trigger: str
+    stores: persistence.Persistence,
+    tx: Any,
+    schedule: scheduling.Schedule,
+    fire_time: datetime,
+    run_id: int,
+    trigger: str,
+    source: str,
 ) -> envelope.Envelope:
     """Put a schedule's job message in the outbox (jitter delays it; the fire keeps its time)."""
     at = None
@@ -169,10 +176,12 @@ async def enqueue(
         "run_id": run_id,
         "trigger": trigger,
     }
-    return await outbox.add(session, schedule.topic, data, at=at, subject=schedule.name)
+    event = envelope.create(schedule.topic, data, source=source, subject=schedule.name)
+    await stores.outbox.add(tx, schedule.topic, event, at=at)
+    return event
 
 
-async def trigger_now(database: Database, schedule: scheduling.Schedule, source: str) -> int:
+async def trigger_now(stores: persistence.Persistence, schedule: scheduling.Schedule, source: str) -> int:
     """Run a schedule once now (``conveyor schedules trigger``): a claim at the database time.
 
     Returns:
@@ -181,28 +190,49 @@ async def trigger_now(database: Database, schedule: scheduling.Schedule, source:
     Raises:
         StoreError: the database failed.
     """
-    async with database.transaction() as session:
-        now = await claims.database_now(session)
-        run_id = await claims.claim(session, schedule.name, now, status=claims.CLAIMED, claimed_by="manual")
+    async with stores.database.transaction() as tx:
+        now = await stores.schedules.now(tx)
+        run_id = await stores.schedules.claim(tx, schedule.name, now, status="claimed", claimed_by="manual")
         if run_id is None:  # the same microsecond as another trigger
             raise errors.ConcurrencyConflict(f"{schedule.name} was triggered at the same instant; try again")
-        await enqueue(Outbox(source), session, schedule, now, run_id, "manual")
+        await enqueue(stores, tx, schedule, now, run_id, "manual", source)
         return run_id
 
 
-def job_handlers(schedules: Sequence[scheduling.Schedule], database: Database) -> list[registry.Handler]:
-    """Handlers that run schedules' jobs on a worker and record each run's outcome."""
-    return [_job_handler(schedule, database) for schedule in schedules]
+def job_handlers(
+    schedules: Sequence[scheduling.Schedule], stores: persistence.Persistence | None
+) -> list[registry.Handler]:
+    """Handlers that run schedules' jobs on a worker and record each run's outcome.
+
+    Args:
+        schedules: the schedules.
+        stores: the service's persistence; None builds handlers only to
+            declare their topology (``conveyor worker --declare-only``).
+    """
+    return [_job_handler(schedule, stores) for schedule in schedules]
 
 
-def _job_handler(schedule: scheduling.Schedule, database: Database) -> registry.Handler:
+def _job_handler(schedule: scheduling.Schedule, stores: persistence.Persistence | None) -> registry.Handler:
+    """A handler that runs ``schedule``'s job once per fire.
+
+    A fire that already succeeded is never run again (a duplicate job
+    message is acknowledged), and the success is recorded in the job's own
+    unit of work, with its inbox row and whatever the job wrote in
+    ``ctx.transaction()``, so a job's database effects apply once per fire.
+    """
     takes_context = bool(inspect.signature(schedule.func).parameters)
     is_async = inspect.iscoroutinefunction(schedule.func)
 
     async def run_job(job: dict[str, Any], ctx: context.Context) -> None:
+        if stores is None:
+            raise errors.ConfigurationError(f"{schedule.name}: job handlers declared without a database cannot run")
+        database, claims = stores.database, stores.schedules
         run_id = int(job["run_id"])
-        async with database.transaction() as session:
-            await claims.mark(session, run_id, claims.STARTED)
+        async with database.transaction() as tx:
+            may_run = await claims.start(tx, run_id)
+        if not may_run:
+            log.info("%s: run %d already finished; duplicate job message acknowledged", schedule.name, run_id)
+            return
         args = (ctx,) if takes_context else ()
         try:
             if is_async:
@@ -212,11 +242,11 @@ def _job_handler(schedule: scheduling.Schedule, database: Database) -> registry.
         except BaseException as exc:
             text = f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(errors.StoreError):
-                async with database.transaction() as session:
-                    await claims.mark(session, run_id, claims.FAILED, error=text[:2000])
+                async with database.transaction() as tx:
+                    await claims.finish(tx, run_id, "failed", error=text[:2000])
             raise
-        async with database.transaction() as session:
-            await claims.mark(session, run_id, claims.SUCCEEDED)
+        async with ctx.transaction() as job_tx:  # joins the job's own transaction, if it opened one
+            await claims.finish(job_tx.session, run_id, "succeeded")
 
     run_job.__qualname__ = f"job[{schedule.where}]"
     return registry.Handler(

@@ -18,6 +18,7 @@ dropped, and nothing a handler does crashes the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from conveyor import context, envelope, errors, ports, registry, telemetry
+from conveyor import context, envelope, errors, persistence, ports, registry, telemetry
 from conveyor.runtime import dispatch
 from conveyor.transaction import AlreadyHandled
 
@@ -51,7 +52,8 @@ class HandlerRunner:
         transport: where to publish outgoing messages and dead letters.
         source: CloudEvents ``source`` of messages the handler publishes.
         max_message_bytes: larger messages are dead-lettered unread.
-        transactions: opens ``ctx.transaction()``; ``None`` without a database.
+        transactions: opens handler attempts' units of work (``ctx.transaction()``);
+            ``None`` without a database.
     """
 
     def __init__(
@@ -61,11 +63,11 @@ class HandlerRunner:
         *,
         source: str,
         max_message_bytes: int,
-        transactions: context.Transactions | None = None,
+        transactions: persistence.UnitOfWorkFactory | None = None,
     ) -> None:
         self.handler = handler
         self._transport = transport
-        self._transactions = transactions
+        self._units = transactions
         self._source = source
         self._max_bytes = max_message_bytes
         self._prefix = transport.binary_prefix
@@ -83,9 +85,24 @@ class HandlerRunner:
             await self._process(delivery)
         except asyncio.CancelledError:
             raise  # drain deadline: leave the delivery unsettled for redelivery
+        except errors.TransportError:
+            # The broker refused the ack or nack itself: it redelivers the message.
+            log.exception("could not settle a delivery of %s; the broker will redeliver it", self.handler.name)
+        except Exception as exc:
+            # Deciding this message's fate failed: a message no code path could settle would be
+            # redelivered forever and, once enough of them fill the prefetch, stop the subscription.
+            log.exception("could not decide the fate of a message of %s; dead-lettering it", self.handler.name)
+            await self._last_resort(delivery, exc)
+
+    async def _last_resort(self, delivery: ports.Delivery, exc: Exception) -> None:
+        """Dead-letter a delivery whose handling failed unexpectedly; nack it if even that fails."""
+        text = f"could not decide the fate of this message: {type(exc).__name__}: {exc}"
+        try:
+            await self._dead_letter(delivery, delivery.attempt, "InternalError", text)
         except Exception:
-            # A broker failure while settling: the broker will redeliver.
-            log.exception("could not settle a delivery of %s; it will be redelivered", self.handler.name)
+            log.exception("could not dead-letter a message of %s; nacking it", self.handler.name)
+            with contextlib.suppress(Exception):
+                await delivery.nack(self.handler.retry.max_delay)
 
     async def _process(self, delivery: ports.Delivery) -> None:
         handler = self.handler
@@ -104,21 +121,25 @@ class HandlerRunner:
         except errors.InvalidMessage as exc:
             await self._dead_letter(delivery, delivery.attempt, "InvalidMessage", str(exc))
             return
-        attempt = max(delivery.attempt, message.attempt)
-        message.attempt = attempt
+        # The broker's count (or our own retry header) decides, never the producer's ``attempt``
+        # attribute: a producer claiming attempt 5 would otherwise skip every retry.
+        message.attempt = delivery.attempt
         with telemetry.consumer_span(delivery.topic, handler.name, message, self._system) as span:
             failure = await self._run(delivery, message, payload)
             if failure is not None:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, failure))
 
     async def _run(self, delivery: ports.Delivery, message: envelope.Envelope, payload: Any) -> str | None:
-        """Call the handler and settle the delivery; return the failure text, if any."""
+        """Run one attempt and settle the delivery; return the failure text, if any."""
         handler = self.handler
         attempt = message.attempt
-        ctx = context.Context(message, handler.name, self._source, self._transactions)
+        ctx = context.Context(message, handler.name, self._source, self._units)
         started = time.perf_counter()
         try:
-            await self._call(payload, ctx)
+            try:
+                await self._attempt(payload, ctx)
+            finally:  # every outcome, so slow failures and timeouts show in the histogram too
+                self._seconds.observe(time.perf_counter() - started)
         except AlreadyHandled:
             log.debug("%s skipped duplicate message %s", handler.name, message.id)
             await delivery.ack()
@@ -140,27 +161,50 @@ class HandlerRunner:
         except Exception as exc:
             await self._failed(delivery, attempt, handler.retry.delay(attempt), type(exc).__name__, str(exc))
             return f"{type(exc).__name__}: {exc}"
-        self._seconds.observe(time.perf_counter() - started)
-        try:
-            for outgoing in ctx.outgoing:
-                wire = envelope.to_binary(outgoing.envelope, self._prefix)
-                await self._transport.publish(outgoing.topic, wire)
-        except errors.TransportError as exc:
-            text = f"could not publish the handler's messages: {exc}"
-            await self._failed(delivery, attempt, handler.retry.delay(attempt), "TransportError", text)
-            return text
+        if ctx.unit is None and ctx.outgoing:
+            try:
+                for outgoing in ctx.outgoing:
+                    wire = envelope.to_binary(outgoing.envelope, self._prefix)
+                    await self._transport.publish(outgoing.topic, wire)
+            except errors.TransportError as exc:
+                text = f"could not publish the handler's messages: {exc}"
+                await self._failed(delivery, attempt, handler.retry.delay(attempt), "TransportError", text)
+                return text
         await delivery.ack()
         self._outcomes["succeeded"].inc()
         return None
 
-    async def _call(self, payload: Any, ctx: context.Context) -> None:
+    async def _attempt(self, payload: Any, ctx: context.Context) -> None:
+        """Call the handler and commit its unit of work, all under the handler's timeout.
+
+        The unit of work (opened by ``ctx.transaction()``, by
+        ``transactional=True`` or for a delayed publish) commits only here,
+        after the handler returned; any failure rolls it back.
+
+        Raises:
+            AlreadyHandled: the inbox has the message (a duplicate delivery).
+            Exception: whatever the handler or the commit raised.
+        """
         handler = self.handler
         args = (payload, ctx) if handler.takes_context else (payload,)
-        async with asyncio.timeout(handler.timeout):
-            if handler.is_async:
-                await handler.func(*args)
-            else:
-                await asyncio.to_thread(handler.func, *args)
+        try:
+            async with asyncio.timeout(handler.timeout):
+                if handler.transactional:
+                    await ctx.open_transaction()
+                if handler.is_async:
+                    await handler.func(*args)
+                else:
+                    await asyncio.to_thread(handler.func, *args)
+                if ctx.duplicate:  # the handler caught AlreadyHandled: it still is a duplicate
+                    raise AlreadyHandled(f"{handler.name} already handled message {ctx.message.id}")
+                if ctx.unit is None and ctx.needs_outbox:
+                    await ctx.open_transaction()
+                if ctx.unit is not None:
+                    await ctx.unit.commit(ctx.outgoing)
+        except BaseException:
+            if ctx.unit is not None:
+                await ctx.unit.rollback()
+            raise
 
     async def _failed(self, delivery: ports.Delivery, attempt: int, delay: float, kind: str, text: str) -> None:
         if self.handler.retry.exhausted(attempt):
@@ -223,7 +267,8 @@ class Worker:
         source: CloudEvents ``source`` for messages the handlers publish.
         concurrency: default per-handler concurrency (a handler's own setting wins).
         max_message_bytes: larger messages are dead-lettered unread.
-        transactions: opens ``ctx.transaction()``; ``None`` without a database.
+        transactions: opens handler attempts' units of work (``ctx.transaction()``);
+            ``None`` without a database.
     """
 
     def __init__(
@@ -234,7 +279,7 @@ class Worker:
         source: str,
         concurrency: int = 16,
         max_message_bytes: int = 1024 * 1024,
-        transactions: context.Transactions | None = None,
+        transactions: persistence.UnitOfWorkFactory | None = None,
     ) -> None:
         self._transactions = transactions
         self._handlers = list(handlers)

@@ -10,12 +10,14 @@ A new transport proves itself by subclassing the suites::
             return lambda: MyTransport("my://localhost")
 """
 
+from conveyor.testing.persistence_suite import PersistenceConformance
 from conveyor.testing.support import Collector, unique, wait_for
 from conveyor.testing.transport_suite import TransportConformance, TransportFixtures
 from conveyor.testing.worker_suite import WorkerConformance
 
 __all__ = [
     "Collector",
+    "PersistenceConformance",
     "TransportConformance",
     "TransportFixtures",
     "WorkerConformance",

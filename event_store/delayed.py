@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor import envelope, errors
 
+from event_store.outbox import Outbox
+
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -32,8 +34,6 @@ async def schedule_at(
             ``at``, an invalid topic or unserialisable data.
         StoreError: the database refused the row.
     """
-    from event_store.outbox import Outbox
-
     if (at is None) == (delay is None):
         raise errors.ConfigurationError("schedule_at needs exactly one of at= or delay=")
     return await Outbox(source).add(session, topic, data, key=key, at=at, delay=delay)

@@ -1,0 +1,151 @@
+"""Handler attempts' units of work on SQL, and the assembly of every SQL store behind Conveyor's ports.
+
+A unit of work is one database transaction per handler attempt: its first
+write is the inbox row ``(handler, message id)``; the handler's writes, event
+appends and outgoing messages (as outbox rows) join it; it commits once, after
+the handler returned, or rolls back as a whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from conveyor import persistence, ports
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from event_store import claims, database, outbox_store
+from event_store.inbox import Inbox
+from event_store.outbox import Outbox
+from event_store.store import SqlEventStore
+
+log = logging.getLogger("conveyor.store")
+
+
+class _Rollback(Exception):
+    """Thrown into the transaction's context to roll it back."""
+
+
+class SqlUnitOfWork:
+    """An open handler transaction (:class:`conveyor.persistence.UnitOfWork`).
+
+    Attributes:
+        tx: the ``AsyncSession`` of the transaction.
+        events: the event store bound to it (``tx.events`` in handlers).
+    """
+
+    def __init__(
+        self, scope: contextlib.AbstractAsyncContextManager[AsyncSession], session: AsyncSession, units: SqlUnits
+    ) -> None:
+        self._scope: contextlib.AbstractAsyncContextManager[AsyncSession] | None = scope
+        self.tx = session
+        self.events = SessionEvents(units.events, session)
+        self._outbox = units.outbox
+
+    async def commit(self, outgoing: Sequence[persistence.Outgoing]) -> None:
+        """Write ``outgoing`` to the outbox and commit.
+
+        Raises:
+            StoreError: the database refused; everything is rolled back.
+            RuntimeError: the unit was already committed or rolled back.
+        """
+        scope = self._scope
+        if scope is None:
+            raise RuntimeError("this unit of work is already closed")
+        self._scope = None
+        try:
+            for message in outgoing:
+                await self._outbox.add(self.tx, message.topic, message.envelope, delay=message.delay, at=message.at)
+        except BaseException as exc:
+            if not await scope.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+            return
+        await scope.__aexit__(None, None, None)
+
+    async def rollback(self) -> None:
+        """Roll back; idempotent, never raises (a broken connection is dropped)."""
+        scope, self._scope = self._scope, None
+        if scope is None:
+            return
+        signal = _Rollback()
+        try:
+            await scope.__aexit__(_Rollback, signal, None)
+        except _Rollback:
+            pass
+        except Exception:  # the rollback itself failed: the connection is gone, and so is the transaction
+            log.warning("rolling back a handler transaction failed", exc_info=True)
+
+
+class SqlUnits:
+    """Opens handler units of work on a database (:class:`conveyor.persistence.UnitOfWorkFactory`).
+
+    Args:
+        db: the service's database.
+        outbox: writes outgoing messages.
+        events: the event store.
+    """
+
+    def __init__(self, db: database.Database, outbox: Outbox, events: SqlEventStore) -> None:
+        self._db = db
+        self._inbox = Inbox(db)
+        self.outbox = outbox
+        self.events = events
+
+    async def begin(self, handler: str, message_id: str) -> SqlUnitOfWork | None:
+        """Open a transaction whose first write is the inbox row; None if the row exists.
+
+        Raises:
+            StoreError: the database failed; nothing is left open.
+        """
+        scope = self._db.transaction()
+        session = await scope.__aenter__()
+        try:
+            claimed = await self._inbox.claim(session, handler, message_id)
+        except BaseException as exc:
+            if not await scope.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+            raise  # pragma: no cover - the scope never swallows
+        if not claimed:
+            with contextlib.suppress(_Rollback):
+                await scope.__aexit__(_Rollback, _Rollback(), None)
+            return None
+        return SqlUnitOfWork(scope, session, self)
+
+
+class SessionEvents:
+    """The event store bound to one transaction's session (``tx.events``)."""
+
+    def __init__(self, store: SqlEventStore, session: AsyncSession) -> None:
+        self._store = store
+        self._session = session
+
+    async def append(self, stream_id: str, events: Sequence[ports.NewEvent], *, expected_version: int | None) -> int:
+        """Append in this transaction; see :meth:`SqlEventStore.append`."""
+        return await self._store.append(stream_id, events, expected_version=expected_version, tx=self._session)
+
+    async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[ports.RecordedEvent]:
+        """Read in this transaction; see :meth:`SqlEventStore.read_stream`."""
+        return await self._store.read_stream(stream_id, after_version=after_version, tx=self._session)
+
+
+def sql_persistence(db: database.Database, source: str, **relay: Any) -> persistence.Persistence:
+    """Every SQL store of ``db`` behind Conveyor's persistence ports.
+
+    Args:
+        db: the service's database (migrated).
+        source: CloudEvents ``source`` of messages built from plain data.
+        **relay: options of :class:`~event_store.outbox_store.SqlOutboxStore`.
+    """
+    outbox = Outbox(source)
+    events = SqlEventStore(db)
+    return persistence.Persistence(
+        database=db,
+        units=SqlUnits(db, outbox, events),
+        outbox=outbox,
+        inbox=Inbox(db),
+        events=events,
+        schedules=claims.SqlScheduleStore(db),
+        relay_store=lambda: outbox_store.SqlOutboxStore(db, **relay),
+    )
