@@ -15,18 +15,11 @@ from conveyor import envelope, errors
 from conveyor.runtime.relay import Relay, RelayOptions
 from conveyor.testing import wait_for
 from conveyor.transports.memory import MemoryTransport
-from relay_helpers import TOPIC, Broker, open_broker
+from relay_helpers import TOPIC, Broker
 from relay_helpers import add as _add
 from relay_helpers import unsent as _unsent
 
 from event_store import Database, SqlOutboxStore, models
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    async with open_broker() as opened:
-        yield opened
-
 
 Running = list[tuple[asyncio.Task[None], asyncio.Event, Relay]]
 

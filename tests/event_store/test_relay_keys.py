@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,24 +11,11 @@ import sqlalchemy as sa
 from conveyor import errors
 from conveyor.runtime.relay import Relay, RelayOptions
 from conveyor.testing import wait_for
-from relay_helpers import Broker, Flaky, Refusing, Relays, add, attempts, connected, open_broker, row, wait_until
+from relay_helpers import Broker, Flaky, Refusing, Relays, add, attempts, connected, row, wait_until
 
 from event_store import Database, SqlOutboxStore
 
 FAST = RelayOptions(poll_interval=0.2, retry_base=0.05, retry_max=0.1, max_backoff=0.1, max_attempts=1000)
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    async with open_broker() as opened:
-        yield opened
-
-
-@pytest.fixture
-async def relays() -> AsyncIterator[Relays]:
-    started = Relays()
-    yield started
-    await started.stop_all()
 
 
 def _received(broker: Broker) -> int:

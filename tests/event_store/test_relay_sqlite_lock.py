@@ -10,24 +10,11 @@ import databases
 import pytest
 from conveyor.runtime.relay import Relay, RelayOptions
 from conveyor.testing import wait_for
-from relay_helpers import Broker, Flaky, Relays, add, connected, open_broker, unsent, wait_until
+from relay_helpers import Broker, Flaky, Relays, add, connected, unsent, wait_until
 
 from event_store import Database, SqlOutboxStore
 
 FAST = RelayOptions(poll_interval=0.05)
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    async with open_broker() as opened:
-        yield opened
-
-
-@pytest.fixture
-async def relays() -> AsyncIterator[Relays]:
-    started = Relays()
-    yield started
-    await started.stop_all()
 
 
 @pytest.fixture
