@@ -357,3 +357,17 @@ async def test_dead_letter_copy_of_a_message_with_jetstream_control_headers_is_s
             break
     assert await worker.stop(5)
     assert [d.event_id for d in listed] == rejected[:1]
+
+
+async def test_a_delivery_held_longer_than_ack_wait_is_not_redelivered(open_transport: OpenTransport) -> None:
+    transport = await open_transport()
+    topic = unique("held")
+    held = Collector(settle=lambda delivery: asyncio.sleep(0))  # keeps every delivery unsettled
+    subscription = sub(topic, ack_wait=1.0)
+    await transport.declare([topic], [subscription])
+    await transport.subscribe(subscription, held)
+    await transport.publish(topic, WireMessage(b"slow", message_id=unique("m")))
+    (first,) = await held.wait(1, TIMEOUT)
+    await asyncio.sleep(3.5)  # queued or running that long: three ack waits
+    await first.delivery.ack()
+    assert [r.attempt for r in held.received] == [1]

@@ -8,6 +8,12 @@ names and the translation of nats-py errors.
 
 Deliveries given back at stop or close are naked with a delay of
 :data:`GIVE_BACK_DELAY`, not at once (see :mod:`conveyor.transports.nats`).
+
+Every delivery handed out and not yet settled is kept alive with an
+in-progress acknowledgement (``+WPI``) a few times per ``ack_wait``, so time
+spent waiting in a key lane, in the dispatcher's buffer or in a long handler
+never makes the server redeliver it; ``ack_wait`` then only catches a worker
+that died or hung (its keep-alives stop).
 """
 
 from __future__ import annotations
@@ -112,6 +118,14 @@ class NatsDelivery:
         with translated("nak"):
             await self._msg.nak(delay=max(delay, 0.0))
 
+    async def keep_alive(self) -> None:
+        """Tell the server the message is still being worked on (``+WPI``); failures are ignored.
+
+        A lost keep-alive only risks an early redelivery, which the inbox absorbs.
+        """
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await self._msg.in_progress()
+
     async def give_back(self) -> None:
         """Nak if still unsettled (stop/close), redelivering once our pull requests expired."""
         if not self._settled:
@@ -154,6 +168,8 @@ class NatsConsumer:
         self._inbox = ""
         self._inbox_sub: NatsSubscription | None = None
         self._task: asyncio.Task[None] | None = None
+        self._keep_alive_task: asyncio.Task[None] | None = None
+        self._keep_alive_every = max(subscription.ack_wait / 3, 0.1)
 
     @property
     def active(self) -> bool:
@@ -172,6 +188,9 @@ class NatsConsumer:
         with translated("subscribe"):
             self._inbox_sub = await nc.subscribe(self._inbox, cb=self._on_message)
         self._task = asyncio.create_task(self._run(), name=f"nats-consumer:{self._subscription.name}")
+        self._keep_alive_task = asyncio.create_task(
+            self._keep_alive(), name=f"nats-keep-alive:{self._subscription.name}"
+        )
 
     async def stop(self) -> None:
         """Stop pulling; give back what arrived but was not handed out."""
@@ -194,8 +213,19 @@ class NatsConsumer:
 
     async def give_back_unsettled(self) -> None:
         """Nak every handed-out delivery not yet settled (the transport is closing)."""
+        if self._keep_alive_task is not None:
+            self._keep_alive_task.cancel()
+            await asyncio.gather(self._keep_alive_task, return_exceptions=True)
         for delivery in list(self._handed):
             await delivery.give_back()
+
+    async def _keep_alive(self) -> None:
+        """Send ``+WPI`` for every unsettled handed-out delivery, a few times per ack wait."""
+        while True:
+            await asyncio.sleep(self._keep_alive_every)
+            for delivery in list(self._handed):
+                if not delivery.settled:
+                    await delivery.keep_alive()
 
     def settled(self, delivery: NatsDelivery) -> None:
         """Free the delivery's prefetch credit."""
