@@ -47,10 +47,8 @@ _CONFLICT_STATES = {"40001", "40P01"}  # serialization failure, deadlock
 _BUSY_STATES = {"55P03", "57014"}  # lock not available (lock_timeout), statement timeout
 
 
-class StoreUnavailable(errors.StoreError):
-    """The database is unreachable or busy; the operation may succeed if retried."""
-
-    retryable = True
+StoreUnavailable = errors.StoreUnavailable
+"""The database is unreachable or busy (:class:`conveyor.errors.StoreUnavailable`)."""
 
 
 def normalize_url(url: str | URL, *, sync: bool = False) -> URL:

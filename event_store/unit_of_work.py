@@ -13,7 +13,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from conveyor import persistence, ports
+from conveyor import errors, persistence, ports
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from event_store import claims, database, outbox_store
@@ -64,18 +65,24 @@ class SqlUnitOfWork:
             return
         await scope.__aexit__(None, None, None)
 
-    async def rollback(self) -> None:
-        """Roll back; idempotent, never raises (a broken connection is dropped)."""
+    async def rollback(self, error: BaseException | None = None) -> errors.StoreError | None:
+        """Roll back; idempotent, never raises (a broken connection is dropped).
+
+        Returns:
+            ``error`` translated, if the database raised it; otherwise None.
+        """
         scope, self._scope = self._scope, None
-        if scope is None:
-            return
-        signal = _Rollback()
-        try:
-            await scope.__aexit__(_Rollback, signal, None)
-        except _Rollback:
-            pass
-        except Exception:  # the rollback itself failed: the connection is gone, and so is the transaction
-            log.warning("rolling back a handler transaction failed", exc_info=True)
+        if scope is not None:
+            signal = _Rollback()
+            try:
+                await scope.__aexit__(_Rollback, signal, None)
+            except _Rollback:
+                pass
+            except Exception:  # the rollback itself failed: the connection is gone, and so is the transaction
+                log.warning("rolling back a handler transaction failed", exc_info=True)
+        if isinstance(error, sa_exc.SQLAlchemyError):
+            return database.translate(error)
+        return None
 
 
 class SqlUnits:

@@ -14,6 +14,7 @@ from conveyor.errors import (
     Reject,
     Retry,
     StoreError,
+    StoreUnavailable,
     TransientTransportError,
     TransportError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "RetryPolicy",
     "Schedule",
     "StoreError",
+    "StoreUnavailable",
     "Transaction",
     "TransientTransportError",
     "TransportError",

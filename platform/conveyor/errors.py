@@ -46,6 +46,17 @@ class StoreError(ConveyorError):
     """The database refused or failed an operation."""
 
 
+class StoreUnavailable(StoreError):
+    """The database is unreachable or busy; the operation may succeed if retried.
+
+    An outage of the service's own infrastructure, not a message's fault: a
+    worker that meets it holds the message and tries again when the database
+    answers, without spending the message's attempts.
+    """
+
+    retryable = True
+
+
 class ConcurrencyConflict(StoreError):
     """Someone else wrote first (an expected version did not match); reload and retry."""
 

@@ -110,8 +110,18 @@ class UnitOfWork(Protocol):
         """
         ...
 
-    async def rollback(self) -> None:
-        """Undo the attempt's writes, including its inbox row; idempotent, never raises."""
+    async def rollback(self, error: BaseException | None = None) -> BaseException | None:
+        """Undo the attempt's writes, including its inbox row; idempotent, never raises.
+
+        Args:
+            error: what ended the attempt, if anything.
+
+        Returns:
+            ``error`` as a :class:`~conveyor.errors.StoreError` when the
+            database raised it (inside the handler, from a statement of the
+            user's), so the caller can tell an outage from a handler bug;
+            otherwise None.
+        """
         ...
 
 

@@ -24,6 +24,11 @@ HANDLER_SECONDS = Histogram(
 )
 IN_FLIGHT = Gauge("conveyor_in_flight", "Messages accepted by a handler and not yet settled.", ["handler"])
 PUBLISHED = Counter("conveyor_published", "Messages published, by topic.", ["topic"])
+OUTAGE_WAITS = Counter(
+    "conveyor_outage_waits",
+    "Times a handler held a message because the database or broker was unavailable (no attempt spent).",
+    ["handler", "dependency"],
+)
 
 
 # -- tracing -----------------------------------------------------------------

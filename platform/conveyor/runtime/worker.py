@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -37,6 +38,8 @@ log = logging.getLogger("conveyor.worker")
 DLQ_SUFFIX = ".dlq"
 DLQ_HEADER = "conveyor-dlq-"
 _MAX_ERROR_TEXT = 1000
+OUTAGE_BACKOFF = (0.5, 30.0)
+"""First and longest pause (seconds) while a message is held through a database or broker outage."""
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -130,42 +133,55 @@ class HandlerRunner:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, failure))
 
     async def _run(self, delivery: ports.Delivery, message: envelope.Envelope, payload: Any) -> str | None:
-        """Run one attempt and settle the delivery; return the failure text, if any."""
+        """Run the attempt and settle the delivery; return the failure text, if any.
+
+        An outage of the service's own infrastructure (the database or the
+        broker unreachable) is not the message's fault: the delivery is held
+        and the attempt run again after a capped backoff, without spending one
+        of the message's attempts, until the outage ends or the worker drains.
+        """
         handler = self.handler
         attempt = message.attempt
-        ctx = context.Context(message, handler.name, self._source, self._units)
-        started = time.perf_counter()
-        try:
+        pause = OUTAGE_BACKOFF[0]
+        while True:
+            ctx = context.Context(message, handler.name, self._source, self._units)
+            started = time.perf_counter()
             try:
-                await self._attempt(payload, ctx)
-            finally:  # every outcome, so slow failures and timeouts show in the histogram too
-                self._seconds.observe(time.perf_counter() - started)
-        except AlreadyHandled:
-            log.debug("%s skipped duplicate message %s", handler.name, message.id)
-            await delivery.ack()
-            self._outcomes["duplicate"].inc()
-            return None
-        except errors.Retry as signal:
-            delay = signal.delay if signal.delay is not None else handler.retry.delay(attempt)
-            await self._failed(delivery, attempt, delay, "Retry", signal.reason)
-            return f"Retry: {signal.reason}"
-        except errors.Reject as signal:
-            await self._dead_letter(delivery, attempt, "Rejected", signal.reason)
-            return f"Rejected: {signal.reason}"
-        except TimeoutError:
-            reason = f"attempt exceeded the handler timeout of {handler.timeout}s"
-            await self._failed(delivery, attempt, handler.retry.delay(attempt), "TimeoutError", reason)
-            return reason
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await self._failed(delivery, attempt, handler.retry.delay(attempt), type(exc).__name__, str(exc))
-            return f"{type(exc).__name__}: {exc}"
-        if ctx.unit is None and ctx.outgoing:
+                try:
+                    await self._attempt(payload, ctx)
+                finally:  # every outcome, so slow failures and timeouts show in the histogram too
+                    self._seconds.observe(time.perf_counter() - started)
+            except (errors.StoreUnavailable, errors.TransientTransportError) as exc:
+                pause = await self._hold(exc, pause)
+                continue
+            except AlreadyHandled:
+                log.debug("%s skipped duplicate message %s", handler.name, message.id)
+                await delivery.ack()
+                self._outcomes["duplicate"].inc()
+                return None
+            except errors.Retry as signal:
+                delay = signal.delay if signal.delay is not None else handler.retry.delay(attempt)
+                await self._failed(delivery, attempt, delay, "Retry", signal.reason)
+                return f"Retry: {signal.reason}"
+            except errors.Reject as signal:
+                await self._dead_letter(delivery, attempt, "Rejected", signal.reason)
+                return f"Rejected: {signal.reason}"
+            except TimeoutError:
+                reason = f"attempt exceeded the handler timeout of {handler.timeout}s"
+                await self._failed(delivery, attempt, handler.retry.delay(attempt), "TimeoutError", reason)
+                return reason
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._failed(delivery, attempt, handler.retry.delay(attempt), type(exc).__name__, str(exc))
+                return f"{type(exc).__name__}: {exc}"
+            break
+        while ctx.unit is None and ctx.outgoing:
             try:
-                for outgoing in ctx.outgoing:
-                    wire = envelope.to_binary(outgoing.envelope, self._prefix)
-                    await self._transport.publish(outgoing.topic, wire)
+                await self._send(ctx.outgoing)
+                break
+            except errors.TransientTransportError as exc:
+                pause = await self._hold(exc, pause)
             except errors.TransportError as exc:
                 text = f"could not publish the handler's messages: {exc}"
                 await self._failed(delivery, attempt, handler.retry.delay(attempt), "TransportError", text)
@@ -173,6 +189,22 @@ class HandlerRunner:
         await delivery.ack()
         self._outcomes["succeeded"].inc()
         return None
+
+    async def _send(self, outgoing: Sequence[persistence.Outgoing]) -> None:
+        """Publish what a handler without a transaction published, in order (ids are deterministic)."""
+        for message in outgoing:
+            await self._transport.publish(message.topic, envelope.to_binary(message.envelope, self._prefix))
+
+    async def _hold(self, exc: errors.ConveyorError, pause: float) -> float:
+        """Wait out an infrastructure outage before the next try; return the next pause."""
+        what = "database" if isinstance(exc, errors.StoreError) else "broker"
+        log.warning(
+            "%s: the %s is unavailable (%s); holding the message for %.1fs without spending an attempt",
+            self.handler.name, what, exc, pause,
+        )  # fmt: skip
+        telemetry.OUTAGE_WAITS.labels(self.handler.name, what).inc()
+        await asyncio.sleep(pause * random.uniform(0.8, 1.0))
+        return min(pause * 2, OUTAGE_BACKOFF[1])
 
     async def _attempt(self, payload: Any, ctx: context.Context) -> None:
         """Call the handler and commit its unit of work, all under the handler's timeout.
@@ -201,9 +233,11 @@ class HandlerRunner:
                     await ctx.open_transaction()
                 if ctx.unit is not None:
                     await ctx.unit.commit(ctx.outgoing)
-        except BaseException:
+        except BaseException as exc:
             if ctx.unit is not None:
-                await ctx.unit.rollback()
+                translated = await ctx.unit.rollback(exc)
+                if translated is not None:  # the database failed a statement of the handler's
+                    raise translated from exc
             raise
 
     async def _failed(self, delivery: ports.Delivery, attempt: int, delay: float, kind: str, text: str) -> None:
