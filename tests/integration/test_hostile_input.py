@@ -7,10 +7,13 @@ delivery that is redelivered forever).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
 import orjson
+import prometheus_client
+import pytest
 from conveyor import Context, envelope, on, ports, registry
 from conveyor.retry import RetryPolicy
 from conveyor.runtime import dead_letters
@@ -19,6 +22,11 @@ from conveyor.testing import unique, wait_for
 
 Open = Callable[[], Awaitable[ports.Transport]]
 BAD = 40  # more than the dispatcher's prefetch: bad messages that stayed unsettled would fill it
+
+
+def dead_lettered(handler: str) -> float:
+    labels = {"handler": handler, "outcome": "dead_lettered"}
+    return prometheus_client.REGISTRY.get_sample_value("conveyor_messages_total", labels) or 0.0
 
 
 def huge_attempt(topic: str, prefix: str) -> envelope.WireMessage:
@@ -85,3 +93,38 @@ async def test_a_producers_attempt_and_delay_headers_are_not_trusted(open_transp
     await wait_for(lambda: len(attempts) == 3, 30, "three attempts")
     assert await worker.stop(5)
     assert attempts == [1, 2, 3]
+
+
+@pytest.mark.parametrize("broker_url", ["memory", "rabbit", "nats"], indirect=True)
+async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_after_max_attempts(
+    open_transport: Open,
+) -> None:
+    topic, name = unique("crash"), unique("crash")
+    runs: list[int] = []
+
+    @on(topic, name=name, max_attempts=2)
+    async def dies(payload: dict, ctx: Context) -> None:
+        runs.append(ctx.message.attempt)
+        await asyncio.sleep(3600)  # never settles: the worker "dies" with the message in hand
+
+    for life in range(3):
+        transport = await open_transport()
+        worker = Worker(registry.Registry.of(dies).handlers, transport, source="t")
+        await worker.start()
+        if life == 0:
+            wire = envelope.to_binary(envelope.create(topic, {"n": 1}, source="t"), transport.binary_prefix)
+            await transport.publish(topic, wire)
+        if life < 2:
+            await wait_for(lambda life=life: len(runs) == life + 1, 30, f"run {life + 1}")
+        else:  # a third run, or the dead letter the third delivery must become
+            await wait_for(lambda: len(runs) == 3 or dead_lettered(name) > 0, 30, "the third delivery")
+        await worker.stop(0.1)  # the deadline passes: the message is left unsettled
+        await transport.close()  # ... and goes back to the broker, one delivery more
+    listed: list[dead_letters.DeadLetter] = []
+    for _ in range(20):
+        peeker = await open_transport()
+        listed = await dead_letters.peek(peeker, topic, idle=1.0)
+        await peeker.close()
+        if listed:
+            break
+    assert (len(runs), [d.error_type for d in listed]) == (2, ["TooManyDeliveries"])

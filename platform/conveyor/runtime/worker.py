@@ -118,6 +118,15 @@ class HandlerRunner:
                 f"message of {size} bytes exceeds the limit of {self._max_bytes} bytes",
             )
             return
+        if delivery.attempt > handler.retry.max_attempts:
+            # Delivered again without ever being settled: each earlier attempt died with its
+            # worker (a crash, an OOM kill). Running it again would only loop.
+            text = (
+                f"delivered {delivery.attempt} times, more than max_attempts={handler.retry.max_attempts}: "
+                "earlier attempts never finished (the worker crashed or was stopped with it)"
+            )
+            await self._dead_letter(delivery, delivery.attempt, "TooManyDeliveries", text)
+            return
         try:
             message = envelope.decode(delivery.message)
             payload = handler.decode(message)
