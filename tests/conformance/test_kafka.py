@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 from conveyor import ports
-from conveyor.testing import TransportConformance, WorkerConformance
+from conveyor.testing import TransportConformance, WorkerConformance, brokers
 from conveyor.transports.kafka import KafkaTransport
 
 OPTIONS = "partitions=4&session_timeout_ms=2000&heartbeat_interval_ms=400"
@@ -17,7 +17,7 @@ OPTIONS = "partitions=4&session_timeout_ms=2000&heartbeat_interval_ms=400"
 
 @pytest.fixture
 def kafka_factory(kafka_url: str) -> Callable[[], ports.Transport]:
-    url = f"{kafka_url}?{OPTIONS}"
+    url = brokers.with_query(kafka_url, OPTIONS)
     return lambda: KafkaTransport(url)
 
 

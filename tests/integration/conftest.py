@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from conveyor import ports, transports
-from conveyor.testing import unique
+from conveyor.testing import brokers, unique
 
 KAFKA_FAST = "?partitions=4&session_timeout_ms=2000&heartbeat_interval_ms=400"
 Open = Callable[[], Awaitable[ports.Transport]]
@@ -18,7 +18,7 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     if request.param == "memory":
         return f"memory://{unique('it')}"
     url = str(request.getfixturevalue(f"{request.param}_url"))
-    return url + KAFKA_FAST if request.param == "kafka" else url
+    return brokers.with_query(url, KAFKA_FAST) if request.param == "kafka" else url
 
 
 @pytest.fixture

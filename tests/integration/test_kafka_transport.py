@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaConnectionError
 from cloudevents.core.bindings import kafka as ce_kafka
 from conveyor import envelope, errors, ports
 from conveyor.envelope import WireMessage
-from conveyor.testing import Collector, unique, wait_for
+from conveyor.testing import Collector, brokers, unique, wait_for
 from conveyor.testing.brokers import TansuBroker
 from conveyor.transports import kafka_consume
 from conveyor.transports.kafka import KafkaOptions, KafkaTransport, parse_url
@@ -41,7 +41,7 @@ async def open_kafka(kafka_url: str) -> AsyncIterator[Open]:
     opened: list[KafkaTransport] = []
 
     async def open_one(extra: str = "", url: str = kafka_url) -> KafkaTransport:
-        transport = KafkaTransport(f"{url}?{FAST}{'&' + extra if extra else ''}")
+        transport = KafkaTransport(brokers.with_query(url, f"{FAST}{'&' + extra if extra else ''}"))
         await transport.connect()
         opened.append(transport)
         return transport
@@ -322,7 +322,7 @@ async def test_consumer_survives_a_broker_restart(own_broker: TansuBroker) -> No
     rejoins its group and receives messages published after the restart, once
     ``declare`` has recreated the topics.
     """
-    transport = KafkaTransport(f"{own_broker.url}?{FAST}&request_timeout_ms=5000")
+    transport = KafkaTransport(brokers.with_query(own_broker.url, f"{FAST}&request_timeout_ms=5000"))
     await transport.connect()
     try:
         topic = unique("kx")
@@ -352,7 +352,7 @@ async def publish_until_accepted(transport: KafkaTransport, topic: str, message:
 
 
 async def test_check_raises_transport_error_when_the_broker_is_down(own_broker: TansuBroker) -> None:
-    transport = KafkaTransport(f"{own_broker.url}?request_timeout_ms=2000")
+    transport = KafkaTransport(brokers.with_query(own_broker.url, "request_timeout_ms=2000"))
     await transport.connect()
     try:
         await transport.check()
@@ -411,3 +411,13 @@ def test_url_options_are_parsed() -> None:
 def test_invalid_url_raises_configuration_error(url: str) -> None:
     with pytest.raises(errors.ConfigurationError):
         KafkaTransport(url)
+
+
+def test_url_producer_is_idempotent_unless_turned_off() -> None:
+    defaults, off = parse_url("kafka://a:9092")[1], parse_url("kafka://a:9092?idempotence=0")[1]
+    assert (defaults.idempotence, off.idempotence) == (1, 0)
+
+
+def test_url_idempotence_other_than_0_or_1_is_refused() -> None:
+    with pytest.raises(errors.ConfigurationError, match="idempotence"):
+        parse_url("kafka://a:9092?idempotence=2")

@@ -155,6 +155,14 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def with_query(url: str, query: str) -> str:
+    """``url`` with ``query`` (``a=1&b=2``, with or without a leading ``?``) added to its query string."""
+    query = query.lstrip("?")
+    if not query:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
 def in_ci() -> bool:
     """True when env ``CI`` is set to anything but an empty, ``0``, ``false`` or ``no`` value.
 
@@ -275,8 +283,8 @@ class TansuBroker:
 
     @property
     def url(self) -> str:
-        """``kafka://host:port``, for Conveyor's transport URLs."""
-        return f"kafka://{self.bootstrap}"
+        """``kafka://host:port?idempotence=0``, for Conveyor's transport URLs (Tansu has no idempotent producers)."""
+        return f"kafka://{self.bootstrap}?idempotence=0"
 
     @property
     def running(self) -> bool:

@@ -20,10 +20,11 @@ Wire mapping (other services can publish without Conveyor):
 Guarantees and how they are kept:
 
 * **Publish**: ``acks="all"`` and ``send_and_wait``, so :meth:`publish` returns
-  once the in-sync replicas have the record. ``enable_idempotence=False``:
-  idempotent producers need ``InitProducerId``, which Tansu (the broker in our
-  tests) rejects; a retried send may therefore write a duplicate, which the
-  inbox absorbs.
+  once the in-sync replicas have the record; an idempotent producer by default,
+  so a send retried after a lost acknowledgement writes no duplicate.
+  ``?idempotence=0`` turns it off for brokers without ``InitProducerId`` (Tansu,
+  the broker of our tests); a retried send may then write a duplicate, which
+  the inbox absorbs.
 * **Ack = commit**, never auto-commit. A record's offset is committed only once
   it and every earlier record of its partition are settled (deliveries of one
   partition settle out of order because the runtime runs keys concurrently).
@@ -71,8 +72,9 @@ their replication factor (set it to your cluster's, e.g. 3);
 ``session_timeout_ms`` (10000), ``heartbeat_interval_ms`` (3000),
 ``max_poll_interval_ms`` (300000), ``rebalance_timeout_ms`` (= session timeout)
 and ``fetch_max_wait_ms`` (100) for the consumers; ``request_timeout_ms``
-(30000) for requests, sends and commits. Tests on Tansu use
-``?partitions=4&session_timeout_ms=2000&heartbeat_interval_ms=400``.
+(30000) for requests, sends and commits; ``idempotence`` (1; 0 turns the
+idempotent producer off). Tests on Tansu use ``?idempotence=0&partitions=4&
+session_timeout_ms=2000&heartbeat_interval_ms=400``.
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ class KafkaOptions:
             so it bounds delivery latency there (100 ms: ~25 ms median on Tansu,
             500 ms: ~200 ms). Raise it to cut idle fetch requests on Kafka.
         request_timeout_ms: limit of broker requests, sends and commits.
+        idempotence: 1 for an idempotent producer (the default; needs a broker
+            that supports ``InitProducerId``), 0 for a plain one.
     """
 
     partitions: int = 8
@@ -134,6 +138,7 @@ class KafkaOptions:
     rebalance_timeout_ms: int = 0
     fetch_max_wait_ms: int = 100
     request_timeout_ms: int = 30_000
+    idempotence: int = 1
 
     @classmethod
     def from_query(cls, query: str) -> KafkaOptions:
@@ -149,8 +154,10 @@ class KafkaOptions:
                 raise errors.ConfigurationError(
                     f"unknown Kafka URL parameter {name!r}; known: {', '.join(sorted(known))}"
                 )
-            if not raw.isdigit() or (int(raw) == 0 and name != "rebalance_timeout_ms"):
+            if not raw.isdigit() or (int(raw) == 0 and name not in ("rebalance_timeout_ms", "idempotence")):
                 raise errors.ConfigurationError(f"Kafka URL parameter {name}={raw!r} must be a positive integer")
+            if name == "idempotence" and raw not in ("0", "1"):
+                raise errors.ConfigurationError(f"Kafka URL parameter idempotence={raw!r} must be 0 or 1")
             values[name] = int(raw)
         return cls(**values)
 
@@ -221,7 +228,7 @@ class KafkaTransport:
             bootstrap_servers=bootstrap,
             client_id="conveyor",
             acks="all",
-            enable_idempotence=False,  # Tansu rejects InitProducerId; see the module docs
+            enable_idempotence=bool(self.options.idempotence),
             request_timeout_ms=self.options.request_timeout_ms,
         )
         admin = AIOKafkaAdminClient(
