@@ -69,3 +69,23 @@ async def test_drain_deadline_cancels_unfinished_work() -> None:
     await wait_for(lambda: finished == ["fast"], 2)
     assert not await dispatcher.drain(0.1)
     assert finished == ["fast"] and dispatcher.in_flight == 0
+
+
+async def test_no_more_than_concurrency_deliveries_run_at_once() -> None:
+    running = [0, 0]  # now, most ever
+    release = asyncio.Event()
+
+    async def process(delivery: FakeDelivery) -> None:
+        running[0] += 1
+        running[1] = max(running)
+        await release.wait()
+        running[0] -= 1
+
+    dispatcher = Dispatcher(process, concurrency=3, buffer=20)  # type: ignore[arg-type]
+    for n in range(12):
+        await dispatcher.submit(FakeDelivery(str(n)))  # keyless: nothing orders them but the cap
+    await wait_for(lambda: running[0] == 3, 2, "three running")
+    await asyncio.sleep(0.05)  # room for a fourth to start, were the cap broken
+    release.set()
+    assert await dispatcher.drain(2)
+    assert running[1] == 3

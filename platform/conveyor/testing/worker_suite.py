@@ -77,10 +77,14 @@ class WorkerConformance(TransportFixtures):
         async def record(payload: Order) -> None:
             handled.append(payload.order_id)
 
-        await self.start_worker(transport, record)
+        worker = await self.start_worker(transport, record)
         await self.send(transport, topic, order("o-1"))
         await wait_for(lambda: handled == ["o-1"], self.timeout, "the handler")
-        await self.send(transport, topic, order("marker"))
+        assert await worker.stop(timeout=5)
+        await transport.close()  # an unacked message would now go back to the broker
+        again = await open_transport()
+        await self.start_worker(again, record)
+        await self.send(again, topic, order("marker"))
         await wait_for(lambda: "marker" in handled, self.timeout, "the marker")
         assert handled == ["o-1", "marker"]
 
