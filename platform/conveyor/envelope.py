@@ -277,6 +277,21 @@ def to_structured(envelope: Envelope) -> WireMessage:
     return WireMessage(body=orjson.dumps(event), headers=headers, key=envelope.partitionkey, message_id=envelope.id)
 
 
+_KEY_HEADERS = frozenset(prefix + "partitionkey" for prefix in ("ce_", "ce-", "cloudevents_", "cloudevents:"))
+
+
+def binary_partition_key(headers: Mapping[str, Any]) -> str | None:
+    """The CloudEvents ``partitionkey`` of a binary-mode message's headers (any binding's prefix), if any.
+
+    Transports use it as the ordering key of messages from producers that set
+    no broker-level key, so per-key order holds for them too.
+    """
+    for name, value in headers.items():
+        if name.lower() in _KEY_HEADERS and value:
+            return value if isinstance(value, str) else str(value)
+    return None
+
+
 def decode(message: WireMessage) -> Envelope:
     """Read a CloudEvent from a wire message, in either mode.
 

@@ -371,3 +371,12 @@ async def test_a_delivery_held_longer_than_ack_wait_is_not_redelivered(open_tran
     await asyncio.sleep(3.5)  # queued or running that long: three ack waits
     await first.delivery.ack()
     assert [r.attempt for r in held.received] == [1]
+
+
+async def test_partitionkey_of_a_plain_clients_event_is_the_delivery_key(
+    open_transport: OpenTransport, raw_js: JetStreamContext
+) -> None:
+    transport, topic = await open_transport(), unique("nt")
+    wire = envelope.to_binary(envelope.create(topic, {}, source="raw", key="order-7"), envelope.NATS_PREFIX)
+    await raw_js.publish(transport.subject(topic), wire.body, headers=wire.headers)  # no conveyor-key header
+    assert (await _consume_one(transport, topic)).key == "order-7"

@@ -427,3 +427,18 @@ async def test_declare_only_provisions_schedule_job_queues_too(rabbit_url: str) 
         await queue.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
+
+
+@pytest.mark.parametrize("prefix", ["cloudEvents_", "cloudEvents:", "ce-", "ce_"])
+async def test_partitionkey_of_a_plain_clients_event_is_the_delivery_key(
+    open_rabbit: Open, raw_channel: aio_pika.abc.AbstractChannel, prefix: str
+) -> None:
+    transport, topic = await open_rabbit(), unique("rt")
+    subscription = sub(topic)
+    await transport.declare([topic], [subscription])
+    headers = {prefix + name: value for name, value in {**ATTRIBUTES, "partitionkey": "order-7"}.items()}
+    await publish_raw(raw_channel, topic, aio_pika.Message(b"{}", headers=headers, content_type="application/json"))
+    collector = Collector()
+    await transport.subscribe(subscription, collector)
+    (got,) = await collector.wait(1, TIMEOUT)
+    assert got.message.key == "order-7"

@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from conveyor import errors, ports
-from conveyor.envelope import WireMessage
+from conveyor.envelope import WireMessage, binary_partition_key
 
 if TYPE_CHECKING:
     from conveyor.transports import nats as nats_transport
@@ -84,7 +84,7 @@ class NatsDelivery:
 
     def __init__(self, consumer: NatsConsumer, msg: Msg) -> None:
         headers = msg.headers or {}
-        key = headers.pop(KEY_HEADER, None)
+        key = headers.pop(KEY_HEADER, None) or binary_partition_key(headers)
         message_id = headers.pop(MSG_ID_HEADER, None)
         self._consumer = consumer
         self._msg = msg

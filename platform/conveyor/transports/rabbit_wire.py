@@ -18,7 +18,7 @@ import aiormq.abc
 from pamqp.commands import Basic
 
 from conveyor import errors
-from conveyor.envelope import WireMessage
+from conveyor.envelope import WireMessage, binary_partition_key
 
 KEY_HEADER = "conveyor-key"
 ATTEMPT_HEADER = "conveyor-attempt"
@@ -120,6 +120,8 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
             due = _int(value, 0)
     if props.content_type:
         headers["content-type"] = props.content_type
+    if key is None:
+        key = binary_partition_key(headers)
     return WireMessage(raw.body, headers, key, props.message_id), max(attempt, 1) + returns, due
 
 
