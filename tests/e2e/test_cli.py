@@ -1,5 +1,6 @@
 """The CLI end to end: the embedded default, ingest, drain on SIGTERM, exit codes."""
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +143,30 @@ def test_the_same_order_charged_twice_is_rejected_by_the_event_stream(embedded: 
     again = {**ORDER, "id": "o-1-again"}
     assert httpx.post(url, content=orjson.dumps(again), headers=STRUCTURED).status_code == 202
     embedded.wait_for_log("order o-1 was already charged")
+
+
+HUNG_APP = """
+import logging, time
+from conveyor import on
+
+@on("jobs", name="hung.job", timeout=0.5)
+def hangs(job: dict) -> None:
+    logging.getLogger("app").info("started %s", job["n"])
+    time.sleep(30)
+"""
+
+
+def test_sigterm_exits_by_the_drain_deadline_even_with_a_hung_sync_handler(tmp_path: Path, port: int) -> None:
+    (tmp_path / "hungapp.py").write_text(HUNG_APP)
+    env = {**migrated(tmp_path), "CONVEYOR_DRAIN_TIMEOUT": "0.5"}
+    process = Process(["run", "--port", str(port), "--app", "hungapp"], tmp_path / "run.log", cwd=tmp_path, **env)
+    try:
+        process.wait_ready(port)
+        event = {"specversion": "1.0", "id": "j-1", "source": "t", "type": "jobs", "data": {"n": 1}}
+        httpx.post(f"http://127.0.0.1:{port}/events/jobs", content=orjson.dumps(event), headers=STRUCTURED)
+        process.wait_for_log("started 1")
+        started = time.monotonic()
+        assert process.terminate() == 0
+        assert time.monotonic() - started < 5, "the process waited for the hung thread"
+    finally:
+        process.close()

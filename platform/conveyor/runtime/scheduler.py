@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from conveyor import context, envelope, errors, payloads, persistence, ports, registry, retry
+from conveyor.runtime import threads
 from conveyor.scheduling import schedules as scheduling
 
 log = logging.getLogger("conveyor.scheduler")
@@ -238,7 +239,7 @@ def _job_handler(schedule: scheduling.Schedule, stores: persistence.Persistence 
             if is_async:
                 await schedule.func(*args)
             else:
-                await asyncio.to_thread(schedule.func, *args)
+                await threads.run(schedule.func, *args)
         except BaseException as exc:
             text = f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(errors.StoreError):

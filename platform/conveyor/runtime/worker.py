@@ -30,7 +30,7 @@ from typing import Any
 from opentelemetry import trace
 
 from conveyor import context, envelope, errors, persistence, ports, registry, telemetry
-from conveyor.runtime import dispatch
+from conveyor.runtime import dispatch, threads
 from conveyor.transaction import AlreadyHandled
 
 log = logging.getLogger("conveyor.worker")
@@ -38,6 +38,8 @@ log = logging.getLogger("conveyor.worker")
 DLQ_SUFFIX = ".dlq"
 DLQ_HEADER = "conveyor-dlq-"
 _MAX_ERROR_TEXT = 1000
+SYNC_GRACE = 30.0
+"""Least time a timed-out sync handler's thread is waited for before its message is settled anyway."""
 OUTAGE_BACKOFF = (0.5, 30.0)
 """First and longest pause (seconds) while a message is held through a database or broker outage."""
 
@@ -199,6 +201,23 @@ class HandlerRunner:
         self._outcomes["succeeded"].inc()
         return None
 
+    async def _outlive(self, running: asyncio.Future[Any]) -> None:
+        """Wait (bounded) for a timed-out sync handler's thread, which cannot be interrupted.
+
+        Settling the message first would let its retry, or the next message of
+        its key, run while the old attempt is still writing; so the attempt
+        ends only when the thread does, up to a generous bound.
+        """
+        grace = max(10 * (self.handler.timeout or 0.0), SYNC_GRACE)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await asyncio.shield(running)
+        if not running.done():
+            log.error(
+                "%s: a timed-out sync attempt is still running after %.0fs more; its retry may overlap it",
+                self.handler.name, grace,
+            )  # fmt: skip
+
     async def _send(self, outgoing: Sequence[persistence.Outgoing]) -> None:
         """Publish what a handler without a transaction published, in order (ids are deterministic)."""
         for message in outgoing:
@@ -228,6 +247,7 @@ class HandlerRunner:
         """
         handler = self.handler
         args = (payload, ctx) if handler.takes_context else (payload,)
+        running: asyncio.Future[Any] | None = None
         try:
             async with asyncio.timeout(handler.timeout):
                 if handler.transactional:
@@ -235,7 +255,8 @@ class HandlerRunner:
                 if handler.is_async:
                     await handler.func(*args)
                 else:
-                    await asyncio.to_thread(handler.func, *args)
+                    running = threads.run(handler.func, *args)
+                    await asyncio.shield(running)
                 if ctx.duplicate:  # the handler caught AlreadyHandled: it still is a duplicate
                     raise AlreadyHandled(f"{handler.name} already handled message {ctx.message.id}")
                 if ctx.unit is None and ctx.needs_outbox:
@@ -243,6 +264,8 @@ class HandlerRunner:
                 if ctx.unit is not None:
                     await ctx.unit.commit(ctx.outgoing)
         except BaseException as exc:
+            if running is not None and not running.done() and isinstance(exc, TimeoutError):
+                await self._outlive(running)
             if ctx.unit is not None:
                 translated = await ctx.unit.rollback(exc)
                 if translated is not None:  # the database failed a statement of the handler's
