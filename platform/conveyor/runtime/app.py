@@ -82,7 +82,9 @@ async def serve(
                 stack.push_async_callback(store.close)
                 retention = timedelta(seconds=settings.retention)
                 options = relay.RelayOptions(retention=retention, max_attempts=settings.relay_max_attempts)
-                _background(stack, "relay", relay.Relay(store, transport, options=options).run)
+                publisher = relay.Relay(store, transport, options=options)
+                _background(stack, "relay", publisher.run)
+                checks.append(http.Check("relay", publisher.health, critical=False))
                 _background(stack, "housekeeping", lambda stop: housekeeping.run(stores, retention, stop))
             if parts.scheduler:
                 cron = scheduler.Scheduler(handlers.schedules, stores, source=settings.service)

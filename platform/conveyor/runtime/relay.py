@@ -83,6 +83,7 @@ class RelayOptions:
         retention: sent rows older than this are deleted.
         purge_interval: seconds between purges.
         metrics_interval: seconds between backlog gauge refreshes.
+        stall_after: a due row unsent this long makes readiness degraded (seconds).
     """
 
     batch_size: int = 100
@@ -96,6 +97,7 @@ class RelayOptions:
     retention: timedelta = timedelta(days=7)
     purge_interval: float = 300.0
     metrics_interval: float = 5.0
+    stall_after: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,8 @@ class Relay:
         self._limit = asyncio.Semaphore(self.options.max_in_flight)
         self._next_metrics = 0.0
         self._next_purge = time.monotonic() + self.options.purge_interval
+        self.stats: ports.OutboxStats | None = None
+        """The backlog as of the last metrics refresh (None before the first)."""
 
     def retry_delay(self, attempts: int) -> float:
         """Backoff before a row that failed ``attempts + 1`` times is due again (with jitter)."""
@@ -322,6 +326,24 @@ class Relay:
         except Exception:
             log.exception("outbox relay housekeeping failed")
 
+    async def health(self) -> None:
+        """Readiness probe (non-critical): the backlog as of the last metrics refresh.
+
+        Raises:
+            TransportError: rows are parked, or the oldest due row has waited
+                longer than ``stall_after`` (the relay is stalled or far behind).
+        """
+        stats = self.stats
+        if stats is None:
+            return
+        if stats.parked:
+            raise errors.TransportError(f"{stats.parked} outbox message(s) parked; see `conveyor outbox list --parked`")
+        if stats.oldest_age > self.options.stall_after:
+            raise errors.TransportError(
+                f"the oldest due outbox message has waited {stats.oldest_age:.0f}s "
+                f"(more than {self.options.stall_after:.0f}s): the relay is stalled or behind"
+            )
+
     async def refresh_metrics(self) -> ports.OutboxStats:
         """Update the backlog gauges from the store; return the figures.
 
@@ -329,6 +351,7 @@ class Relay:
             StoreError: the database failed.
         """
         stats = await self.store.stats()
+        self.stats = stats
         OUTBOX_BACKLOG.set(stats.backlog)
         OUTBOX_OLDEST_AGE.set(stats.oldest_age)
         OUTBOX_PARKED.set(stats.parked)
