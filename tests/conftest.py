@@ -80,5 +80,24 @@ def kafka_url(kafka_broker: object) -> str:
     return str(kafka_broker.url)  # type: ignore[attr-defined]
 
 
+@pytest.fixture(scope="session")
+def span_exporter() -> object:
+    """An in-memory span exporter behind the process's one OpenTelemetry tracer provider.
+
+    The provider can be set once per process, so every tracing test shares it;
+    clear the exporter at the start of a test.
+    """
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
+
+
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 pytest_plugins = ["database_fixtures"]

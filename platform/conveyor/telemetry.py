@@ -67,21 +67,48 @@ def current_trace() -> tuple[str | None, str | None]:
 @contextlib.contextmanager
 def producer_span(topic: str, message: envelope.Envelope, system: str) -> Iterator[None]:
     """A PRODUCER span around a publish; stamps its context into ``message``."""
+    with send_span(topic, message.id, system) as context:
+        if context[0] is not None:
+            message.traceparent, message.tracestate = context
+        yield
+
+
+@contextlib.contextmanager
+def send_span(
+    topic: str,
+    message_id: str | None,
+    system: str,
+    parent: tuple[str | None, str | None] = (None, None),
+) -> Iterator[tuple[str | None, str | None]]:
+    """A PRODUCER span around a publish of a message already encoded; yields its trace context.
+
+    Args:
+        topic: the destination.
+        message_id: the message's id.
+        system: ``messaging.system`` (``kafka``, ``rabbitmq``, ...).
+        parent: ``(traceparent, tracestate)`` to continue (an outbox row's
+            stored context); the current span when not given.
+
+    Yields:
+        ``(traceparent, tracestate)`` of the span, to stamp on the message;
+        ``(None, None)`` when no tracing SDK is installed.
+    """
     if not tracing():
-        yield
+        yield None, None
         return
+    context = None
+    if parent[0]:
+        carrier = {"traceparent": parent[0]}
+        if parent[1]:
+            carrier["tracestate"] = parent[1]
+        context = _propagator.extract(carrier)
+    attributes = {"messaging.system": system, "messaging.operation.type": "send", "messaging.destination.name": topic}
+    if message_id is not None:
+        attributes["messaging.message.id"] = message_id
     with _tracer.start_as_current_span(
-        f"send {topic}",
-        kind=trace.SpanKind.PRODUCER,
-        attributes={
-            "messaging.system": system,
-            "messaging.operation.type": "send",
-            "messaging.destination.name": topic,
-            "messaging.message.id": message.id,
-        },
+        f"send {topic}", context=context, kind=trace.SpanKind.PRODUCER, attributes=attributes
     ):
-        message.traceparent, message.tracestate = current_trace()
-        yield
+        yield current_trace()
 
 
 @contextlib.contextmanager

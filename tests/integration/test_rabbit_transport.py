@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,15 +19,20 @@ from urllib.parse import urlsplit
 import aio_pika
 import orjson
 import pytest
+import relay_helpers
 from cloudevents.core.bindings import amqp as ce_amqp
 from cloudevents.core.bindings import rabbitmq as ce_rabbitmq
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from conveyor import envelope, errors, ports
 from conveyor.envelope import WireMessage
+from conveyor.runtime.relay import Relay
 from conveyor.testing import Collector, brokers, unique, wait_for
+from conveyor.transports import rabbit_wire
 from conveyor.transports.rabbit import RabbitTransport
 from pamqp.commands import Basic
+
+from event_store import Database, SqlOutboxStore
 
 TIMEOUT = 20.0
 Open = Callable[..., Awaitable[RabbitTransport]]
@@ -67,6 +73,18 @@ async def raw_channel(rabbit_url: str) -> AsyncIterator[aio_pika.abc.AbstractCha
     """A plain aio-pika channel (a 'foreign' client that does not use Conveyor)."""
     async with await aio_pika.connect(rabbit_url) as connection:
         yield await connection.channel()
+
+
+@pytest.fixture
+async def own_tier(rabbit_url: str) -> AsyncIterator[float]:
+    """A delay tier (seconds) no other test uses; its exchange and queue are deleted at teardown."""
+    ms = 51 + 2 * secrets.randbelow(500)  # odd: never one of the default tiers
+    yield ms / 1000
+    name = rabbit_wire.tier_name("conveyor", ms)
+    async with await aio_pika.connect(rabbit_url) as connection:
+        channel = await connection.channel()
+        await channel.queue_delete(name)
+        await channel.exchange_delete(name)
 
 
 async def publish_raw(channel: aio_pika.abc.AbstractChannel, topic: str, message: aio_pika.Message) -> None:
@@ -149,7 +167,79 @@ async def test_invalid_topic_is_refused_before_reaching_the_broker(open_rabbit: 
         await transport.declare(["orders.#"], [])
 
 
+# -- unroutable messages --------------------------------------------------------------
+
+
+async def test_publish_to_a_topic_no_queue_is_bound_to_raises_a_non_transient_error(open_rabbit: Open) -> None:
+    transport = await open_rabbit()
+    with pytest.raises(errors.TransportError) as raised:
+        await transport.publish(unique("rt"), WireMessage(b"unroutable"))
+    assert not isinstance(raised.value, errors.TransientTransportError)  # the relay spends an attempt
+
+
+async def test_relay_does_not_mark_a_message_to_an_unbound_topic_sent(open_rabbit: Open, db: Database) -> None:
+    transport = await open_rabbit()
+    await relay_helpers.add(db, 1, topic=unique("rt"))
+    result = await Relay(SqlOutboxStore(db, listen=False), transport).run_once()
+    assert (result.failed, await relay_helpers.unsent(db)) == (1, 1)
+
+
+async def test_returned_publish_fails_only_itself_when_another_shares_its_message_id(open_rabbit: Open) -> None:
+    transport = await open_rabbit()
+    bound, unbound, message_id = unique("rt"), unique("rt"), unique("m")
+    await transport.declare([bound], [sub(bound)])
+    outcomes = await asyncio.gather(
+        transport.publish(unbound, WireMessage(b"returned", message_id=message_id)),
+        transport.publish(bound, WireMessage(b"routed", message_id=message_id)),
+        return_exceptions=True,
+    )
+    assert [type(outcome).__name__ for outcome in outcomes] == ["TransportError", "NoneType"]
+
+
 # -- retries and attempts --------------------------------------------------------------
+
+
+async def test_delay_tier_is_a_quorum_queue_with_at_least_once_dead_lettering(
+    open_rabbit: Open, raw_channel: aio_pika.abc.AbstractChannel, own_tier: float
+) -> None:
+    transport = await open_rabbit(delay_tiers=(own_tier,))
+    topic = unique("rt")
+    subscription = sub(topic)
+    await transport.declare([topic], [subscription])
+
+    async def nack_once(delivery: ports.Delivery) -> None:
+        await (delivery.nack(own_tier) if delivery.attempt == 1 else delivery.ack())
+
+    collector = Collector(settle=nack_once)
+    await transport.subscribe(subscription, collector)
+    await transport.publish(topic, WireMessage(b"through the tier"))
+    await collector.wait(2, TIMEOUT)
+    name = rabbit_wire.tier_name("conveyor", round(own_tier * 1000))
+    await raw_channel.declare_queue(name, passive=True)  # it exists, so the declare below only compares
+    expected = {"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    arguments = {"x-message-ttl": round(own_tier * 1000), "x-dead-letter-exchange": "", **expected}
+    await raw_channel.declare_queue(name, durable=True, arguments=arguments)  # refused if any differs
+
+
+async def test_nack_after_its_tier_queue_was_deleted_still_redelivers(
+    open_rabbit: Open, raw_channel: aio_pika.abc.AbstractChannel, own_tier: float
+) -> None:
+    transport = await open_rabbit(delay_tiers=(own_tier,))
+    topic = unique("rt")
+    subscription = sub(topic)
+    await transport.declare([topic], [subscription])
+
+    async def nack_once(delivery: ports.Delivery) -> None:
+        with contextlib.suppress(errors.TransportError):  # the copy was refused: the original is requeued
+            await (delivery.nack(own_tier) if delivery.attempt == 1 else delivery.ack())
+
+    collector = Collector(settle=nack_once)
+    await transport.subscribe(subscription, collector)
+    await transport.publish(topic, WireMessage(b"declares the tier"))
+    await collector.wait(2, TIMEOUT)
+    await raw_channel.queue_delete(rabbit_wire.tier_name("conveyor", round(own_tier * 1000)))
+    await transport.publish(topic, WireMessage(b"nacked"))
+    await wait_for(lambda: collector.bodies().count(b"nacked") == 2, TIMEOUT, "the nacked message again")
 
 
 async def test_nack_delivers_the_copy_only_to_the_nacking_subscription(open_rabbit: Open) -> None:

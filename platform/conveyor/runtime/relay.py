@@ -49,7 +49,7 @@ from datetime import timedelta
 
 from prometheus_client import Counter, Gauge
 
-from conveyor import envelope, errors, ports
+from conveyor import envelope, errors, ports, telemetry
 from conveyor.crash import maybe_crash
 
 log = logging.getLogger("conveyor.relay")
@@ -154,6 +154,7 @@ class Relay:
         self.transport = transport
         self.options = options or RelayOptions()
         self._prefix = transport.binary_prefix
+        self._system = telemetry.messaging_system(transport)
         self._limit = asyncio.Semaphore(self.options.max_in_flight)
         self._next_metrics = 0.0
         self._next_purge = time.monotonic() + self.options.purge_interval
@@ -211,7 +212,7 @@ class Relay:
                     if outage.is_set():
                         return sent, 0, 0, 0  # the broker is down: the rest waits for the next round
                     try:
-                        await self.transport.publish(message.topic, wire_message(message, self._prefix))
+                        await self._publish(message)
                     except errors.TransientTransportError as exc:
                         outage.set()
                         RELAY_FAILURES.inc()
@@ -225,6 +226,20 @@ class Relay:
             return sent, 0, 0, 0
         finally:
             RELAY_PUBLISHED.inc(sent)
+
+    async def _publish(self, message: ports.OutboxMessage) -> None:
+        """Publish one row under a PRODUCER span that continues the trace the row was written in."""
+        wire = wire_message(message, self._prefix)
+        if not telemetry.tracing():
+            await self.transport.publish(message.topic, wire)
+            return
+        stored = message.headers.get(_STORED_PREFIX + "traceparent"), message.headers.get(_STORED_PREFIX + "tracestate")
+        with telemetry.send_span(message.topic, message.message_id, self._system, parent=stored) as (parent, state):
+            if parent is not None:
+                wire.headers[self._prefix + "traceparent"] = parent
+                if state:
+                    wire.headers[self._prefix + "tracestate"] = state
+            await self.transport.publish(message.topic, wire)
 
     def _refused(self, batch: ports.OutboxBatch, message: ports.OutboxMessage, exc: errors.TransportError) -> int:
         """Record a refused publish: a failed attempt, or the last one (park). Return 1 if parked."""

@@ -221,7 +221,8 @@ class HandlerRunner:
     async def _send(self, outgoing: Sequence[persistence.Outgoing]) -> None:
         """Publish what a handler without a transaction published, in order (ids are deterministic)."""
         for message in outgoing:
-            await self._transport.publish(message.topic, envelope.to_binary(message.envelope, self._prefix))
+            with telemetry.producer_span(message.topic, message.envelope, self._system):
+                await self._transport.publish(message.topic, envelope.to_binary(message.envelope, self._prefix))
 
     async def _hold(self, exc: errors.ConveyorError, pause: float) -> float:
         """Wait out an infrastructure outage before the next try; return the next pause."""
@@ -294,7 +295,8 @@ class HandlerRunner:
         headers.update(dead_letter_headers(self.handler.name, delivery.topic, kind, text, attempt))
         copy = envelope.WireMessage(body=original.body, headers=headers, key=original.key, message_id=envelope.new_id())
         try:
-            await self._transport.publish(self._dlq_topic, copy)
+            with telemetry.send_span(self._dlq_topic, copy.message_id, self._system):
+                await self._transport.publish(self._dlq_topic, copy)
         except errors.TransportError as exc:
             log.error("could not dead-letter a message of %s (%s); it will be redelivered", self.handler.name, exc)
             await delivery.nack(self.handler.retry.delay(attempt))
