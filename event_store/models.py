@@ -206,5 +206,20 @@ saga_instances = sa.Table(
 )
 """Saga instances: state, step, data and a version for optimistic concurrency."""
 
+held_dead_letters = sa.Table(
+    "held_dead_letters",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("topic", sa.String(255), nullable=False),
+    sa.Column("message_id", sa.String(128), nullable=True),
+    sa.Column("partition_key", sa.String(255), nullable=True),
+    sa.Column("headers", sa.JSON, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    _time("held_at"),
+    sa.Index("ix_held_dead_letters_topic_id", "topic", "id"),
+    sqlite_autoincrement=True,
+)
+"""Dead letters the broker refused for good, kept here instead (``conveyor dlq`` shows them too)."""
+
 OUTBOX_CHANNEL = "conveyor_outbox"
 """PostgreSQL NOTIFY channel a trigger signals on every insert into the outbox."""

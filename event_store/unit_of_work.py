@@ -17,7 +17,7 @@ from conveyor import errors, persistence, ports
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import claims, database, outbox_store
+from event_store import claims, database, held, outbox_store
 from event_store.inbox import Inbox
 from event_store.outbox import Outbox
 from event_store.store import SqlEventStore
@@ -154,5 +154,6 @@ def sql_persistence(db: database.Database, source: str, **relay: Any) -> persist
         inbox=Inbox(db),
         events=events,
         schedules=claims.SqlScheduleStore(db),
+        dead_letters=held.SqlDeadLetterStore(db),
         relay_store=lambda: outbox_store.SqlOutboxStore(db, **relay),
     )

@@ -210,17 +210,22 @@ def _dlq_command(func: F) -> F:
     return _common(_exits(func))
 
 
-async def _with_transport(config: settings.Settings, operation: Callable[[Any], Any]) -> Any:
+async def _with_transport(config: settings.Settings, operation: Callable[[Any, Any], Any]) -> Any:
+    """Run ``operation(transport, held)``: ``held`` is the database's store of refused dead letters, if migrated."""
+    import contextlib
+
     from conveyor import transports
 
     if config.broker_url.startswith("memory:"):
         raise errors.ConfigurationError("dead letters on memory:// live inside the running process; use a real broker")
-    transport = transports.create(config.broker_url)
-    await transport.connect()
-    try:
-        return await operation(transport)
-    finally:
-        await transport.close()
+    async with contextlib.AsyncExitStack() as stack:
+        held = None
+        with contextlib.suppress(errors.ConfigurationError):  # no migrated database: only the broker's
+            held = (await app.open_persistence(config, stack)).dead_letters
+        transport = transports.create(config.broker_url)
+        await transport.connect()
+        stack.push_async_callback(transport.close)
+        return await operation(transport, held)
 
 
 @dlq.command(name="list")
@@ -230,7 +235,7 @@ def dlq_list(topic: str, limit: int, **flags: Any) -> None:
     from conveyor.runtime import dead_letters
 
     config = _load(**flags)
-    found = asyncio.run(_with_transport(config, lambda t: dead_letters.peek(t, topic, limit=limit)))
+    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.peek(t, topic, limit=limit, held=h)))
     if not found:
         click.echo(f"no dead letters for {topic}")
         return
@@ -247,7 +252,7 @@ def dlq_show(topic: str, event_id: str, limit: int, **flags: Any) -> None:
     from conveyor.runtime import dead_letters
 
     config = _load(**flags)
-    found = asyncio.run(_with_transport(config, lambda t: dead_letters.peek(t, topic, limit=limit)))
+    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.peek(t, topic, limit=limit, held=h)))
     match = next((d for d in found if d.event_id == event_id), None)
     if match is None:
         raise errors.NotFound(f"no dead letter with event id {event_id!r} among the first {limit} of {topic}")
@@ -265,7 +270,7 @@ def dlq_replay(topic: str, limit: int, **flags: Any) -> None:
     from conveyor.runtime import dead_letters
 
     config = _load(**flags)
-    found = asyncio.run(_with_transport(config, lambda t: dead_letters.replay(t, topic, limit=limit)))
+    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.replay(t, topic, limit=limit, held=h)))
     click.echo(f"replayed {len(found)} dead letter(s) of {topic}")
 
 
@@ -279,7 +284,7 @@ def dlq_purge(topic: str, limit: int, yes: bool, **flags: Any) -> None:
     if not yes:
         raise click.UsageError("purging deletes dead letters: add --yes")
     config = _load(**flags)
-    found = asyncio.run(_with_transport(config, lambda t: dead_letters.purge(t, topic, limit=limit)))
+    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.purge(t, topic, limit=limit, held=h)))
     click.echo(f"purged {len(found)} dead letter(s) of {topic}")
 
 

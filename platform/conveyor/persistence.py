@@ -264,6 +264,48 @@ class Run:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldMessage:
+    """A dead letter the broker refused, held in the database instead.
+
+    Attributes:
+        id: the row's id.
+        topic: the dead-letter topic it was meant for.
+        message: the dead letter (``conveyor-dlq-*`` headers included).
+        held_at: when it was stored (aware UTC).
+    """
+
+    id: int
+    topic: str
+    message: envelope.WireMessage
+    held_at: datetime
+
+
+class DeadLetterStore(Protocol):
+    """Dead letters the broker refused for good, kept where they cannot be refused.
+
+    A dead-letter publish that the broker refuses (not an outage: the message
+    itself, say a header it will never accept) would otherwise leave the
+    message looping or lost; the worker stores it here and settles it.
+    """
+
+    async def hold(self, topic: str, message: envelope.WireMessage) -> None:
+        """Store a dead letter for ``topic`` in a transaction of its own.
+
+        Raises:
+            StoreError: the database failed (the caller then leaves the message to the broker).
+        """
+        ...
+
+    async def held(self, topic: str, limit: int = 100) -> list[HeldMessage]:
+        """Dead letters held for ``topic``, oldest first."""
+        ...
+
+    async def release(self, ids: Sequence[int]) -> int:
+        """Delete held dead letters (replayed or purged); return how many."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
 class Persistence:
     """Every store of one database, as the runtime uses them.
 
@@ -274,6 +316,7 @@ class Persistence:
         inbox: which messages each handler has processed.
         events: event streams.
         schedules: schedule claims and runs.
+        dead_letters: dead letters the broker refused, held in the database.
         relay_store: builds the relay's side of the outbox (one per relay).
     """
 
@@ -283,4 +326,5 @@ class Persistence:
     inbox: ports.InboxStore
     events: ports.EventStore
     schedules: ScheduleStore
+    dead_letters: DeadLetterStore
     relay_store: Callable[[], ports.OutboxStore]

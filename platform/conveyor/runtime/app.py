@@ -73,6 +73,7 @@ async def serve(
                 concurrency=settings.concurrency,
                 max_message_bytes=settings.max_message_bytes,
                 transactions=stores.units,
+                dead_letters=stores.dead_letters,
             )
             if parts.relay:
                 # Queues must exist before the relay publishes, or a broker that drops

@@ -10,6 +10,10 @@ on every broker, through the Transport port:
   ``conveyor-dlq-*`` headers removed, the CloudEvent id kept, a new broker id),
   and acks the dead letter only after the broker confirmed the copy;
 * ``purge`` acks them.
+
+Dead letters the broker refused for good are held in the database instead
+(:class:`conveyor.persistence.DeadLetterStore`); given that store, each
+function covers them too (replayed ones and purged ones are deleted from it).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from conveyor import envelope, errors, names, ports
+from conveyor import envelope, errors, names, persistence, ports
 from conveyor.runtime.worker import DLQ_HEADER, dead_letter_topic
 
 
@@ -34,6 +38,8 @@ class DeadLetter:
     error: str
     attempts: str
     at: str
+    held_id: int | None = None
+    """The row id when the dead letter is held in the database (the broker refused it)."""
 
     @property
     def event_id(self) -> str | None:
@@ -49,16 +55,22 @@ class DeadLetter:
         return envelope.WireMessage(self.message.body, headers, self.message.key, envelope.new_id())
 
 
-def _dead_letter(delivery: ports.Delivery, topic: str) -> DeadLetter:
-    headers = delivery.message.headers
+def _dead_letter(message: envelope.WireMessage, topic: str, held_id: int | None = None) -> DeadLetter:
+    headers = message.headers
 
     def get(name: str) -> str:
         return headers.get(DLQ_HEADER + name, "")
 
     return DeadLetter(
-        message=delivery.message, topic=get("topic") or topic, handler=get("handler"),
-        error_type=get("error-type"), error=get("error"), attempts=get("attempts"), at=get("at"),
+        message=message, topic=get("topic") or topic, handler=get("handler"), error_type=get("error-type"),
+        error=get("error"), attempts=get("attempts"), at=get("at"), held_id=held_id,
     )  # fmt: skip
+
+
+async def _held(store: persistence.DeadLetterStore | None, topic: str, limit: int) -> list[DeadLetter]:
+    if store is None or limit <= 0:
+        return []
+    return [_dead_letter(h.message, topic, h.id) for h in await store.held(dead_letter_topic(topic), limit)]
 
 
 Action = Callable[[ports.Transport, ports.Delivery, DeadLetter], Awaitable[None]]
@@ -76,7 +88,7 @@ async def _drain(transport: ports.Transport, topic: str, limit: int, idle: float
         last = time.monotonic()
         if len(found) >= limit:
             return  # left unsettled: redelivered later
-        letter = _dead_letter(delivery, topic)
+        letter = _dead_letter(delivery.message, topic)
         found.append(letter)
         await act(transport, delivery, letter)
 
@@ -93,17 +105,32 @@ async def _drain(transport: ports.Transport, topic: str, limit: int, idle: float
     return found
 
 
-async def peek(transport: ports.Transport, topic: str, *, limit: int = 100, idle: float = 2.0) -> list[DeadLetter]:
-    """Up to ``limit`` dead letters of ``topic``, left in place (close the transport afterwards)."""
+async def peek(
+    transport: ports.Transport,
+    topic: str,
+    *,
+    limit: int = 100,
+    idle: float = 2.0,
+    held: persistence.DeadLetterStore | None = None,
+) -> list[DeadLetter]:
+    """Up to ``limit`` dead letters of ``topic`` (held ones first), left in place (close the transport afterwards)."""
 
     async def keep(transport: ports.Transport, delivery: ports.Delivery, letter: DeadLetter) -> None:
         return None
 
-    return await _drain(transport, topic, limit, idle, keep)
+    kept = await _held(held, topic, limit)
+    return kept + await _drain(transport, topic, limit - len(kept), idle, keep) if len(kept) < limit else kept
 
 
-async def replay(transport: ports.Transport, topic: str, *, limit: int = 100, idle: float = 2.0) -> list[DeadLetter]:
-    """Send up to ``limit`` dead letters of ``topic`` back to the topic they failed on.
+async def replay(
+    transport: ports.Transport,
+    topic: str,
+    *,
+    limit: int = 100,
+    idle: float = 2.0,
+    held: persistence.DeadLetterStore | None = None,
+) -> list[DeadLetter]:
+    """Send up to ``limit`` dead letters of ``topic`` (held ones first) back to the topic they failed on.
 
     Raises:
         TransportError: a copy was not confirmed (that dead letter stays in place).
@@ -113,13 +140,33 @@ async def replay(transport: ports.Transport, topic: str, *, limit: int = 100, id
         await transport.publish(letter.topic, letter.without_reason())
         await delivery.ack()
 
-    return await _drain(transport, topic, limit, idle, send_back)
+    done: list[DeadLetter] = []
+    for letter in await _held(held, topic, limit):
+        await transport.publish(letter.topic, letter.without_reason())
+        assert held is not None and letter.held_id is not None
+        await held.release([letter.held_id])
+        done.append(letter)
+    if len(done) < limit:
+        done += await _drain(transport, topic, limit - len(done), idle, send_back)
+    return done
 
 
-async def purge(transport: ports.Transport, topic: str, *, limit: int = 100_000, idle: float = 2.0) -> list[DeadLetter]:
-    """Delete up to ``limit`` dead letters of ``topic``."""
+async def purge(
+    transport: ports.Transport,
+    topic: str,
+    *,
+    limit: int = 100_000,
+    idle: float = 2.0,
+    held: persistence.DeadLetterStore | None = None,
+) -> list[DeadLetter]:
+    """Delete up to ``limit`` dead letters of ``topic`` (held ones first)."""
 
     async def drop(transport: ports.Transport, delivery: ports.Delivery, letter: DeadLetter) -> None:
         await delivery.ack()
 
-    return await _drain(transport, topic, limit, idle, drop)
+    done = await _held(held, topic, limit)
+    if held is not None and done:
+        await held.release([letter.held_id for letter in done if letter.held_id is not None])
+    if len(done) < limit:
+        done += await _drain(transport, topic, limit - len(done), idle, drop)
+    return done

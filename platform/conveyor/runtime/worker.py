@@ -59,6 +59,8 @@ class HandlerRunner:
         max_message_bytes: larger messages are dead-lettered unread.
         transactions: opens handler attempts' units of work (``ctx.transaction()``);
             ``None`` without a database.
+        dead_letters: holds dead letters the broker refuses for good; ``None``
+            without a database (they are then redelivered until accepted).
     """
 
     def __init__(
@@ -69,10 +71,12 @@ class HandlerRunner:
         source: str,
         max_message_bytes: int,
         transactions: persistence.UnitOfWorkFactory | None = None,
+        dead_letters: persistence.DeadLetterStore | None = None,
     ) -> None:
         self.handler = handler
         self._transport = transport
         self._units = transactions
+        self._held = dead_letters
         self._source = source
         self._max_bytes = max_message_bytes
         self._prefix = transport.binary_prefix
@@ -201,6 +205,21 @@ class HandlerRunner:
         self._outcomes["succeeded"].inc()
         return None
 
+    async def _keep_refused(self, copy: envelope.WireMessage, refusal: errors.TransportError) -> bool:
+        """Keep a dead letter the broker refused for good in the database; return whether it is kept."""
+        if self._held is None:
+            return False
+        try:
+            await self._held.hold(self._dlq_topic, copy)
+        except errors.StoreError as exc:
+            log.error("%s: could not hold a refused dead letter in the database either: %s", self.handler.name, exc)
+            return False
+        log.error(
+            "%s: the broker refused a dead letter for %s (%s); it is held in the database (conveyor dlq list %s)",
+            self.handler.name, self._dlq_topic, refusal, self.handler.topic,
+        )  # fmt: skip
+        return True
+
     async def _outlive(self, running: asyncio.Future[Any]) -> None:
         """Wait (bounded) for a timed-out sync handler's thread, which cannot be interrupted.
 
@@ -298,9 +317,10 @@ class HandlerRunner:
             with telemetry.send_span(self._dlq_topic, copy.message_id, self._system):
                 await self._transport.publish(self._dlq_topic, copy)
         except errors.TransportError as exc:
-            log.error("could not dead-letter a message of %s (%s); it will be redelivered", self.handler.name, exc)
-            await delivery.nack(self.handler.retry.delay(attempt))
-            return
+            if exc.retryable or not await self._keep_refused(copy, exc):
+                log.error("could not dead-letter a message of %s (%s); it will be redelivered", self.handler.name, exc)
+                await delivery.nack(self.handler.retry.delay(attempt))
+                return
         await delivery.ack()
         self._outcomes["dead_lettered"].inc()
         log.error(
@@ -337,6 +357,7 @@ class Worker:
         max_message_bytes: larger messages are dead-lettered unread.
         transactions: opens handler attempts' units of work (``ctx.transaction()``);
             ``None`` without a database.
+        dead_letters: holds dead letters the broker refuses for good.
     """
 
     def __init__(
@@ -348,8 +369,10 @@ class Worker:
         concurrency: int = 16,
         max_message_bytes: int = 1024 * 1024,
         transactions: persistence.UnitOfWorkFactory | None = None,
+        dead_letters: persistence.DeadLetterStore | None = None,
     ) -> None:
         self._transactions = transactions
+        self._held = dead_letters
         self._handlers = list(handlers)
         self._transport = transport
         self._source = source
@@ -404,6 +427,7 @@ class Worker:
                 source=self._source,
                 max_message_bytes=self._max_bytes,
                 transactions=self._transactions,
+                dead_letters=self._held,
             )
             dispatcher = dispatch.Dispatcher(runner.process, handler.concurrency or self._concurrency)
             telemetry.IN_FLIGHT.labels(handler.name).set_function(functools.partial(_in_flight, dispatcher))

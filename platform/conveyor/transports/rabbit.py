@@ -102,6 +102,7 @@ class RabbitTransport:
         self._supervisor: asyncio.Task[None] | None = None
         self._consumers: list[rabbit_consume.RabbitConsumer] = []
         self._tiers_declared: set[int] = set()
+        self._publishing: dict[str, asyncio.Event] = {}  # message id -> its publish is done
 
     def queue_name(self, subscription: str) -> str:
         """The queue of a subscription: ``<exchange>.<name>``."""
@@ -143,7 +144,7 @@ class RabbitTransport:
 
     async def _open_publisher(self, connection: AbstractConnection) -> aiormq.abc.AbstractChannel:
         try:
-            channel = await connection.channel(publisher_confirms=True)
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await channel.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
             self._channel, self._publisher = channel, await channel.get_underlay_channel()
         except rabbit_wire.DRIVER_ERRORS as exc:
@@ -223,18 +224,23 @@ class RabbitTransport:
     async def publish(self, topic: str, message: WireMessage) -> None:
         """Publish persistently to the exchange with routing key ``topic``; return once confirmed.
 
-        A message no declared subscription is bound to is confirmed and dropped.
+        The publish is mandatory: a message no declared subscription is bound to
+        is returned by the broker and refused here, never silently dropped.
 
         Raises:
             TransientTransportError: the broker is unreachable or nacked the message.
-            TransportError: the transport is closed or the broker refused the message.
+            TransportError: the transport is closed, or the broker refused or
+                returned the message (no queue is bound to ``topic``).
         """
-        channel = await self._channel_for_publish()
+        properties = rabbit_wire.outgoing_properties(message)
         try:
-            await channel.basic_publish(
-                message.body, exchange=self.exchange, routing_key=topic,
-                properties=rabbit_wire.outgoing_properties(message), timeout=self.timeout,
-            )  # fmt: skip
+            await self._publish_mandatory(message.body, self.exchange, topic, properties)
+        except aiormq.exceptions.PublishError as exc:
+            raise errors.TransportError(
+                f"RabbitMQ returned the message published to {topic!r} ({exc}): no queue is bound to "
+                "the topic, so the broker would drop it. Declare a subscription of the topic first "
+                "(start its worker, or `conveyor worker --declare-only`)"
+            ) from exc
         except rabbit_wire.DRIVER_ERRORS as exc:
             raise rabbit_wire.transport_error(f"publish to {topic!r}", exc) from exc
 
@@ -242,23 +248,55 @@ class RabbitTransport:
         """Publish to the delay tier for ``delay``; on expiry it dead-letters into ``queue``.
 
         Raises:
-            TransportError: the tier could not be declared or the copy was not confirmed.
+            TransportError: the tier could not be declared, or the copy was
+                returned (the tier queue is gone) or not confirmed.
         """
         name = await self._declare_tier(rabbit_wire.tier_ms(self.tiers, delay))
-        channel = await self._channel_for_publish()
         try:
-            await channel.basic_publish(
-                body, exchange=name, routing_key=queue, properties=properties, timeout=self.timeout
-            )
+            await self._publish_mandatory(body, name, queue, properties)
         except rabbit_wire.DRIVER_ERRORS as exc:
             self._tiers_declared.clear()  # the tier may have been deleted: declare it again
             raise rabbit_wire.transport_error(f"delaying a message for {queue!r}", exc) from exc
+
+    async def _publish_mandatory(self, body: bytes, exchange: str, key: str, properties: Basic.Properties) -> None:
+        """Publish with ``mandatory`` on the confirming channel; return once confirmed.
+
+        aiormq matches a basic.return to its publish by message id, so two
+        publishes in flight with one id could get each other's verdict (a
+        returned message reported as confirmed): those go one after the other.
+
+        Raises:
+            aiormq.exceptions.PublishError: the broker returned the message (unroutable).
+            Exception: one of :data:`rabbit_wire.DRIVER_ERRORS`, or a
+                :class:`~conveyor.errors.TransportError` if the transport is closed.
+        """
+        message_id = properties.message_id or None  # aiormq gives a message without one a random id
+        while message_id is not None and (pending := self._publishing.get(message_id)) is not None:
+            await pending.wait()
+        done = asyncio.Event()
+        if message_id is not None:
+            self._publishing[message_id] = done
+        try:
+            channel = await self._channel_for_publish()
+            await channel.basic_publish(
+                body, exchange=exchange, routing_key=key, properties=properties, mandatory=True, timeout=self.timeout
+            )
+        finally:
+            if message_id is not None:
+                del self._publishing[message_id]
+            done.set()
 
     async def _declare_tier(self, ms: int) -> str:
         name = rabbit_wire.tier_name(self.exchange, ms)
         if ms in self._tiers_declared:
             return name
-        args: FieldTable = {"x-message-ttl": ms, "x-dead-letter-exchange": ""}
+        args: FieldTable = {
+            "x-queue-type": "quorum",
+            "x-message-ttl": ms,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-strategy": "at-least-once",  # kept until the target queue confirms it
+            "x-overflow": "reject-publish",  # required by at-least-once (else at-most-once)
+        }
         async with self._topology() as channel:
             exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
             queue = await channel.declare_queue(name, durable=True, arguments=args)

@@ -50,6 +50,8 @@ DRIVER_ERRORS = (
 def transport_error(doing: str, exc: BaseException) -> errors.TransportError:
     """Translate a driver exception: transient if the broker is unreachable or busy."""
     text = f"RabbitMQ {doing} failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, aiormq.exceptions.PublishError):
+        return errors.TransportError(text)
     if isinstance(exc, _REFUSED):
         return errors.TransportError(text + " (check the user, password and vhost of the URL)")
     if isinstance(exc, _TRANSIENT):
@@ -147,5 +149,9 @@ def tier_ms(tiers: Sequence[float], delay: float) -> int:
 
 
 def tier_name(exchange: str, ms: int) -> str:
-    """The fanout exchange and classic queue of a delay tier: ``<exchange>-delay.<ms>ms``."""
-    return f"{exchange}-delay.{ms}ms"
+    """The fanout exchange and quorum queue of a delay tier: ``<exchange>-delay-quorum.<ms>ms``.
+
+    Not ``<exchange>-delay.<ms>ms``: those were classic queues (at-most-once
+    dead-lettering) and a queue's type cannot change in place.
+    """
+    return f"{exchange}-delay-quorum.{ms}ms"
