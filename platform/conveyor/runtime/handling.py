@@ -1,0 +1,346 @@
+"""One handler's deliveries, each to the end: the policy that is the same on every broker.
+
+For each delivery: decode the CloudEvent and the payload (a message that fails
+either is *poison*: dead-lettered at once with the reason), run the handler
+under its timeout, then
+
+* success: send what the handler published, then ack;
+* ``Retry`` or an exception: nack with the backoff delay, or dead-letter once
+  ``max_attempts`` is reached;
+* ``Reject``: dead-letter at once.
+
+A dead-lettered copy goes to ``<topic>.dlq`` with the original body and
+headers plus ``conveyor-dlq-*`` headers (handler, error type, error, attempts,
+time); only after the broker confirmed it is the original acked. Nothing is
+dropped, and nothing a handler does crashes the worker. An outage of the
+database or the broker holds the message instead (no attempt is spent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import trace
+
+from conveyor import context, envelope, errors, persistence, ports, registry, telemetry
+from conveyor.runtime import threads
+from conveyor.transaction import AlreadyHandled
+
+log = logging.getLogger("conveyor.worker")
+
+DLQ_SUFFIX = ".dlq"
+DLQ_HEADER = "conveyor-dlq-"
+_MAX_ERROR_TEXT = 1000
+SYNC_GRACE = 30.0
+"""Least time a timed-out sync handler's thread is waited for before its message is settled anyway."""
+OUTAGE_BACKOFF = (0.5, 30.0)
+"""First and longest pause (seconds) while a message is held through a database or broker outage."""
+
+
+def dead_letter_topic(topic: str) -> str:
+    """The dead-letter topic of ``topic``."""
+    return topic + DLQ_SUFFIX
+
+
+class HandlerRunner:
+    """Runs one handler for the deliveries of its subscription.
+
+    Args:
+        handler: the handler.
+        transport: where to publish outgoing messages and dead letters.
+        source: CloudEvents ``source`` of messages the handler publishes.
+        max_message_bytes: larger messages are dead-lettered unread.
+        transactions: opens handler attempts' units of work (``ctx.transaction()``);
+            ``None`` without a database.
+        dead_letters: holds dead letters the broker refuses for good; ``None``
+            without a database (they are then redelivered until accepted).
+    """
+
+    def __init__(
+        self,
+        handler: registry.Handler,
+        transport: ports.Transport,
+        *,
+        source: str,
+        max_message_bytes: int,
+        transactions: persistence.UnitOfWorkFactory | None = None,
+        dead_letters: persistence.DeadLetterStore | None = None,
+    ) -> None:
+        self.handler = handler
+        self._transport = transport
+        self._units = transactions
+        self._held = dead_letters
+        self._source = source
+        self._max_bytes = max_message_bytes
+        self._prefix = transport.binary_prefix
+        self._dlq_topic = dead_letter_topic(handler.topic)
+        self._system = telemetry.messaging_system(transport)
+        self._seconds = telemetry.HANDLER_SECONDS.labels(handler.name)
+        self._outcomes = {
+            outcome: telemetry.MESSAGES.labels(handler.name, outcome)
+            for outcome in ("succeeded", "retried", "dead_lettered", "duplicate")
+        }
+
+    async def process(self, delivery: ports.Delivery) -> None:
+        """Handle one delivery to the end: ack, nack or dead-letter. Never raises."""
+        try:
+            await self._process(delivery)
+        except asyncio.CancelledError:
+            raise  # drain deadline: leave the delivery unsettled for redelivery
+        except errors.TransportError:
+            # The broker refused the ack or nack itself: it redelivers the message.
+            log.exception("could not settle a delivery of %s; the broker will redeliver it", self.handler.name)
+        except Exception as exc:
+            # Deciding this message's fate failed: a message no code path could settle would be
+            # redelivered forever and, once enough of them fill the prefetch, stop the subscription.
+            log.exception("could not decide the fate of a message of %s; dead-lettering it", self.handler.name)
+            await self._last_resort(delivery, exc)
+
+    async def _last_resort(self, delivery: ports.Delivery, exc: Exception) -> None:
+        """Dead-letter a delivery whose handling failed unexpectedly; nack it if even that fails."""
+        text = f"could not decide the fate of this message: {type(exc).__name__}: {exc}"
+        try:
+            await self._dead_letter(delivery, delivery.attempt, "InternalError", text)
+        except Exception:
+            log.exception("could not dead-letter a message of %s; nacking it", self.handler.name)
+            with contextlib.suppress(Exception):
+                await delivery.nack(self.handler.retry.max_delay)
+
+    async def _process(self, delivery: ports.Delivery) -> None:
+        handler = self.handler
+        size = len(delivery.message.body)
+        if size > self._max_bytes:
+            await self._dead_letter(
+                delivery,
+                delivery.attempt,
+                "MessageTooLarge",
+                f"message of {size} bytes exceeds the limit of {self._max_bytes} bytes",
+            )
+            return
+        if delivery.attempt > handler.retry.max_attempts:
+            # Delivered again without ever being settled: each earlier attempt died with its
+            # worker (a crash, an OOM kill). Running it again would only loop.
+            text = (
+                f"delivered {delivery.attempt} times, more than max_attempts={handler.retry.max_attempts}: "
+                "earlier attempts never finished (the worker crashed or was stopped with it)"
+            )
+            await self._dead_letter(delivery, delivery.attempt, "TooManyDeliveries", text)
+            return
+        try:
+            message = envelope.decode(delivery.message)
+            payload = handler.decode(message)
+        except errors.InvalidMessage as exc:
+            await self._dead_letter(delivery, delivery.attempt, "InvalidMessage", str(exc))
+            return
+        # The broker's count (or our own retry header) decides, never the producer's ``attempt``
+        # attribute: a producer claiming attempt 5 would otherwise skip every retry.
+        message.attempt = delivery.attempt
+        with telemetry.consumer_span(delivery.topic, handler.name, message, self._system) as span:
+            failure = await self._run(delivery, message, payload)
+            if failure is not None:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, failure))
+
+    async def _run(self, delivery: ports.Delivery, message: envelope.Envelope, payload: Any) -> str | None:
+        """Run the attempt and settle the delivery; return the failure text, if any.
+
+        An outage of the service's own infrastructure (the database or the
+        broker unreachable) is not the message's fault: the delivery is held
+        and the attempt run again after a capped backoff, without spending one
+        of the message's attempts, until the outage ends or the worker drains.
+        """
+        handler = self.handler
+        attempt = message.attempt
+        pause = OUTAGE_BACKOFF[0]
+        while True:
+            ctx = context.Context(message, handler.name, self._source, self._units)
+            started = time.perf_counter()
+            try:
+                try:
+                    await self._attempt(payload, ctx)
+                finally:  # every outcome, so slow failures and timeouts show in the histogram too
+                    self._seconds.observe(time.perf_counter() - started)
+            except (errors.StoreUnavailable, errors.TransientTransportError) as exc:
+                pause = await self._hold(exc, pause)
+                continue
+            except AlreadyHandled:
+                log.debug("%s skipped duplicate message %s", handler.name, message.id)
+                await delivery.ack()
+                self._outcomes["duplicate"].inc()
+                return None
+            except errors.Retry as signal:
+                delay = signal.delay if signal.delay is not None else handler.retry.delay(attempt)
+                await self._failed(delivery, attempt, delay, "Retry", signal.reason)
+                return f"Retry: {signal.reason}"
+            except errors.Reject as signal:
+                await self._dead_letter(delivery, attempt, "Rejected", signal.reason)
+                return f"Rejected: {signal.reason}"
+            except TimeoutError:
+                reason = f"attempt exceeded the handler timeout of {handler.timeout}s"
+                await self._failed(delivery, attempt, handler.retry.delay(attempt), "TimeoutError", reason)
+                return reason
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._failed(delivery, attempt, handler.retry.delay(attempt), type(exc).__name__, str(exc))
+                return f"{type(exc).__name__}: {exc}"
+            break
+        while ctx.unit is None and ctx.outgoing:
+            try:
+                await self._send(ctx.outgoing)
+                break
+            except errors.TransientTransportError as exc:
+                pause = await self._hold(exc, pause)
+            except errors.TransportError as exc:
+                text = f"could not publish the handler's messages: {exc}"
+                await self._failed(delivery, attempt, handler.retry.delay(attempt), "TransportError", text)
+                return text
+        await delivery.ack()
+        self._outcomes["succeeded"].inc()
+        return None
+
+    async def _keep_refused(self, copy: envelope.WireMessage, refusal: errors.TransportError) -> bool:
+        """Keep a dead letter the broker refused for good in the database; return whether it is kept."""
+        if self._held is None:
+            return False
+        try:
+            await self._held.hold(self._dlq_topic, copy)
+        except errors.StoreError as exc:
+            log.error("%s: could not hold a refused dead letter in the database either: %s", self.handler.name, exc)
+            return False
+        log.error(
+            "%s: the broker refused a dead letter for %s (%s); it is held in the database (conveyor dlq list %s)",
+            self.handler.name, self._dlq_topic, refusal, self.handler.topic,
+        )  # fmt: skip
+        return True
+
+    async def _outlive(self, running: asyncio.Future[Any]) -> None:
+        """Wait (bounded) for a timed-out sync handler's thread, which cannot be interrupted.
+
+        Settling the message first would let its retry, or the next message of
+        its key, run while the old attempt is still writing; so the attempt
+        ends only when the thread does, up to a generous bound.
+        """
+        grace = max(10 * (self.handler.timeout or 0.0), SYNC_GRACE)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await asyncio.shield(running)
+        if not running.done():
+            log.error(
+                "%s: a timed-out sync attempt is still running after %.0fs more; its retry may overlap it",
+                self.handler.name, grace,
+            )  # fmt: skip
+
+    async def _send(self, outgoing: Sequence[persistence.Outgoing]) -> None:
+        """Publish what a handler without a transaction published, in order (ids are deterministic)."""
+        for message in outgoing:
+            with telemetry.producer_span(message.topic, message.envelope, self._system):
+                await self._transport.publish(message.topic, envelope.to_binary(message.envelope, self._prefix))
+
+    async def _hold(self, exc: errors.ConveyorError, pause: float) -> float:
+        """Wait out an infrastructure outage before the next try; return the next pause."""
+        what = "database" if isinstance(exc, errors.StoreError) else "broker"
+        log.warning(
+            "%s: the %s is unavailable (%s); holding the message for %.1fs without spending an attempt",
+            self.handler.name, what, exc, pause,
+        )  # fmt: skip
+        telemetry.OUTAGE_WAITS.labels(self.handler.name, what).inc()
+        await asyncio.sleep(pause * random.uniform(0.8, 1.0))
+        return min(pause * 2, OUTAGE_BACKOFF[1])
+
+    async def _attempt(self, payload: Any, ctx: context.Context) -> None:
+        """Call the handler and commit its unit of work, all under the handler's timeout.
+
+        The unit of work (opened by ``ctx.transaction()``, by
+        ``transactional=True`` or for a delayed publish) commits only here,
+        after the handler returned; any failure rolls it back.
+
+        Raises:
+            AlreadyHandled: the inbox has the message (a duplicate delivery).
+            Exception: whatever the handler or the commit raised.
+        """
+        handler = self.handler
+        args = (payload, ctx) if handler.takes_context else (payload,)
+        running: asyncio.Future[Any] | None = None
+        try:
+            async with asyncio.timeout(handler.timeout):
+                if handler.transactional:
+                    await ctx.open_transaction()
+                if handler.is_async:
+                    await handler.func(*args)
+                else:
+                    running = threads.run(handler.func, *args)
+                    await asyncio.shield(running)
+                if ctx.duplicate:  # the handler caught AlreadyHandled: it still is a duplicate
+                    raise AlreadyHandled(f"{handler.name} already handled message {ctx.message.id}")
+                if ctx.unit is None and ctx.needs_outbox:
+                    await ctx.open_transaction()
+                if ctx.unit is not None:
+                    await ctx.unit.commit(ctx.outgoing)
+        except BaseException as exc:
+            if running is not None and not running.done() and isinstance(exc, TimeoutError):
+                await self._outlive(running)
+            if ctx.unit is not None:
+                translated = await ctx.unit.rollback(exc)
+                if translated is not None:  # the database failed a statement of the handler's
+                    raise translated from exc
+            raise
+
+    async def _failed(self, delivery: ports.Delivery, attempt: int, delay: float, kind: str, text: str) -> None:
+        if self.handler.retry.exhausted(attempt):
+            await self._dead_letter(delivery, attempt, kind, text)
+            return
+        log.warning(
+            "%s failed attempt %d/%d (%s: %s); retrying in %.2fs",
+            self.handler.name,
+            attempt,
+            self.handler.retry.max_attempts,
+            kind,
+            text,
+            delay,
+        )
+        await delivery.nack(delay)
+        self._outcomes["retried"].inc()
+
+    async def _dead_letter(self, delivery: ports.Delivery, attempt: int, kind: str, text: str) -> None:
+        original = delivery.message
+        headers = dict(original.headers)
+        headers.update(dead_letter_headers(self.handler.name, delivery.topic, kind, text, attempt))
+        copy = envelope.WireMessage(body=original.body, headers=headers, key=original.key, message_id=envelope.new_id())
+        try:
+            with telemetry.send_span(self._dlq_topic, copy.message_id, self._system):
+                await self._transport.publish(self._dlq_topic, copy)
+        except errors.TransportError as exc:
+            if exc.retryable or not await self._keep_refused(copy, exc):
+                log.error("could not dead-letter a message of %s (%s); it will be redelivered", self.handler.name, exc)
+                await delivery.nack(self.handler.retry.delay(attempt))
+                return
+        await delivery.ack()
+        self._outcomes["dead_lettered"].inc()
+        log.error(
+            "%s dead-lettered a message to %s after %d attempt(s): %s: %s",
+            self.handler.name,
+            self._dlq_topic,
+            attempt,
+            kind,
+            text,
+        )
+
+
+def dead_letter_headers(handler: str, topic: str, kind: str, text: str, attempts: int) -> dict[str, str]:
+    """The ``conveyor-dlq-*`` headers that explain why a message was dead-lettered."""
+    clean = " ".join(text.split())[:_MAX_ERROR_TEXT]  # header values must be one line
+    return {
+        DLQ_HEADER + "handler": handler,
+        DLQ_HEADER + "topic": topic,
+        DLQ_HEADER + "error-type": kind,
+        DLQ_HEADER + "error": clean,
+        DLQ_HEADER + "attempts": str(attempts),
+        DLQ_HEADER + "at": envelope.format_time(datetime.now(UTC)),
+    }
