@@ -33,12 +33,16 @@ class TransportFeatures:
         attempts_survive_restart: the attempt count of a redelivered message
             survives a worker restart (kept by the broker or in the message).
         durable: messages survive a broker restart.
+        refuses_unroutable: a publish to a topic that no subscription receives
+            fails with :class:`~conveyor.errors.TransportError` rather than
+            being confirmed and dropped (RabbitMQ, which keeps no history).
     """
 
     ordered_per_key: bool = True
     history_for_new_groups: bool = False
     attempts_survive_restart: bool = True
     durable: bool = True
+    refuses_unroutable: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,15 +11,28 @@ Wire names, documented so that other services can publish without Conveyor:
   table with the prefix ``cloudEvents_``, ``datacontenttype`` in the
   ``content_type`` property, the ordering key in the header ``conveyor-key``.
 
+Unroutable messages: every publish is mandatory, with publisher confirms. A
+message no queue is bound to (no subscription of its topic declared yet) is
+returned by the broker, and :meth:`RabbitTransport.publish` raises a
+:class:`~conveyor.errors.TransportError`, not a transient one: the outbox relay
+spends an attempt, backs off and finally parks the row (``conveyor outbox list
+--parked``) instead of marking sent a message the broker dropped. (The other
+option, an alternate exchange into a retained queue, would need new arguments on
+the ``conveyor`` exchange, which an existing broker refuses.) Dead letters go to
+``<topic>.dlq``, which always has a keeper subscription. aiormq matches a
+return to its publish by message id, so publishes sharing an id go one at a time.
+
 Retries: RabbitMQ has no per-message delay without plugins, so ``nack(delay)``
-publishes a copy (header ``conveyor-attempt`` = attempt + 1) with confirms to a
-*delay tier* (fanout exchange and classic queue ``conveyor-delay.<ms>ms`` with
-``x-message-ttl`` and dead-lettering to the default exchange), with the routing
-key set to the subscription's own queue: on expiry the copy lands in that queue
-only. Then the original is acked. Delays round up to the next tier (50 ms
-doubling, up to about 55 minutes); a longer delay hops through the largest tier
-until the time in header ``conveyor-due``. The attempt of a delivery is that
-header plus the quorum queue's ``x-delivery-count`` (returns after a consumer died).
+publishes a copy (header ``conveyor-attempt`` = attempt + 1), mandatory and
+confirmed, to a *delay tier*: fanout exchange and quorum queue
+``conveyor-delay-quorum.<ms>ms`` with ``x-message-ttl`` and dead-lettering to
+the default exchange, with the routing key set to the subscription's own queue:
+on expiry the copy lands in that queue only. Then the original is acked. Delays
+round up to the next tier (50 ms doubling, up to about 55 minutes); a longer
+delay hops through the largest tier until the time in header ``conveyor-due``.
+The attempt of a delivery is that header plus the quorum queue's
+``x-delivery-count`` (returns after a consumer died). Tiers are quorum queues
+that dead-letter at-least-once (see :mod:`conveyor.transports.rabbit_wire`).
 
 Topology is reconciled by :meth:`RabbitTransport.declare`. RabbitMQ keeps old
 bindings and AMQP 0-9-1 cannot list them, so each subscription's bound topic is
@@ -75,6 +88,7 @@ class RabbitTransport:
         history_for_new_groups=False,
         attempts_survive_restart=True,
         durable=True,
+        refuses_unroutable=True,  # mandatory publishes: a message no queue takes is returned, not dropped
     )
     binary_prefix = AMQP_PREFIX
 
@@ -236,10 +250,10 @@ class RabbitTransport:
         try:
             await self._publish_mandatory(message.body, self.exchange, topic, properties)
         except aiormq.exceptions.PublishError as exc:
+            refused = rabbit_wire.transport_error(f"publish to {topic!r}", exc)
             raise errors.TransportError(
-                f"RabbitMQ returned the message published to {topic!r} ({exc}): no queue is bound to "
-                "the topic, so the broker would drop it. Declare a subscription of the topic first "
-                "(start its worker, or `conveyor worker --declare-only`)"
+                f"{refused}; declare a subscription of the topic first (start its worker, "
+                "or run `conveyor worker --declare-only`)"
             ) from exc
         except rabbit_wire.DRIVER_ERRORS as exc:
             raise rabbit_wire.transport_error(f"publish to {topic!r}", exc) from exc
@@ -290,16 +304,9 @@ class RabbitTransport:
         name = rabbit_wire.tier_name(self.exchange, ms)
         if ms in self._tiers_declared:
             return name
-        args: FieldTable = {
-            "x-queue-type": "quorum",
-            "x-message-ttl": ms,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-strategy": "at-least-once",  # kept until the target queue confirms it
-            "x-overflow": "reject-publish",  # required by at-least-once (else at-most-once)
-        }
         async with self._topology() as channel:
             exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
-            queue = await channel.declare_queue(name, durable=True, arguments=args)
+            queue = await channel.declare_queue(name, durable=True, arguments=rabbit_wire.tier_arguments(ms))
             await queue.bind(exchange)
         self._tiers_declared.add(ms)
         return name

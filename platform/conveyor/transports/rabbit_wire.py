@@ -5,6 +5,17 @@ its headers in the headers table (``content-type`` in the ``content_type``
 property), its key in the header ``conveyor-key``, its id in ``message_id``,
 persistent. A delayed copy carries ``conveyor-attempt`` and, past the largest
 delay tier, ``conveyor-due`` (see :mod:`conveyor.transports.rabbit`).
+
+Tiers dead-letter ``at-least-once`` (``x-dead-letter-strategy``, which needs
+``x-overflow: reject-publish``; RabbitMQ 3.10+): an expired copy stays in the
+tier until its queue confirmed it, so a copy expiring while its queue is
+unavailable is retried (every few minutes), not lost; copies for a deleted
+queue wait in the tier (counted in ``messages``, neither ready nor unacked) until
+the queue is declared again. A copy to a deleted tier queue is returned: the
+original is requeued and the tier declared again. Earlier versions used classic
+tier queues ``conveyor-delay.<ms>ms`` (at-most-once); a queue's type cannot
+change in place, so they are left alone: operators may delete those queues and
+exchanges once empty (``rabbitmqctl list_queues name messages``).
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from typing import Any
 import aiormq
 import aiormq.abc
 from pamqp.commands import Basic
+from pamqp.common import FieldTable
 
 from conveyor import errors
 from conveyor.envelope import WireMessage, binary_partition_key
@@ -48,10 +60,19 @@ DRIVER_ERRORS = (
 
 
 def transport_error(doing: str, exc: BaseException) -> errors.TransportError:
-    """Translate a driver exception: transient if the broker is unreachable or busy."""
+    """Translate a driver exception: transient if the broker is unreachable or busy.
+
+    A returned (unroutable) message is a plain :class:`~conveyor.errors.TransportError`:
+    the outbox relay spends an attempt on it and parks it in the end, where
+    operators see it, instead of retrying it forever as an outage.
+    """
+    if isinstance(exc, aiormq.exceptions.PublishError):  # a basic.return: unroutable, retrying is no cure
+        code, reason = getattr(exc.frame, "reply_code", "?"), getattr(exc.frame, "reply_text", "")
+        return errors.TransportError(
+            f"RabbitMQ {doing} failed: the broker returned the message ({code} {reason}): "
+            "no queue is bound to its routing key"
+        )
     text = f"RabbitMQ {doing} failed: {type(exc).__name__}: {exc}"
-    if isinstance(exc, aiormq.exceptions.PublishError):
-        return errors.TransportError(text)
     if isinstance(exc, _REFUSED):
         return errors.TransportError(text + " (check the user, password and vhost of the URL)")
     if isinstance(exc, _TRANSIENT):
@@ -146,6 +167,17 @@ def copy_properties(raw: aiormq.abc.DeliveredMessage, attempt: int, due: int | N
 def tier_ms(tiers: Sequence[float], delay: float) -> int:
     """The delay tier (milliseconds) a delay rounds up to; the largest one if none is long enough."""
     return round(next((t for t in tiers if t >= delay), tiers[-1]) * 1000)
+
+
+def tier_arguments(ms: int) -> FieldTable:
+    """Arguments of a delay tier's queue: quorum, TTL ``ms``, at-least-once dead-lettering to the default exchange."""
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": ms,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-strategy": "at-least-once",  # kept until the target queue confirmed it
+        "x-overflow": "reject-publish",  # at-least-once needs it (else RabbitMQ falls back to at-most-once)
+    }
 
 
 def tier_name(exchange: str, ms: int) -> str:
