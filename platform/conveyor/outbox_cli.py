@@ -9,15 +9,16 @@ port of the service's database.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 import orjson
 
-from conveyor import envelope, ports, settings
+from conveyor import cli_options, envelope, ports, schedules_cli, settings
 from conveyor.runtime import app
 
 T = TypeVar("T")
@@ -107,3 +108,66 @@ def describe(entry: ports.OutboxEntry) -> str:
         _body(message.body),
     ]
     return "\n".join(lines)
+
+
+@click.group()
+def outbox() -> None:
+    """Unsent outbox messages: list, show; retry or purge the parked ones."""
+
+
+def _outbox_command(func: cli_options.F) -> cli_options.F:
+    func = click.option("--database-url", help="SQLAlchemy async URL (CONVEYOR_DATABASE_URL).")(func)
+    return cli_options.common(cli_options.exits(func))
+
+
+@outbox.command(name="list")
+@click.option("--parked", is_flag=True, help="Only parked messages (they wait for retry or purge).")
+@click.option("--topic", help="Only messages to this topic.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@_outbox_command
+def outbox_list(parked: bool, topic: str | None, limit: int, **flags: Any) -> None:
+    """List unsent outbox messages, oldest first: status, attempts, last error."""
+    found = asyncio.run(
+        run(
+            cli_options.load(**flags),
+            lambda store: store.entries(status="parked" if parked else None, topic=topic, limit=limit),
+        )
+    )
+    if not found:
+        click.echo("no parked outbox messages" if parked else "no unsent outbox messages")
+        return
+    schedules_cli.print_table(table(found))
+
+
+@outbox.command(name="show")
+@click.argument("message_id")
+@_outbox_command
+def outbox_show(message_id: str, **flags: Any) -> None:
+    """Show one outbox message: status, attempts, last error, headers and body."""
+    entry = asyncio.run(run(cli_options.load(**flags), lambda store: store.get(message_id)))
+    click.echo(describe(entry))
+
+
+@outbox.command(name="retry")
+@click.argument("message_ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every parked message.")
+@_outbox_command
+def outbox_retry(message_ids: tuple[str, ...], every: bool, **flags: Any) -> None:
+    """Publish MESSAGE_ID(s) again now, attempts reset (--all: every parked message), ahead of their key."""
+    picked = chosen(message_ids, every)
+    count = asyncio.run(run(cli_options.load(**flags), lambda store: store.retry(picked)))
+    click.echo(f"{count} outbox message(s) will be published again")
+
+
+@outbox.command(name="purge")
+@click.argument("message_ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every parked message.")
+@click.option("--yes", is_flag=True, help="Confirm: the messages are deleted, never published.")
+@_outbox_command
+def outbox_purge(message_ids: tuple[str, ...], every: bool, yes: bool, **flags: Any) -> None:
+    """Delete parked MESSAGE_ID(s) (--all: every parked one); the later messages of their keys move on."""
+    picked = chosen(message_ids, every)
+    if not yes:
+        raise click.UsageError("purging deletes parked messages for good: add --yes")
+    count = asyncio.run(run(cli_options.load(**flags), lambda store: store.purge_parked(picked)))
+    click.echo(f"purged {count} parked outbox message(s)")

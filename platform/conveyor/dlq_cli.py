@@ -1,0 +1,105 @@
+"""``conveyor dlq``: list, show, replay and purge the dead letters of a topic.
+
+Dead letters are read through the Transport port from each topic's keeper
+subscription, plus those held in the database because the broker refused them
+(:mod:`conveyor.runtime.dead_letters`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from conveyor import cli_options, errors, schedules_cli, settings
+from conveyor.runtime import app
+
+
+@click.group()
+def dlq() -> None:
+    """Dead letters of a topic: list, show, replay to the topic, purge."""
+
+
+def _dlq_command(func: cli_options.F) -> cli_options.F:
+    func = click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)(func)
+    func = click.argument("topic")(func)
+    return cli_options.common(cli_options.exits(func))
+
+
+async def _with_transport(config: settings.Settings, operation: Callable[[Any, Any], Any]) -> Any:
+    """Run ``operation(transport, held)``: ``held`` is the database's store of refused dead letters, if migrated."""
+    from conveyor import transports
+
+    if config.broker_url.startswith("memory:"):
+        raise errors.ConfigurationError("dead letters on memory:// live inside the running process; use a real broker")
+    async with contextlib.AsyncExitStack() as stack:
+        held = None
+        with contextlib.suppress(errors.ConfigurationError):  # no migrated database: only the broker's
+            held = (await app.open_persistence(config, stack)).dead_letters
+        transport = transports.create(config.broker_url)
+        await transport.connect()
+        stack.push_async_callback(transport.close)
+        return await operation(transport, held)
+
+
+@dlq.command(name="list")
+@_dlq_command
+def dlq_list(topic: str, limit: int, **flags: Any) -> None:
+    """List dead letters of TOPIC (they stay in place)."""
+    from conveyor.runtime import dead_letters
+
+    config = cli_options.load(**flags)
+    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.peek(t, topic, limit=limit, held=h)))
+    if not found:
+        click.echo(f"no dead letters for {topic}")
+        return
+    rows: list[tuple[str, ...]] = [("EVENT ID", "HANDLER", "ERROR TYPE", "ATTEMPTS", "AT", "ERROR")]
+    rows += [(d.event_id or "-", d.handler, d.error_type, d.attempts, d.at, d.error[:60]) for d in found]
+    schedules_cli.print_table(rows)
+
+
+@dlq.command(name="show")
+@_dlq_command
+@click.argument("event_id")
+def dlq_show(topic: str, event_id: str, limit: int, **flags: Any) -> None:
+    """Show one dead letter of TOPIC: the reason, the headers and the body."""
+    from conveyor.runtime import dead_letters
+
+    config = cli_options.load(**flags)
+    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.peek(t, topic, limit=limit, held=h)))
+    match = next((d for d in found if d.event_id == event_id), None)
+    if match is None:
+        raise errors.NotFound(f"no dead letter with event id {event_id!r} among the first {limit} of {topic}")
+    click.echo(f"topic: {match.topic}\nhandler: {match.handler}\nerror: {match.error_type}: {match.error}")
+    click.echo(f"attempts: {match.attempts}\ndead-lettered at: {match.at}\nheaders:")
+    for name, value in sorted(match.message.headers.items()):
+        click.echo(f"  {name}: {value}")
+    click.echo("body:\n" + match.message.body.decode("utf-8", errors="replace"))
+
+
+@dlq.command(name="replay")
+@_dlq_command
+def dlq_replay(topic: str, limit: int, **flags: Any) -> None:
+    """Send up to --limit dead letters of TOPIC back to the topic they failed on."""
+    from conveyor.runtime import dead_letters
+
+    config = cli_options.load(**flags)
+    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.replay(t, topic, limit=limit, held=h)))
+    click.echo(f"replayed {len(found)} dead letter(s) of {topic}")
+
+
+@dlq.command(name="purge")
+@_dlq_command
+@click.option("--yes", is_flag=True, help="Confirm: the dead letters are deleted.")
+def dlq_purge(topic: str, limit: int, yes: bool, **flags: Any) -> None:
+    """Delete up to --limit dead letters of TOPIC."""
+    from conveyor.runtime import dead_letters
+
+    if not yes:
+        raise click.UsageError("purging deletes dead letters: add --yes")
+    config = cli_options.load(**flags)
+    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.purge(t, topic, limit=limit, held=h)))
+    click.echo(f"purged {len(found)} dead letter(s) of {topic}")
