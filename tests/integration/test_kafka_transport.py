@@ -421,3 +421,8 @@ def test_url_producer_is_idempotent_unless_turned_off() -> None:
 def test_url_idempotence_other_than_0_or_1_is_refused() -> None:
     with pytest.raises(errors.ConfigurationError, match="idempotence"):
         parse_url("kafka://a:9092?idempotence=2")
+
+
+def test_url_revoke_grace_of_half_the_rebalance_timeout_is_refused() -> None:
+    with pytest.raises(errors.ConfigurationError, match="revoke_grace_ms"):
+        parse_url("kafka://a:9092?session_timeout_ms=6000&revoke_grace_ms=3000")

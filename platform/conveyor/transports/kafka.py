@@ -29,11 +29,17 @@ Guarantees and how they are kept:
   it and every earlier record of its partition are settled (deliveries of one
   partition settle out of order because the runtime runs keys concurrently).
   A commit lost to a rebalance is logged, not raised: the new owner redelivers
-  (so do records in flight in partitions that move; the inbox absorbs them).
+  (the inbox absorbs the duplicates). A failed commit fails the acks waiting
+  for it (they raise ``TransientTransportError``); its offsets go with the next.
   Unsettled records at :meth:`close` are not committed and go to the group's
   next member (``close`` leaves the group at once). Kafka has no broker-side
   redelivery limit: ``Subscription.max_deliveries`` and ``ack_wait`` are not
   used; the attempt header and the runtime's retry policy bound retries.
+* **Rebalances**: before rejoining, a member stops handing out records of its
+  revoked partitions (held ones are dropped), waits up to ``revoke_grace_ms``
+  for the deliveries out to settle, commits, and drops the rest: their ack or
+  nack raises ``TransportError``, commits and publishes nothing, and the new
+  owner redelivers them (a handler running past the grace may overlap it).
 * **Prefetch**: at most ``Subscription.prefetch`` deliveries are out unsettled
   (``getmany(max_records=room)``). When the limit holds for a while (slow
   handlers), every partition is paused and the loop keeps polling, so
@@ -73,8 +79,9 @@ their replication factor (set it to your cluster's, e.g. 3);
 ``max_poll_interval_ms`` (300000), ``rebalance_timeout_ms`` (= session timeout)
 and ``fetch_max_wait_ms`` (100) for the consumers; ``request_timeout_ms``
 (30000) for requests, sends and commits; ``idempotence`` (1; 0 turns the
-idempotent producer off). Tests on Tansu use ``?idempotence=0&partitions=4&
-session_timeout_ms=2000&heartbeat_interval_ms=400``.
+idempotent producer off); ``revoke_grace_ms`` (a quarter of the rebalance
+timeout). Tests on Tansu use ``?idempotence=0&partitions=4&session_timeout_ms=2000&
+heartbeat_interval_ms=400``.
 """
 
 from __future__ import annotations
@@ -92,7 +99,7 @@ from aiokafka.protocol.group import LeaveGroupRequest
 
 from conveyor import errors, names, ports
 from conveyor.envelope import KAFKA_PREFIX, WireMessage
-from conveyor.transports import kafka_consume
+from conveyor.transports import kafka_consume, kafka_delivery
 
 log = logging.getLogger("conveyor.transports.kafka")
 
@@ -100,6 +107,7 @@ RETRY_PREFIX = "_conveyor.retry."
 _TOPIC_EXISTS = kafka_errors.TopicAlreadyExistsError.errno
 _DEFAULT_PORT = 9092
 _ADMIN_ATTEMPTS = 2
+_MAY_BE_ZERO = ("rebalance_timeout_ms", "idempotence", "revoke_grace_ms")
 
 
 def retry_topic(subscription: str) -> str:
@@ -128,6 +136,12 @@ class KafkaOptions:
         request_timeout_ms: limit of broker requests, sends and commits.
         idempotence: 1 for an idempotent producer (the default; needs a broker
             that supports ``InitProducerId``), 0 for a plain one.
+        revoke_grace_ms: how long a member losing partitions waits for their
+            deliveries to settle, and at most again for the commit, while the
+            group waits (0 = a quarter of the rebalance timeout; must be under half).
+
+    Raises:
+        ConfigurationError: ``revoke_grace_ms`` is half the rebalance timeout or more.
     """
 
     partitions: int = 8
@@ -139,6 +153,22 @@ class KafkaOptions:
     fetch_max_wait_ms: int = 100
     request_timeout_ms: int = 30_000
     idempotence: int = 1
+    revoke_grace_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.revoke_grace_ms * 2 >= self.rebalance_ms:
+            text = f"Kafka option revoke_grace_ms={self.revoke_grace_ms} must be under half the rebalance timeout"
+            raise errors.ConfigurationError(f"{text} ({self.rebalance_ms} ms)")
+
+    @property
+    def rebalance_ms(self) -> int:
+        """The rebalance timeout in effect (``rebalance_timeout_ms``, else the session timeout)."""
+        return self.rebalance_timeout_ms or self.session_timeout_ms
+
+    @property
+    def revoke_grace(self) -> float:
+        """The revocation grace in effect, in seconds."""
+        return (self.revoke_grace_ms or self.rebalance_ms // 4) / 1000
 
     @classmethod
     def from_query(cls, query: str) -> KafkaOptions:
@@ -154,7 +184,7 @@ class KafkaOptions:
                 raise errors.ConfigurationError(
                     f"unknown Kafka URL parameter {name!r}; known: {', '.join(sorted(known))}"
                 )
-            if not raw.isdigit() or (int(raw) == 0 and name not in ("rebalance_timeout_ms", "idempotence")):
+            if not raw.isdigit() or (int(raw) == 0 and name not in _MAY_BE_ZERO):
                 raise errors.ConfigurationError(f"Kafka URL parameter {name}={raw!r} must be a positive integer")
             if name == "idempotence" and raw not in ("0", "1"):
                 raise errors.ConfigurationError(f"Kafka URL parameter idempotence={raw!r} must be 0 or 1")
@@ -289,7 +319,7 @@ class KafkaTransport:
         key = message.key.encode() if message.key is not None else None
         try:
             await producer.send_and_wait(
-                topic, message.body, key=key, headers=kafka_consume.record_headers(message, extra)
+                topic, message.body, key=key, headers=kafka_delivery.record_headers(message, extra)
             )
         except (kafka_errors.KafkaError, OSError) as exc:
             raise _translate(exc, f"publish to Kafka topic {topic!r} failed") from exc
@@ -322,8 +352,9 @@ class KafkaTransport:
             request_timeout_ms=options.request_timeout_ms,
         )
         consumer = kafka_consume.KafkaConsumer(
-            kafka, subscription, retry_topic(subscription.name), callback, self._send, self._timeout, self._leave
-        )
+            kafka, subscription, retry_topic(subscription.name), callback, self._send, self._timeout, self._leave,
+            revoke_grace=options.revoke_grace,
+        )  # fmt: skip
         await consumer.start()
         self._consumers.append(consumer)
         return consumer

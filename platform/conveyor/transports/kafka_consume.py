@@ -4,7 +4,8 @@ One :class:`KafkaConsumer` per subscription runs an ``AIOKafkaConsumer`` in the
 subscription's consumer group, subscribed to the Conveyor topic and to the
 subscription's retry topic (see :mod:`conveyor.transports.kafka` for the design).
 
-Offsets are tracked and committed by :mod:`conveyor.transports.kafka_offsets`.
+Offsets are tracked and committed by :mod:`conveyor.transports.kafka_offsets`;
+records become deliveries in :mod:`conveyor.transports.kafka_delivery`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -23,136 +23,15 @@ from aiokafka import errors as kafka_errors
 
 from conveyor import errors, ports
 from conveyor.envelope import WireMessage
-from conveyor.transports import kafka_offsets
+from conveyor.transports import kafka_delivery, kafka_offsets
 
 log = logging.getLogger("conveyor.transports.kafka")
-
-MESSAGE_ID_HEADER = "conveyor-message-id"
-ATTEMPT_HEADER = "conveyor-attempt"
-NOT_BEFORE_HEADER = "conveyor-not-before"
-_INTERNAL = frozenset({MESSAGE_ID_HEADER, ATTEMPT_HEADER, NOT_BEFORE_HEADER})
 
 _POLL_SECONDS = 1.0  # longest getmany wait; also how often a full consumer polls
 _BACKOFF_MAX = 5.0
 
-Send = Callable[[str, WireMessage, dict[str, str]], Awaitable[None]]
+Send = kafka_delivery.Send
 Leave = Callable[[int, str, str], Awaitable[None]]
-
-
-def record_headers(message: WireMessage, extra: dict[str, str] | None = None) -> list[tuple[str, bytes]]:
-    """Kafka record headers for a wire message (plus transport headers)."""
-    headers = [(name, value.encode()) for name, value in message.headers.items()]
-    if message.message_id is not None:
-        headers.append((MESSAGE_ID_HEADER, message.message_id.encode()))
-    if extra:
-        headers.extend((name, value.encode()) for name, value in extra.items())
-    return headers
-
-
-def from_record(record: Any, *, trusted: bool = True) -> tuple[WireMessage, int, int]:
-    """Wire message, attempt and not-before time (epoch ms, 0 = now) of a consumed record.
-
-    Args:
-        record: the aiokafka record.
-        trusted: the record comes from our own retry topic. On a producer's
-            topic the attempt and not-before headers are ignored: a producer
-            could otherwise skip every retry, or hold a partition for days.
-    """
-    headers: dict[str, str] = {}
-    message_id: str | None = None
-    attempt, not_before = 1, 0
-    for name, raw in record.headers or ():
-        value = raw.decode("utf-8", "replace") if raw is not None else ""
-        if name not in _INTERNAL:
-            headers[name] = value
-        elif name == MESSAGE_ID_HEADER:
-            message_id = value
-        elif trusted and value.isdigit() and len(value) <= 18:
-            if name == ATTEMPT_HEADER:
-                attempt = max(int(value), 1)
-            else:
-                not_before = int(value)
-    key = record.key.decode("utf-8", "replace") if record.key is not None else None
-    body = record.value if record.value is not None else b""
-    return WireMessage(body, headers, key, message_id), attempt, not_before
-
-
-@dataclass(order=True, slots=True)
-class _Held:
-    """A record taken from its partition but not handed out before ``due`` (epoch seconds)."""
-
-    due: float
-    seq: int
-    partition: kafka_offsets.PartitionOffsets = field(compare=False)
-    offset: int = field(compare=False)
-    message: WireMessage = field(compare=False)
-    attempt: int = field(compare=False)
-
-
-class KafkaDelivery:
-    """One delivery of a Kafka record to a subscription."""
-
-    __slots__ = ("_consumer", "_offset", "_partition", "_settled", "attempt", "message", "topic")
-
-    def __init__(self, consumer: KafkaConsumer, held: _Held) -> None:
-        self._consumer = consumer
-        self._partition = held.partition
-        self._offset = held.offset
-        self._settled = False
-        self.topic = consumer.subscription.topic
-        self.message = held.message
-        self.attempt = held.attempt
-
-    async def ack(self) -> None:
-        """Commit the record's offset once every earlier record of its partition is settled.
-
-        Raises:
-            TransportError: already settled, or the consumer is closed (the
-                record will be redelivered).
-            TransientTransportError: the commit failed; the record may be delivered again.
-        """
-        self._check()
-        self._settled = True
-        committed = self._consumer.settle(self._partition, self._offset)
-        if committed is not None:
-            await asyncio.shield(committed)  # shared by the acks of a round
-
-    async def nack(self, delay: float) -> None:
-        """Publish a copy with attempt + 1 to the retry topic, then commit the original.
-
-        If the copy cannot be published, the record is redelivered from memory
-        after ``delay`` instead (its offset stays uncommitted, so a crash
-        meanwhile redelivers it from the topic).
-
-        Raises:
-            TransportError: already settled, or the consumer is closed (the
-                record will be redelivered).
-            TransientTransportError: the commit failed; the record may be delivered again.
-        """
-        self._check()
-        self._settled = True
-        consumer = self._consumer
-        not_before = time.time() + max(delay, 0.0)
-        extra = {ATTEMPT_HEADER: str(self.attempt + 1), NOT_BEFORE_HEADER: str(int(not_before * 1000))}
-        try:
-            await consumer.send(consumer.retry_topic, self.message, extra)
-        except errors.TransportError as exc:
-            log.warning(
-                "could not publish a retry copy to %s (%s); redelivering from memory in %.1fs",
-                consumer.retry_topic, exc, delay,
-            )  # fmt: skip
-            consumer.hold(self._partition, self._offset, self.message, self.attempt + 1, not_before)
-            consumer.release()
-            return
-        committed = consumer.settle(self._partition, self._offset)
-        if committed is not None:
-            await asyncio.shield(committed)  # shared by the acks of a round
-
-    def _check(self) -> None:
-        if self._settled:
-            raise errors.TransportError("delivery already acked or nacked")
-        if self._consumer.closed:
-            raise errors.TransportError("the Kafka consumer is closed; the message will be redelivered")
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -178,6 +57,8 @@ class KafkaConsumer:
         commit_timeout: seconds one offset commit may take before it counts as failed.
         leave: sends LeaveGroup(node, group, member) for a member aiokafka would not
             take out of the group itself (see :meth:`_close`).
+        revoke_grace: seconds a revocation waits for handed-out deliveries of the
+            revoked partitions to settle (and again, at most, for their commit).
     """
 
     def __init__(
@@ -189,6 +70,8 @@ class KafkaConsumer:
         send: Send,
         commit_timeout: float,
         leave: Leave,
+        *,
+        revoke_grace: float = 2.5,
     ) -> None:
         self.subscription = subscription
         self.retry_topic = retry_topic
@@ -200,8 +83,13 @@ class KafkaConsumer:
         self._hold_limit = max(self._prefetch * 4, 64)
         self._committer = kafka_offsets.Committer(kafka, subscription.name, commit_timeout)
         self._leave = leave
+        self._revoke_grace = revoke_grace
         self._partitions: dict[TopicPartition, kafka_offsets.PartitionOffsets] = {}
-        self._held: list[_Held] = []
+        self._held: list[kafka_delivery.Held] = []
+        self._handing: kafka_delivery.KafkaDelivery | None = None  # being handed to the callback
+        self._drop_handing = False  # a revocation cancelled that hand-out
+        self._draining: set[TopicPartition] = set()
+        self._drained = asyncio.Event()  # a draining partition has nothing out any more
         self._seq = itertools.count()
         self._unsettled = 0
         self._room = asyncio.Event()
@@ -280,48 +168,111 @@ class KafkaConsumer:
         """Settle ``offset``; return the commit round to wait for if the settled prefix grew.
 
         Raises:
-            TransportError: the consumer is closed.
+            TransportError: the consumer is closed, or the partition was revoked
+                (nothing is committed; its new owner redelivers the record).
         """
         if self.closed:
             raise errors.TransportError("the Kafka consumer is closed; the message will be redelivered")
+        if partition.revoked:
+            raise self.drop(partition)
         commit = partition.settle(offset)
-        committed = None
-        if commit is not None and not partition.revoked:
-            committed = self._committer.request(partition.tp, commit)
-        self.release()  # after the commit is queued: a close it triggers flushes it first
+        committed = self._committer.request(partition.tp, commit) if commit is not None else None
+        self.release(partition)  # after the commit is queued: a close or drain it ends flushes it
         return committed
 
-    def release(self) -> None:
+    def drop(self, partition: kafka_offsets.PartitionOffsets) -> errors.TransportError:
+        """Release a delivery of a revoked partition; return the error its ack or nack raises."""
+        self.release(partition)
+        tp = partition.tp
+        return errors.TransportError(
+            f"Kafka partition {tp.topic}[{tp.partition}] was revoked in a rebalance; "
+            "its new owner redelivers the message"
+        )
+
+    def release(self, partition: kafka_offsets.PartitionOffsets) -> None:
         """A delivery left the runtime's hands: free its prefetch slot."""
-        self._unsettled -= 1
-        self._room.set()
+        self._forget(partition)
         if self._stopping and self._unsettled == 0 and self._closing is None:
             self._closing = asyncio.create_task(self._close(), name=f"kafka-close:{self.subscription.name}")
+
+    def _forget(self, partition: kafka_offsets.PartitionOffsets) -> None:
+        self._unsettled -= 1
+        partition.out -= 1
+        self._room.set()
+        if partition.draining and not partition.out:
+            self._drained.set()
 
     def hold(
         self, partition: kafka_offsets.PartitionOffsets, offset: int, message: WireMessage, attempt: int, due: float
     ) -> None:
-        """Hand the record out again at ``due`` (epoch seconds); its offset stays taken."""
-        heapq.heappush(self._held, _Held(due, next(self._seq), partition, offset, message, attempt))
+        """Hand the record out again at ``due`` (epoch seconds); its offset stays taken.
+
+        A record of a partition being revoked is not held: the next owner redelivers it.
+        """
+        if partition.draining:
+            return
+        heapq.heappush(self._held, kafka_delivery.Held(due, next(self._seq), partition, offset, message, attempt))
         self._room.set()  # wake a loop waiting for room: it re-reads its timers
 
     # -- rebalancing (called by the listener) --------------------------------
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
-        """Commit what is settled before the partitions move; forget their state."""
+        """Hand the partitions over: stop dispatch, let what is out settle, commit, drop the rest.
+
+        Awaited by aiokafka before the member rejoins, so the group waits for it:
+        the wait for deliveries to settle and the final commit are bounded by
+        ``revoke_grace`` each. Records held or not handed out yet are dropped;
+        deliveries still unsettled after the grace are dropped too (their ack or
+        nack commits and publishes nothing, see :meth:`settle`). The partitions'
+        next owner redelivers everything not committed; the inbox absorbs the
+        duplicates of what was handled here but not committed.
+        """
+        partitions = [p for tp in revoked if (p := self._partitions.get(tp)) is not None]
+        started = time.monotonic()
         try:
-            await self._committer.flush()
-        except errors.TransportError as exc:
-            log.info("commit before rebalance of %s failed: %s", self.subscription.name, exc)
-        for tp in revoked:
-            partition = self._partitions.pop(tp, None)
-            if partition is not None:
+            self._stop_dispatch(partitions)
+            await self._settle_out(partitions)
+            try:
+                await asyncio.wait_for(self._committer.flush(), self._revoke_grace)
+            except (errors.TransportError, TimeoutError) as exc:
+                log.warning("commit before a rebalance of %s failed (%r); the new owners redeliver those records",
+                            self.subscription.name, exc)  # fmt: skip
+        finally:  # also when cancelled (the consumer is closing): never leave partitions half revoked
+            dropped = sum(p.out for p in partitions)
+            for partition in partitions:
                 partition.revoked = True
-        self._committer.forget(revoked)
-        self._paused -= revoked
+                self._partitions.pop(partition.tp, None)
+            self._committer.forget(revoked)
+            self._paused -= revoked
+            self._draining -= revoked
+        if partitions:
+            log.info(
+                "%s handed over %d partition(s) in %.3fs; %d unsettled deliveries left to the new owners",
+                self.subscription.name, len(partitions), time.monotonic() - started, dropped,
+            )  # fmt: skip
+
+    def _stop_dispatch(self, partitions: list[kafka_offsets.PartitionOffsets]) -> None:
+        for partition in partitions:
+            partition.draining = True
+            self._draining.add(partition.tp)
         if self._held:
-            self._held = [h for h in self._held if not h.partition.revoked]
+            self._held = [h for h in self._held if not h.partition.draining]
             heapq.heapify(self._held)
+        self._sync_pauses()  # fetching records only to drop them is pointless
+        handing, task = self._handing, self._task
+        if handing is not None and not handing._settled and handing._partition.draining and task is not None:
+            # The callback has not accepted the delivery yet (a full dispatcher): take it back.
+            self._drop_handing = task.cancel()
+
+    async def _settle_out(self, partitions: list[kafka_offsets.PartitionOffsets]) -> None:
+        """Wait, up to the grace, until no delivery of ``partitions`` is out."""
+        try:
+            async with asyncio.timeout(self._revoke_grace):
+                while any(p.out for p in partitions):
+                    self._drained.clear()
+                    await self._drained.wait()
+        except TimeoutError:
+            pass
 
     def assigned(self, assigned: set[TopicPartition]) -> None:
         """Start tracking newly assigned partitions."""
@@ -369,7 +320,7 @@ class KafkaConsumer:
             if partition is None:
                 continue
             for record in records:
-                if partition.revoked:
+                if partition.draining:  # being revoked: its next owner fetches the rest
                     break
                 await self._accept(partition, record)
 
@@ -392,9 +343,9 @@ class KafkaConsumer:
         if self._full:
             wanted = set(self._partitions)
         elif len(self._held) >= self._hold_limit:
-            wanted = {tp for tp in self._partitions if tp.topic == self.retry_topic}
+            wanted = {tp for tp in self._partitions if tp.topic == self.retry_topic} | self._draining
         else:
-            wanted = set()
+            wanted = set(self._draining)
         if wanted == self._paused:
             return
         if resume := self._paused - wanted:
@@ -404,9 +355,9 @@ class KafkaConsumer:
         self._paused = wanted
 
     async def _accept(self, partition: kafka_offsets.PartitionOffsets, record: Any) -> None:
-        message, attempt, not_before = from_record(record, trusted=record.topic == self.retry_topic)
+        message, attempt, not_before = kafka_delivery.from_record(record, trusted=record.topic == self.retry_topic)
         partition.take(record.offset)
-        held = _Held(not_before / 1000, next(self._seq), partition, record.offset, message, attempt)
+        held = kafka_delivery.Held(not_before / 1000, next(self._seq), partition, record.offset, message, attempt)
         if not_before and held.due > time.time():
             heapq.heappush(self._held, held)
         else:
@@ -416,22 +367,37 @@ class KafkaConsumer:
         now = time.time()
         while self._held and self._held[0].due <= now and self._unsettled < self._prefetch:
             held = heapq.heappop(self._held)
-            if not held.partition.revoked:
+            if not held.partition.draining:
                 await self._hand_out(held)
 
-    async def _hand_out(self, held: _Held) -> None:
-        delivery = KafkaDelivery(self, held)
+    async def _hand_out(self, held: kafka_delivery.Held) -> None:
+        partition = held.partition
+        delivery = kafka_delivery.KafkaDelivery(self, held)
         self._unsettled += 1
+        partition.out += 1
+        self._handing = delivery
         try:
             await self._callback(delivery)
         except asyncio.CancelledError:
-            if not delivery._settled:  # not accepted: stopping; the offset stays uncommitted
-                self._unsettled -= 1
+            if not delivery._settled:  # not accepted: the offset stays uncommitted
                 delivery._settled = True
+                self._forget(partition)
+            if self._drop_handing:
+                self._drop_handing = False
+                task = asyncio.current_task()
+                if task is not None and task.uncancel() == 0:
+                    return  # a revocation took the record back; the fetch loop goes on
             raise
         except Exception:
             log.exception("delivery callback of %s failed; redelivering in 1s", self.subscription.name)
             if not delivery._settled:
                 delivery._settled = True
-                self._unsettled -= 1
-                self.hold(held.partition, held.offset, held.message, held.attempt, time.time() + 1.0)
+                self._forget(partition)
+                self.hold(partition, held.offset, held.message, held.attempt, time.time() + 1.0)
+        finally:
+            self._handing = None
+            if self._drop_handing:  # the callback swallowed the cancellation and accepted the delivery
+                self._drop_handing = False
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()

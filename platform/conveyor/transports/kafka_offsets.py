@@ -9,7 +9,12 @@ harmless because only offsets actually taken are tracked.
 
 :class:`Committer` batches commits: one request in flight per consumer; acks
 arriving meanwhile ride on the next request, and each ack waits for the round
-that carries its offset.
+that carries its offset. A round that fails releases its waiters with the
+error and keeps its offsets for the next round; no ack waits forever.
+
+On revocation a partition first *drains* (nothing more is handed out; what
+is out may still settle and commit), then is *revoked* (dropped: later
+settles commit nothing, the partition's new owner redelivers).
 """
 
 from __future__ import annotations
@@ -37,14 +42,25 @@ LOST_TO_REBALANCE = (
 
 
 class PartitionOffsets:
-    """Offsets taken from one assigned partition, and how far they are settled."""
+    """Offsets taken from one assigned partition, and how far they are settled.
 
-    __slots__ = ("revoked", "settled", "taken", "tp")
+    Attributes:
+        tp: the partition.
+        taken: offsets handed out or held, not yet part of the settled prefix, in order.
+        settled: offsets settled out of order (an earlier taken one is not).
+        out: deliveries handed out and not settled yet.
+        draining: a revocation began: hand nothing more out.
+        revoked: the partition is gone: settle nothing more.
+    """
+
+    __slots__ = ("draining", "out", "revoked", "settled", "taken", "tp")
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
         self.taken: deque[int] = deque()
         self.settled: set[int] = set()
+        self.out = 0
+        self.draining = False
         self.revoked = False
 
     def take(self, offset: int) -> None:
@@ -106,26 +122,42 @@ class Committer:
         return self._round
 
     async def _run(self) -> None:
-        while self._pending and self._round is not None:
-            offsets, self._pending = self._pending, {}
-            done, self._round = self._round, None
-            try:
-                # aiokafka retries retriable errors (broker away) without end: bound it.
-                await asyncio.wait_for(self._kafka.commit(offsets), self._timeout)
-            except LOST_TO_REBALANCE as exc:
-                log.warning(
-                    "offset commit of group %s lost to a rebalance (%s); records of %d partition(s) "
-                    "will be redelivered to their new owner", self._group, exc, len(offsets),
-                )  # fmt: skip
-                _resolve(done, None)
-            except (kafka_errors.KafkaError, OSError, TimeoutError) as exc:
-                for tp, offset in offsets.items():
-                    self._pending.setdefault(tp, offset)
-                text = f"offset commit of group {self._group} failed: {exc!r}"
-                _resolve(done, errors.TransientTransportError(text))
-                return  # the next ack (or flush) tries again
-            else:
-                _resolve(done, None)
+        done: asyncio.Future[None] | None = None
+        try:
+            while self._pending and self._round is not None:
+                offsets, self._pending = self._pending, {}
+                done, self._round = self._round, None
+                try:
+                    # aiokafka retries retriable errors (broker away) without end: bound it.
+                    await asyncio.wait_for(self._kafka.commit(offsets), self._timeout)
+                except LOST_TO_REBALANCE as exc:
+                    log.warning(
+                        "offset commit of group %s lost to a rebalance (%s); records of %d partition(s) "
+                        "will be redelivered to their new owner", self._group, exc, len(offsets),
+                    )  # fmt: skip
+                    _resolve(done, None)
+                except Exception as exc:
+                    # Kept for the next round: acks that joined it meanwhile try again at once,
+                    # otherwise the next ack (or a flush) does.
+                    for tp, offset in offsets.items():
+                        self._pending.setdefault(tp, offset)
+                    _resolve(done, _commit_error(self._group, exc))
+                else:
+                    _resolve(done, None)
+            if self._round is not None and not self._pending:  # its offsets were forgotten
+                dropped, self._round = self._round, None
+                _resolve(dropped, errors.TransportError("the partition was revoked before the offset was committed"))
+        finally:
+            # Only a cancellation gets here with waiters left; none may wait forever.
+            for future in (done, self._round):
+                if future is not None:
+                    _resolve(future, errors.TransportError(f"offset commit of group {self._group} was cancelled"))
+
+
+def _commit_error(group: str, exc: Exception) -> errors.TransportError:
+    transient = isinstance(exc, kafka_errors.KafkaError | OSError | TimeoutError)
+    kind = errors.TransientTransportError if transient else errors.TransportError
+    return kind(f"offset commit of group {group} failed: {exc!r}")
 
 
 def _resolve(future: asyncio.Future[None], exc: BaseException | None) -> None:

@@ -1,0 +1,153 @@
+"""Kafka records as deliveries: CloudEvents-binding headers, attempts, and settling one delivery.
+
+:func:`record_headers` and :func:`from_record` map wire messages to records and
+back (the ``conveyor-*`` headers carry the message id, the attempt and the
+not-before time of a retry copy). A :class:`KafkaDelivery` settles through its
+:class:`~conveyor.transports.kafka_consume.KafkaConsumer`, which owns the offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from conveyor import errors
+from conveyor.envelope import WireMessage
+from conveyor.transports import kafka_offsets
+
+if TYPE_CHECKING:
+    from conveyor.transports.kafka_consume import KafkaConsumer
+
+log = logging.getLogger("conveyor.transports.kafka")
+
+MESSAGE_ID_HEADER = "conveyor-message-id"
+ATTEMPT_HEADER = "conveyor-attempt"
+NOT_BEFORE_HEADER = "conveyor-not-before"
+_INTERNAL = frozenset({MESSAGE_ID_HEADER, ATTEMPT_HEADER, NOT_BEFORE_HEADER})
+
+Send = Callable[[str, WireMessage, dict[str, str]], Awaitable[None]]
+
+
+def record_headers(message: WireMessage, extra: dict[str, str] | None = None) -> list[tuple[str, bytes]]:
+    """Kafka record headers for a wire message (plus transport headers)."""
+    headers = [(name, value.encode()) for name, value in message.headers.items()]
+    if message.message_id is not None:
+        headers.append((MESSAGE_ID_HEADER, message.message_id.encode()))
+    if extra:
+        headers.extend((name, value.encode()) for name, value in extra.items())
+    return headers
+
+
+def from_record(record: Any, *, trusted: bool = True) -> tuple[WireMessage, int, int]:
+    """Wire message, attempt and not-before time (epoch ms, 0 = now) of a consumed record.
+
+    Args:
+        record: the aiokafka record.
+        trusted: the record comes from our own retry topic. On a producer's
+            topic the attempt and not-before headers are ignored: a producer
+            could otherwise skip every retry, or hold a partition for days.
+    """
+    headers: dict[str, str] = {}
+    message_id: str | None = None
+    attempt, not_before = 1, 0
+    for name, raw in record.headers or ():
+        value = raw.decode("utf-8", "replace") if raw is not None else ""
+        if name not in _INTERNAL:
+            headers[name] = value
+        elif name == MESSAGE_ID_HEADER:
+            message_id = value
+        elif trusted and value.isdigit() and len(value) <= 18:
+            if name == ATTEMPT_HEADER:
+                attempt = max(int(value), 1)
+            else:
+                not_before = int(value)
+    key = record.key.decode("utf-8", "replace") if record.key is not None else None
+    body = record.value if record.value is not None else b""
+    return WireMessage(body, headers, key, message_id), attempt, not_before
+
+
+@dataclass(order=True, slots=True)
+class Held:
+    """A record taken from its partition but not handed out before ``due`` (epoch seconds)."""
+
+    due: float
+    seq: int
+    partition: kafka_offsets.PartitionOffsets = field(compare=False)
+    offset: int = field(compare=False)
+    message: WireMessage = field(compare=False)
+    attempt: int = field(compare=False)
+
+
+class KafkaDelivery:
+    """One delivery of a Kafka record to a subscription."""
+
+    __slots__ = ("_consumer", "_offset", "_partition", "_settled", "attempt", "message", "topic")
+
+    def __init__(self, consumer: KafkaConsumer, held: Held) -> None:
+        self._consumer = consumer
+        self._partition = held.partition
+        self._offset = held.offset
+        self._settled = False
+        self.topic = consumer.subscription.topic
+        self.message = held.message
+        self.attempt = held.attempt
+
+    async def ack(self) -> None:
+        """Commit the record's offset once every earlier record of its partition is settled.
+
+        Raises:
+            TransportError: already settled, or the consumer is closed or its
+                partition was revoked (the record will be redelivered).
+            TransientTransportError: the commit failed; the record may be delivered again.
+        """
+        self._check()
+        self._settled = True
+        committed = self._consumer.settle(self._partition, self._offset)
+        if committed is not None:
+            await asyncio.shield(committed)  # shared by the acks of a round
+
+    async def nack(self, delay: float) -> None:
+        """Publish a copy with attempt + 1 to the retry topic, then commit the original.
+
+        If the copy cannot be published, the record is redelivered from memory
+        after ``delay`` instead (its offset stays uncommitted, so a crash
+        meanwhile redelivers it from the topic). Once its partition is being
+        revoked it is left to the partition's next owner instead; once it was
+        revoked, no copy is published at all.
+
+        Raises:
+            TransportError: already settled, or the consumer is closed or its
+                partition was revoked (the record will be redelivered).
+            TransientTransportError: the commit failed; the record may be delivered again.
+        """
+        self._check()
+        self._settled = True
+        consumer, partition = self._consumer, self._partition
+        if partition.revoked:  # the new owner redelivers the record: a copy would run it twice
+            raise consumer.drop(partition)
+        not_before = time.time() + max(delay, 0.0)
+        extra = {ATTEMPT_HEADER: str(self.attempt + 1), NOT_BEFORE_HEADER: str(int(not_before * 1000))}
+        try:
+            await consumer.send(consumer.retry_topic, self.message, extra)
+        except errors.TransportError as exc:
+            log.warning(
+                "could not publish a retry copy to %s (%s); redelivering it in %.1fs (from memory, "
+                "or its partition's next owner from the topic)",
+                consumer.retry_topic, exc, delay,
+            )  # fmt: skip
+            consumer.hold(partition, self._offset, self.message, self.attempt + 1, not_before)
+            consumer.release(partition)
+            return
+        committed = consumer.settle(partition, self._offset)
+        if committed is not None:
+            await asyncio.shield(committed)  # shared by the acks of a round
+
+    def _check(self) -> None:
+        if self._settled:
+            raise errors.TransportError("delivery already acked or nacked")
+        if self._consumer.closed:
+            raise errors.TransportError("the Kafka consumer is closed; the message will be redelivered")

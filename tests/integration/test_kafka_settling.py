@@ -1,0 +1,232 @@
+"""Settling Kafka deliveries around a revocation and around failed commits.
+
+A broker cannot be made to revoke a partition, or fail a commit, at an exact
+moment, so these tests drive :class:`~conveyor.transports.kafka_consume.KafkaConsumer`
+with a stand-in for ``AIOKafkaConsumer`` and call its rebalance listener
+method (``revoked``) directly, as aiokafka does before the group rejoins.
+The two-member rebalance on a real broker is in ``test_kafka_rebalance.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka import errors as kafka_errors
+from conveyor import errors, ports
+from conveyor.envelope import WireMessage
+from conveyor.testing import Collector, wait_for
+from conveyor.transports import kafka_consume
+
+TOPIC = "t"
+TP0, TP1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
+GRACE = 0.2
+TIMEOUT = 5.0
+
+Callback = Callable[[ports.Delivery], Awaitable[None]]
+
+
+class FakeKafka:
+    """A stand-in for ``AIOKafkaConsumer``: serves records put in ``records``, records commits.
+
+    Attributes:
+        records: records not fetched yet, per partition.
+        commits: the offsets of every commit call, in order.
+        commit_gate: when set, each commit waits for it first.
+        commit_errors: raised by the next commit calls, one each (``None``: succeed).
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[TopicPartition, list[SimpleNamespace]] = {}
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.commit_gate: asyncio.Event | None = None
+        self.commit_errors: list[BaseException | None] = []
+
+    def add(self, tp: TopicPartition, offset: int, body: bytes) -> None:
+        record = SimpleNamespace(
+            topic=tp.topic, partition=tp.partition, offset=offset, key=None, value=body, headers=()
+        )
+        self.records.setdefault(tp, []).append(record)
+
+    async def getmany(
+        self, *partitions: object, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[SimpleNamespace]]:
+        await asyncio.sleep(0.005)  # a fetch round trip
+        batch, self.records = self.records, {}
+        return batch
+
+    def pause(self, *partitions: object) -> None: ...
+
+    def resume(self, *partitions: object) -> None: ...
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+        if self.commit_gate is not None:
+            await self.commit_gate.wait()
+        if self.commit_errors and (error := self.commit_errors.pop(0)) is not None:
+            raise error
+
+
+async def refuse(*args: object) -> None:
+    raise AssertionError("not expected in this test")
+
+
+class Running:
+    """A :class:`KafkaConsumer` on a :class:`FakeKafka`, with its fetch loop running."""
+
+    def __init__(self, callback: Callback, send: kafka_consume.Send = refuse) -> None:
+        self.kafka = FakeKafka()
+        self.consumer = kafka_consume.KafkaConsumer(
+            self.kafka,  # type: ignore[arg-type]
+            ports.Subscription("s", TOPIC),
+            "_conveyor.retry.s",
+            callback,
+            send,
+            1.0,
+            refuse,
+            revoke_grace=GRACE,
+        )
+        self.consumer.assigned({TP0, TP1})
+
+    async def __aenter__(self) -> Running:
+        self.consumer._task = asyncio.get_running_loop().create_task(self.consumer._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        task = self.consumer._task
+        assert task is not None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def first_delivery(run: Running, collector: Collector, tp: TopicPartition = TP0) -> ports.Delivery:
+    run.kafka.add(tp, 0, b"r0")
+    (got,) = await collector.wait(1, TIMEOUT)
+    return got.delivery
+
+
+async def keep(delivery: ports.Delivery) -> None:
+    """Leave deliveries unsettled."""
+
+
+# -- revocation ----------------------------------------------------------------
+
+
+async def test_nack_after_its_partition_was_revoked_publishes_no_retry_copy() -> None:
+    sent: list[WireMessage] = []
+
+    async def send(topic: str, message: WireMessage, extra: dict[str, str]) -> None:
+        sent.append(message)
+
+    collector = Collector(settle=keep)
+    async with Running(collector, send) as run:
+        delivery = await first_delivery(run, collector)
+        await run.consumer.revoked({TP0, TP1})
+        with contextlib.suppress(errors.TransportError):
+            await delivery.nack(0.0)
+    assert sent == []
+
+
+async def test_ack_after_its_partition_was_revoked_commits_nothing() -> None:
+    collector = Collector(settle=keep)
+    async with Running(collector) as run:
+        delivery = await first_delivery(run, collector)
+        await run.consumer.revoked({TP0, TP1})
+        with contextlib.suppress(errors.TransportError):
+            await delivery.ack()
+    assert run.kafka.commits == []
+
+
+async def test_revoke_waits_for_an_in_flight_delivery_and_commits_it() -> None:
+    collector = Collector(settle=keep)
+    async with Running(collector) as run:
+        delivery = await first_delivery(run, collector)
+        revoke = asyncio.get_running_loop().create_task(run.consumer.revoked({TP0, TP1}))
+        await asyncio.sleep(0)  # one loop turn: the revocation starts and stops dispatch
+        await delivery.ack()
+        await asyncio.wait_for(revoke, TIMEOUT)
+    assert run.kafka.commits == [{TP0: 1}]
+
+
+async def test_revoke_gives_up_on_an_unsettled_delivery_after_the_grace() -> None:
+    collector = Collector(settle=keep)
+    async with Running(collector) as run:
+        await first_delivery(run, collector)
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(run.consumer.revoked({TP0, TP1}), TIMEOUT)
+        took = asyncio.get_running_loop().time() - started
+    assert GRACE * 0.9 <= took < GRACE + 1.0
+
+
+async def test_record_waiting_to_be_handed_out_when_its_partition_is_revoked_is_dropped() -> None:
+    gate = asyncio.Event()
+    accepted: list[bytes] = []
+    calls = 0
+
+    async def full_after_one(delivery: ports.Delivery) -> None:
+        # Like a full dispatcher: the second delivery waits for room before it is accepted.
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            await gate.wait()
+        accepted.append(delivery.message.body)
+
+    async with Running(full_after_one) as run:
+        run.kafka.add(TP0, 0, b"r0")
+        run.kafka.add(TP0, 1, b"r1")
+        await wait_for(lambda: calls == 2, TIMEOUT, "the second hand-out")
+        await run.consumer.revoked({TP0})
+        gate.set()
+        run.kafka.add(TP1, 0, b"other partition")
+        await wait_for(lambda: b"other partition" in accepted, TIMEOUT, "the record of the kept partition")
+    assert accepted == [b"r0", b"other partition"]
+
+
+async def test_record_held_for_a_retry_is_not_handed_out_after_its_partition_was_revoked() -> None:
+    async def unreachable(topic: str, message: WireMessage, extra: dict[str, str]) -> None:
+        raise errors.TransientTransportError("broker away")  # the copy is held in memory instead
+
+    collector = Collector(settle=keep)
+    async with Running(collector, unreachable) as run:
+        delivery = await first_delivery(run, collector)
+        await delivery.nack(0.0)  # due at once: the fetch loop hands a held copy out before fetching
+        await run.consumer.revoked({TP0})
+        run.kafka.add(TP1, 0, b"later")
+        await wait_for(lambda: b"later" in collector.bodies(), TIMEOUT, "a later record")
+    assert collector.bodies() == [b"r0", b"later"]
+
+
+# -- commit rounds that fail ----------------------------------------------------
+
+
+async def test_ack_joining_the_next_round_is_released_when_the_round_before_fails() -> None:
+    collector = Collector(settle=keep)
+    async with Running(collector) as run:
+        run.kafka.add(TP0, 0, b"r0")
+        run.kafka.add(TP0, 1, b"r1")
+        first, second = (r.delivery for r in await collector.wait(2, TIMEOUT))
+        run.kafka.commit_gate = asyncio.Event()
+        run.kafka.commit_errors = [kafka_errors.KafkaError("commit refused"), None]
+        loop = asyncio.get_running_loop()
+        acks = [loop.create_task(first.ack())]
+        await wait_for(lambda: len(run.kafka.commits) == 1, TIMEOUT, "the first commit round")
+        acks.append(loop.create_task(second.ack()))  # rides on the next round
+        await asyncio.sleep(0)
+        run.kafka.commit_gate.set()
+        async with asyncio.timeout(TIMEOUT):
+            results = await asyncio.gather(*acks, return_exceptions=True)
+    assert results[1] is None
+
+
+async def test_ack_is_released_when_the_commit_raises_an_unexpected_error() -> None:
+    collector = Collector(settle=keep)
+    async with Running(collector) as run:
+        delivery = await first_delivery(run, collector)
+        run.kafka.commit_errors = [RuntimeError("a bug in the client")]
+        async with asyncio.timeout(TIMEOUT):
+            with pytest.raises(errors.TransportError):
+                await delivery.ack()
