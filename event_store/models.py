@@ -111,7 +111,7 @@ outbox = sa.Table(
     "outbox",
     metadata,
     sa.Column("id", BigId, primary_key=True, autoincrement=True),
-    sa.Column("message_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("message_id", sa.String(200), nullable=False, unique=True),
     sa.Column("topic", sa.String(255), nullable=False),
     sa.Column("partition_key", sa.String(255), nullable=True),
     sa.Column("headers", sa.JSON, nullable=False),
@@ -149,7 +149,7 @@ inbox = sa.Table(
     "inbox",
     metadata,
     sa.Column("handler", sa.String(128), primary_key=True),
-    sa.Column("message_id", sa.String(128), primary_key=True),
+    sa.Column("message_id", sa.String(200), primary_key=True),
     _time("processed_at"),
     sa.Index("ix_inbox_processed_at", "processed_at"),
 )
@@ -191,27 +191,48 @@ schedule_states = sa.Table(
 )
 """Pause state per schedule, read by every scheduler replica; fires between pause and resume are not run."""
 
-saga_instances = sa.Table(
-    "saga_instances",
+sagas = sa.Table(
+    "sagas",
     metadata,
-    sa.Column("id", sa.String(128), primary_key=True),
-    sa.Column("saga_name", sa.String(128), nullable=False),
-    sa.Column("state", sa.String(64), nullable=False),
-    sa.Column("step", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("data", sa.JSON, nullable=False),
-    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("saga", sa.String(128), primary_key=True),
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("waiting", sa.String(32), nullable=True),
+    sa.Column("sent", sa.Integer, nullable=False),
+    sa.Column("undo_attempts", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("state", sa.JSON, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    _time("deadline", nullable=True, default=False),
     _time("created_at"),
     _time("updated_at"),
-    sa.Index("ix_saga_instances_saga_name_state", "saga_name", "state"),
+    sa.Index("ix_sagas_status_updated_at", "status", "updated_at"),
 )
-"""Saga instances: state, step, data and a version for optimistic concurrency."""
+"""Saga instances: state, position, the token awaited, and a version for optimistic concurrency."""
+
+saga_log = sa.Table(
+    "saga_log",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("saga", sa.String(128), nullable=False),
+    sa.Column("instance_id", sa.String(200), nullable=False),
+    sa.Column("step", sa.String(128), nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("token", sa.String(32), nullable=True),
+    _time("at"),
+    sa.Index("ix_saga_log_saga_instance_id_id", "saga", "instance_id", "id"),
+    sqlite_autoincrement=True,
+)
+"""Each instance's step log: commands sent, replies, timeouts, undos, in order."""
 
 held_dead_letters = sa.Table(
     "held_dead_letters",
     metadata,
     sa.Column("id", BigId, primary_key=True, autoincrement=True),
     sa.Column("topic", sa.String(255), nullable=False),
-    sa.Column("message_id", sa.String(128), nullable=True),
+    sa.Column("message_id", sa.String(200), nullable=True),
     sa.Column("partition_key", sa.String(255), nullable=True),
     sa.Column("headers", sa.JSON, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),

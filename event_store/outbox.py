@@ -222,7 +222,7 @@ class Outbox:
             if int(result.rowcount or 0) == 1:  # type: ignore[attr-defined]
                 session.info[database.OUTBOX_ADDED] = True
                 return "added"
-            query = sa.select(table.c.topic, table.c.headers).where(table.c.message_id == event.id)
+            query = sa.select(table.c.topic, table.c.headers).where(table.c.message_id == event.scoped_id)
             stored = (await session.execute(query)).one_or_none()
         if stored is None:
             return "duplicate"  # sent and purged between the two statements
@@ -235,7 +235,7 @@ def to_row(topic: str, event: envelope.Envelope) -> dict[str, Any]:
     """The outbox columns of an envelope (binary mode, HTTP-binding headers)."""
     wire = envelope.to_binary(event, envelope.HTTP_PREFIX)
     return {
-        "message_id": event.id,
+        "message_id": event.scoped_id,
         "topic": topic,
         "partition_key": event.partitionkey,
         "headers": wire.headers,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from conveyor import errors, persistence, ports
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from event_store import claims, database, held, outbox_store
 from event_store.inbox import Inbox
 from event_store.outbox import Outbox
+from event_store.sagas import SqlSagaStore
 from event_store.store import SqlEventStore
 
 log = logging.getLogger("conveyor.store")
@@ -43,7 +44,21 @@ class SqlUnitOfWork:
         self._scope: contextlib.AbstractAsyncContextManager[AsyncSession] | None = scope
         self.tx = session
         self.events = SessionEvents(units.events, session)
+        self.sagas = units.sagas
         self._outbox = units.outbox
+
+    @contextlib.asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """A SAVEPOINT: if the block raises, its writes are rolled back and the error propagates.
+
+        Raises:
+            StoreError: the database raised inside the block (translated).
+        """
+        try:
+            async with self.tx.begin_nested():
+                yield
+        except sa_exc.SQLAlchemyError as exc:
+            raise database.translate(exc) from exc
 
     async def commit(self, outgoing: Sequence[persistence.Outgoing]) -> None:
         """Write ``outgoing`` to the outbox and commit.
@@ -99,6 +114,7 @@ class SqlUnits:
         self._inbox = Inbox(db)
         self.outbox = outbox
         self.events = events
+        self.sagas = SqlSagaStore()
 
     async def begin(self, handler: str, message_id: str) -> SqlUnitOfWork | None:
         """Open a transaction whose first write is the inbox row; None if the row exists.
@@ -147,13 +163,15 @@ def sql_persistence(db: database.Database, source: str, **relay: Any) -> persist
     """
     outbox = Outbox(source)
     events = SqlEventStore(db)
+    units = SqlUnits(db, outbox, events)
     return persistence.Persistence(
         database=db,
-        units=SqlUnits(db, outbox, events),
+        units=units,
         outbox=outbox,
         inbox=Inbox(db),
         events=events,
         schedules=claims.SqlScheduleStore(db),
         dead_letters=held.SqlDeadLetterStore(db),
+        sagas=units.sagas,
         relay_store=lambda: outbox_store.SqlOutboxStore(db, **relay),
     )

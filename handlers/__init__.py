@@ -1,4 +1,4 @@
-"""The example application's handlers: orders -> billing -> shipping -> notifications.
+"""The example application: a checkout saga across inventory, billing and shipping, and a notification.
 
 Post an order to a running ``conveyor run``::
 

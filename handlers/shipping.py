@@ -1,19 +1,21 @@
-"""Shipping: book a parcel once an order is paid, and tell the customer (a sync handler)."""
+"""Shipping: book a parcel for a paid order, and tell the customer (a sync handler)."""
 
 import hashlib
 
 from conveyor import Context, on
 
-from handlers.models import PaymentCharged, ShipmentCreated
+from handlers.models import ShipmentCreated
 
 
-@on("payments.charged", name="shipping.create-shipment")
-async def create_shipment(payment: PaymentCharged, ctx: Context) -> None:
-    """Book a parcel for a paid order."""
-    tracking = "TRK" + hashlib.sha256(payment.order_id.encode()).hexdigest()[:8].upper()
-    ctx.logger.info("shipment %s booked for %s", tracking, payment.order_id)
-    shipment = ShipmentCreated(order_id=payment.order_id, customer=payment.customer, tracking_number=tracking)
-    ctx.publish("shipments.created", shipment, key=payment.order_id)
+@on("shipping.book", name="shipping.create-shipment")
+async def create_shipment(command: dict, ctx: Context) -> None:
+    """Book a parcel; the reply carries the tracking number, and ``shipments.created`` tells everyone else."""
+    order_id = command["order_id"]
+    tracking = "TRK" + hashlib.sha256(order_id.encode()).hexdigest()[:8].upper()
+    ctx.logger.info("shipment %s booked for %s", tracking, order_id)
+    ctx.reply({"tracking_number": tracking})
+    shipment = ShipmentCreated(order_id=order_id, customer=command["customer"], tracking_number=tracking)
+    ctx.publish("shipments.created", shipment, key=order_id)
 
 
 @on("shipments.created", name="notifications.email-customer")

@@ -9,10 +9,16 @@ Helpers shared by every test folder live in ``tests/support`` (on ``sys.path``,
 as tests have no ``__init__.py``): ``databases`` makes fresh migrated databases,
 ``database_fixtures`` (a plugin) provides ``db_kind``, ``db_url``, ``db``,
 ``pg_db_url`` and ``pg_db``.
+
+RabbitMQ queues outlive their connections: at the end of the session, every
+queue of the shared node named after a ``unique()`` name of this process is
+deleted (:func:`conveyor.testing.brokers.delete_test_queues`), whatever test
+or ``conveyor`` process declared it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import Iterator
@@ -31,6 +37,27 @@ def _reachable(url: str, name: str, default_port: int) -> str:
     parts = urlsplit(url)
     brokers.require_service(name, parts.hostname or "127.0.0.1", parts.port or default_port)
     return url
+
+
+_rabbit_urls: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _note_rabbit_use(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Remember which RabbitMQ the test used, for the end-of-session sweep."""
+    yield
+    if "rabbit_url" in request.fixturenames:
+        _rabbit_urls.add(str(request.getfixturevalue("rabbit_url")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_rabbit_queues() -> Iterator[None]:
+    """At the end of the session, delete every queue named after this session's unique names."""
+    from conveyor.testing import brokers
+
+    yield
+    for url in _rabbit_urls:
+        asyncio.run(brokers.delete_test_queues(url))
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from conveyor.ports import NewEvent, RecordedEvent
 from conveyor.publisher import Publisher
 from conveyor.registry import Handler, Registry, on
 from conveyor.retry import RetryPolicy
+from conveyor.sagas.definition import Saga
 from conveyor.scheduling.schedules import Schedule, cron, every
 from conveyor.transaction import Transaction
 
@@ -41,6 +42,7 @@ __all__ = [
     "Reject",
     "Retry",
     "RetryPolicy",
+    "Saga",
     "Schedule",
     "StoreError",
     "StoreUnavailable",

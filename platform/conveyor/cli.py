@@ -15,7 +15,7 @@ from typing import Any
 import click
 import orjson
 
-from conveyor import cli_options, dlq_cli, errors, logs, outbox_cli, registry, schedules_cli, settings
+from conveyor import cli_options, dlq_cli, errors, logs, outbox_cli, registry, sagas_cli, schedules_cli, settings
 from conveyor.runtime import app, supervisor
 
 log = logging.getLogger("conveyor.cli")
@@ -38,12 +38,17 @@ def main() -> None:
 @cli_options.http_options
 @cli_options.exits
 def run(**flags: Any) -> None:
-    """Run everything in one process: worker and HTTP (health, metrics, event ingest).
+    """Run everything in one process: worker, relay, scheduler and HTTP (health, metrics, event ingest).
 
     The local default: with no configuration it uses the in-memory broker and
-    listens on 127.0.0.1:8000.
+    ``conveyor.db`` (SQLite), and listens on 127.0.0.1:8000. On SQLite it
+    migrates the database itself; the production process types (worker,
+    relay, scheduler, serve) refuse an unmigrated database instead.
     """
-    _serve(cli_options.load(**flags), app.Parts(worker=True, ingest=True, relay=True, scheduler=True))
+    config = cli_options.load(**flags)
+    if config.database_url.startswith("sqlite"):
+        asyncio.run(app.upgrade_database(config.database_url))
+    _serve(config, app.Parts(worker=True, ingest=True, relay=True, scheduler=True))
 
 
 @main.command()
@@ -146,6 +151,7 @@ def schedules_resume(click_context: click.Context, name: str) -> None:
 
 main.add_command(dlq_cli.dlq)
 main.add_command(outbox_cli.outbox)
+main.add_command(sagas_cli.sagas)
 
 
 @main.group()

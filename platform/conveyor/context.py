@@ -83,6 +83,7 @@ class Context:
         headers: Mapping[str, str] | None = None,
         delay: timedelta | float | None = None,
         at: datetime | None = None,
+        extensions: Mapping[str, str] | None = None,
     ) -> envelope.Envelope:
         """Publish a message caused by the one being handled, if the attempt succeeds.
 
@@ -106,19 +107,48 @@ class Context:
             delay: publish no earlier than this long after the attempt commits
                 (needs a database: the message waits in the outbox).
             at: publish no earlier than this aware time (likewise).
+            extensions: CloudEvents extension attributes (lower-case names).
 
         Returns:
             The envelope that will be sent.
 
         Raises:
             ConfigurationError: invalid topic, data that cannot be serialised,
-                or both ``delay`` and ``at``.
+                an invalid extension, or both ``delay`` and ``at``.
         """
         if delay is not None and at is not None:
             raise errors.ConfigurationError("give either delay or at, not both")
-        event = self.child(topic, data, key=key, type=type, headers=headers)
+        event = self.child(topic, data, key=key, type=type, headers=headers, extensions=extensions)
         self.outgoing.append(persistence.Outgoing(topic, event, delay, at))
         return event
+
+    def reply(self, data: Any = None, *, failed: bool = False, reason: str | None = None) -> envelope.Envelope:
+        """Answer the saga command being handled: success, or ``failed=True`` with a ``reason``.
+
+        The reply goes to the saga that sent the command, correlated with its
+        instance and step, and, like every publish, only if this attempt
+        succeeds (with a transaction, in the same commit as your writes).
+
+        Args:
+            data: the reply's payload (a pydantic model or JSON-compatible value).
+            failed: the step failed: the saga undoes what it did before it.
+            reason: why it failed (kept in the saga's step log).
+
+        Returns:
+            The envelope that will be sent.
+
+        Raises:
+            ConfigurationError: the message being handled is not a saga command.
+        """
+        from conveyor.sagas import wire
+
+        topic, extensions = wire.reply_to(self.message, failed=failed)
+        if failed and data is None:
+            data = {"reason": reason or "failed"}
+        elif failed and reason is not None and isinstance(data, dict):
+            data = {**data, "reason": reason}
+        instance = extensions[wire.INSTANCE]
+        return self.publish(topic, data, key=instance, type=wire.REPLY, extensions=extensions)
 
     @property
     def needs_outbox(self) -> bool:
@@ -133,6 +163,7 @@ class Context:
         key: str | None = None,
         type: str | None = None,  # noqa: A002 - the CloudEvents attribute name
         headers: Mapping[str, str] | None = None,
+        extensions: Mapping[str, str] | None = None,
     ) -> envelope.Envelope:
         """An envelope caused by the message being handled (ids and trace carried over).
 
@@ -158,6 +189,7 @@ class Context:
             causationid=parent.id,
             traceparent=traceparent,
             tracestate=tracestate,
+            extensions=_with_tenant(extensions, parent.tenant),
         )
         event.id = str(uuid.uuid5(_IDS, f"{self.handler}\n{parent.id}\n{self._children}"))
         self._children += 1
@@ -195,13 +227,20 @@ class Context:
             raise errors.ConfigurationError(
                 "ctx.transaction() needs a database: set CONVEYOR_DATABASE_URL and run `conveyor db upgrade`"
             )
-        unit = await self._units.begin(self.handler, self.message.id)
+        unit = await self._units.begin(self.handler, self.message.scoped_id)
         if unit is None:
             self.duplicate = True
             raise AlreadyHandled(f"{self.handler} already handled message {self.message.id}")
         self._unit = unit
         self._tx = Transaction(unit.tx, unit.events, self.child, self.outgoing)
         return self._tx
+
+
+def _with_tenant(extensions: Mapping[str, str] | None, tenant: str | None) -> Mapping[str, str] | None:
+    """What a handler publishes belongs to the tenant of the message it handles."""
+    if tenant is None or (extensions and envelope.TENANT in extensions):
+        return extensions
+    return {**(extensions or {}), envelope.TENANT: tenant}
 
 
 class _TransactionScope:

@@ -6,8 +6,11 @@ running ``finally`` blocks or flushing anything, so a test can check what
 survives a crash exactly there. Unset, :func:`maybe_crash` costs one dict
 lookup.
 
-Points: ``relay.after-publish`` (a message was confirmed by the broker and not
-yet marked sent).
+Points:
+
+* ``relay.after-publish``: a message was confirmed by the broker and not yet marked sent;
+* ``handler.before-commit``: a handler returned, its unit of work is not committed;
+* ``handler.after-commit``: a handler's unit of work committed, its message is not acknowledged.
 """
 
 from __future__ import annotations

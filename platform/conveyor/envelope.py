@@ -41,7 +41,7 @@ from typing import Any
 import orjson
 import pydantic
 
-from conveyor import errors, jsontext
+from conveyor import errors, jsontext, names
 
 SPEC_VERSION = "1.0"
 JSON = "application/json"
@@ -82,6 +82,8 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 MAX_VALUE = 4096
 """Longest attribute value accepted, in characters."""
 _LIMITS = {"id": 128, "partitionkey": 255}  # the outbox and inbox column widths
+TENANT = "tenant"
+"""The CloudEvents extension naming an event's tenant (see :func:`conveyor.names.check_tenant`)."""
 MAX_ATTEMPT = 10_000
 """A larger ``attempt`` extension is read as this."""
 
@@ -152,6 +154,21 @@ class Envelope:
     def key(self) -> str | None:
         """The ordering key (alias of ``partitionkey``)."""
         return self.partitionkey
+
+    @property
+    def tenant(self) -> str | None:
+        """The tenant the event belongs to (the ``tenant`` extension), if any."""
+        return self.extensions.get(TENANT)
+
+    @property
+    def scoped_id(self) -> str:
+        """The id within its tenant (``tenant/id``, or the id without a tenant).
+
+        It keys everything that deduplicates by id (the inbox, the outbox, the
+        brokers' message ids), so two tenants' equal ids never collide.
+        """
+        tenant = self.extensions.get(TENANT)
+        return self.id if tenant is None else f"{tenant}/{self.id}"
 
     def json(self) -> Any:
         """Parse ``data`` as JSON.
@@ -235,9 +252,24 @@ def create(
     causationid: str | None = None,
     traceparent: str | None = None,
     tracestate: str | None = None,
+    extensions: Mapping[str, str] | None = None,
 ) -> Envelope:
-    """Build a new envelope with a fresh id and the current time."""
+    """Build a new envelope with a fresh id and the current time.
+
+    Raises:
+        ConfigurationError: data that cannot be serialised, or an extension
+            whose name is not 1-64 lower-case letters and digits, that names a
+            CloudEvents attribute, or whose value is not a string.
+    """
     body, content_type = encode_data(data)
+    for name, value in (extensions or {}).items():
+        if not _NAME.fullmatch(name) or name in _KNOWN or not isinstance(value, str):
+            raise errors.ConfigurationError(
+                f"invalid CloudEvents extension {name!r}={value!r}: the name must be 1-64 lower-case letters and "
+                "digits, not a CloudEvents attribute, and the value a string"
+            )
+        if name == TENANT:
+            names.check_tenant(value)
     return Envelope(
         id=new_id(),
         source=source,
@@ -251,6 +283,7 @@ def create(
         causationid=causationid,
         traceparent=traceparent,
         tracestate=tracestate,
+        extensions=dict(extensions) if extensions else {},
         headers=dict(headers) if headers else {},
     )
 
@@ -261,7 +294,7 @@ def to_binary(envelope: Envelope, prefix: str) -> WireMessage:
     for name, value in envelope.attributes().items():
         headers[prefix + name] = value
     headers["content-type"] = envelope.datacontenttype
-    return WireMessage(body=envelope.data, headers=headers, key=envelope.partitionkey, message_id=envelope.id)
+    return WireMessage(body=envelope.data, headers=headers, key=envelope.partitionkey, message_id=envelope.scoped_id)
 
 
 def to_structured(envelope: Envelope) -> WireMessage:
@@ -274,7 +307,9 @@ def to_structured(envelope: Envelope) -> WireMessage:
         event["data_base64"] = base64.b64encode(envelope.data).decode("ascii")
     headers = dict(envelope.headers)
     headers["content-type"] = STRUCTURED
-    return WireMessage(body=orjson.dumps(event), headers=headers, key=envelope.partitionkey, message_id=envelope.id)
+    return WireMessage(
+        body=orjson.dumps(event), headers=headers, key=envelope.partitionkey, message_id=envelope.scoped_id
+    )
 
 
 _KEY_HEADERS = frozenset(prefix + "partitionkey" for prefix in ("ce_", "ce-", "cloudevents_", "cloudevents:"))
@@ -432,6 +467,11 @@ def _from_attributes(attrs: dict[str, str], data: bytes, plain: dict[str, str], 
             raise errors.InvalidMessage(f"CloudEvents attribute time {raw_time!r} is not RFC 3339", "time") from exc
         if time.tzinfo is None:
             raise errors.InvalidMessage(f"CloudEvents attribute time {raw_time!r} has no time zone", "time")
+    if (tenant := attrs.get(TENANT)) is not None:
+        try:
+            names.check_tenant(tenant)
+        except errors.ConfigurationError as exc:
+            raise errors.InvalidMessage(str(exc), TENANT) from None
     attempt = 1
     if raw_attempt := attrs.get("attempt"):
         if not _INTEGER.fullmatch(raw_attempt):

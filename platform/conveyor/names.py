@@ -33,3 +33,22 @@ def check(kind: str, value: object) -> str:
             "starting with a letter or digit, with no empty '.'-separated part"
         )
     return value
+
+
+_TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def check_tenant(value: object) -> str:
+    """Return ``value`` if it is a valid tenant: 1-64 of a-z, 0-9, ``_``, ``-``, starting with a letter or digit.
+
+    A tenant never contains ``.``, ``/``, ``*``, ``>`` or a space, so it can
+    never widen a subject, a routing key or an id scoped by it.
+
+    Raises:
+        ConfigurationError: it is not.
+    """
+    if not isinstance(value, str) or not _TENANT.match(value):
+        raise errors.ConfigurationError(
+            f"invalid tenant {value!r}: use 1-64 characters of a-z, 0-9, '_', '-', starting with a letter or digit"
+        )
+    return value

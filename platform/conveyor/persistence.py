@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from conveyor import envelope, ports
+from conveyor.sagas.store import SagaStore
 
 AddOutcome = Literal["added", "duplicate", "conflict"]
 """What :meth:`OutboxWriter.add_once` did: ``added`` (a new row), ``duplicate`` (the id is stored
@@ -101,6 +102,20 @@ class UnitOfWork(Protocol):
 
     tx: Any
     events: Any
+
+    @property
+    def sagas(self) -> SagaStore:
+        """The saga store (its methods take ``tx``)."""
+        ...
+
+    def savepoint(self) -> AbstractAsyncContextManager[None]:
+        """A nested scope: if its block raises, the block's writes are undone and the error propagates.
+
+        Errors the database raised inside the block propagate as
+        :class:`~conveyor.errors.StoreError` (a saga's local step tells an
+        outage from its own failure by that).
+        """
+        ...
 
     async def commit(self, outgoing: Sequence[Outgoing]) -> None:
         """Write ``outgoing`` to the outbox, in order, and commit everything.
@@ -317,6 +332,7 @@ class Persistence:
         events: event streams.
         schedules: schedule claims and runs.
         dead_letters: dead letters the broker refused, held in the database.
+        sagas: saga instances and step logs (its methods take ``tx``).
         relay_store: builds the relay's side of the outbox (one per relay).
     """
 
@@ -327,4 +343,5 @@ class Persistence:
     events: ports.EventStore
     schedules: ScheduleStore
     dead_letters: DeadLetterStore
+    sagas: SagaStore
     relay_store: Callable[[], ports.OutboxStore]

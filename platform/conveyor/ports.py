@@ -55,17 +55,24 @@ class Subscription:
             different names each receive every message.
         topic: the Conveyor topic.
         prefetch: most deliveries handed out and not yet acked or nacked.
-        ack_wait: seconds the broker waits for an ack before redelivering, where
-            it has such a timer; must exceed the handler timeout.
+        ack_wait: seconds the broker waits for an ack (or a keep-alive) before
+            redelivering, where it has such a timer; transports with one keep
+            the deliveries they hold alive, so it bounds only how long the
+            messages of a worker that died wait for another worker.
         max_deliveries: broker-side backstop against redelivery loops, where the
-            broker has one (RabbitMQ ``x-delivery-limit``, NATS ``max_deliver``).
+            broker has one (RabbitMQ ``x-delivery-limit``, NATS ``max_deliver``):
+            past it the broker drops the message. ``None`` means no broker-side
+            limit: a message is delivered again however often it comes back
+            unsettled. Keepers of dead letters use it, as every ``conveyor dlq
+            list`` is one more delivery. Brokers without such a limit (Kafka,
+            memory) ignore the field.
     """
 
     name: str
     topic: str
     prefetch: int = 64
     ack_wait: float = 60.0
-    max_deliveries: int = 50
+    max_deliveries: int | None = 50
 
 
 @runtime_checkable

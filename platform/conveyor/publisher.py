@@ -63,6 +63,7 @@ class Publisher:
         type: str | None = None,  # noqa: A002 - the CloudEvents attribute name
         subject: str | None = None,
         headers: Mapping[str, str] | None = None,
+        extensions: Mapping[str, str] | None = None,
     ) -> envelope.Envelope:
         """Publish one event and wait for the broker's confirmation.
 
@@ -73,15 +74,18 @@ class Publisher:
             type: CloudEvents type (default: the topic).
             subject: CloudEvents subject.
             headers: extra transport headers.
+            extensions: CloudEvents extension attributes (lower-case names).
 
         Returns:
             The envelope sent (its ``id`` identifies the event).
 
         Raises:
-            ConfigurationError: invalid topic or unserialisable data.
+            ConfigurationError: invalid topic, unserialisable data or an invalid extension.
             TransportError: the broker did not confirm the message.
         """
-        event = envelope.create(type or topic, data, source=self._source, key=key, subject=subject, headers=headers)
+        event = envelope.create(
+            type or topic, data, source=self._source, key=key, subject=subject, headers=headers, extensions=extensions
+        )
         await self.send(topic, event)
         return event
 

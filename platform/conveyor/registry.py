@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from conveyor import errors, names, payloads, retry
+from conveyor.sagas import definition as saga_definition
 from conveyor.scheduling import schedules as scheduling
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -177,11 +178,12 @@ def _payload_annotation(func: Callable[..., Any], where: str) -> tuple[Any, bool
 
 
 class Registry:
-    """The handlers and schedules of one application, by name."""
+    """The handlers, schedules and sagas of one application, by name."""
 
     def __init__(self, handlers: Iterable[Handler] = (), schedules: Iterable[scheduling.Schedule] = ()) -> None:
         self._handlers: dict[str, Handler] = {}
         self._schedules: dict[str, scheduling.Schedule] = {}
+        self._sagas: dict[str, saga_definition.Saga[Any]] = {}
         for handler in handlers:
             self.add(handler)
         for schedule in schedules:
@@ -212,6 +214,40 @@ class Registry:
             known = ", ".join(self._schedules) or "none"
             raise errors.NotFound(f"no schedule named {name!r} (known: {known})") from None
 
+    def add_saga(self, saga: saga_definition.Saga[Any]) -> None:
+        """Add a saga and the handlers that run it (``sagas.<name>``, and ``sagas.<name>.start`` with ``start_on``).
+
+        Raises:
+            ConfigurationError: another saga has this name, or the saga is incomplete.
+        """
+        existing = self._sagas.get(saga.name)
+        if existing is saga:
+            return
+        if existing is not None:
+            raise errors.ConfigurationError(f"duplicate saga name {saga.name!r}: give each saga a unique name")
+        from conveyor.sagas import runtime  # runtime builds handlers with @on
+
+        for handler in runtime.handlers(saga):
+            self.add(handler)
+        self._sagas[saga.name] = saga
+
+    @property
+    def sagas(self) -> list[saga_definition.Saga[Any]]:
+        """Sagas in registration order."""
+        return list(self._sagas.values())
+
+    def saga(self, name: str) -> saga_definition.Saga[Any]:
+        """The saga called ``name``.
+
+        Raises:
+            NotFound: no such saga.
+        """
+        try:
+            return self._sagas[name]
+        except KeyError:
+            known = ", ".join(self._sagas) or "none"
+            raise errors.NotFound(f"no saga named {name!r} (known: {known})") from None
+
     def add(self, handler: Handler) -> None:
         """Add a handler.
 
@@ -230,14 +266,17 @@ class Registry:
         return list(dict.fromkeys(h.topic for h in self._handlers.values()))
 
     @classmethod
-    def of(cls, *funcs: Callable[..., Any]) -> Registry:
-        """A registry of decorated functions (for tests and small programs).
+    def of(cls, *funcs: Callable[..., Any] | saga_definition.Saga[Any]) -> Registry:
+        """A registry of decorated functions and sagas (for tests and small programs).
 
         Raises:
             ConfigurationError: a function was not decorated with ``@on``.
         """
         registry = cls()
         for func in funcs:
+            if isinstance(func, saga_definition.Saga):
+                registry.add_saga(func)
+                continue
             handler = getattr(func, _ATTRIBUTE, None)
             schedule = getattr(func, scheduling.ATTRIBUTE, None)
             if isinstance(handler, Handler):
@@ -259,7 +298,7 @@ def _add_unique(table: dict[str, Any], item: Handler | scheduling.Schedule, kind
 
 
 def discover(modules: Sequence[str], app_dir: str | None = None) -> Registry:
-    """Import the application's modules and collect their handlers and schedules.
+    """Import the application's modules and collect their handlers, schedules and sagas.
 
     Packages are walked: ``handlers`` loads ``handlers/billing.py`` and the rest.
 
@@ -276,6 +315,9 @@ def discover(modules: Sequence[str], app_dir: str | None = None) -> Registry:
     registry = Registry()
     for module in _import_all(modules):
         for value in list(vars(module).values()):
+            if isinstance(value, saga_definition.Saga):
+                registry.add_saga(value)  # the same saga imported elsewhere is added once
+                continue
             if getattr(value, "__module__", None) != module.__name__:
                 continue
             handler = getattr(value, _ATTRIBUTE, None)

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
         http_host: address of the HTTP server (health, metrics, ingest).
         http_port: its port; 0 turns the server off.
         ingest_token: bearer token required by ``POST /events/{topic}``, if set.
+        ingest_tokens: per-tenant bearer tokens (a JSON object, token -> tenant):
+            an event posted with one belongs to that tenant, and a caller
+            cannot post as another.
         max_message_bytes: largest message accepted; larger ones are dead-lettered
             (or answered 413 over HTTP).
         concurrency: default number of messages one handler runs at once per process.
@@ -64,6 +67,7 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = pydantic.Field(default=8000, ge=0, le=65535)
     ingest_token: pydantic.SecretStr | None = None
+    ingest_tokens: dict[str, str] = pydantic.Field(default_factory=dict, repr=False)
     max_message_bytes: int = pydantic.Field(default=1024 * 1024, ge=1024)
     concurrency: int = pydantic.Field(default=16, ge=1, le=10_000)
     drain_timeout: float = pydantic.Field(default=30.0, ge=0)
@@ -76,6 +80,15 @@ class Settings(BaseSettings):
     @classmethod
     def _service_name(cls, value: str) -> str:
         return names.check("service name", value)
+
+    @pydantic.field_validator("ingest_tokens")
+    @classmethod
+    def _tenants(cls, value: dict[str, str]) -> dict[str, str]:
+        for token, tenant in value.items():
+            if not token:
+                raise ValueError("an ingest token must not be empty")
+            names.check_tenant(tenant)
+        return value
 
     @pydantic.field_validator("broker_url")
     @classmethod

@@ -77,6 +77,7 @@ class Transaction:
         headers: Mapping[str, str] | None = None,
         delay: timedelta | float | None = None,
         at: datetime | None = None,
+        extensions: Mapping[str, str] | None = None,
     ) -> envelope.Envelope:
         """Publish a message if, and only if, the attempt commits.
 
@@ -88,6 +89,7 @@ class Transaction:
             headers: extra transport headers.
             delay: publish no earlier than this long after the commit.
             at: publish no earlier than this aware time.
+            extensions: CloudEvents extension attributes (lower-case names).
 
         Returns:
             The envelope that will be sent.
@@ -99,6 +101,6 @@ class Transaction:
 
         if delay is not None and at is not None:
             raise errors.ConfigurationError("give either delay or at, not both")
-        event = self._build(topic, data, key=key, type=type, headers=headers)
+        event = self._build(topic, data, key=key, type=type, headers=headers, extensions=extensions)
         self._outgoing.append(persistence.Outgoing(topic, event, delay, at))
         return event

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from cli import Process, free_port, migrated, run
+from cli import ROOT, Process, free_port, migrated, run
 
 ORDER = {
     "specversion": "1.0",
@@ -136,13 +136,24 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def test_the_same_order_charged_twice_is_rejected_by_the_event_stream(embedded: Process, port: int) -> None:
+def test_the_same_order_placed_twice_is_checked_out_once(embedded: Process, port: int) -> None:
     url = f"http://127.0.0.1:{port}/events/orders.placed"
     assert httpx.post(url, content=orjson.dumps(ORDER), headers=STRUCTURED).status_code == 202
-    embedded.wait_for_log("charged o-1")
+    embedded.wait_for_log("saga shop.checkout o-1: completed")
     again = {**ORDER, "id": "o-1-again"}
     assert httpx.post(url, content=orjson.dumps(again), headers=STRUCTURED).status_code == 202
-    embedded.wait_for_log("order o-1 was already charged")
+    embedded.wait_for_log("saga shop.checkout o-1 already started")
+    assert embedded.text().count("charged o-1") == 1
+
+
+def test_a_declined_payment_releases_the_reserved_stock(embedded: Process, port: int) -> None:
+    big = {**ORDER, "id": "o-9", "data": {"order_id": "o-9", "customer": "eve@example.com", "total_cents": 90_000}}
+    url = f"http://127.0.0.1:{port}/events/orders.placed"
+    assert httpx.post(url, content=orjson.dumps(big), headers=STRUCTURED).status_code == 202
+    embedded.wait_for_log("saga shop.checkout o-9: compensated")
+    log = embedded.text()
+    assert log.index("reserved 1 item(s) for o-9") < log.index("declined o-9") < log.index("released 1 item(s) of o-9")
+    assert "charged o-9" not in log
 
 
 HUNG_APP = """
@@ -170,3 +181,30 @@ def test_sigterm_exits_by_the_drain_deadline_even_with_a_hung_sync_handler(tmp_p
         assert time.monotonic() - started < 5, "the process waited for the hung thread"
     finally:
         process.close()
+
+
+def test_run_in_an_empty_directory_migrates_its_own_database(tmp_path: Path, port: int) -> None:
+    process = Process(["run", "--port", str(port)], tmp_path / "run.log", cwd=tmp_path, CONVEYOR_APP_DIR=str(ROOT))
+    try:
+        process.wait_ready(port)
+        assert (tmp_path / "conveyor.db").exists()
+        assert httpx.get(f"http://127.0.0.1:{port}/version").json()["database"] == "sqlite"
+    finally:
+        assert process.terminate() == 0, process.text()
+
+
+def test_production_process_types_refuse_an_unmigrated_database(tmp_path: Path) -> None:
+    result = run(["worker", "--port", "0"], cwd=tmp_path, CONVEYOR_APP_DIR=str(ROOT))
+    assert result.returncode == 2
+    assert "conveyor db upgrade" in result.stderr
+
+
+def test_publish_and_handlers_need_no_database(tmp_path: Path) -> None:
+    listed = run(
+        ["handlers"],
+        cwd=tmp_path,
+        CONVEYOR_APP_DIR=str(ROOT),
+        CONVEYOR_DATABASE_URL="postgresql+asyncpg://nobody@127.0.0.1:1/none",
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "billing.charge-order" in listed.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import databases
@@ -39,13 +40,36 @@ async def apply(payload: dict, ctx: Context) -> None:
 COUNT = 40
 
 
-def scalar(url: str, sql: str) -> int:
+def scalar(url: str, sql: str, **params: object) -> int:
     engine = sa.create_engine(normalize_url(url, sync=True))
     try:
         with engine.connect() as connection:
-            return int(connection.execute(sa.text(sql)).scalar_one())
+            return int(connection.execute(sa.text(sql), params).scalar_one())
     finally:
         engine.dispose()
+
+
+async def add_marker(url: str, topic: str) -> str:
+    """One more outbox row, keyless; return its message id."""
+    database = Database(url)
+    try:
+        async with database.transaction() as session:
+            return (await Outbox("e2e").add(session, topic, {"n": -1})).id
+    finally:
+        await database.close()
+
+
+def duplicates(metrics: str, handler: str) -> float:
+    found = re.search(rf'conveyor_messages_total{{handler="{re.escape(handler)}",outcome="duplicate"}} (\S+)', metrics)
+    return float(found.group(1)) if found else 0.0
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, worker: Process) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert worker.popen.poll() is None, f"the worker exited while waiting for {what}:\n{worker.text()}"
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}:\n{worker.text()}"
+        time.sleep(0.2)
 
 
 async def seed(url: str, topic: str) -> None:
@@ -81,24 +105,34 @@ def test_relay_crash_after_publish_yields_each_effect_once(postgres_url: str, ra
             "the crash came before marking"
         )
         relays.append(Process(["relay", "--port", "0"], tmp_path / "relay2.log", cwd=tmp_path, **env))
-        deadline = time.monotonic() + 60
-        while (
-            scalar(url, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-            or scalar(url, "SELECT count(*) FROM effects") < COUNT
-        ):
-            assert time.monotonic() < deadline, worker.text()
-            time.sleep(0.2)
-        time.sleep(0.5)  # any late duplicate would land now
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        unsent, applied = "SELECT count(*) FROM outbox WHERE sent_at IS NULL", "SELECT count(*) FROM effects"
+        wait_until(
+            lambda: scalar(url, unsent) == 0 and scalar(url, applied) >= COUNT,
+            60,
+            f"every row sent and {COUNT} effects",
+            worker,
+        )
+        # Every republished copy is in the queue ahead of this marker, so once the
+        # marker's effect is in, the worker has taken them all (and the drain at
+        # SIGTERM finishes them): no late duplicate can land after the count.
+        marker = asyncio.run(add_marker(url, topic))
+        effect_of = "SELECT count(*) FROM effects WHERE message_id = :id"
+        wait_until(lambda: scalar(url, effect_of, id=marker) > 0, 60, "the marker's effect", worker)
+        wait_until(
+            lambda: duplicates(httpx.get(f"http://127.0.0.1:{port}/metrics").text, handler) >= 1,
+            30,
+            "the republished duplicates to reach the worker",
+            worker,
+        )
         for process in (*relays[1:], worker):
             assert process.terminate() == 0, process.text()
     finally:
         for process in (*relays, worker):
             process.close()
+    others = "FROM effects WHERE message_id <> :id"
     effects, distinct = (
-        scalar(url, "SELECT count(*) FROM effects"), scalar(url, "SELECT count(DISTINCT message_id) FROM effects"),
+        scalar(url, f"SELECT count(*) {others}", id=marker),
+        scalar(url, f"SELECT count(DISTINCT message_id) {others}", id=marker),
     )  # fmt: skip
     databases.drop(url)
     assert (effects, distinct) == (COUNT, COUNT), "an effect was lost or applied twice"
-    found = re.search(rf'conveyor_messages_total{{handler="{re.escape(handler)}",outcome="duplicate"}} (\S+)', metrics)
-    assert found and float(found.group(1)) >= 1, "the republished duplicates never reached the worker"

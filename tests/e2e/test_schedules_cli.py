@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cli import Process, migrated, run
@@ -29,10 +30,18 @@ def claims(db: Path, name: str, who: str | None = None) -> int:
         return int(connection.execute(sql, args).fetchone()[0])
 
 
+def fire_times(db: Path, name: str) -> list[datetime]:
+    """Fire times claimed for the schedule (UTC, naive)."""
+    with sqlite3.connect(db) as connection:
+        rows = connection.execute("SELECT fire_time FROM schedule_claims WHERE schedule = ?", [name]).fetchall()
+    return sorted(datetime.fromisoformat(str(row[0])[:19]) for row in rows)
+
+
 def wait_for_claims(db: Path, name: str, at_least: int, replica: Process) -> None:
     deadline = time.monotonic() + 20
-    while claims(db, name) < at_least:
-        assert replica.popen.poll() is None and time.monotonic() < deadline, replica.text()
+    while (count := claims(db, name)) < at_least:
+        assert replica.popen.poll() is None, f"the replica exited:\n{replica.text()}"
+        assert time.monotonic() < deadline, f"{count} of {at_least} claims after 20s:\n{replica.text()}"
         time.sleep(0.1)
 
 
@@ -44,11 +53,16 @@ def test_pause_resume_and_trigger_from_the_cli_reach_a_running_replica(tmp_path:
     replica = Process(["scheduler", "--port", "0"], tmp_path / "scheduler.log", cwd=tmp_path, **env)
     try:
         wait_for_claims(db, name, 2, replica)
+        before = claims(db, name)
         assert run(["schedules", "pause", name], cwd=tmp_path, **env).returncode == 0
-        time.sleep(1.2)  # a tick under way when the pause landed may still claim one fire
+        # A tick under way when the pause landed may still claim a fire, but none after this moment.
+        paused = datetime.now(UTC).replace(tzinfo=None)
+        # A negative check, so a sleep: two fire times pass while paused, with time for the tick after each.
+        time.sleep((paused.replace(microsecond=0) + timedelta(seconds=2.3) - paused).total_seconds())
+        late = [fire for fire in fire_times(db, name) if fire > paused]
+        assert not late, f"the replica kept firing a paused schedule: {late}"
         paused_at = claims(db, name)
-        time.sleep(2.5)
-        assert claims(db, name) == paused_at, "the replica kept firing a paused schedule"
+        assert paused_at <= before + 1, f"{paused_at - before} fires claimed after the pause"
         listing = run(["schedules"], cwd=tmp_path, **env)
         assert name in listing.stdout and "paused" in listing.stdout, listing.stdout + listing.stderr
         assert run(["schedules", "resume", name], cwd=tmp_path, **env).returncode == 0

@@ -24,7 +24,7 @@ def test_supervisor_restarts_a_dead_worker_and_drains_all_on_sigterm(tmp_path: P
         process.wait_for_log("exited with -9; restarting")
         deadline = time.monotonic() + 20
         while len(child_pids(process)) < 3:
-            assert time.monotonic() < deadline, process.text()
+            assert time.monotonic() < deadline, f"no replacement worker started after 20s:\n{process.text()}"
             time.sleep(0.1)
         process.wait_ready(port)
         assert httpx.get(f"http://127.0.0.1:{port + 1}/readyz").status_code == 200

@@ -61,9 +61,18 @@ def test_two_worker_processes_split_messages_without_loss_or_duplicates(
 
         asyncio.run(publish())
         deadline = time.monotonic() + 60
-        while sum(len(ids) for ids in handled(tmp_path).values()) < COUNT and time.monotonic() < deadline:
+        while (total := sum(len(ids) for ids in handled(tmp_path).values())) < COUNT:
+            for worker in workers:
+                assert worker.popen.poll() is None, f"a worker exited:\n{worker.text()}"
+            assert time.monotonic() < deadline, f"{total} of {COUNT} messages handled after 60s"
             time.sleep(0.2)
-        time.sleep(0.5)  # a duplicate would arrive right behind
+        # A negative check, so a sleep: no event marks "no duplicate is coming". A
+        # redelivery would follow the original within moments; fail as soon as one lands.
+        window = time.monotonic() + 0.5
+        while time.monotonic() < window:
+            total = sum(len(ids) for ids in handled(tmp_path).values())
+            assert total == COUNT, f"{total} messages handled, {COUNT} published: a late duplicate"
+            time.sleep(0.05)
         for worker in workers:
             assert worker.terminate() == 0, worker.text()
     finally:

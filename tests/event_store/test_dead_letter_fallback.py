@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from conveyor import Reject, envelope, errors, on, ports, registry
 from conveyor.runtime import app, dead_letters
 from conveyor.runtime.worker import Worker
 from conveyor.testing import Collector, unique, wait_for
-from conveyor.transports.memory import MemoryTransport
+from conveyor.transports.memory import MemoryConsumer, MemoryTransport
 
 from event_store import Database
 
@@ -19,12 +17,35 @@ class RefusesDeadLetters(MemoryTransport):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.refused = 0
+        self.settled: list[str] = []  # "ack" or "nack", per delivery of a subscription
 
     async def publish(self, topic: str, message: envelope.WireMessage) -> None:
         if topic.endswith(".dlq"):
             self.refused += 1
             raise errors.TransportError(f"{topic}: message refused (test)")
         await super().publish(topic, message)
+
+    async def subscribe(self, subscription: ports.Subscription, callback: ports.DeliveryCallback) -> MemoryConsumer:
+        async def recording(delivery: ports.Delivery) -> None:
+            await callback(_Recorded(delivery, self.settled))
+
+        return await super().subscribe(subscription, recording)
+
+
+class _Recorded:
+    """A delivery that notes how it was settled."""
+
+    def __init__(self, delivery: ports.Delivery, settled: list[str]) -> None:
+        self._delivery, self._settled = delivery, settled
+        self.topic, self.message, self.attempt = delivery.topic, delivery.message, delivery.attempt
+
+    async def ack(self) -> None:
+        await self._delivery.ack()
+        self._settled.append("ack")
+
+    async def nack(self, delay: float) -> None:
+        await self._delivery.nack(delay)
+        self._settled.append("nack")
 
 
 async def test_a_refused_dead_letter_is_kept_in_the_database_and_acknowledged(db: Database) -> None:
@@ -45,7 +66,8 @@ async def test_a_refused_dead_letter_is_kept_in_the_database_and_acknowledged(db
     event = envelope.create(topic, {"n": 1}, source="t")
     await transport.publish(topic, envelope.to_binary(event, transport.binary_prefix))
     await wait_for(lambda: transport.refused >= 1, 10, "the refused dead letter")
-    await asyncio.sleep(0.5)  # room for a redelivery loop, were the message not settled
+    await wait_for(lambda: bool(transport.settled), 10, "the message to be settled")
+    assert transport.settled == ["ack"]  # a nack would start a redelivery loop
     assert await worker.stop(5)
     await transport.close()
     kept = await stores.dead_letters.held(f"{topic}.dlq")

@@ -51,7 +51,7 @@ async def test_ingest_same_event_twice_stores_one_row(client: httpx.AsyncClient,
 async def test_ingest_same_id_for_another_topic_is_409_naming_id(client: httpx.AsyncClient) -> None:
     await post(client)
     response = await post(client, topic="orders.shipped")
-    assert (response.status_code, response.json()["field"]) == (409, "id")
+    assert (response.status_code, response.json()["error"]["field"]) == (409, "id")
 
 
 async def test_ingest_idempotency_key_retry_stores_one_row(client: httpx.AsyncClient, db: Database) -> None:

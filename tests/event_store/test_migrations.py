@@ -60,3 +60,17 @@ async def test_ensure_current_database_behind_raises(empty_url: str) -> None:
     await upgrade(empty_url, "0001")
     with pytest.raises(errors.ConfigurationError, match=r"at revision 0001, need "):
         await ensure_current(empty_url)
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+async def test_tables_whose_rows_are_deleted_keep_sqlite_autoincrement_after_every_migration(empty_url: str) -> None:
+    await upgrade(empty_url)
+    db = database.Database(empty_url)
+    try:
+        async with db.engine.connect() as connection:
+            rows = await connection.execute(sa.text("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+            schema = {name: sql for name, sql in rows}
+    finally:
+        await db.close()
+    for table in ("outbox", "held_dead_letters", "saga_log", "schedule_claims"):
+        assert "AUTOINCREMENT" in schema[table], table

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -61,12 +62,29 @@ async def test_relay_publishes_ce_headers_in_transport_binding(db: Database, bro
     )
 
 
+class _IdleStore(SqlOutboxStore):
+    """Tells when the relay went idle: it is waiting for a commit (or its poll interval)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waits = 0
+
+    async def wait(self, max_wait: float) -> None:
+        self.waits += 1
+        await super().wait(max_wait)
+
+    @property
+    def listening(self) -> bool:
+        """The LISTEN connection is up: a commit of another process now wakes the relay."""
+        return self._listener is not None and self._listener.listening
+
+
 async def test_relay_run_wakes_on_commit_without_waiting_for_poll(
     db: Database, broker: Broker, running: Running
 ) -> None:
-    relay = Relay(SqlOutboxStore(db), broker.transport, options=RelayOptions(poll_interval=30.0))
-    _start(relay, running)
-    await asyncio.sleep(0.2)  # let it go idle
+    store = _IdleStore(db)
+    _start(Relay(store, broker.transport, options=RelayOptions(poll_interval=30.0)), running)
+    await wait_for(lambda: store.waits >= 1, 10, "the relay to go idle")
     await _add(db, 1)
     await broker.collector.wait(1, timeout=5.0)
 
@@ -76,9 +94,9 @@ async def test_relay_listen_notify_wakes_relay_of_other_process(
 ) -> None:
     other = Database(pg_db.url)  # another "process": no in-process signal reaches it
     try:
-        relay = Relay(SqlOutboxStore(other), broker.transport, options=RelayOptions(poll_interval=30.0))
-        _start(relay, running)
-        await asyncio.sleep(0.3)  # let it LISTEN and go idle
+        store = _IdleStore(other)
+        _start(Relay(store, broker.transport, options=RelayOptions(poll_interval=30.0)), running)
+        await wait_for(lambda: store.waits >= 1 and store.listening, 10, "the relay to LISTEN and go idle")
         await _add(pg_db, 1)
         await broker.collector.wait(1, timeout=5.0)
     finally:
@@ -230,7 +248,9 @@ async def test_relay_crash_point_exits_before_mark_sent(db: Database, broker: Br
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert (process.returncode, out) == (70, b""), err.decode()
     assert await _unsent(db) == 1
-    await Relay(SqlOutboxStore(db, listen=False), broker.transport).run_once()
+    result = await Relay(SqlOutboxStore(db, listen=False), broker.transport).run_once()
+    assert result.published == 1, result
+    await broker.collector.wait(1)  # the memory broker delivers in a task of its own
     assert broker.ids() == [message_id]
 
 
@@ -247,13 +267,18 @@ async def test_relay_three_relays_publish_each_message_once_in_key_order(pg_db: 
     tasks = [asyncio.create_task(r.run(stop)) for r in relays]
     try:
         await wait_for(lambda: len(broker.collector.received) >= total, 60, f"{total} messages")
-        await wait_for(lambda: True, 0.2)
     finally:
         stop.set()
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks)  # each relay finishes its round: every publish is done
         for store, database in zip(stores, databases, strict=True):
             await store.close()
             await database.close()
+    # Any late duplicate is in the broker's FIFO queue ahead of this marker.
+    marker = envelope.create(TOPIC, {"n": -1}, source="t")
+    await broker.transport.publish(TOPIC, envelope.to_binary(marker, broker.transport.binary_prefix))
+    await wait_for(lambda: marker.id in broker.ids(), 10, "the marker behind every publish")
+    assert broker.ids()[-1] == marker.id
+    del broker.collector.received[-1]  # the marker is not one of the relays' messages
     ids = broker.ids()
     assert len(ids) == len(set(ids)) == total
     lanes = broker.by_key()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 
@@ -13,6 +13,7 @@ from conveyor.testing import wait_for
 from relay_helpers import Broker, Flaky, Relays, add, connected, unsent, wait_until
 
 from event_store import Database, SqlOutboxStore
+from event_store.outbox_store import SqlOutboxBatch
 
 FAST = RelayOptions(poll_interval=0.05)
 
@@ -35,6 +36,16 @@ async def handles(sqlite_url: str) -> AsyncIterator[list[Database]]:
 
 def _counting(broker: Broker) -> Flaky:
     return Flaky(broker.url, lambda _: False, RuntimeError)
+
+
+class _CountingClaims(SqlOutboxStore):
+    """Counts claims: each one is a lock attempt while the relay stands by."""
+
+    claims = 0
+
+    def claim(self, limit: int) -> contextlib.AbstractAsyncContextManager[SqlOutboxBatch]:
+        self.claims += 1
+        return super().claim(limit)
 
 
 async def _nothing_unsent(db: Database) -> bool:
@@ -77,7 +88,9 @@ async def test_relay_standby_on_sqlite_file_logs_standing_by_once(
     relays.start(Relay(SqlOutboxStore(first_db), first, options=FAST))
     await add(writer, 1)
     await wait_for(lambda: first.calls == 1, 10, "the first relay's publish")
-    relays.start(Relay(SqlOutboxStore(second_db), await connected(_counting(broker)), options=FAST))
+    standby = _CountingClaims(second_db)
+    relays.start(Relay(standby, await connected(_counting(broker)), options=FAST))
     await wait_for(lambda: "standing by" in caplog.text, 10, "the standby message")
-    await asyncio.sleep(0.5)  # the measurement window: about ten more lock attempts
+    logged_at = standby.claims
+    await wait_for(lambda: standby.claims >= logged_at + 10, 10, "ten more lock attempts of the standby relay")
     assert caplog.text.count("standing by") == 1

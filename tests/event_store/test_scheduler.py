@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import prometheus_client
 import pytest
 import sqlalchemy as sa
 from conveyor import Context, envelope, ports
@@ -45,6 +46,19 @@ async def enqueued(db: Database, schedule: Schedule) -> int:
         return int((await session.execute(query)).scalar_one())
 
 
+async def until_due(db: Database, fire: datetime, timeout: float = 10.0) -> None:
+    """Wait until the database clock (which decides what is due) reaches ``fire``."""
+    deadline = time.monotonic() + timeout
+    while (now := await db_now(db)) < fire:
+        assert time.monotonic() < deadline, f"the database clock is at {now}, not yet {fire}, after {timeout}s"
+        await asyncio.sleep(min((fire - now).total_seconds(), 0.05))
+
+
+def next_second(moment: datetime) -> datetime:
+    """The first whole second after ``moment``: a fire time of a one-second schedule."""
+    return moment.replace(microsecond=0) + timedelta(seconds=1)
+
+
 class SkewedClock:
     def __init__(self, seconds: float) -> None:
         self.offset = timedelta(seconds=seconds)
@@ -74,11 +88,11 @@ async def test_skewed_host_clocks_neither_fire_early_nor_twice(db: Database) -> 
     schedule = each_second()
     fast = scheduler.Scheduler([schedule], app.stores_for(db, "t"), source="t", clock=SkewedClock(+30))
     slow = scheduler.Scheduler([schedule], app.stores_for(db, "t"), source="t", clock=SkewedClock(-30))
-    deadline = time.monotonic() + 3.2
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while len(rows := await claim_rows(db, schedule)) < 3:  # both replicas tick through three fires
+        assert time.monotonic() < deadline, f"only {len(rows)} fires claimed after 10s"
         await asyncio.gather(fast.tick(), slow.tick())
-        await asyncio.sleep(0.05)
-    rows = await claim_rows(db, schedule)
+        await asyncio.sleep(0.05)  # the tick interval of the two replicas
     fires = [r.fire_time for r in rows]
     assert len(fires) >= 3 and len(set(fires)) == len(fires)
     assert all(r.claimed_at >= r.fire_time for r in rows), "a fire was claimed before its time"
@@ -94,13 +108,13 @@ async def test_paused_schedule_is_not_fired_by_any_replica_and_resume_skips_the_
     async with db.transaction() as session:
         await claims.set_paused(session, schedule.name, True)
     before = len(await claim_rows(db, schedule))
-    await asyncio.sleep(2.2)
+    await until_due(db, next_second(await db_now(db)) + timedelta(seconds=1))  # two fires due while paused
     await replica.tick()
     assert len(await claim_rows(db, schedule)) == before
     async with db.transaction() as session:
         await claims.set_paused(session, schedule.name, False)
     resumed = await db_now(db)
-    await asyncio.sleep(1.1)
+    await until_due(db, next_second(resumed))  # a fire due after the resume
     await replica.tick()
     after = await claim_rows(db, schedule)
     assert len(after) > before
@@ -119,10 +133,21 @@ async def test_overlap_skip_does_not_start_a_fire_while_the_last_run_is_going(db
     schedule = each_second(overlap="skip")
     replica = scheduler.Scheduler([schedule], app.stores_for(db, "t"), source="t")
     await replica.tick()
-    await asyncio.sleep(1.1)
+    await until_due(db, next_second(await db_now(db)))  # the next fire
     await replica.tick()  # the first run was claimed and never finished: still "running"
     statuses = [r.status for r in await claim_rows(db, schedule)]
     assert statuses[0] == claims.CLAIMED and claims.SKIPPED in statuses[1:]
+
+
+class _DueWatchingStore(SqlOutboxStore):
+    """Tells when a relay has seen a row that is not due yet."""
+
+    saw_pending = False
+
+    async def next_due_in(self) -> float | None:
+        due_in = await super().next_due_in()
+        self.saw_pending = self.saw_pending or (due_in is not None and due_in > 0)
+        return due_in
 
 
 async def test_delayed_message_is_delivered_on_time_across_a_relay_restart(db: Database) -> None:
@@ -133,7 +158,7 @@ async def test_delayed_message_is_delivered_on_time_across_a_relay_restart(db: D
     await transport.declare([topic], [sub])
     received = Collector()
     await transport.subscribe(sub, received)
-    store = SqlOutboxStore(db, listen=False)
+    store = _DueWatchingStore(db, listen=False)
     options = RelayOptions(poll_interval=0.1)
 
     first_stop = asyncio.Event()
@@ -141,7 +166,7 @@ async def test_delayed_message_is_delivered_on_time_across_a_relay_restart(db: D
     async with db.transaction() as session:
         due = await claims.database_now(session) + timedelta(seconds=2)
         await schedule_at(session, topic, {"n": 1}, at=due)
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: store.saw_pending, 10, "the first relay to see the message pending")
     first_stop.set()
     await first  # the relay stops before the message is due
 
@@ -157,6 +182,15 @@ async def test_delayed_message_is_delivered_on_time_across_a_relay_restart(db: D
         await transport.close()
     assert got.message.body == b'{"n":1}'
     assert due <= delivered <= due + timedelta(seconds=1), (due, delivered)
+
+
+def finished(handler: str) -> float:
+    """Deliveries the handler settled for good (acknowledged: never redelivered), from the worker's metrics."""
+    return sum(
+        prometheus_client.REGISTRY.get_sample_value("conveyor_messages_total", {"handler": handler, "outcome": o})
+        or 0.0
+        for o in ("succeeded", "dead_lettered", "duplicate")
+    )
 
 
 def relay_wire(row: sa.Row[Any], prefix: str) -> envelope.WireMessage:
@@ -182,14 +216,15 @@ async def test_a_job_message_delivered_twice_runs_the_job_once(db: Database) -> 
         row = (await session.execute(sa.select(models.outbox).where(models.outbox.c.topic == schedule.topic))).one()
     transport = MemoryTransport(f"memory://{unique('jobs')}")
     await transport.connect()
-    worker = Worker(scheduler.job_handlers([schedule], stores), transport, source="t", transactions=stores.units)
+    handlers = scheduler.job_handlers([schedule], stores)
+    worker = Worker(handlers, transport, source="t", transactions=stores.units)
     await worker.start()
     wire = relay_wire(row, transport.binary_prefix)
     try:
         await transport.publish(schedule.topic, wire)
         await wait_for(lambda: len(runs) == 1, 10, "the first run")
         await transport.publish(schedule.topic, wire)  # a duplicate (a relay crash between publish and mark)
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: finished(handlers[0].name) == 2, 10, "the duplicate to be settled")
         assert await worker.stop(5)
     finally:
         await transport.close()

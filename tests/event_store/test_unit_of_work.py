@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import prometheus_client
 import pytest
 import sqlalchemy as sa
 from conveyor import ConfigurationError, Context, envelope, errors, on, ports, registry
@@ -24,6 +25,7 @@ from conveyor.runtime.relay import Relay, RelayOptions
 from conveyor.runtime.worker import Worker
 from conveyor.testing import Collector, unique, wait_for
 from conveyor.transports.memory import MemoryTransport
+from relay_helpers import unsent, wait_until
 
 from event_store import Database, SqlOutboxStore
 
@@ -99,10 +101,48 @@ async def send(setup: Setup) -> str:
     return event.id
 
 
+def finished(handler: str) -> float:
+    """Deliveries the handler settled for good (acknowledged: never redelivered), from the worker's metrics."""
+    return sum(
+        prometheus_client.REGISTRY.get_sample_value("conveyor_messages_total", {"handler": handler, "outcome": o})
+        or 0.0
+        for o in ("succeeded", "dead_lettered", "duplicate")
+    )
+
+
+async def quiet(setup: Setup, handler: str, deliveries: int) -> None:
+    """Wait until ``handler`` finished ``deliveries`` deliveries and the relay sent every outbox row.
+
+    After that nothing is left that could publish again (in place of a pause for
+    a wrong late copy to arrive).
+    """
+    await wait_for(lambda: finished(handler) >= deliveries, 10, f"{handler} to finish {deliveries} deliveries")
+    await wait_until(lambda: nothing_unsent(setup.db), 10, "the relay to send every outbox row")
+
+
+async def nothing_unsent(db: Database) -> bool:
+    return await unsent(db) == 0
+
+
+async def audit_copies(setup: Setup) -> int:
+    """Audit messages received, once everything published before reached the collector.
+
+    Call it with the worker and the relay stopped: the memory broker delivers in
+    order, so a marker published now arrives after any earlier copy.
+    """
+    setup.transport.failures = 0
+    marker = unique("marker").encode()
+    await setup.transport.publish(setup.audit_topic, envelope.WireMessage(marker))
+    await wait_for(lambda: marker in setup.audit.bodies(), 10, "the marker behind every audit message")
+    assert setup.audit.bodies()[-1] == marker
+    return len(setup.audit.received) - 1
+
+
 async def test_publish_refused_after_the_transaction_block_is_delivered_once_after_retry(setup: Setup) -> None:
     attempts: list[int] = []
+    name = unique("uow")
 
-    @on(setup.topic, name=unique("uow"), backoff=FAST)
+    @on(setup.topic, name=name, backoff=FAST)
     async def charge(payload: dict, ctx: Context) -> None:
         attempts.append(ctx.message.attempt)
         async with ctx.transaction() as tx:
@@ -112,8 +152,8 @@ async def test_publish_refused_after_the_transaction_block_is_delivered_once_aft
     async with running(setup, charge):
         event_id = await send(setup)
         await setup.audit.wait(1)
-        await asyncio.sleep(0.3)  # room for a wrong second copy to arrive
-    assert (await ledger(setup.db), len(setup.audit.received)) == ([(event_id, "charge")], 1)
+        await quiet(setup, name, 1)
+    assert (await ledger(setup.db), await audit_copies(setup)) == ([(event_id, "charge")], 1)
 
 
 async def test_exception_after_the_transaction_block_rolls_back_and_the_retry_completes(setup: Setup) -> None:
@@ -156,8 +196,9 @@ async def test_timeout_after_the_transaction_block_rolls_back_and_the_retry_comp
 
 async def test_a_duplicate_delivery_of_a_committed_attempt_publishes_nothing_again(setup: Setup) -> None:
     runs: list[int] = []
+    name = unique("uow")
 
-    @on(setup.topic, name=unique("uow"), backoff=FAST)
+    @on(setup.topic, name=name, backoff=FAST)
     async def charge(payload: dict, ctx: Context) -> None:
         ctx.publish(setup.audit_topic, {"before": True})  # published before the transaction opens
         runs.append(ctx.message.attempt)
@@ -172,8 +213,8 @@ async def test_a_duplicate_delivery_of_a_committed_attempt_publishes_nothing_aga
         await setup.audit.wait(1)
         await setup.transport.publish(setup.topic, wire)
         await wait_for(lambda: len(runs) == 2, 10, "the duplicate delivery")
-        await asyncio.sleep(0.3)
-    assert (await ledger(setup.db), len(setup.audit.received)) == ([(event.id, "charge")], 1)
+        await quiet(setup, name, 2)
+    assert (await ledger(setup.db), await audit_copies(setup)) == ([(event.id, "charge")], 1)
 
 
 async def test_messages_published_without_a_database_keep_their_ids_on_retry(setup: Setup) -> None:
@@ -224,8 +265,9 @@ async def test_a_sync_handler_opening_a_transaction_gets_a_clear_error(setup: Se
 
 async def test_a_transactional_handler_skips_a_duplicate_before_running(setup: Setup) -> None:
     runs: list[str] = []
+    name = unique("uow")
 
-    @on(setup.topic, name=unique("uow"), transactional=True)
+    @on(setup.topic, name=name, transactional=True)
     async def record(payload: dict, ctx: Context) -> None:
         runs.append(ctx.message.id)
         async with ctx.transaction() as tx:
@@ -238,5 +280,5 @@ async def test_a_transactional_handler_skips_a_duplicate_before_running(setup: S
         for _ in range(2):
             await setup.transport.publish(setup.topic, wire)
         await wait_for(lambda: len(runs) >= 1, 10, "the first run")
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: finished(name) == 2, 10, "the duplicate to be settled")
     assert (runs, await ledger(setup.db)) == ([event.id], [(event.id, "tx")])

@@ -46,7 +46,8 @@ async def test_bad_messages_are_dead_lettered_and_good_ones_still_flow(open_tran
     topic = unique("hostile")
     good: list[int] = []
 
-    @on(topic, name=unique("hostile"), concurrency=4)
+    # Two attempts: the retry path (a delay computed from the attempt) runs once for every bad message.
+    @on(topic, name=unique("hostile"), concurrency=4, max_attempts=2)
     async def handle(payload: dict) -> None:
         if payload.get("kind") == "bad":
             raise RuntimeError("this message always fails")
@@ -95,7 +96,7 @@ async def test_a_producers_attempt_and_delay_headers_are_not_trusted(open_transp
     assert attempts == [1, 2, 3]
 
 
-@pytest.mark.parametrize("broker_url", ["memory", "rabbit", "nats"], indirect=True)
+@pytest.mark.parametrize("broker_url", ["memory", "rabbit", "nats", "kafka"], indirect=True)
 async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_after_max_attempts(
     open_transport: Open,
 ) -> None:

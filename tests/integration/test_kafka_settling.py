@@ -17,10 +17,12 @@ from types import SimpleNamespace
 import pytest
 from aiokafka import TopicPartition
 from aiokafka import errors as kafka_errors
-from conveyor import errors, ports
+from conveyor import envelope, errors, on, ports, registry, transports
 from conveyor.envelope import WireMessage
+from conveyor.runtime import dispatch, handling
 from conveyor.testing import Collector, wait_for
-from conveyor.transports import kafka_consume
+from conveyor.transports import kafka_consume, kafka_delivery
+from conveyor.transports.kafka_marks import Mark
 
 TOPIC = "t"
 TP0, TP1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
@@ -45,6 +47,7 @@ class FakeKafka:
         self.commits: list[dict[TopicPartition, int]] = []
         self.commit_gate: asyncio.Event | None = None
         self.commit_errors: list[BaseException | None] = []
+        self.fetched: dict[TopicPartition, list[SimpleNamespace]] = {}
 
     def add(self, tp: TopicPartition, offset: int, body: bytes) -> None:
         record = SimpleNamespace(
@@ -57,7 +60,13 @@ class FakeKafka:
     ) -> dict[TopicPartition, list[SimpleNamespace]]:
         await asyncio.sleep(0.005)  # a fetch round trip
         batch, self.records = self.records, {}
+        self.fetched = batch
         return batch
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Serve the last fetched records of ``tp`` from ``offset`` again."""
+        again = [r for r in self.fetched.get(tp, []) if r.offset >= offset]
+        self.records[tp] = again + self.records.get(tp, [])
 
     def pause(self, *partitions: object) -> None: ...
 
@@ -78,7 +87,7 @@ async def refuse(*args: object) -> None:
 class Running:
     """A :class:`KafkaConsumer` on a :class:`FakeKafka`, with its fetch loop running."""
 
-    def __init__(self, callback: Callback, send: kafka_consume.Send = refuse) -> None:
+    def __init__(self, callback: Callback, send: kafka_consume.Send = refuse, marks: object = None) -> None:
         self.kafka = FakeKafka()
         self.consumer = kafka_consume.KafkaConsumer(
             self.kafka,  # type: ignore[arg-type]
@@ -89,10 +98,11 @@ class Running:
             1.0,
             refuse,
             revoke_grace=GRACE,
+            marks=marks,  # type: ignore[arg-type]
         )
-        self.consumer.assigned({TP0, TP1})
 
     async def __aenter__(self) -> Running:
+        await self.consumer.assigned({TP0, TP1})
         self.consumer._task = asyncio.get_running_loop().create_task(self.consumer._run())
         return self
 
@@ -230,3 +240,75 @@ async def test_ack_is_released_when_the_commit_raises_an_unexpected_error() -> N
         async with asyncio.timeout(TIMEOUT):
             with pytest.raises(errors.TransportError):
                 await delivery.ack()
+
+
+# -- deliveries queued in the runtime when their partition is revoked ---------------
+
+
+async def test_deliveries_queued_in_a_key_lane_never_run_after_their_partition_was_revoked() -> None:
+    ran: list[int] = []
+    release = asyncio.Event()
+
+    @on(TOPIC, name="s", concurrency=4)
+    async def slow(payload: dict) -> None:
+        ran.append(payload["n"])
+        await release.wait()  # the first blocks the key's lane; the others wait in it
+
+    memory = transports.create("memory://lanes")
+    await memory.connect()
+    (handler,) = registry.Registry.of(slow).handlers
+    runner = handling.HandlerRunner(handler, memory, source="t", max_message_bytes=1 << 20)
+    dispatcher = dispatch.Dispatcher(runner.process, concurrency=4)
+    async with Running(dispatcher.submit) as run:
+        for n in range(5):
+            wire = envelope.to_binary(envelope.create(TOPIC, {"n": n}, source="t", key="k"), envelope.KAFKA_PREFIX)
+            headers = kafka_delivery.record_headers(wire)
+            run.kafka.records.setdefault(TP0, []).append(
+                SimpleNamespace(topic=TOPIC, partition=0, offset=n, key=b"k", value=wire.body, headers=headers)
+            )
+        await wait_for(lambda: ran == [0] and dispatcher.in_flight == 5, TIMEOUT, "a lane of five")
+        await run.consumer.revoked({TP0, TP1})  # the first is still running after the grace
+        release.set()
+        assert await dispatcher.drain(TIMEOUT)
+        assert (ran, run.consumer._unsettled, run.kafka.commits) == ([0], 0, [])
+    await memory.close()
+
+
+# -- attempt marks ------------------------------------------------------------------
+
+
+class FailingMarks:
+    """A stand-in for ``MarkStore`` whose first write fails; logs writes and deliveries in ``events``."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.failures = 1
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def load(self, tps: object) -> dict[TopicPartition, tuple[int | None, Mark]]:
+        return {}
+
+    async def save(self, marks: dict[TopicPartition, Mark]) -> None:
+        if marks and self.failures:
+            self.failures -= 1
+            self.events.append("mark failed")
+            raise errors.TransientTransportError("mark write failed")
+        self.events.extend(f"marked {tp.partition}:{mark.through}" for tp, mark in marks.items())
+
+
+async def test_records_are_handed_out_only_after_their_mark_was_written() -> None:
+    events: list[str] = []
+
+    async def log(delivery: ports.Delivery) -> None:
+        events.append(delivery.message.body.decode())
+        await delivery.ack()
+
+    async with Running(log, marks=FailingMarks(events)) as run:
+        for offset in range(3):
+            run.kafka.add(TP0, offset, f"r{offset}".encode())
+        await wait_for(lambda: len(events) >= 5, TIMEOUT, "the records")
+    lookahead = 4 * ports.Subscription("s", TOPIC).prefetch
+    assert events == ["mark failed", f"marked 0:{2 + lookahead}", "r0", "r1", "r2"]

@@ -296,7 +296,7 @@ async def test_fetch_loop_survives_fetch_errors_and_is_inactive_meanwhile() -> N
     consumer = kafka_consume.KafkaConsumer(
         fake, ports.Subscription("s", "t"), "_conveyor.retry.s", collector, not_used, 1.0, not_used
     )
-    consumer.assigned({TopicPartition("t", 0)})
+    await consumer.assigned({TopicPartition("t", 0)})
     consumer._task = asyncio.get_running_loop().create_task(consumer._run())
     try:
         await wait_for(lambda: fake.calls >= 3, TIMEOUT, "failed fetches")

@@ -23,7 +23,7 @@ from conveyor import Context, Reject, envelope, errors, on, ports, registry
 from conveyor.envelope import WireMessage
 from conveyor.runtime import dead_letters
 from conveyor.runtime.worker import Worker
-from conveyor.testing import Collector, unique, wait_for
+from conveyor.testing import Collector, remains, unique, wait_for
 from conveyor.transports.nats import NatsTransport, durable_name
 from nats.js import JetStreamContext
 
@@ -82,11 +82,12 @@ async def test_moved_subscription_follows_its_new_topic(open_transport: OpenTran
     await transport.declare([new], [sub(new, name)])
     await transport.publish(old, WireMessage(b"old topic"))
     await transport.publish(new, WireMessage(b"new topic"))
+    await transport.publish(new, WireMessage(b"marker"))
     collector = Collector()
     await transport.subscribe(sub(new, name), collector)
-    await collector.wait(1, TIMEOUT)
-    await asyncio.sleep(0.3)  # a stale filter would deliver "old topic" first; catch stragglers
-    assert collector.bodies() == [b"new topic"]
+    # The durable hands out in stream order: "old topic" (a stale filter) would come before the marker.
+    await wait_for(lambda: b"marker" in collector.bodies(), TIMEOUT, "the marker")
+    assert collector.bodies() == [b"new topic", b"marker"]
 
 
 async def test_declare_updates_changed_ack_wait_in_place(
@@ -368,7 +369,8 @@ async def test_a_delivery_held_longer_than_ack_wait_is_not_redelivered(open_tran
     await transport.subscribe(subscription, held)
     await transport.publish(topic, WireMessage(b"slow", message_id=unique("m")))
     (first,) = await held.wait(1, TIMEOUT)
-    await asyncio.sleep(3.5)  # queued or running that long: three ack waits
+    # A sleep, as the length is the point: held (queued or running) for three ack waits.
+    await remains(lambda: len(held.received) == 1, 3.5, "no redelivery while the first is held")
     await first.delivery.ack()
     assert [r.attempt for r in held.received] == [1]
 

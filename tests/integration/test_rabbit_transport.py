@@ -42,14 +42,14 @@ Open = Callable[..., Awaitable[RabbitTransport]]
 async def open_rabbit(rabbit_url: str) -> AsyncIterator[Open]:
     """Open transports on demand; close them and delete the queues they declared at teardown."""
     opened: list[RabbitTransport] = []
-    declared: set[str] = set()
+    declared: dict[str, ports.Subscription] = {}
 
     async def open_one(**options: object) -> RabbitTransport:
         transport = RabbitTransport(rabbit_url, reconnect_max=1.0, **options)  # type: ignore[arg-type]
         original = transport.declare
 
         async def declare(topics: list[str], subs: list[ports.Subscription]) -> None:
-            declared.update(s.name for s in subs)
+            declared.update((s.name, s) for s in subs)
             await original(topics, subs)
 
         transport.declare = declare  # type: ignore[method-assign]
@@ -60,12 +60,8 @@ async def open_rabbit(rabbit_url: str) -> AsyncIterator[Open]:
     yield open_one
     for transport in opened:
         await transport.close()
-    async with await aio_pika.connect(rabbit_url) as connection:
-        for name in declared:
-            for queue in (f"conveyor.{name}", f"conveyor-binding.{name}"):
-                channel = await connection.channel()
-                await channel.queue_delete(queue)
-                await channel.close()
+    queues = brokers.rabbit_subscription_queues(RabbitTransport(rabbit_url), list(declared.values()))
+    await brokers.delete_rabbit_queues(rabbit_url, queues)
 
 
 @pytest.fixture

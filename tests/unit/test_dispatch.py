@@ -4,7 +4,7 @@ import asyncio
 
 from conveyor.envelope import WireMessage
 from conveyor.runtime.dispatch import Dispatcher
-from conveyor.testing import wait_for
+from conveyor.testing import remains, wait_for
 
 
 class FakeDelivery:
@@ -28,8 +28,9 @@ async def test_submit_waits_when_concurrency_plus_buffer_are_taken() -> None:
     for i in range(3):
         await dispatcher.submit(FakeDelivery(str(i)))
     blocked = asyncio.ensure_future(dispatcher.submit(FakeDelivery("4")))
-    await asyncio.sleep(0.05)
-    assert not blocked.done()
+    # A negative check, so a short window: a submit that did not wait would finish
+    # within a loop iteration or two.
+    await remains(lambda: not blocked.done(), 0.05, "the fourth submit waiting")
     release.set()
     await asyncio.wait_for(blocked, 1)
     assert await dispatcher.drain(1)
@@ -85,7 +86,8 @@ async def test_no_more_than_concurrency_deliveries_run_at_once() -> None:
     for n in range(12):
         await dispatcher.submit(FakeDelivery(str(n)))  # keyless: nothing orders them but the cap
     await wait_for(lambda: running[0] == 3, 2, "three running")
-    await asyncio.sleep(0.05)  # room for a fourth to start, were the cap broken
+    # A negative check, so a short window: a fourth delivery would start at once, were the cap broken.
+    await remains(lambda: running[0] <= 3, 0.05, "at most three running")
     release.set()
     assert await dispatcher.drain(2)
     assert running[1] == 3

@@ -66,18 +66,18 @@ async def test_binary_event_is_accepted_and_percent_decoded(client: httpx.AsyncC
 async def test_missing_attribute_is_400_naming_the_field(client: httpx.AsyncClient, accepted: Accepted) -> None:
     event = {k: v for k, v in EVENT.items() if k != "source"}
     response = await client.post("/events/orders.placed", content=orjson.dumps(event), headers=STRUCTURED)
-    assert (response.status_code, response.json()["field"]) == (400, "source")
+    assert (response.status_code, response.json()["error"]["field"]) == (400, "source")
     assert accepted.events == []
 
 
 async def test_malformed_json_data_is_400(client: httpx.AsyncClient) -> None:
     response = await client.post("/events/orders.placed", content=b'{"order_id": ', headers=BINARY)
-    assert (response.status_code, response.json()["field"]) == (400, "data")
+    assert (response.status_code, response.json()["error"]["field"]) == (400, "data")
 
 
 async def test_invalid_topic_is_400(client: httpx.AsyncClient) -> None:
     response = await client.post("/events/orders.*", content=orjson.dumps(EVENT), headers=STRUCTURED)
-    assert (response.status_code, response.json()["field"]) == (400, "topic")
+    assert (response.status_code, response.json()["error"]["field"]) == (400, "topic")
 
 
 async def test_missing_token_is_401(client: httpx.AsyncClient, accepted: Accepted) -> None:
@@ -169,13 +169,13 @@ async def test_same_event_posted_twice_is_accepted_once(client: httpx.AsyncClien
 async def test_same_id_for_another_topic_is_409_naming_id(client: httpx.AsyncClient) -> None:
     await post(client)
     response = await post(client, topic="orders.shipped")
-    assert (response.status_code, response.json()["field"]) == (409, "id")
+    assert (response.status_code, response.json()["error"]["field"]) == (409, "id")
 
 
 async def test_same_id_from_another_source_is_409_naming_id(client: httpx.AsyncClient) -> None:
     await post(client)
     response = await post(client, source="billing")
-    assert (response.status_code, response.json()["field"]) == (409, "id")
+    assert (response.status_code, response.json()["error"]["field"]) == (409, "id")
 
 
 @pytest.mark.parametrize(
@@ -187,13 +187,13 @@ async def test_invalid_structured_id_is_400_naming_id(
     client: httpx.AsyncClient, accepted: Accepted, changes: dict[str, object]
 ) -> None:
     response = await post(client, **changes)
-    assert (response.status_code, response.json()["field"]) == (400, "id")
+    assert (response.status_code, response.json()["error"]["field"]) == (400, "id")
 
 
 @pytest.mark.parametrize("ce_id", ["e%001", "e%0D%0A1", "i" * 200], ids=["NUL", "CRLF", "200 characters"])
 async def test_invalid_binary_id_is_400_naming_id(client: httpx.AsyncClient, ce_id: str) -> None:
     response = await client.post("/events/orders.placed", content=b"{}", headers={**BINARY, "ce-id": ce_id})
-    assert (response.status_code, response.json()["field"]) == (400, "id")
+    assert (response.status_code, response.json()["error"]["field"]) == (400, "id")
 
 
 # Idempotency-Key.
@@ -231,20 +231,20 @@ async def test_idempotency_key_equal_to_ce_id_is_accepted(client: httpx.AsyncCli
 async def test_idempotency_key_differing_from_ce_id_is_400(client: httpx.AsyncClient, accepted: Accepted) -> None:
     headers = {**BINARY, "idempotency-key": "other"}
     response = await client.post("/events/orders.placed", content=b"{}", headers=headers)
-    assert (response.status_code, response.json()["field"]) == (400, "Idempotency-Key")
+    assert (response.status_code, response.json()["error"]["field"]) == (400, "Idempotency-Key")
 
 
 async def test_idempotency_key_differing_from_structured_id_is_400(client: httpx.AsyncClient) -> None:
     headers = {**STRUCTURED, "idempotency-key": "other"}
     response = await client.post("/events/orders.placed", content=orjson.dumps(EVENT), headers=headers)
-    assert (response.status_code, response.json()["field"]) == (400, "Idempotency-Key")
+    assert (response.status_code, response.json()["error"]["field"]) == (400, "Idempotency-Key")
 
 
 @pytest.mark.parametrize("key", ["k" * 129, "k\x01", '""'], ids=["129 characters", "control", "empty"])
 async def test_invalid_idempotency_key_is_400(client: httpx.AsyncClient, accepted: Accepted, key: str) -> None:
     headers = {**WITHOUT_ID, "idempotency-key": key}
     response = await client.post("/events/orders.placed", content=b"{}", headers=headers)
-    assert (response.status_code, response.json()["field"]) == (400, "Idempotency-Key")
+    assert (response.status_code, response.json()["error"]["field"]) == (400, "Idempotency-Key")
 
 
 # Store failures and authentication.

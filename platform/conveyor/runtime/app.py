@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 
 from conveyor import envelope, errors, persistence, ports, registry, transports
 from conveyor.runtime import housekeeping, http, relay, scheduler, worker
+from conveyor.sagas import runtime as saga_runtime
 from conveyor.settings import Settings
 from event_store import migrate
 from event_store.database import Database
@@ -90,13 +92,16 @@ async def serve(
             if parts.scheduler:
                 cron = scheduler.Scheduler(handlers.schedules, stores, source=settings.service)
                 _background(stack, "scheduler", cron.run)
+            if parts.worker and handlers.sagas:
+                _background(stack, "saga metrics", lambda stop: saga_runtime.report(stores, handlers.sagas, stop))
             if parts.worker:
                 stack.push_async_callback(_drain, consumer, settings.drain_timeout)
                 await consumer.start()
                 checks.append(http.Check("subscriptions", _subscriptions_probe(consumer)))
             if settings.http_port:
                 ingest = _ingest(settings, stores) if parts.ingest else None
-                server = http.HttpServer(http.create_app(checks, ingest), settings.http_host, settings.http_port)
+                site = http.create_app(checks, ingest, version_info(settings))
+                server = http.HttpServer(site, settings.http_host, settings.http_port, settings.drain_timeout)
                 await server.start()
                 stack.push_async_callback(server.stop)
             log.info(
@@ -156,6 +161,20 @@ async def open_outbox_store(settings: Settings, stack: contextlib.AsyncExitStack
     store = (await open_persistence(settings, stack)).relay_store()
     stack.push_async_callback(store.close)
     return store
+
+
+def version_info(settings: Settings) -> dict[str, str | None]:
+    """The body of ``GET /version``: package version, git commit (``CONVEYOR_GIT_SHA``), broker and database kinds."""
+    try:
+        version: str | None = importlib.metadata.version("conveyor")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {
+        "version": version,
+        "git_sha": os.environ.get("CONVEYOR_GIT_SHA") or None,
+        "broker": settings.broker_url.split(":", 1)[0],
+        "database": settings.database_url.split(":", 1)[0].split("+", 1)[0],
+    }
 
 
 def stores_for(database: Database, source: str) -> persistence.Persistence:
@@ -227,7 +246,9 @@ def _ingest(settings: Settings, stores: persistence.Persistence) -> http.IngestC
             return await stores.outbox.add_once(tx, topic, event)
 
     token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
-    return http.IngestConfig(accept=accept, max_bytes=settings.max_message_bytes, token=token)
+    return http.IngestConfig(
+        accept=accept, max_bytes=settings.max_message_bytes, token=token, tenants=settings.ingest_tokens
+    )
 
 
 def redact(url: str) -> str:

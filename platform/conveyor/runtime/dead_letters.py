@@ -5,7 +5,12 @@ topic (``orders.placed.dlq``, declared by every worker), so this works the same
 on every broker, through the Transport port:
 
 * ``peek`` consumes without settling, then closes the connection: the broker
-  delivers the messages again later, untouched;
+  delivers the messages again later, untouched. Each peek is one more delivery,
+  so keepers have no broker-side delivery limit (``max_deliveries=None``): any
+  number of listings leaves them in place. RabbitMQ requeues them when the
+  connection closes; NATS gets them back with a short delay
+  (:data:`conveyor.transports.nats_consume.GIVE_BACK_DELAY`), which the next
+  command's ``idle`` wait covers;
 * ``replay`` publishes each message back to the topic it failed on (the
   ``conveyor-dlq-*`` headers removed, the CloudEvent id kept, a new broker id),
   and acks the dead letter only after the broker confirmed the copy;
@@ -79,7 +84,8 @@ Action = Callable[[ports.Transport, ports.Delivery, DeadLetter], Awaitable[None]
 async def _drain(transport: ports.Transport, topic: str, limit: int, idle: float, act: Action) -> list[DeadLetter]:
     """Hand each dead letter of ``topic`` to ``act`` until ``limit`` or ``idle`` seconds without one."""
     names.check("topic", topic)
-    keeper = ports.Subscription(name=dead_letter_topic(topic), topic=dead_letter_topic(topic), prefetch=min(limit, 256))
+    kept = dead_letter_topic(topic)
+    keeper = ports.Subscription(name=kept, topic=kept, prefetch=min(limit, 256), max_deliveries=None)  # as workers do
     found: list[DeadLetter] = []
     last = time.monotonic()
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from conveyor import context, envelope, errors, persistence, ports, registry, telemetry
+from conveyor import context, crash, envelope, errors, persistence, ports, registry, telemetry
 from conveyor.runtime import threads
 from conveyor.transaction import AlreadyHandled
 
@@ -89,7 +89,18 @@ class HandlerRunner:
         }
 
     async def process(self, delivery: ports.Delivery) -> None:
-        """Handle one delivery to the end: ack, nack or dead-letter. Never raises."""
+        """Handle one delivery to the end: ack, nack or dead-letter. Never raises.
+
+        A delivery may have an optional ``claim() -> bool`` method (the Kafka
+        transport's do): it is called right before anything else, and False
+        means the delivery is no longer this member's to run (its partition was
+        revoked while it waited in a lane or the buffer). It is then skipped
+        without being settled; the partition's new owner runs it.
+        """
+        claim = getattr(delivery, "claim", None)
+        if claim is not None and not claim():
+            log.debug("%s skipped a delivery this worker no longer owns", self.handler.name)
+            return
         try:
             await self._process(delivery)
         except asyncio.CancelledError:
@@ -282,7 +293,9 @@ class HandlerRunner:
                 if ctx.unit is None and ctx.needs_outbox:
                     await ctx.open_transaction()
                 if ctx.unit is not None:
+                    crash.maybe_crash("handler.before-commit")
                     await ctx.unit.commit(ctx.outgoing)
+                    crash.maybe_crash("handler.after-commit")
         except BaseException as exc:
             if running is not None and not running.done() and isinstance(exc, TimeoutError):
                 await self._outlive(running)

@@ -5,6 +5,8 @@
   ``healthy`` (200), ``degraded`` (200, a non-critical check failed) or
   ``unhealthy`` (503), with per-check details.
 * ``GET /metrics``: Prometheus text format.
+* ``GET /version``: the package version, the git commit if known
+  (``CONVEYOR_GIT_SHA``), and the broker and database kinds.
 * ``POST /events/{topic}`` (only where ingest is enabled): a CloudEvent in the
   HTTP binding's structured (``application/cloudevents+json``) or binary
   (``ce-*`` headers) mode; 202 once the event is accepted durably, 400 with a
@@ -17,7 +19,13 @@ posted again (same id, topic and source) answers 202 with the same body and is
 stored once; the id reused by another event (other topic or source) answers
 409 naming ``id``. A binary-mode post without ``ce-id`` takes its id from the
 ``Idempotency-Key`` header; a key that differs from the event's id is a 400.
-Error bodies never carry database or driver text: that goes to the log.
+Ingest takes an ``X-Request-Id`` (1-200 printable characters; one is
+generated when absent), echoes it in the response, and makes it the event's
+correlation id when the event has none.
+
+Every error, of every route, is one JSON shape: ``{"error": {"code": ...,
+"message": ..., "field": ...}}`` (``field`` names the offending input, or is
+null). Error bodies never carry database or driver text: that goes to the log.
 """
 
 from __future__ import annotations
@@ -26,16 +34,19 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 import prometheus_client
 import uvicorn
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -84,15 +95,26 @@ class IngestConfig:
         accept: takes the event (publishes it, or writes it to the outbox).
         max_bytes: largest request body accepted.
         token: bearer token required, if any.
+        tenants: per-tenant bearer tokens (token -> tenant); an event posted
+            with one is stamped with its tenant, and may not name another.
     """
 
     accept: Accept
     max_bytes: int
     token: str | None = None
+    tenants: Mapping[str, str] = field(default_factory=dict)
 
 
-def create_app(checks: Sequence[Check], ingest: IngestConfig | None = None) -> Starlette:
-    """Build the ASGI application."""
+def create_app(
+    checks: Sequence[Check], ingest: IngestConfig | None = None, version: dict[str, str | None] | None = None
+) -> Starlette:
+    """Build the ASGI application.
+
+    Args:
+        checks: the readiness checks.
+        ingest: how ``POST /events/{topic}`` behaves; no such route without it.
+        version: the body of ``GET /version``.
+    """
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -111,14 +133,27 @@ def create_app(checks: Sequence[Check], ingest: IngestConfig | None = None) -> S
     async def metrics(request: Request) -> Response:
         return Response(prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
+    async def version_info(request: Request) -> Response:
+        return JSONResponse(version or {})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = exc.detail if isinstance(exc, HTTPException) else "internal error"
+        response = _error(status, str(message), code=codes.get(status, "http_error"))
+        if isinstance(exc, HTTPException) and exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/version", version_info, methods=["GET"]),
     ]
     if ingest is not None:
         routes.append(Route("/events/{topic}", _ingest_endpoint(ingest), methods=["POST"]))
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
 async def _run_check(check: Check) -> tuple[bool, dict[str, Any]]:
@@ -130,10 +165,15 @@ async def _run_check(check: Check) -> tuple[bool, dict[str, Any]]:
     return True, {"ok": True, "critical": check.critical}
 
 
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": message}
-    if field is not None:
-        body["field"] = field
+_CODES = {
+    400: "invalid_event", 401: "unauthorized", 403: "forbidden", 409: "conflict", 413: "payload_too_large",
+    415: "unsupported_media_type", 503: "unavailable",
+}  # fmt: skip
+
+
+def _error(status: int, message: str, field: str | None = None, *, code: str | None = None) -> JSONResponse:
+    """The one error shape: ``{"error": {"code", "message", "field"}}``."""
+    body = {"error": {"code": code or _CODES.get(status, "error"), "message": message, "field": field}}
     return JSONResponse(body, status_code=status)
 
 
@@ -147,11 +187,23 @@ def _unavailable(exc: errors.ConveyorError) -> Response:
     return response
 
 
-def _authorized(header: str, token: bytes) -> bool:
-    """True for ``Bearer <token>``; the scheme is case-insensitive (RFC 9110), the token compared in constant time."""
+def _caller(header: str, token: bytes | None, tenants: Sequence[tuple[bytes, str]]) -> tuple[bool, str | None]:
+    """Whether ``Bearer <credentials>`` is a known token, and the tenant it posts for.
+
+    The scheme is case-insensitive (RFC 9110); every token is compared in constant time.
+    """
     scheme, _, credentials = header.partition(" ")
-    matches = hmac.compare_digest(credentials.strip(" ").encode(), token)
-    return matches and scheme.lower() == "bearer"
+    given = credentials.strip(" ").encode()
+    known = token is not None and hmac.compare_digest(given, token)
+    tenant = None
+    for candidate, name in tenants:
+        if hmac.compare_digest(given, candidate):
+            known, tenant = True, name
+    return known and scheme.lower() == "bearer", tenant
+
+
+def _printable_id(value: str) -> bool:
+    return 0 < len(value) <= 200 and value.isprintable() and value.isascii()
 
 
 def _idempotency_key(value: str) -> str:
@@ -163,9 +215,19 @@ def _idempotency_key(value: str) -> str:
 
 def _ingest_endpoint(config: IngestConfig) -> Callable[[Request], Awaitable[Response]]:
     token = config.token.encode() if config.token else None
+    tenants = [(key.encode(), name) for key, name in config.tenants.items()]
 
     async def ingest(request: Request) -> Response:
-        if token is not None and not _authorized(request.headers.get("authorization", ""), token):
+        request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        response = await _ingest_one(request, request_id)
+        response.headers["x-request-id"] = request_id if _printable_id(request_id) else "invalid"
+        return response
+
+    async def _ingest_one(request: Request, request_id: str) -> Response:
+        if not _printable_id(request_id):
+            return _error(400, "X-Request-Id must be 1-200 printable characters", "X-Request-Id")
+        known, tenant = _caller(request.headers.get("authorization", ""), token, tenants)
+        if (token is not None or tenants) and not known:
             response = _error(401, "missing or wrong bearer token")
             response.headers["www-authenticate"] = "Bearer"
             return response
@@ -206,6 +268,12 @@ def _ingest_endpoint(config: IngestConfig) -> Callable[[Request], Awaitable[Resp
             return _error(400, str(exc), exc.field)
         if key is not None and key != event.id:
             return _error(400, f"Idempotency-Key {key!r} differs from the event id {event.id!r}", "Idempotency-Key")
+        if event.correlationid is None:
+            event = event.evolve(correlationid=request_id)
+        if tenant is not None:
+            if event.tenant not in (None, tenant):
+                return _error(403, f"this token posts for tenant {tenant!r}, not {event.tenant!r}", envelope.TENANT)
+            event = event.evolve(extensions={**event.extensions, envelope.TENANT: tenant})
         try:
             outcome = await config.accept(topic, event)
         except errors.ConveyorError as exc:
@@ -235,12 +303,16 @@ class HttpServer:
         app: the application.
         host: address to bind.
         port: port to bind (0 picks a free one; see :attr:`port` after start).
+        graceful_timeout: seconds :meth:`stop` lets requests under way finish;
+            connections still open then (a client that never sends its body)
+            are closed.
     """
 
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
+    def __init__(self, app: Starlette, host: str, port: int, graceful_timeout: float = 10.0) -> None:
         self._app = app
         self._host = host
         self.port = port
+        self._graceful = graceful_timeout
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -262,7 +334,13 @@ class HttpServer:
                 "or --port to a free port, or 0 to turn the HTTP server off"
             ) from exc
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            self._app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=max(1, math.ceil(self._graceful)),
+        )
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http")
         while not self._server.started and not self._task.done():  # noqa: ASYNC110 - uvicorn offers no event
@@ -272,7 +350,11 @@ class HttpServer:
         log.info("HTTP listening on http://%s:%d", self._host, self.port)
 
     async def stop(self) -> None:
-        """Stop accepting requests and finish those under way."""
+        """Stop accepting requests; finish those under way for up to ``graceful_timeout`` seconds, then close."""
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
+            done, _ = await asyncio.wait([self._task], timeout=self._graceful + 1.0)
+            if not done:  # uvicorn's own deadline did not end it: stop waiting for those clients
+                self._server.force_exit = True
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

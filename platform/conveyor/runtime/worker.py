@@ -24,7 +24,24 @@ from conveyor.runtime.handling import (
     dead_letter_topic,
 )
 
-__all__ = ["DLQ_HEADER", "DLQ_SUFFIX", "HandlerRunner", "Worker", "dead_letter_headers", "dead_letter_topic"]
+ACK_WAIT = 15.0
+"""Seconds before a broker with an ack timer (NATS) redelivers what a worker holds without a sign of life.
+
+Transports that need it send keep-alives for every delivery they hold (NATS
+``+WPI``, a few times per ``ack_wait``), so a slow handler or a long queue in
+a key lane never expires; the timer only catches a worker that died or hung,
+whose messages then go to another worker after at most this long.
+"""
+
+__all__ = [
+    "ACK_WAIT",
+    "DLQ_HEADER",
+    "DLQ_SUFFIX",
+    "HandlerRunner",
+    "Worker",
+    "dead_letter_headers",
+    "dead_letter_topic",
+]
 
 log = logging.getLogger("conveyor.worker")
 
@@ -74,7 +91,7 @@ class Worker:
                     name=handler.name,
                     topic=handler.topic,
                     prefetch=concurrency * 2,
-                    ack_wait=(handler.timeout or 300.0) + 30.0,
+                    ack_wait=ACK_WAIT,
                     # A broker-side backstop only; kept constant so that changing
                     # max_attempts does not change queue arguments (RabbitMQ refuses that).
                     max_deliveries=max(handler.retry.max_attempts * 2, 50),
@@ -94,7 +111,10 @@ class Worker:
         them; ``conveyor dlq`` reads them from here.
         """
         consumed = dict.fromkeys(h.topic for h in self._handlers)
-        return [ports.Subscription(name=dead_letter_topic(t), topic=dead_letter_topic(t)) for t in consumed]
+        return [
+            ports.Subscription(name=dead_letter_topic(t), topic=dead_letter_topic(t), max_deliveries=None)
+            for t in consumed
+        ]
 
     async def declare(self) -> None:
         """Create or reconcile the topology of every handler, and the dead-letter subscriptions."""

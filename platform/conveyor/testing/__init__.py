@@ -11,7 +11,7 @@ A new transport proves itself by subclassing the suites::
 """
 
 from conveyor.testing.persistence_suite import PersistenceConformance
-from conveyor.testing.support import Collector, unique, wait_for
+from conveyor.testing.support import Collector, issued_here, remains, unique, wait_for
 from conveyor.testing.transport_suite import TransportConformance, TransportFixtures
 from conveyor.testing.worker_suite import WorkerConformance
 
@@ -21,6 +21,8 @@ __all__ = [
     "TransportConformance",
     "TransportFixtures",
     "WorkerConformance",
+    "issued_here",
+    "remains",
     "unique",
     "wait_for",
 ]

@@ -74,15 +74,22 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
+
+from conveyor import ports
 
 __all__ = [
     "START_COMMANDS",
     "TansuBroker",
+    "delete_rabbit_queues",
+    "delete_test_queues",
     "free_port",
     "port_open",
+    "rabbit_queue_names",
+    "rabbit_subscription_queues",
     "require_service",
     "wait_for_port",
 ]
@@ -196,6 +203,90 @@ def require_service(name: str, host: str, port: int) -> None:
     command = START_COMMANDS.get(_ALIASES.get(key, key))
     hint = f"start it with `{command}`" if command else "start it"
     pytest.skip(f"{message}; {hint}, or start every service with `{_ALL_SERVICES_HINT}`")
+
+
+# -- RabbitMQ queues left by tests -------------------------------------------------------
+
+
+def rabbit_queue_names(timeout: float = 20.0) -> list[str] | None:
+    """Names of every queue of the local RabbitMQ node (``rabbitmqctl list_queues``).
+
+    Without the management plugin, ``rabbitmqctl`` is the only way to list
+    queues; AMQP cannot.
+
+    Returns:
+        The names, or None when ``rabbitmqctl`` is missing, refused or too slow.
+    """
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        return None
+    command = [ctl, "-q", "list_queues", "name", "--no-table-headers", "--timeout", str(max(int(timeout), 1))]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout + 10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return None
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+
+
+def rabbit_subscription_queues(transport: Any, subscriptions: Sequence[ports.Subscription]) -> list[str]:
+    """The queues a RabbitTransport keeps for ``subscriptions``: each subscription's queue and binding record."""
+    return [
+        queue
+        for subscription in subscriptions
+        for queue in (transport.queue_name(subscription), f"{transport.exchange}-binding.{subscription.name}")
+    ]
+
+
+async def delete_rabbit_queues(url: str, names: list[str], timeout: float = 10.0) -> list[str]:
+    """Delete the named queues (consumers, messages and all; a missing queue is no error).
+
+    Returns:
+        The queues deleted.
+    """
+    if not names:
+        return []
+    import aio_pika
+
+    deleted: list[str] = []
+    connection = await aio_pika.connect(url, timeout=timeout)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            try:
+                await asyncio.wait_for(channel.queue_delete(name), timeout)
+                deleted.append(name)
+            except Exception:  # a channel error closes the channel: go on with a new one
+                if channel.is_closed:
+                    channel = await connection.channel()
+    return deleted
+
+
+async def delete_test_queues(url: str, timeout: float = 20.0) -> list[str]:
+    """Delete the local RabbitMQ node's queues named after this process's :func:`~conveyor.testing.unique` names.
+
+    Subscription queues, binding records and dead-letter keepers of every
+    shape (``conveyor.<name>``, ``conveyor-binding.<name>``, ``conveyor-kept.<name>``,
+    ``conveyor.<topic>.dlq`` ...) contain the unique name they were made from;
+    the shared delay tiers (``conveyor-delay-quorum.<ms>ms``) do not, and stay.
+    Queues of other test sessions on the same node are left alone: their tokens
+    were issued by other processes. A remote broker (``url`` not on this host)
+    or a node ``rabbitmqctl`` cannot list is left as it is.
+
+    Returns:
+        The queues deleted.
+    """
+    from urllib.parse import urlsplit
+
+    from conveyor.testing.support import issued_here
+
+    if urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        return []
+    names = await asyncio.to_thread(rabbit_queue_names, timeout)
+    if not names:
+        return []
+    return await delete_rabbit_queues(url, [name for name in names if issued_here(name)], timeout)
 
 
 def _kill(process: subprocess.Popen[bytes], timeout: float) -> None:

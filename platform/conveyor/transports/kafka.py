@@ -34,12 +34,38 @@ Guarantees and how they are kept:
   Unsettled records at :meth:`close` are not committed and go to the group's
   next member (``close`` leaves the group at once). Kafka has no broker-side
   redelivery limit: ``Subscription.max_deliveries`` and ``ack_wait`` are not
-  used; the attempt header and the runtime's retry policy bound retries.
+  used; the attempt header, the attempt marks (next item) and the runtime's
+  retry policy bound retries.
+* **Attempts cut short by a crash** are counted
+  (:mod:`conveyor.transports.kafka_attempts`), so a record that kills its
+  worker every time ends as a ``TooManyDeliveries`` dead letter instead of
+  blocking its partition. Before handing out records beyond its mark, a member
+  raises the mark to four prefetches past the highest of them, in the
+  committed offsets of the shadow group ``_conveyor.attempts.<subscription name>`` (never joined; the
+  "offset" packs a mark: offset ``s`` up to which records may be out, and one record ``r``
+  with its count ``t`` of attempts that started and never settled; see
+  :mod:`conveyor.transports.kafka_marks`; with ACLs, grant the principal
+  ``READ`` on that group too). A new owner finding ``s`` at or past
+  the group's committed offset recovers the records up to ``s`` one at a time,
+  nothing else out, counting each attempt durably before it starts; the
+  delivery's attempt is at least that count. A record that crashes the worker
+  runs at most ``max_attempts + 1`` times (the first crash, with a whole batch
+  out, is blamed on no record); the others of its batch run again with their
+  attempt unchanged. A graceful handover (revocation, close) resets the mark:
+  only deliveries whose handler had started and that are abandoned unsettled
+  count as an attempt, as on brokers with a delivery count. Costs: one small
+  commit per four prefetches of records of a partition, and after a crash a
+  serial pass over the records between the committed offset and the mark
+  (at most about five prefetches, fewer at the end of the log; more when a
+  slow record held the commit back).
 * **Rebalances**: before rejoining, a member stops handing out records of its
   revoked partitions (held ones are dropped), waits up to ``revoke_grace_ms``
   for the deliveries out to settle, commits, and drops the rest: their ack or
   nack raises ``TransportError``, commits and publishes nothing, and the new
   owner redelivers them (a handler running past the grace may overlap it).
+  Deliveries still queued in the runtime (a key's lane, the dispatcher's
+  buffer) never start: ``KafkaDelivery.claim()``, called by the runtime right
+  before the handler, returns False once the partition is being revoked.
 * **Prefetch**: at most ``Subscription.prefetch`` deliveries are out unsettled
   (``getmany(max_records=room)``). When the limit holds for a while (slow
   handlers), every partition is paused and the loop keeps polling, so
@@ -51,8 +77,8 @@ Guarantees and how they are kept:
   the broker acked the copy. Only that group reads its retry topic; the
   consumer holds a copy in memory (bounded; past the bound the retry partitions
   are paused) until its time, so a long delay blocks neither other keys nor
-  other retries. ``Delivery.attempt`` is the ``conveyor-attempt`` header, so
-  attempts survive restarts, and the delay survives a worker crash. A retried
+  other retries. ``Delivery.attempt`` is the ``conveyor-attempt`` header (or
+  more, after a crash), so attempts survive restarts, and the delay survives a worker crash. A retried
   message loses its place in its key's order; records are otherwise delivered
   in partition order (``ordered_per_key``). The not-before time is wall-clock:
   skewed hosts shorten or lengthen delays. A held copy also holds back the
@@ -87,10 +113,8 @@ heartbeat_interval_ms=400``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Sequence
-from urllib.parse import parse_qsl, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import errors as kafka_errors
@@ -99,111 +123,22 @@ from aiokafka.protocol.group import LeaveGroupRequest
 
 from conveyor import errors, names, ports
 from conveyor.envelope import KAFKA_PREFIX, WireMessage
-from conveyor.transports import kafka_consume, kafka_delivery
+from conveyor.transports import kafka_consume, kafka_delivery, kafka_marks, kafka_options
 
 log = logging.getLogger("conveyor.transports.kafka")
 
 RETRY_PREFIX = "_conveyor.retry."
 _TOPIC_EXISTS = kafka_errors.TopicAlreadyExistsError.errno
-_DEFAULT_PORT = 9092
 _ADMIN_ATTEMPTS = 2
-_MAY_BE_ZERO = ("rebalance_timeout_ms", "idempotence", "revoke_grace_ms")
+
+
+KafkaOptions = kafka_options.KafkaOptions
+parse_url = kafka_options.parse_url
 
 
 def retry_topic(subscription: str) -> str:
     """The retry topic of a subscription (read only by its group)."""
     return RETRY_PREFIX + subscription
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class KafkaOptions:
-    """Tuning of a :class:`KafkaTransport`; each field is also a URL query parameter.
-
-    Attributes:
-        partitions: partitions of topics this transport creates; at least the
-            most replicas of any group, or the extra replicas sit idle.
-        replication_factor: replication factor of topics this transport creates.
-        session_timeout_ms: a member silent this long is dropped from its group.
-        heartbeat_interval_ms: how often members heartbeat (well below the session timeout).
-        max_poll_interval_ms: a member that does not poll this long leaves its
-            group; the fetch loop keeps polling while handlers run.
-        rebalance_timeout_ms: how long members get to rejoin during a rebalance
-            (0 = the session timeout).
-        fetch_max_wait_ms: how long a fetch waits on the broker for new records.
-            Kafka answers as soon as records arrive; Tansu tends to wait it out,
-            so it bounds delivery latency there (100 ms: ~25 ms median on Tansu,
-            500 ms: ~200 ms). Raise it to cut idle fetch requests on Kafka.
-        request_timeout_ms: limit of broker requests, sends and commits.
-        idempotence: 1 for an idempotent producer (the default; needs a broker
-            that supports ``InitProducerId``), 0 for a plain one.
-        revoke_grace_ms: how long a member losing partitions waits for their
-            deliveries to settle, and at most again for the commit, while the
-            group waits (0 = a quarter of the rebalance timeout; must be under half).
-
-    Raises:
-        ConfigurationError: ``revoke_grace_ms`` is half the rebalance timeout or more.
-    """
-
-    partitions: int = 8
-    replication_factor: int = 1
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 3_000
-    max_poll_interval_ms: int = 300_000
-    rebalance_timeout_ms: int = 0
-    fetch_max_wait_ms: int = 100
-    request_timeout_ms: int = 30_000
-    idempotence: int = 1
-    revoke_grace_ms: int = 0
-
-    def __post_init__(self) -> None:
-        if self.revoke_grace_ms * 2 >= self.rebalance_ms:
-            text = f"Kafka option revoke_grace_ms={self.revoke_grace_ms} must be under half the rebalance timeout"
-            raise errors.ConfigurationError(f"{text} ({self.rebalance_ms} ms)")
-
-    @property
-    def rebalance_ms(self) -> int:
-        """The rebalance timeout in effect (``rebalance_timeout_ms``, else the session timeout)."""
-        return self.rebalance_timeout_ms or self.session_timeout_ms
-
-    @property
-    def revoke_grace(self) -> float:
-        """The revocation grace in effect, in seconds."""
-        return (self.revoke_grace_ms or self.rebalance_ms // 4) / 1000
-
-    @classmethod
-    def from_query(cls, query: str) -> KafkaOptions:
-        """Parse URL query parameters.
-
-        Raises:
-            ConfigurationError: an unknown parameter or a value that is not a positive integer.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, int] = {}
-        for name, raw in parse_qsl(query, keep_blank_values=True):
-            if name not in known:
-                raise errors.ConfigurationError(
-                    f"unknown Kafka URL parameter {name!r}; known: {', '.join(sorted(known))}"
-                )
-            if not raw.isdigit() or (int(raw) == 0 and name not in _MAY_BE_ZERO):
-                raise errors.ConfigurationError(f"Kafka URL parameter {name}={raw!r} must be a positive integer")
-            if name == "idempotence" and raw not in ("0", "1"):
-                raise errors.ConfigurationError(f"Kafka URL parameter idempotence={raw!r} must be 0 or 1")
-            values[name] = int(raw)
-        return cls(**values)
-
-
-def parse_url(url: str) -> tuple[list[str], KafkaOptions]:
-    """Bootstrap servers and options of a ``kafka://`` URL.
-
-    Raises:
-        ConfigurationError: not a ``kafka://host:port[,host:port]`` URL, or bad options.
-    """
-    parts = urlsplit(url)
-    hosts = [h.strip() for h in parts.netloc.split(",") if h.strip()]
-    if parts.scheme != "kafka" or not hosts or parts.path not in ("", "/"):
-        raise errors.ConfigurationError(f"invalid Kafka URL {url!r}: expected kafka://host:port[,host:port]")
-    servers = [h if ":" in h else f"{h}:{_DEFAULT_PORT}" for h in hosts]
-    return servers, KafkaOptions.from_query(parts.query)
 
 
 def _translate(exc: BaseException, what: str) -> errors.TransportError:
@@ -228,7 +163,7 @@ class KafkaTransport:
     features = ports.TransportFeatures(
         ordered_per_key=True,
         history_for_new_groups=True,
-        attempts_survive_restart=True,
+        attempts_survive_restart=True,  # retry copies' header; a crash's attempts in the marks
         durable=True,
     )
     binary_prefix = KAFKA_PREFIX
@@ -351,9 +286,16 @@ class KafkaTransport:
             fetch_max_wait_ms=options.fetch_max_wait_ms,
             request_timeout_ms=options.request_timeout_ms,
         )
+        shadow = AIOKafkaConsumer(
+            bootstrap_servers=",".join(self.servers),
+            client_id=f"conveyor-{subscription.name}-attempts",
+            group_id=kafka_marks.shadow_group(subscription.name),
+            enable_auto_commit=False,
+            request_timeout_ms=options.request_timeout_ms,
+        )
         consumer = kafka_consume.KafkaConsumer(
             kafka, subscription, retry_topic(subscription.name), callback, self._send, self._timeout, self._leave,
-            revoke_grace=options.revoke_grace,
+            revoke_grace=options.revoke_grace, marks=kafka_marks.MarkStore(kafka, shadow, self._timeout),
         )  # fmt: skip
         await consumer.start()
         self._consumers.append(consumer)

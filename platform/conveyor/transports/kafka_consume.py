@@ -18,34 +18,25 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka import errors as kafka_errors
 
 from conveyor import errors, ports
 from conveyor.envelope import WireMessage
-from conveyor.transports import kafka_delivery, kafka_offsets
+from conveyor.transports import kafka_attempts, kafka_delivery, kafka_marks, kafka_offsets, kafka_rebalance
 
 log = logging.getLogger("conveyor.transports.kafka")
 
 _POLL_SECONDS = 1.0  # longest getmany wait; also how often a full consumer polls
 _BACKOFF_MAX = 5.0
+_STOP_SECONDS = 15.0  # longest wait for aiokafka to stop a consumer
+_MARK_LOOKAHEAD = 4  # attempt marks reach this many prefetches past the records handed out
 
 Send = kafka_delivery.Send
 Leave = Callable[[int, str, str], Awaitable[None]]
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, consumer: KafkaConsumer) -> None:
-        self._consumer = consumer
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._consumer.revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._consumer.assigned(assigned)
-
-
-class KafkaConsumer:
+class KafkaConsumer(kafka_rebalance.Rebalancing):
     """A running subscription: one group member fetching, holding and handing out records.
 
     Args:
@@ -59,6 +50,8 @@ class KafkaConsumer:
             take out of the group itself (see :meth:`_close`).
         revoke_grace: seconds a revocation waits for handed-out deliveries of the
             revoked partitions to settle (and again, at most, for their commit).
+        marks: where attempt marks are kept (see :mod:`conveyor.transports.kafka_marks`);
+            None counts no attempts across crashes.
     """
 
     def __init__(
@@ -72,6 +65,7 @@ class KafkaConsumer:
         leave: Leave,
         *,
         revoke_grace: float = 2.5,
+        marks: kafka_marks.MarkStore | None = None,
     ) -> None:
         self.subscription = subscription
         self.retry_topic = retry_topic
@@ -84,6 +78,9 @@ class KafkaConsumer:
         self._committer = kafka_offsets.Committer(kafka, subscription.name, commit_timeout)
         self._leave = leave
         self._revoke_grace = revoke_grace
+        self._attempts = kafka_attempts.Attempts(
+            kafka, marks, subscription.name, revoke_grace, lookahead=self._prefetch * _MARK_LOOKAHEAD
+        )
         self._partitions: dict[TopicPartition, kafka_offsets.PartitionOffsets] = {}
         self._held: list[kafka_delivery.Held] = []
         self._handing: kafka_delivery.KafkaDelivery | None = None  # being handed to the callback
@@ -111,11 +108,13 @@ class KafkaConsumer:
         Raises:
             TransientTransportError: the broker is unreachable.
         """
-        self._kafka.subscribe([self.subscription.topic, self.retry_topic], listener=_Listener(self))
+        self._kafka.subscribe([self.subscription.topic, self.retry_topic], listener=kafka_rebalance.Listener(self))
         try:
+            await self._attempts.start()
             await self._kafka.start()
         except (kafka_errors.KafkaError, OSError) as exc:
             await self._kafka.stop()
+            await self._attempts.stop()
             raise errors.TransientTransportError(
                 f"cannot start the Kafka consumer of {self.subscription.name}: {exc!r}"
             ) from exc
@@ -147,6 +146,7 @@ class KafkaConsumer:
         except errors.TransportError as exc:
             log.warning("final offset commit of %s failed (%s); settled records may be redelivered",
                         self.subscription.name, exc)  # fmt: skip
+        await self._attempts.hand_over(self._partitions.values())
         self.closed = True
         # aiokafka sends LeaveGroup on stop only for generation > 0, but Tansu
         # numbers a group's first generation 0: without a LeaveGroup the next
@@ -155,7 +155,12 @@ class KafkaConsumer:
         node = getattr(coordinator, "coordinator_id", None)
         member = getattr(coordinator, "member_id", "")
         first_generation = getattr(coordinator, "generation", -1) == 0
-        await self._kafka.stop()
+        for name, stopping in (("consumer", self._kafka.stop), ("attempt marks", self._attempts.stop)):
+            try:  # a client stuck in a rebalance must not hold the process's shutdown forever
+                await asyncio.wait_for(stopping(), _STOP_SECONDS)
+            except TimeoutError:
+                log.warning("the Kafka %s of %s did not stop within %.0fs; left behind",
+                            name, self.subscription.name, _STOP_SECONDS)  # fmt: skip
         if first_generation and member and node is not None:
             try:
                 await self._leave(node, self.subscription.name, member)
@@ -214,73 +219,6 @@ class KafkaConsumer:
         heapq.heappush(self._held, kafka_delivery.Held(due, next(self._seq), partition, offset, message, attempt))
         self._room.set()  # wake a loop waiting for room: it re-reads its timers
 
-    # -- rebalancing (called by the listener) --------------------------------
-
-    async def revoked(self, revoked: set[TopicPartition]) -> None:
-        """Hand the partitions over: stop dispatch, let what is out settle, commit, drop the rest.
-
-        Awaited by aiokafka before the member rejoins, so the group waits for it:
-        the wait for deliveries to settle and the final commit are bounded by
-        ``revoke_grace`` each. Records held or not handed out yet are dropped;
-        deliveries still unsettled after the grace are dropped too (their ack or
-        nack commits and publishes nothing, see :meth:`settle`). The partitions'
-        next owner redelivers everything not committed; the inbox absorbs the
-        duplicates of what was handled here but not committed.
-        """
-        partitions = [p for tp in revoked if (p := self._partitions.get(tp)) is not None]
-        started = time.monotonic()
-        try:
-            self._stop_dispatch(partitions)
-            await self._settle_out(partitions)
-            try:
-                await asyncio.wait_for(self._committer.flush(), self._revoke_grace)
-            except (errors.TransportError, TimeoutError) as exc:
-                log.warning("commit before a rebalance of %s failed (%r); the new owners redeliver those records",
-                            self.subscription.name, exc)  # fmt: skip
-        finally:  # also when cancelled (the consumer is closing): never leave partitions half revoked
-            dropped = sum(p.out for p in partitions)
-            for partition in partitions:
-                partition.revoked = True
-                self._partitions.pop(partition.tp, None)
-            self._committer.forget(revoked)
-            self._paused -= revoked
-            self._draining -= revoked
-        if partitions:
-            log.info(
-                "%s handed over %d partition(s) in %.3fs; %d unsettled deliveries left to the new owners",
-                self.subscription.name, len(partitions), time.monotonic() - started, dropped,
-            )  # fmt: skip
-
-    def _stop_dispatch(self, partitions: list[kafka_offsets.PartitionOffsets]) -> None:
-        for partition in partitions:
-            partition.draining = True
-            self._draining.add(partition.tp)
-        if self._held:
-            self._held = [h for h in self._held if not h.partition.draining]
-            heapq.heapify(self._held)
-        self._sync_pauses()  # fetching records only to drop them is pointless
-        handing, task = self._handing, self._task
-        if handing is not None and not handing._settled and handing._partition.draining and task is not None:
-            # The callback has not accepted the delivery yet (a full dispatcher): take it back.
-            self._drop_handing = task.cancel()
-
-    async def _settle_out(self, partitions: list[kafka_offsets.PartitionOffsets]) -> None:
-        """Wait, up to the grace, until no delivery of ``partitions`` is out."""
-        try:
-            async with asyncio.timeout(self._revoke_grace):
-                while any(p.out for p in partitions):
-                    self._drained.clear()
-                    await self._drained.wait()
-        except TimeoutError:
-            pass
-
-    def assigned(self, assigned: set[TopicPartition]) -> None:
-        """Start tracking newly assigned partitions."""
-        for tp in assigned:
-            if tp not in self._partitions:
-                self._partitions[tp] = kafka_offsets.PartitionOffsets(tp)
-        log.debug("%s assigned %s", self.subscription.name, sorted(assigned))
-
     # -- the fetch loop -------------------------------------------------------
 
     async def _run(self) -> None:
@@ -290,7 +228,7 @@ class KafkaConsumer:
                 await self._step()
             except kafka_errors.ConsumerStoppedError:
                 return
-            except (kafka_errors.KafkaError, OSError) as exc:
+            except (kafka_errors.KafkaError, OSError, errors.TransportError) as exc:
                 self._healthy = False
                 log.warning("Kafka consumer %s: %r; retrying in %.1fs", self.subscription.name, exc, backoff)
                 await asyncio.sleep(backoff)
@@ -304,6 +242,9 @@ class KafkaConsumer:
                 backoff = 0.1
 
     async def _step(self) -> None:
+        if kafka_attempts.recovering(self._partitions.values()):
+            await self._recover_step()
+            return
         await self._release_due()
         if self._unsettled >= self._prefetch:
             await self._wait_for_room()
@@ -315,6 +256,7 @@ class KafkaConsumer:
             timeout = min(timeout, max(self._held[0].due - time.time(), 0.0))
         batch = await self._kafka.getmany(timeout_ms=int(timeout * 1000), max_records=self._prefetch - self._unsettled)
         self._healthy = True
+        await self._attempts.mark(batch, self._partitions)
         for tp, records in batch.items():
             partition = self._partitions.get(tp)
             if partition is None:
@@ -346,6 +288,9 @@ class KafkaConsumer:
             wanted = {tp for tp in self._partitions if tp.topic == self.retry_topic} | self._draining
         else:
             wanted = set(self._draining)
+        if kafka_attempts.recovering(self._partitions.values()):  # read only those, one record at a time
+            wanted.update(tp for tp, p in self._partitions.items() if p.suspect < 0)
+        wanted.update(tp for tp, p in self._partitions.items() if p.loading)
         if wanted == self._paused:
             return
         if resume := self._paused - wanted:
@@ -354,14 +299,50 @@ class KafkaConsumer:
             self._kafka.pause(*pause)
         self._paused = wanted
 
-    async def _accept(self, partition: kafka_offsets.PartitionOffsets, record: Any) -> None:
+    async def _recover_step(self) -> None:
+        """Recovery: hand out the previous owner's records one at a time, each counted.
+
+        Before each record its attempt is counted in the mark, durably; so a
+        record that kills the worker is named by the mark, and its attempts
+        grow by one per crash until the runtime dead-letters it. Nothing else
+        is out meanwhile (a crash must not be blamed on another record).
+        """
+        self._full = bool(self._unsettled)
+        if self._unsettled:  # wait for the record out to settle, polling (all paused) to stay in the group
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), _POLL_SECONDS)
+            except TimeoutError:
+                self._sync_pauses()
+                await self._kafka.getmany(timeout_ms=0)
+                self._healthy = True
+            return
+        await self._attempts.end_recoveries(self._partitions.values())
+        self._sync_pauses()
+        if not kafka_attempts.recovering(self._partitions.values()):
+            return
+        batch = await self._kafka.getmany(timeout_ms=int(_POLL_SECONDS * 1000), max_records=1)
+        self._healthy = True
+        for tp, records in batch.items():
+            partition = self._partitions.get(tp)
+            if partition is None or partition.draining or not records:
+                continue
+            if partition.suspect < records[0].offset:  # past the recovered records: the normal path
+                await self._attempts.mark(batch, self._partitions)
+            await self._accept(partition, records[0], count=partition.suspect >= records[0].offset)
+
+    async def _accept(self, partition: kafka_offsets.PartitionOffsets, record: Any, *, count: bool = False) -> None:
         message, attempt, not_before = kafka_delivery.from_record(record, trusted=record.topic == self.retry_topic)
-        partition.take(record.offset)
-        held = kafka_delivery.Held(not_before / 1000, next(self._seq), partition, record.offset, message, attempt)
-        if not_before and held.due > time.time():
+        offset = record.offset
+        held = kafka_delivery.Held(not_before / 1000, next(self._seq), partition, offset, message, attempt)
+        if not_before and held.due > time.time():  # not due: it cannot have run before either
+            partition.take(offset)
             heapq.heappush(self._held, held)
-        else:
-            await self._hand_out(held)
+            return
+        if count:
+            held.attempt = max(attempt, await self._attempts.count(partition, offset))
+        partition.take(offset)
+        await self._hand_out(held)
 
     async def _release_due(self) -> None:
         now = time.time()

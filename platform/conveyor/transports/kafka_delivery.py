@@ -96,6 +96,25 @@ class KafkaDelivery:
         self.message = held.message
         self.attempt = held.attempt
 
+    def claim(self) -> bool:
+        """Called by the runtime right before the handler starts; False: skip the delivery.
+
+        False once the record's partition is being revoked or was revoked, or
+        the consumer closed: its next owner runs it, so the delivery is
+        released without being settled (acking or nacking it afterwards raises
+        ``TransportError``). True otherwise; the attempt is then *running*: if
+        the member lets the partition go before it settles, the attempt counts
+        (see :mod:`conveyor.transports.kafka_attempts`).
+        """
+        partition = self._partition
+        if self._settled or partition.draining or partition.revoked or self._consumer.closed:
+            if not self._settled:
+                self._settled = True
+                self._consumer.release(partition)
+            return False
+        partition.running[self._offset] = self.attempt
+        return True
+
     async def ack(self) -> None:
         """Commit the record's offset once every earlier record of its partition is settled.
 
@@ -106,6 +125,7 @@ class KafkaDelivery:
         """
         self._check()
         self._settled = True
+        self._partition.finish(self._offset)
         committed = self._consumer.settle(self._partition, self._offset)
         if committed is not None:
             await asyncio.shield(committed)  # shared by the acks of a round
@@ -127,6 +147,7 @@ class KafkaDelivery:
         self._check()
         self._settled = True
         consumer, partition = self._consumer, self._partition
+        partition.finish(self._offset)
         if partition.revoked:  # the new owner redelivers the record: a copy would run it twice
             raise consumer.drop(partition)
         not_before = time.time() + max(delay, 0.0)

@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka import errors as kafka_errors
 
 from conveyor import errors
+from conveyor.transports import kafka_marks
 
 log = logging.getLogger("conveyor.transports.kafka")
 
@@ -51,9 +52,17 @@ class PartitionOffsets:
         out: deliveries handed out and not settled yet.
         draining: a revocation began: hand nothing more out.
         revoked: the partition is gone: settle nothing more.
+        loading: its committed offset and attempt mark are being read: fetch nothing yet.
+        marked: highest offset the durable attempt mark covers (-1: none).
+        suspect: recovery runs through this offset (-1: not recovering): the
+            previous owner died with records up to here handed out.
+        tries: attempts known to have started and never settled, by offset
+            (from the mark, and counted here during recovery).
+        running: attempt of each delivery whose handler started and that is not settled, by offset.
     """
 
-    __slots__ = ("draining", "out", "revoked", "settled", "taken", "tp")
+    __slots__ = ("draining", "loading", "marked", "out", "revoked", "running", "settled", "suspect", "taken", "tp",
+                 "tries")  # fmt: skip
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
@@ -62,9 +71,54 @@ class PartitionOffsets:
         self.out = 0
         self.draining = False
         self.revoked = False
+        self.loading = True
+        self.marked = -1
+        self.suspect = -1
+        self.tries: dict[int, int] = {}
+        self.running: dict[int, int] = {}
+
+    def restore(self, committed: int | None, mark: kafka_marks.Mark) -> None:
+        """Take over from the previous owner: recover if it died with records in hand."""
+        self.loading = False
+        if mark.through < (committed or 0):  # no commit yet: the group started at the log's start
+            return  # nothing was handed out beyond what is committed: a clean handover
+        self.suspect = self.marked = mark.through
+        if mark.offset >= (committed or 0):
+            self.tries[mark.offset] = mark.tries
+
+    def mark(self, through: int, *, running: bool = False) -> kafka_marks.Mark:
+        """The mark to write before handing out records up to ``through``.
+
+        Args:
+            through: highest offset handed out (or about to be).
+            running: count the attempts running now too (when letting go of them).
+        """
+        known = dict(self.tries)
+        if running:
+            known.update((o, max(a, known.get(o, 0))) for o, a in self.running.items())
+        if not known:
+            return kafka_marks.Mark(through)
+        first = min(known)
+        return kafka_marks.Mark(max(through, *known), first, known[first])
+
+    def handover(self) -> kafka_marks.Mark:
+        """The mark a member writes when it lets the partition go gracefully.
+
+        Records that never started need no mark (the next owner runs them as
+        new); attempts that started and never settled, and an unfinished
+        recovery, are passed on.
+        """
+        if self.suspect < 0 and not self.running and not self.tries:
+            return kafka_marks.CLEAN
+        return self.mark(self.suspect, running=True)
 
     def take(self, offset: int) -> None:
         self.taken.append(offset)
+
+    def finish(self, offset: int) -> None:
+        """The delivery of ``offset`` was acked or nacked: its attempt ended."""
+        self.running.pop(offset, None)
+        self.tries.pop(offset, None)
 
     def settle(self, offset: int) -> int | None:
         """Mark ``offset`` done; return the offset to commit if the settled prefix grew."""

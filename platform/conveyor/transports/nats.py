@@ -287,7 +287,8 @@ class NatsTransport:
             name=durable, durable_name=durable, description=f"conveyor subscription {subscription.name}",
             filter_subject=self.subject(subscription.topic), deliver_policy=api.DeliverPolicy.ALL,
             ack_policy=api.AckPolicy.EXPLICIT, ack_wait=subscription.ack_wait,
-            max_deliver=subscription.max_deliveries, inactive_threshold=self._inactive_threshold,
+            max_deliver=-1 if subscription.max_deliveries is None else subscription.max_deliveries,
+            inactive_threshold=self._inactive_threshold,
         )  # fmt: skip
 
     async def reconcile(self, subscription: ports.Subscription) -> None:

@@ -6,7 +6,10 @@ Wire names, documented so that other services can publish without Conveyor:
   ``exchange`` argument);
 * a subscription is the durable quorum queue ``conveyor.<name>``, bound to its
   topic, with ``x-delivery-limit`` = ``max_deliveries`` as a backstop against
-  redelivery loops;
+  redelivery loops; one without a delivery limit (``max_deliveries=None``: the
+  keepers of dead letters, ``<topic>.dlq``) is the durable classic queue
+  ``conveyor-kept.<name>``, and a declare moves what a keeper of an earlier
+  version holds in ``conveyor.<name>`` into it;
 * CloudEvents binary mode (AMQP binding on 0-9-1): attributes in the headers
   table with the prefix ``cloudEvents_``, ``datacontenttype`` in the
   ``content_type`` property, the ordering key in the header ``conveyor-key``.
@@ -34,12 +37,8 @@ The attempt of a delivery is that header plus the quorum queue's
 ``x-delivery-count`` (returns after a consumer died). Tiers are quorum queues
 that dead-letter at-least-once (see :mod:`conveyor.transports.rabbit_wire`).
 
-Topology is reconciled by :meth:`RabbitTransport.declare`. RabbitMQ keeps old
-bindings and AMQP 0-9-1 cannot list them, so each subscription's bound topic is
-recorded as a message in its classic queue ``conveyor-binding.<name>``; a
-declare reads the records, records the new topic, binds it and unbinds the old
-ones, and only then acks the old records (a crash in between leaves records to
-clean up next time, never an unknown binding).
+Topology is reconciled by :meth:`RabbitTransport.declare`; each subscription's
+bound topic is recorded in the classic queue ``conveyor-binding.<name>``.
 
 Reconnects are our own loop: aio-pika's robust connection has a history of
 consumers that do not come back after a broker restart. On connection loss the
@@ -47,14 +46,15 @@ transport reconnects with backoff and every consumer opens a new channel and
 consumes again; deliveries of the lost channel are redelivered by the broker.
 
 The message mapping and delay tiers live in :mod:`conveyor.transports.rabbit_wire`,
-the consumers in :mod:`conveyor.transports.rabbit_consume`.
+the consumers in :mod:`conveyor.transports.rabbit_consume`, queue names and
+arguments, binding records and the move of old keepers in
+:mod:`conveyor.transports.rabbit_queues`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 
@@ -63,11 +63,10 @@ import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
-from pamqp.common import FieldTable
 
 from conveyor import errors, names, ports
 from conveyor.envelope import AMQP_PREFIX, WireMessage
-from conveyor.transports import rabbit_consume, rabbit_wire
+from conveyor.transports import rabbit_consume, rabbit_queues, rabbit_wire
 
 log = logging.getLogger("conveyor.transports.rabbit")
 
@@ -116,11 +115,19 @@ class RabbitTransport:
         self._supervisor: asyncio.Task[None] | None = None
         self._consumers: list[rabbit_consume.RabbitConsumer] = []
         self._tiers_declared: set[int] = set()
+        self._kept: set[str] = set()  # subscriptions last declared without a delivery limit
         self._publishing: dict[str, asyncio.Event] = {}  # message id -> its publish is done
 
-    def queue_name(self, subscription: str) -> str:
-        """The queue of a subscription: ``<exchange>.<name>``."""
-        return f"{self.exchange}.{subscription}"
+    def queue_name(self, subscription: str | ports.Subscription) -> str:
+        """The queue of a subscription: ``<exchange>.<name>``, or ``<exchange>-kept.<name>`` without a delivery limit.
+
+        Given only a name, the queue this transport last declared for it.
+        """
+        if isinstance(subscription, ports.Subscription):
+            name, kept = subscription.name, subscription.max_deliveries is None
+        else:
+            name, kept = subscription, subscription in self._kept
+        return rabbit_queues.queue_name(self.exchange, name, kept=kept)
 
     # -- connection ----------------------------------------------------------------
 
@@ -331,6 +338,9 @@ class RabbitTransport:
     async def declare(self, topics: Sequence[str], subscriptions: Sequence[ports.Subscription]) -> None:
         """Declare the exchange and each subscription's queue, and reconcile its binding.
 
+        A subscription without a delivery limit (a keeper) also takes over what
+        its quorum queue of earlier versions holds (see :mod:`~conveyor.transports.rabbit_queues`).
+
         Raises:
             ConfigurationError: a topic or subscription name is invalid.
             TransportError: RabbitMQ refused the topology (for instance a queue
@@ -346,41 +356,20 @@ class RabbitTransport:
         for subscription in subscriptions:
             try:
                 async with self._topology() as channel:
-                    await self._declare_subscription(channel, subscription)
+                    await rabbit_queues.declare(channel, self.exchange, subscription, self.timeout)
             except errors.TransportError as exc:
                 if isinstance(exc.__cause__, aiormq.exceptions.ChannelPreconditionFailed):
-                    raise errors.TransportError(self._explain(subscription, exc.__cause__)) from exc.__cause__
+                    queue = self.queue_name(subscription)
+                    raise errors.TransportError(
+                        rabbit_queues.explain(subscription, queue, exc.__cause__)
+                    ) from exc.__cause__
                 raise
-
-    async def _declare_subscription(self, channel: AbstractChannel, sub: ports.Subscription) -> None:
-        exchange = self.exchange
-        args: FieldTable = {"x-queue-type": "quorum", "x-delivery-limit": sub.max_deliveries}
-        queue = await channel.declare_queue(self.queue_name(sub.name), durable=True, arguments=args)
-        record = await channel.declare_queue(f"{self.exchange}-binding.{sub.name}", durable=True)
-        held = []
-        get = functools.partial(record.get, no_ack=False, fail=False, timeout=self.timeout)
-        while (kept := await get()) is not None:
-            held.append(kept)
-        await channel.default_exchange.publish(
-            aio_pika.Message(sub.topic.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=record.name, timeout=self.timeout,
-        )  # fmt: skip
-        await queue.bind(exchange, routing_key=sub.topic)
-        for old in {m.body.decode() for m in held} - {sub.topic}:
-            await queue.unbind(exchange, routing_key=old)
-            log.info("%s moved from topic %s to %s: unbound the old one", sub.name, old, sub.topic)
-        for kept in held:
-            await kept.ack()
-
-    def _explain(self, sub: ports.Subscription, exc: BaseException) -> str:
-        queue = self.queue_name(sub.name)
-        return (
-            f"RabbitMQ refused to declare queue {queue!r} of subscription {sub.name!r}: {exc}. "
-            f"Conveyor declares it as a quorum queue with x-delivery-limit={sub.max_deliveries} "
-            "(max_deliveries, derived from max_attempts); an existing queue's arguments cannot "
-            "change. Keep the previous setting, or migrate: stop the consumers, let the queue "
-            f"drain, delete it (rabbitmqctl delete_queue {queue}) and start again."
-        )
+            if subscription.max_deliveries is None:
+                self._kept.add(subscription.name)
+                connection = await self.wait_connected()
+                await rabbit_queues.move_old_keeper(connection, self.exchange, subscription, self.timeout)
+            else:
+                self._kept.discard(subscription.name)
 
     # -- consuming and health --------------------------------------------------------
 

@@ -130,14 +130,18 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
     headers: dict[str, str] = {}
     key = due = None
     attempt, returns = 1, 0
+    # The broker sets x-delivery-count only on a redelivery; on a first delivery the header is a producer's.
+    redelivered = bool(raw.redelivered)
     for name, value in (props.headers or {}).items():
+        if value is None:
+            continue  # an AMQP void is no value: a null attribute is a missing one
         if name not in _INTERNAL:
             headers[name] = _text(value)
         elif name == KEY_HEADER:
             key = _text(value)
         elif name == ATTEMPT_HEADER and trusted:
             attempt = _int(value, 1)
-        elif name == DELIVERY_COUNT:
+        elif name == DELIVERY_COUNT and redelivered:
             returns = _int(value, 0)
         elif name == DUE_HEADER and trusted:
             due = _int(value, 0)

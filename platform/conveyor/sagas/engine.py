@@ -1,0 +1,352 @@
+"""How a saga instance moves: each signal (start, reply, timer, operator action) is one transition.
+
+A transition reads the instance, decides, and returns what to persist and send:
+the new instance (its version one higher), the commands and timers to publish,
+and the entries for the step log. The caller runs it inside one database
+transaction with the inbox row of the message that caused it and the outbox
+rows of what it sends, and saves the instance only if its version did not
+move (optimistic concurrency): a transition is applied once or not at all.
+
+Replies and timers carry the *token* of the command or timer they answer; an
+instance waits for one token at a time, so a duplicate, stale, late or
+out-of-order signal finds another token (or a finished instance) and changes
+nothing beyond a log entry.
+
+Failure rules:
+
+* a step's failure reply: the completed steps before it are undone;
+* a step's timeout, or an operator's abort while it waits: the completed steps
+  *and this one* are undone (the participant may have acted late);
+* a local step that raises: the steps before it are undone (its own writes
+  were rolled back to a savepoint by the caller);
+* an undo that fails (failure reply, no reply in time, or a raising local
+  undo) is retried with doubling backoff; after ``max_undo_attempts`` the saga
+  is parked as ``failed`` until an operator retries it.
+
+Errors of the store (:class:`~conveyor.errors.StoreError`) raised by a local
+function are not the step's fault: they propagate, the transition is not
+saved, and the message that caused it is retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pydantic
+
+from conveyor import errors
+from conveyor.sagas import definition
+
+UNDO_REPLY_TIMEOUT = 300.0
+"""Seconds to wait for an undo's reply when its step declares no timeout."""
+UNDO_BACKOFF_CAP = 600.0
+
+
+class Status(enum.StrEnum):
+    """Where an instance is."""
+
+    RUNNING = "running"
+    COMPENSATING = "compensating"
+    COMPLETED = "completed"
+    COMPENSATED = "compensated"
+    FAILED = "failed"
+    """Parked: an undo kept failing; ``conveyor sagas retry`` resumes it."""
+
+    @property
+    def finished(self) -> bool:
+        """Completed or compensated: no signal changes it any more."""
+        return self in (Status.COMPLETED, Status.COMPENSATED)
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A saga instance as persisted.
+
+    Attributes:
+        saga: the saga's name.
+        id: the instance id (also the correlation id of its messages).
+        state: the state, as JSON-compatible data.
+        status: where it is.
+        step: the index of the step running or being undone.
+        waiting: the token of the reply or timer it waits for, if any.
+        sent: how many tokens it has issued (the next token is ``sent + 1``).
+        undo_attempts: failed attempts of the current undo.
+        error: why it is compensating or parked.
+        version: bumped by every saved transition.
+        deadline: when the awaited reply times out or the next undo retry is due
+            (aware UTC), if a timer is set; for operators (the timer itself is a
+            delayed message).
+    """
+
+    saga: str
+    id: str
+    state: dict[str, Any]
+    status: Status = Status.RUNNING
+    step: int = 0
+    waiting: str | None = None
+    sent: int = 0
+    undo_attempts: int = 0
+    error: str | None = None
+    version: int = 0
+    deadline: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """A command to publish: a step's (``kind="do"``) or its undo's (``"undo"``)."""
+
+    topic: str
+    payload: Any
+    token: str
+    step: str
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """A message to the saga itself after ``delay`` seconds: a reply ``timeout`` or an undo ``retry``."""
+
+    token: str
+    delay: float
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One line of an instance's step log."""
+
+    step: str
+    event: str
+    detail: str | None = None
+    token: str | None = None
+
+
+@dataclass(slots=True)
+class Transition:
+    """What one signal did: ``instance`` is ``None`` when nothing changed."""
+
+    instance: Instance | None
+    sends: list[Send] = field(default_factory=list)
+    timers: list[Timer] = field(default_factory=list)
+    log: list[Entry] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Whether there is something to save."""
+        return self.instance is not None
+
+
+RunLocal = Callable[[definition.Local, pydantic.BaseModel], Awaitable[None]]
+"""Runs a local step or undo in the saga's transaction, rolling its own writes back if it raises."""
+
+
+class _Run:
+    def __init__(self, saga: definition.Saga[Any], instance: Instance, run_local: RunLocal) -> None:
+        self.saga = saga
+        self.i = instance
+        self.state = saga.state.model_validate(instance.state)
+        self.run_local = run_local
+        self.out = Transition(None)
+
+    def done(self) -> Transition:
+        state = self.state.model_dump(mode="json")
+        timers = [t for t in self.out.timers if t.token == self.i.waiting]
+        deadline = datetime.now(UTC) + timedelta(seconds=timers[-1].delay) if timers else None
+        self.out.instance = dataclasses.replace(self.i, state=state, version=self.i.version + 1, deadline=deadline)
+        return self.out
+
+    def _set(self, **changes: Any) -> None:
+        self.i = dataclasses.replace(self.i, **changes)
+
+    def _token(self) -> str:
+        self._set(sent=self.i.sent + 1)
+        return str(self.i.sent)
+
+    def _log(
+        self, step: definition.Step | None, event: str, detail: str | None = None, token: str | None = None
+    ) -> None:
+        self.out.log.append(Entry(step.name if step else "", event, detail, token))
+
+    async def advance(self) -> None:
+        steps = self.saga.steps
+        while self.i.status is Status.RUNNING:
+            if self.i.step >= len(steps):
+                self._set(status=Status.COMPLETED, waiting=None)
+                self._log(None, "completed")
+                return
+            step = steps[self.i.step]
+            if step.local is None:
+                assert step.send is not None and step.build is not None
+                token = self._token()
+                self.out.sends.append(Send(step.send, step.build(self.state), token, step.name, "do"))
+                if step.timeout is not None:
+                    self.out.timers.append(Timer(token, step.timeout, "timeout"))
+                self._set(waiting=token)
+                self._log(step, "sent", step.send, token)
+                return
+            try:
+                await self.run_local(step.local, self.state)
+            except errors.StoreError:
+                raise
+            except Exception as exc:  # the step's own failure: undo what came before
+                self._log(step, "failed", _describe(exc))
+                await self.compensate(self.i.step - 1, f"step {step.name!r} failed: {_describe(exc)}")
+                return
+            self._log(step, "done")
+            self._set(step=self.i.step + 1)
+
+    async def compensate(self, last: int, error: str) -> None:
+        self._set(status=Status.COMPENSATING, step=last, waiting=None, undo_attempts=0, error=error)
+        self._log(None, "compensating", error)
+        await self.undo_next()
+
+    async def undo_next(self) -> None:
+        while self.i.step >= 0:
+            step = self.saga.steps[self.i.step]
+            if not step.has_undo:
+                self._set(step=self.i.step - 1)
+                continue
+            if step.undo_local is not None:
+                try:
+                    await self.run_local(step.undo_local, self.state)
+                except errors.StoreError:
+                    raise
+                except Exception as exc:
+                    self.undo_failed(step, _describe(exc))
+                    return
+                self._log(step, "undone")
+                self._set(step=self.i.step - 1, undo_attempts=0)
+                continue
+            assert step.undo_topic is not None
+            build = step.undo_build or step.build
+            assert build is not None
+            token = self._token()
+            self.out.sends.append(Send(step.undo_topic, build(self.state), token, step.name, "undo"))
+            self.out.timers.append(Timer(token, step.timeout or UNDO_REPLY_TIMEOUT, "timeout"))
+            self._set(waiting=token)
+            self._log(step, "undo sent", step.undo_topic, token)
+            return
+        self._set(status=Status.COMPENSATED, waiting=None)
+        self._log(None, "compensated")
+
+    def undo_failed(self, step: definition.Step, error: str) -> None:
+        attempts = self.i.undo_attempts + 1
+        self._set(undo_attempts=attempts, waiting=None)
+        if attempts >= self.saga.max_undo_attempts:
+            reason = f"the undo of step {step.name!r} failed {attempts} times; last error: {error}"
+            self._set(status=Status.FAILED, error=reason)
+            self._log(step, "parked", reason)
+            return
+        delay = min(self.saga.undo_backoff * 2 ** (attempts - 1), UNDO_BACKOFF_CAP)
+        token = self._token()
+        self.out.timers.append(Timer(token, delay, "retry"))
+        self._set(waiting=token)
+        self._log(step, "undo failed", f"{error}; retry {attempts + 1} in {delay:g}s", token)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _ignored(instance: Instance, what: str, token: str | None) -> Transition:
+    reason = f"ignored {what}: the instance is {instance.status.value}, waiting for {instance.waiting or 'nothing'}"
+    return Transition(None, log=[Entry("", "ignored", reason, token)])
+
+
+async def start(
+    saga: definition.Saga[Any], instance_id: str, state: pydantic.BaseModel, run_local: RunLocal
+) -> Transition:
+    """A new instance, run until its first wait (or its end)."""
+    run = _Run(saga, Instance(saga.name, instance_id, state.model_dump(mode="json")), run_local)
+    run._log(None, "started")
+    await run.advance()
+    return run.done()
+
+
+async def reply(
+    saga: definition.Saga[Any], instance: Instance, token: str, ok: bool, payload: Any, run_local: RunLocal
+) -> Transition:
+    """A participant's reply to the command that carried ``token``."""
+    if instance.waiting != token or instance.status not in (Status.RUNNING, Status.COMPENSATING):
+        return _ignored(instance, f"{'a success' if ok else 'a failure'} reply", token)
+    run = _Run(saga, instance, run_local)
+    step = saga.steps[instance.step]
+    run._set(waiting=None)
+    if instance.status is Status.RUNNING:
+        if ok:
+            if step.on_reply is not None:
+                step.on_reply(run.state, payload)
+            run._log(step, "replied", None, token)
+            run._set(step=instance.step + 1)
+            await run.advance()
+        else:
+            run._log(step, "failed", _reason(payload), token)
+            await run.compensate(instance.step - 1, f"step {step.name!r} failed: {_reason(payload)}")
+    elif ok:
+        run._log(step, "undone", None, token)
+        run._set(step=instance.step - 1, undo_attempts=0)
+        await run.undo_next()
+    else:
+        run.undo_failed(step, _reason(payload))
+    return run.done()
+
+
+async def timer(
+    saga: definition.Saga[Any], instance: Instance, token: str, kind: str, run_local: RunLocal
+) -> Transition:
+    """A timer the instance set: a reply ``timeout`` or an undo ``retry``."""
+    if instance.waiting != token or instance.status not in (Status.RUNNING, Status.COMPENSATING):
+        return _ignored(instance, f"a {kind} timer", token)
+    run = _Run(saga, instance, run_local)
+    step = saga.steps[instance.step]
+    run._set(waiting=None)
+    if kind == "retry":
+        await run.undo_next()
+    elif instance.status is Status.RUNNING:
+        reason = f"step {step.name!r} got no reply within {step.timeout:g}s"
+        run._log(step, "timed out", reason, token)
+        await run.compensate(instance.step, reason)
+    else:
+        run.undo_failed(step, f"no reply to the undo within {step.timeout or UNDO_REPLY_TIMEOUT:g}s")
+    return run.done()
+
+
+async def resume(saga: definition.Saga[Any], instance: Instance, run_local: RunLocal) -> Transition:
+    """An operator's retry of a parked (``failed``) instance: its undos run again from where they stopped.
+
+    Raises:
+        ConfigurationError: the instance is not parked.
+    """
+    if instance.status is not Status.FAILED:
+        raise errors.ConfigurationError(f"saga {saga.name} {instance.id} is {instance.status.value}, not failed")
+    run = _Run(saga, instance, run_local)
+    run._set(status=Status.COMPENSATING, undo_attempts=0)
+    run._log(None, "retried", "by an operator")
+    await run.undo_next()
+    return run.done()
+
+
+async def abort(saga: definition.Saga[Any], instance: Instance, run_local: RunLocal) -> Transition:
+    """An operator's abort of a running instance: what it did is undone, the waiting step included.
+
+    Raises:
+        ConfigurationError: the instance is not running.
+    """
+    if instance.status is not Status.RUNNING:
+        raise errors.ConfigurationError(f"saga {saga.name} {instance.id} is {instance.status.value}, not running")
+    run = _Run(saga, instance, run_local)
+    last = instance.step if instance.waiting is not None else instance.step - 1
+    await run.compensate(last, "aborted by an operator")
+    return run.done()
+
+
+def _reason(payload: Any) -> str:
+    if isinstance(payload, dict) and isinstance(payload.get("reason"), str):
+        return str(payload["reason"])[:1000]
+    return repr(payload)[:1000]

@@ -1,0 +1,82 @@
+"""The saga persistence port: instances with a version, and their step logs.
+
+``event_store`` implements it on SQL; :class:`conveyor.testing.sagas.MemorySagaStore`
+in memory. Every write takes the caller's transaction handle (``tx``): a saga
+transition is saved in the same transaction as the inbox row of the message
+that caused it and the outbox rows of the commands it sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from conveyor.sagas import engine
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRecord:
+    """A stored instance and when it was created and last changed (aware UTC)."""
+
+    instance: engine.Instance
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One stored line of an instance's step log."""
+
+    at: datetime
+    entry: engine.Entry
+
+
+class SagaStore(Protocol):
+    """Saga instances and their step logs.
+
+    Concurrency: :meth:`save` is a compare-and-set on the version, so of two
+    transitions computed from the same version, one is saved and the other
+    raises :class:`~conveyor.errors.ConcurrencyConflict` (its transaction
+    is rolled back and its message retried).
+    """
+
+    async def load(self, tx: Any, saga: str, instance_id: str) -> SagaRecord | None:
+        """The instance, or None."""
+        ...
+
+    async def create(self, tx: Any, instance: engine.Instance) -> bool:
+        """Insert a new instance (its version as given); False if ``(saga, id)`` exists (nothing changed).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
+    async def save(self, tx: Any, instance: engine.Instance) -> None:
+        """Replace the stored instance whose version is ``instance.version - 1``.
+
+        Raises:
+            ConcurrencyConflict: the stored version is another one (a concurrent transition won).
+            StoreError: the database failed.
+        """
+        ...
+
+    async def log(self, tx: Any, saga: str, instance_id: str, entries: Sequence[engine.Entry]) -> None:
+        """Append lines to the instance's step log."""
+        ...
+
+    async def find(
+        self, tx: Any, *, saga: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[SagaRecord]:
+        """Instances, most recently changed first, optionally of one saga and status."""
+        ...
+
+    async def history(self, tx: Any, saga: str, instance_id: str, limit: int = 1000) -> list[LogRecord]:
+        """The instance's step log, oldest first."""
+        ...
+
+    async def counts(self, tx: Any) -> dict[tuple[str, str], int]:
+        """How many instances each ``(saga, status)`` has."""
+        ...

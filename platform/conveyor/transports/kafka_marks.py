@@ -1,0 +1,168 @@
+"""Attempt marks of the Kafka consumer: what a member had handed out when it died.
+
+Kafka keeps no delivery count: a record that kills its worker (a segfault, an
+OOM kill) before it is nacked comes back from the committed offset with the
+same headers, forever. So a member records, durably and *before* handing
+records out, how far it handed them out; the partition's next owner compares
+that *mark* with the group's committed offset and knows whether the previous
+owner died with records in hand (see :mod:`conveyor.transports.kafka`).
+
+Where marks are kept: in the committed offsets of a *shadow* consumer group,
+``_conveyor.attempts.<subscription name>``, one per partition of the
+subscription's topics. The group is never joined; its offsets are committed
+and fetched as a standalone consumer would (generation -1). The committed
+"offset" is not an offset but a :class:`Mark` packed into 63 bits. Commit
+metadata would be the natural place, but Tansu (the broker of our tests) drops
+it (measured with Tansu 0.6.0: ``OffsetFetch`` returns ``""``), and offsets of
+a second group work on every Kafka-protocol broker. Marks are not fenced by
+the group generation: a member that lost its partitions without noticing can
+still write one; the worst outcome is a needless recovery pass or a miscounted
+attempt, never a lost record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import errors as kafka_errors
+from aiokafka.structs import OffsetAndMetadata
+
+from conveyor import errors
+
+log = logging.getLogger("conveyor.transports.kafka")
+
+SHADOW_PREFIX = "_conveyor.attempts."
+_TRIES_BITS = 6  # attempts counted up to 63
+_DISTANCE_BITS = 10  # the counted record lies at most 1023 offsets before `through`
+_MAX_TRIES = (1 << _TRIES_BITS) - 1
+_MAX_DISTANCE = (1 << _DISTANCE_BITS) - 1
+_SHIFT = _TRIES_BITS + _DISTANCE_BITS
+
+
+def shadow_group(subscription: str) -> str:
+    """The consumer group whose committed offsets hold the marks of ``subscription``."""
+    return SHADOW_PREFIX + subscription
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mark:
+    """How far a member handed records of one partition out, and one record's known attempts.
+
+    Attributes:
+        through: offset up to which records may have been handed out (or held),
+            fates unknown; -1: none.
+        offset: a record at or before ``through`` whose attempts are known; -1: none.
+        tries: attempts of ``offset`` that started and never settled (0 with no ``offset``).
+    """
+
+    through: int = -1
+    offset: int = -1
+    tries: int = 0
+
+    def encode(self) -> int:
+        """The mark as a non-negative 63-bit integer (0 = nothing handed out)."""
+        if self.through < 0:
+            return 0
+        distance = self.through - self.offset
+        if self.offset < 0 or self.tries <= 0 or not 0 <= distance <= _MAX_DISTANCE:
+            distance, tries = 0, 0
+        else:
+            tries = min(self.tries, _MAX_TRIES)
+        return ((self.through + 1) << _SHIFT) | (distance << _TRIES_BITS) | tries
+
+    @classmethod
+    def decode(cls, value: int) -> Mark:
+        """The mark an :meth:`encode` result stands for (anything <= 0: no mark)."""
+        if value <= 0:
+            return CLEAN
+        through = (value >> _SHIFT) - 1
+        tries = value & _MAX_TRIES
+        if through < 0:
+            return CLEAN
+        if not tries:
+            return cls(through)
+        return cls(through, through - ((value >> _TRIES_BITS) & _MAX_DISTANCE), tries)
+
+
+CLEAN = Mark()
+
+
+class MarkStore:
+    """Reads and writes the marks of one subscription (and the group's committed offsets).
+
+    Args:
+        kafka: the subscription's started group consumer (for its committed offsets).
+        shadow: an unstarted ``AIOKafkaConsumer`` whose ``group_id`` is :func:`shadow_group`.
+        timeout: seconds a read or write may take before it counts as failed.
+    """
+
+    def __init__(self, kafka: AIOKafkaConsumer, shadow: AIOKafkaConsumer, timeout: float) -> None:
+        self._kafka = kafka
+        self._shadow = shadow
+        self._timeout = timeout
+        self._started = False
+
+    async def start(self) -> None:
+        """Connect the shadow client (it never subscribes, so it never joins its group)."""
+        try:
+            await self._shadow.start()
+        except BaseException:
+            await self._shadow.stop()
+            raise
+        self._started = True
+
+    async def stop(self) -> None:
+        """Disconnect the shadow client; idempotent."""
+        if self._started:
+            self._started = False
+            await self._shadow.stop()
+
+    async def load(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, tuple[int | None, Mark]]:
+        """The group's committed offset (None: never committed) and the mark of each partition.
+
+        Raises:
+            TransientTransportError: the broker did not answer in time.
+        """
+        wanted = set(tps)
+        committed, marks = await asyncio.gather(
+            self._fetch(self._kafka, wanted, "committed offsets"), self._fetch(self._shadow, wanted, "attempt marks")
+        )
+        found = {tp: Mark.decode(marks[tp].offset) for tp in marks}
+        return {tp: (committed[tp].offset if tp in committed else None, found.get(tp, CLEAN)) for tp in wanted}
+
+    async def save(self, marks: dict[TopicPartition, Mark]) -> None:
+        """Write marks durably (the broker acknowledged them when this returns).
+
+        Raises:
+            TransientTransportError: the write failed or timed out.
+        """
+        if not marks:
+            return
+        offsets = {tp: OffsetAndMetadata(mark.encode(), "") for tp, mark in marks.items()}
+        try:
+            # Private API, in this one place: aiokafka's public commit() only commits
+            # partitions assigned to the consumer, and the shadow group has no members.
+            # commit_offsets retries retriable errors without end: bound it.
+            await asyncio.wait_for(_coordinator(self._shadow).commit_offsets(None, offsets), self._timeout)
+        except (kafka_errors.KafkaError, OSError, TimeoutError) as exc:
+            raise errors.TransientTransportError(f"writing Kafka attempt marks failed: {exc!r}") from exc
+
+    async def _fetch(self, kafka: AIOKafkaConsumer, tps: set[TopicPartition], what: str) -> dict[Any, Any]:
+        try:
+            # Private API, in this one place: fetch_committed_offsets answers for many
+            # partitions in one request and returns the metadata too.
+            return dict(await asyncio.wait_for(_coordinator(kafka).fetch_committed_offsets(tps), self._timeout))
+        except (kafka_errors.KafkaError, OSError, TimeoutError) as exc:
+            raise errors.TransientTransportError(f"reading Kafka {what} failed: {exc!r}") from exc
+
+
+def _coordinator(kafka: AIOKafkaConsumer) -> Any:
+    coordinator = getattr(kafka, "_coordinator", None)
+    if coordinator is None:
+        raise errors.TransportError("the Kafka consumer has no group coordinator (not started?)")
+    return coordinator

@@ -1,0 +1,182 @@
+"""Saga transitions: steps in order, undo in reverse, stale signals ignored, undo retries bounded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+import pytest
+from conveyor import errors
+from conveyor.sagas import definition, engine
+from conveyor.sagas.engine import Status
+
+
+class Order(pydantic.BaseModel):
+    order_id: str
+    charge_id: str | None = None
+    noted: list[str] = []
+
+
+def make(max_undo_attempts: int = 3, local_fails: bool = False) -> definition.Saga[Order]:
+    saga = definition.Saga("shop.checkout", Order, id=lambda s: s.order_id, max_undo_attempts=max_undo_attempts)
+
+    @saga.step(send="billing.charge", undo="billing.refund", timeout=30)
+    def charge(s: Order) -> dict[str, Any]:
+        return {"order_id": s.order_id}
+
+    @charge.replied
+    def charged(s: Order, reply: dict[str, Any]) -> None:
+        s.charge_id = reply["charge_id"]
+
+    @saga.step(send="inventory.reserve", undo="inventory.release")
+    def reserve(s: Order) -> dict[str, Any]:
+        return {"order_id": s.order_id}
+
+    async def unnote(s: Order, tx: object) -> None:
+        s.noted.remove("confirmed")
+
+    @saga.step(undo=unnote)
+    async def confirm(s: Order, tx: object) -> None:
+        s.noted.append("confirmed")
+
+    @saga.step()
+    async def finish(s: Order, tx: object) -> None:
+        if local_fails:
+            raise RuntimeError("no")
+
+    return saga
+
+
+async def run_local(func: definition.Local, state: pydantic.BaseModel) -> None:
+    await func(state, None)
+
+
+async def started(saga: definition.Saga[Order]) -> engine.Instance:
+    transition = await engine.start(saga, "o1", Order(order_id="o1"), run_local)
+    assert transition.instance is not None
+    return transition.instance
+
+
+async def test_steps_run_in_order_and_the_saga_completes() -> None:
+    saga = make()
+    first = await started(saga)
+    assert (first.status, first.waiting, first.version) == (Status.RUNNING, "1", 1)
+    second = await engine.reply(saga, first, "1", True, {"charge_id": "c1"}, run_local)
+    assert [s.topic for s in second.sends] == ["inventory.reserve"]
+    assert second.instance is not None and second.instance.state["charge_id"] == "c1"
+    third = await engine.reply(saga, second.instance, "2", True, {}, run_local)
+    assert third.instance is not None
+    assert (third.instance.status, third.instance.state["noted"], third.instance.version) == (
+        Status.COMPLETED, ["confirmed"], 3,
+    )  # fmt: skip
+
+
+async def test_a_failure_at_step_k_undoes_the_steps_before_it_in_reverse_order() -> None:
+    saga = make(local_fails=True)
+    instance = await started(saga)
+    instance = (await engine.reply(saga, instance, "1", True, {"charge_id": "c1"}, run_local)).instance
+    assert instance is not None
+    after = await engine.reply(saga, instance, "2", True, {}, run_local)
+    assert after.instance is not None
+    # finish failed: confirm is undone locally, then reserve's undo is sent
+    assert after.instance.state["noted"] == []
+    assert [(s.topic, s.kind) for s in after.sends] == [("inventory.release", "undo")]
+    released = await engine.reply(saga, after.instance, after.instance.waiting or "", True, {}, run_local)
+    assert [s.topic for s in released.sends] == ["billing.refund"]
+    assert released.instance is not None
+    refunded = await engine.reply(saga, released.instance, released.instance.waiting or "", True, {}, run_local)
+    assert refunded.instance is not None and refunded.instance.status is Status.COMPENSATED
+
+
+async def test_a_failure_reply_does_not_undo_the_failed_step_itself() -> None:
+    saga = make()
+    instance = await started(saga)
+    after = await engine.reply(saga, instance, "1", False, {"reason": "card declined"}, run_local)
+    assert after.instance is not None
+    assert (after.instance.status, after.sends) == (Status.COMPENSATED, [])
+    assert "card declined" in (after.instance.error or "")
+
+
+async def test_a_timeout_undoes_the_step_that_timed_out_and_a_late_reply_changes_nothing() -> None:
+    saga = make()
+    instance = await started(saga)
+    timed_out = await engine.timer(saga, instance, "1", "timeout", run_local)
+    assert timed_out.instance is not None
+    assert [s.topic for s in timed_out.sends] == ["billing.refund"]
+    late = await engine.reply(saga, timed_out.instance, "1", True, {"charge_id": "late"}, run_local)
+    assert not late.changed and late.log[0].event == "ignored"
+
+
+async def test_duplicate_and_stale_replies_change_nothing() -> None:
+    saga = make()
+    instance = await started(saga)
+    moved = await engine.reply(saga, instance, "1", True, {"charge_id": "c1"}, run_local)
+    assert moved.instance is not None
+    again = await engine.reply(saga, moved.instance, "1", True, {"charge_id": "c2"}, run_local)
+    unknown = await engine.reply(saga, moved.instance, "99", False, {}, run_local)
+    assert (again.changed, unknown.changed) == (False, False)
+
+
+async def test_an_undo_that_keeps_failing_parks_the_saga_and_an_operator_retry_resumes_it() -> None:
+    saga = make(max_undo_attempts=2)
+    instance = await started(saga)
+    failing = await engine.reply(saga, instance, "1", True, {"charge_id": "c1"}, run_local)
+    assert failing.instance is not None
+    undoing = (await engine.reply(saga, failing.instance, "2", False, {"reason": "no stock"}, run_local)).instance
+    assert undoing is not None and undoing.status is Status.COMPENSATING
+    first = await engine.reply(saga, undoing, undoing.waiting or "", False, {"reason": "bank down"}, run_local)
+    assert first.instance is not None and [t.kind for t in first.timers] == ["retry"]
+    resent = await engine.timer(saga, first.instance, first.instance.waiting or "", "retry", run_local)
+    assert resent.instance is not None and [s.topic for s in resent.sends] == ["billing.refund"]
+    parked = await engine.reply(saga, resent.instance, resent.instance.waiting or "", False, {}, run_local)
+    assert parked.instance is not None and parked.instance.status is Status.FAILED
+    assert parked.timers == [] and parked.sends == []
+    resumed = await engine.resume(saga, parked.instance, run_local)
+    assert resumed.instance is not None and [s.topic for s in resumed.sends] == ["billing.refund"]
+    done = await engine.reply(saga, resumed.instance, resumed.instance.waiting or "", True, {}, run_local)
+    assert done.instance is not None and done.instance.status is Status.COMPENSATED
+
+
+async def test_a_store_error_in_a_local_step_is_not_the_steps_fault() -> None:
+    saga = definition.Saga("shop.store-error", Order)
+
+    @saga.step()
+    async def write(s: Order, tx: object) -> None:
+        raise errors.StoreUnavailable("database down")
+
+    with pytest.raises(errors.StoreUnavailable):
+        await engine.start(saga, "o1", Order(order_id="o1"), run_local)
+
+
+async def test_abort_undoes_the_waiting_step_too() -> None:
+    saga = make()
+    instance = await started(saga)
+    aborted = await engine.abort(saga, instance, run_local)
+    assert aborted.instance is not None and [s.topic for s in aborted.sends] == ["billing.refund"]
+    with pytest.raises(errors.ConfigurationError):
+        await engine.abort(saga, aborted.instance, run_local)
+
+
+@pytest.mark.parametrize(
+    "declare",
+    [
+        lambda s: s.step()(lambda state, tx: None),  # a sync local step
+        lambda s: s.step(timeout=5)(_local),  # a timeout on a local step
+        lambda s: s.step(send="Bad Topic")(lambda state: {}),
+        lambda s: s.step(send="a.b", timeout=0)(lambda state: {}),
+    ],
+)
+def test_invalid_steps_are_refused_at_declaration(declare: Any) -> None:
+    with pytest.raises(errors.ConfigurationError):
+        declare(definition.Saga("shop.bad", Order))
+
+
+async def _local(state: Order, tx: object) -> None:
+    return None
+
+
+def test_a_saga_needs_a_pydantic_state_and_a_valid_name() -> None:
+    with pytest.raises(errors.ConfigurationError):
+        definition.Saga("shop.bad", dict)  # type: ignore[type-var]
+    with pytest.raises(errors.ConfigurationError):
+        definition.Saga("Bad Name", Order)

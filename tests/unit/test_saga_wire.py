@@ -1,0 +1,50 @@
+"""Saga signals from the wire are hostile until checked: anything unreadable is rejected with the reason."""
+
+from __future__ import annotations
+
+import pytest
+from conveyor import envelope, errors
+from conveyor.sagas import wire
+
+
+def event(type_: str, **extensions: str) -> envelope.Envelope:
+    return envelope.create(type_, None, source="t", extensions=extensions)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (event("orders.placed", sagaid="o1"), "not a saga signal"),
+        (event(wire.START), "without a valid sagaid"),
+        (event(wire.START, sagaid="x" * 201), "without a valid sagaid"),
+        (event(wire.START, sagaid="a\u0000b"), "without a valid sagaid"),
+        (event(wire.REPLY, sagaid="o1", sagaresult="ok"), "sagatoken=None"),
+        (event(wire.REPLY, sagaid="o1", sagatoken="-1", sagaresult="ok"), "sagatoken='-1'"),
+        (event(wire.REPLY, sagaid="o1", sagatoken="9" * 19, sagaresult="ok"), "sagatoken="),
+        (event(wire.REPLY, sagaid="o1", sagatoken="1", sagaresult="maybe"), "sagaresult='maybe'"),
+        (event(wire.TIMER, sagaid="o1", sagatoken="1", sagatimer="never"), "sagatimer='never'"),
+        (event(wire.CONTROL, sagaid="o1", sagaaction="delete"), "sagaaction='delete'"),
+    ],
+)
+def test_an_unreadable_signal_is_rejected_with_the_reason(message: envelope.Envelope, reason: str) -> None:
+    with pytest.raises(errors.Reject, match=reason.replace("(", r"\(")):
+        wire.signal(message)
+
+
+def test_a_reply_is_read_with_its_token_and_result() -> None:
+    signal = wire.signal(event(wire.REPLY, sagaid="o1", sagatoken="3", sagaresult="failed"))
+    assert (signal.kind, signal.instance, signal.token, signal.ok) == ("reply", "o1", "3", False)
+
+
+def test_only_a_saga_command_can_be_replied_to() -> None:
+    with pytest.raises(errors.ConfigurationError, match="is not a saga command"):
+        wire.reply_to(event("billing.charge"), failed=False)
+    topic, extensions = wire.reply_to(event("billing.charge", **wire.command("o1", "2", "sagas.shop")), failed=True)
+    assert (topic, extensions) == ("sagas.shop", {"sagaid": "o1", "sagatoken": "2", "sagaresult": "failed"})
+
+
+def test_an_extension_with_an_invalid_name_is_refused_when_publishing() -> None:
+    with pytest.raises(errors.ConfigurationError, match="invalid CloudEvents extension"):
+        envelope.create("t", None, source="t", extensions={"Bad-Name": "x"})
+    with pytest.raises(errors.ConfigurationError, match="invalid CloudEvents extension"):
+        envelope.create("t", None, source="t", extensions={"id": "x"})
