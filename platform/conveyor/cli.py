@@ -15,7 +15,18 @@ from typing import Any
 import click
 import orjson
 
-from conveyor import cli_options, dlq_cli, errors, logs, outbox_cli, registry, sagas_cli, schedules_cli, settings
+from conveyor import (
+    cli_options,
+    dlq_cli,
+    errors,
+    logs,
+    outbox_cli,
+    registry,
+    sagas_cli,
+    schedules_cli,
+    settings,
+    status_cli,
+)
 from conveyor.runtime import app, supervisor
 
 log = logging.getLogger("conveyor.cli")
@@ -207,6 +218,29 @@ def publish(topic: str, data: str, key: str | None, event_type: str | None, **fl
             return event.id
 
     click.echo(asyncio.run(send()))
+
+
+@main.command()
+@cli_options.common
+@click.option("--concurrency", type=int, help="Default per-handler concurrency (CONVEYOR_CONCURRENCY).")
+@cli_options.exits
+def status(**flags: Any) -> None:
+    """Show each handler's backlog on the broker: name, topic, backlog, oldest age, capacity.
+
+    Starts no worker and opens no database. Exits 1 if a backlog could not be read.
+    """
+    config = cli_options.load(**flags)
+    found = registry.discover(config.app, config.app_dir)
+    rows = asyncio.run(status_cli.status(config, found))
+    if not rows:
+        click.echo(f"no handlers in {', '.join(config.app)}")
+        return
+    schedules_cli.print_table([status_cli.HEADER, *(row.cells() for row in rows)])
+    failed = [row for row in rows if row.error is not None]
+    for row in failed:
+        click.echo(f"conveyor: {row.handler}: {row.error}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @main.command(name="handlers")

@@ -100,7 +100,11 @@ class WireMessage:
         message_id: the broker-level id used for deduplication (NATS
             ``Nats-Msg-Id``, AMQP ``message_id``). It equals the event id on a
             first publish; a retried or dead-lettered copy gets a fresh one,
-            because JetStream deduplicates ids across the whole stream.
+            because JetStream deduplicates ids across the whole stream. On a
+            received message without one, transports fill in what identifies
+            it on every redelivery (NATS ``<stream>/<sequence>``, Kafka
+            ``<topic>/<partition>/<offset>``): the id of a plain message
+            (see :mod:`conveyor.plain`).
     """
 
     body: bytes

@@ -189,6 +189,57 @@ class Transport(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """How much work waits for one subscription, as the broker sees it: the autoscaling signal.
+
+    Attributes:
+        pending: messages waiting to be handed to a consumer. Where the broker
+            cannot tell waiting from handed out (Kafka: the group's lag, end
+            offsets minus committed offsets) it counts both.
+        in_flight: messages handed out and not yet settled, where the broker
+            counts them (NATS ``num_ack_pending``, memory); None elsewhere.
+        oldest_age_s: seconds since the oldest unsettled message was published
+            (0 when none is), where the broker knows it (NATS, Kafka, memory);
+            None where it does not (RabbitMQ tells no message ages over AMQP)
+            or could not be read in time.
+    """
+
+    pending: int
+    in_flight: int | None = None
+    oldest_age_s: float | None = None
+
+
+@runtime_checkable
+class BacklogSource(Protocol):
+    """An optional transport capability: report a subscription's backlog.
+
+    A transport without it has no backlog to report; use :func:`backlog_of`.
+    """
+
+    async def backlog(self, subscription: Subscription) -> Backlog:
+        """The backlog of a declared subscription, read from the broker now.
+
+        Read-only: it never joins a consumer group or takes a delivery.
+
+        Raises:
+            TransportError: the broker did not answer, or the subscription is
+                not declared there.
+        """
+        ...
+
+
+async def backlog_of(transport: object, subscription: Subscription) -> Backlog | None:
+    """The backlog of ``subscription`` if ``transport`` can report one, else None.
+
+    Raises:
+        TransportError: the transport can and the broker failed.
+    """
+    if not isinstance(transport, BacklogSource):
+        return None
+    return await transport.backlog(subscription)
+
+
 class Clock(Protocol):
     """Time, injectable so tests can skew or freeze it."""
 
@@ -214,6 +265,8 @@ class SystemClock:
 
 
 __all__ = [
+    "Backlog",
+    "BacklogSource",
     "Clock",
     "Consumer",
     "Delivery",
@@ -222,6 +275,7 @@ __all__ = [
     "SystemClock",
     "Transport",
     "TransportFeatures",
+    "backlog_of",
 ]
 
 

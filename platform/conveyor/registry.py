@@ -44,6 +44,9 @@ class Handler:
             ``None`` for the worker's default.
         transactional: open the attempt's database transaction (inbox row
             first) before the handler runs, so a duplicate never runs it.
+        plain: also accept messages that are not CloudEvents (a plain body from
+            a producer without CloudEvents): the body is the payload and an
+            envelope is synthesised around it (see :mod:`conveyor.plain`).
     """
 
     name: str
@@ -56,6 +59,7 @@ class Handler:
     timeout: float | None
     concurrency: int | None
     transactional: bool = False
+    plain: bool = False
 
     @property
     def where(self) -> str:
@@ -72,6 +76,7 @@ def on(
     concurrency: int | None = None,
     backoff: retry.RetryPolicy | None = None,
     transactional: bool = False,
+    plain: bool = False,
 ) -> Callable[[F], F]:
     """Declare a handler for the messages of ``topic``.
 
@@ -94,6 +99,13 @@ def on(
             duplicate delivery is acknowledged without running the handler at
             all. Without it the transaction opens at the first
             ``ctx.transaction()``. Needs an ``async def`` handler.
+        plain: accept plain messages too, not only CloudEvents: a message with
+            no CloudEvents attributes (a JSON body from FastStream, Node or a
+            CDC connector) is handled with its body as the payload, in an
+            envelope whose ``type`` is the topic, ``source``
+            ``conveyor:plain:<broker>`` and ``id`` the broker's message id
+            (see :mod:`conveyor.plain`). CloudEvents are decoded and
+            validated as always.
 
     Raises:
         ConfigurationError: invalid topic or name, a missing or unusable
@@ -133,6 +145,7 @@ def on(
             timeout=seconds,
             concurrency=concurrency,
             transactional=transactional,
+            plain=plain,
         )
         setattr(func, _ATTRIBUTE, handler)
         return func

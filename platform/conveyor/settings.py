@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         relay_max_attempts: publishes of one outbox message the broker may
             refuse before the relay parks it (``conveyor outbox list --parked``);
             an unreachable broker spends none.
+        plain_messages: every handler also accepts messages that are not
+            CloudEvents (a plain body, as ``@on(..., plain=True)`` does for one
+            handler); CloudEvents are still validated.
         log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
         log_format: ``text`` (human-readable lines) or ``json`` (one object per line).
     """
@@ -73,6 +76,7 @@ class Settings(BaseSettings):
     drain_timeout: float = pydantic.Field(default=30.0, ge=0)
     retention: float = pydantic.Field(default=7 * 24 * 3600, ge=60)
     relay_max_attempts: int = pydantic.Field(default=10, ge=1, le=1000)
+    plain_messages: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -24,6 +24,17 @@ HANDLER_SECONDS = Histogram(
 )
 IN_FLIGHT = Gauge("conveyor_in_flight", "Messages accepted by a handler and not yet settled.", ["handler"])
 PUBLISHED = Counter("conveyor_published", "Messages published, by topic.", ["topic"])
+BACKLOG = Gauge(
+    "conveyor_backlog",
+    "Messages waiting for a handler's subscription, as the broker reports it (the autoscaling signal).",
+    ["handler"],
+)
+OLDEST_AGE = Gauge(
+    "conveyor_oldest_age_seconds",
+    "Age of the oldest unsettled message of a handler's subscription, where the broker knows it.",
+    ["handler"],
+)
+CAPACITY = Gauge("conveyor_capacity", "Messages a handler runs at once in this process (its concurrency).", ["handler"])
 OUTAGE_WAITS = Counter(
     "conveyor_outage_waits",
     "Times a handler held a message because the database or broker was unavailable (no attempt spent).",

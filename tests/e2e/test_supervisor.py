@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
-from cli import Process, free_port, migrated
+from cli import Process, free_port_block, migrated
 
 
 def child_pids(process: Process) -> list[int]:
@@ -15,7 +15,7 @@ def child_pids(process: Process) -> list[int]:
 
 
 def test_supervisor_restarts_a_dead_worker_and_drains_all_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
+    port = free_port_block(3)  # the supervisor, and its children on port + 1 and port + 2
     process = Process(["worker", "--processes", "2", "--port", str(port)], tmp_path / "sup.log", **migrated(tmp_path))
     try:
         process.wait_ready(port)

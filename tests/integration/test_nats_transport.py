@@ -319,14 +319,14 @@ async def test_published_envelope_decodes_with_the_cloudevents_sdk(
     assert (event.get_time(), stored.headers["Nats-Msg-Id"]) == (sent.time, sent.id)
 
 
-async def test_message_from_a_plain_client_has_no_key_or_id(
+async def test_message_from_a_plain_client_has_no_key_and_its_stream_position_as_id(
     open_transport: OpenTransport, raw_js: JetStreamContext
 ) -> None:
     transport = await open_transport()
     topic = unique("nt")
-    await raw_js.publish(transport.subject(topic), b"plain")
+    ack = await raw_js.publish(transport.subject(topic), b"plain")
     got = await _consume_one(transport, topic)
-    assert (got.body, got.key, got.message_id) == (b"plain", None, None)
+    assert (got.body, got.key, got.message_id) == (b"plain", None, f"{transport.stream}/{ack.seq}")
 
 
 async def test_dead_letter_copy_of_a_message_with_jetstream_control_headers_is_stored(

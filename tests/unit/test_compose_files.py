@@ -1,16 +1,20 @@
-"""Static checks of compose/docker-compose.yml and compose/start-local-services.sh.
+"""Static checks of compose/docker-compose.yml, compose/start-local-services.sh and compose/kubernetes/.
 
-Nothing here needs Docker or a running service: the compose file is parsed with PyYAML and
-the script is only syntax-checked with ``bash -n``.
+Nothing here needs Docker, Kubernetes or a running service: the compose file and the
+Kubernetes manifests are parsed with PyYAML and the script is only syntax-checked with
+``bash -n``.
 """
 
 from __future__ import annotations
 
+import importlib
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pytest
 import yaml
 
@@ -18,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
 START_SCRIPT = ROOT / "compose" / "start-local-services.sh"
 SERVICES = ("kafka", "rabbitmq", "nats", "postgres")
+KUBERNETES = ROOT / "compose" / "kubernetes"
+PROCFILE = ROOT / "Procfile"
 
 
 def _services() -> dict[str, Any]:
@@ -100,3 +106,54 @@ def test_start_script_is_valid_bash() -> None:
 
 def test_start_script_is_executable() -> None:
     assert START_SCRIPT.stat().st_mode & 0o111
+
+
+def _deployments() -> dict[str, dict[str, Any]]:
+    documents = [d for d in yaml.safe_load_all((KUBERNETES / "deployments.yaml").read_text()) if d]
+    assert {d["kind"] for d in documents} == {"Deployment"}
+    return {d["metadata"]["name"]: d for d in documents}
+
+
+def _scaled_object() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((KUBERNETES / "keda-scaledobject.yaml").read_text())
+    return document
+
+
+def _procfile() -> dict[str, str]:
+    lines = [line.split(":", 1) for line in PROCFILE.read_text().splitlines() if line.strip()]
+    return {name.strip(): command.strip() for name, command in lines}
+
+
+def test_kubernetes_has_a_deployment_per_procfile_process_type() -> None:
+    assert set(_deployments()) == set(_procfile())
+
+
+@pytest.mark.parametrize("process_type", ["web", "worker", "relay", "scheduler"])
+def test_kubernetes_deployment_runs_its_procfile_command_with_probes(process_type: str) -> None:
+    [container] = _deployments()[process_type]["spec"]["template"]["spec"]["containers"]
+    procfile = _procfile()[process_type].removeprefix("exec ").replace("$PORT", "$(PORT)")
+    assert " ".join(container["command"]) == procfile
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    environment = {e["name"]: e["value"] for e in container["env"]}
+    assert environment["CONVEYOR_HTTP_HOST"] == "0.0.0.0"  # probes come from outside the pod
+
+
+def test_keda_scaled_object_targets_the_worker_deployment() -> None:
+    scaled = _scaled_object()
+    assert scaled["kind"] == "ScaledObject"
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "worker")
+    assert target["name"] in _deployments()
+    assert scaled["spec"]["minReplicaCount"] >= 1, "workers report the backlog: none left, no signal"
+
+
+def test_keda_trigger_queries_the_backlog_metric_the_worker_exports() -> None:
+    [trigger] = _scaled_object()["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    used = set(re.findall(r"\bconveyor_[a-z_]+", trigger["metadata"]["query"]))
+    importlib.import_module("conveyor.telemetry")  # registers the runtime's metrics
+    exported = {metric.name for metric in prometheus_client.REGISTRY.collect()}
+    assert used == {"conveyor_backlog"}
+    assert used <= exported
+    assert float(trigger["metadata"]["threshold"]) > 0

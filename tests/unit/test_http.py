@@ -1,4 +1,4 @@
-"""HTTP endpoints: health, readiness, metrics and CloudEvents ingest (202/400/401/413/415)."""
+"""HTTP endpoints: health, readiness, metrics and CloudEvents or plain JSON ingest (202/400/401/413/415)."""
 
 from collections.abc import AsyncIterator
 
@@ -105,7 +105,39 @@ async def test_oversized_streamed_body_without_length_is_413(client: httpx.Async
 
 async def test_other_media_type_is_415(client: httpx.AsyncClient) -> None:
     response = await client.post("/events/orders.placed", content=b"<order/>", headers={"content-type": "text/xml"})
-    assert response.status_code == 415
+    assert (response.status_code, response.json()["error"]["code"]) == (415, "unsupported_media_type")
+
+
+async def test_plain_json_is_the_data_of_a_new_event(client: httpx.AsyncClient, accepted: Accepted) -> None:
+    headers = {"content-type": "application/json; charset=utf-8"}
+    response = await client.post("/events/orders.placed", content=b'{"order_id": "o-3"}', headers=headers)
+    [(topic, event)] = accepted.events
+    assert (response.status_code, response.json()) == (202, {"id": event.id, "topic": "orders.placed"})
+    assert (topic, event.type, event.source, event.json()) == (
+        "orders.placed",
+        "orders.placed",
+        "conveyor:http",
+        {"order_id": "o-3"},
+    )
+
+
+async def test_plain_json_takes_its_id_from_the_idempotency_key(client: httpx.AsyncClient, accepted: Accepted) -> None:
+    headers = {"content-type": "application/json", "idempotency-key": "k-1"}
+    answers = [await client.post("/events/orders.placed", content=b"{}", headers=headers) for _ in range(2)]
+    assert [(r.status_code, r.json()["id"]) for r in answers] == [(202, "k-1"), (202, "k-1")]
+    assert len(accepted.events) == 1
+
+
+async def test_plain_json_without_a_key_is_a_new_event_each_time(client: httpx.AsyncClient, accepted: Accepted) -> None:
+    for _ in range(2):
+        await client.post("/events/orders.placed", content=b"{}", headers={"content-type": "application/json"})
+    assert len({event.id for _, event in accepted.events}) == 2
+
+
+async def test_malformed_plain_json_is_400(client: httpx.AsyncClient, accepted: Accepted) -> None:
+    headers = {"content-type": "application/json"}
+    response = await client.post("/events/orders.placed", content=b'{"order_id": ', headers=headers)
+    assert (response.status_code, response.json()["error"]["field"], accepted.events) == (400, "data", [])
 
 
 async def test_accept_failure_is_503() -> None:

@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from conveyor import envelope, errors, persistence, ports, registry, transports
-from conveyor.runtime import housekeeping, http, relay, scheduler, worker
+from conveyor.runtime import housekeeping, http, relay, scaling, scheduler, worker
 from conveyor.sagas import runtime as saga_runtime
 from conveyor.settings import Settings
 from event_store import migrate
@@ -76,6 +76,7 @@ async def serve(
                 max_message_bytes=settings.max_message_bytes,
                 transactions=stores.units,
                 dead_letters=stores.dead_letters,
+                plain_messages=settings.plain_messages,
             )
             if parts.relay:
                 # Queues must exist before the relay publishes, or a broker that drops
@@ -94,13 +95,17 @@ async def serve(
                 _background(stack, "scheduler", cron.run)
             if parts.worker and handlers.sagas:
                 _background(stack, "saga metrics", lambda stop: saga_runtime.report(stores, handlers.sagas, stop))
+            signal_source: http.Scaling | None = None
             if parts.worker:
                 stack.push_async_callback(_drain, consumer, settings.drain_timeout)
                 await consumer.start()
                 checks.append(http.Check("subscriptions", _subscriptions_probe(consumer)))
+                reporter = scaling.ScalingReporter(transport, consumer)
+                _background(stack, "scaling", reporter.run)
+                signal_source = reporter.snapshot
             if settings.http_port:
                 ingest = _ingest(settings, stores) if parts.ingest else None
-                site = http.create_app(checks, ingest, version_info(settings))
+                site = http.create_app(checks, ingest, version_info(settings), scaling=signal_source)
                 server = http.HttpServer(site, settings.http_host, settings.http_port, settings.drain_timeout)
                 await server.start()
                 stack.push_async_callback(server.stop)

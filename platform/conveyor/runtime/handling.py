@@ -1,8 +1,9 @@
 """One handler's deliveries, each to the end: the policy that is the same on every broker.
 
 For each delivery: decode the CloudEvent and the payload (a message that fails
-either is *poison*: dead-lettered at once with the reason), run the handler
-under its timeout, then
+either is *poison*: dead-lettered at once with the reason; a handler that takes
+plain messages gets an envelope synthesised for one that is no CloudEvent at
+all, see :mod:`conveyor.plain`), run the handler under its timeout, then
 
 * success: send what the handler published, then ack;
 * ``Retry`` or an exception: nack with the backoff delay, or dead-letter once
@@ -29,7 +30,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from conveyor import context, crash, envelope, errors, persistence, ports, registry, telemetry
+from conveyor import context, crash, envelope, errors, persistence, plain, ports, registry, telemetry
 from conveyor.runtime import threads
 from conveyor.transaction import AlreadyHandled
 
@@ -61,6 +62,8 @@ class HandlerRunner:
             ``None`` without a database.
         dead_letters: holds dead letters the broker refuses for good; ``None``
             without a database (they are then redelivered until accepted).
+        plain_messages: accept messages that are not CloudEvents even if the
+            handler does not say ``plain=True`` (``CONVEYOR_PLAIN_MESSAGES``).
     """
 
     def __init__(
@@ -72,8 +75,10 @@ class HandlerRunner:
         max_message_bytes: int,
         transactions: persistence.UnitOfWorkFactory | None = None,
         dead_letters: persistence.DeadLetterStore | None = None,
+        plain_messages: bool = False,
     ) -> None:
         self.handler = handler
+        self._plain = plain_messages or handler.plain
         self._transport = transport
         self._units = transactions
         self._held = dead_letters
@@ -145,7 +150,10 @@ class HandlerRunner:
             await self._dead_letter(delivery, delivery.attempt, "TooManyDeliveries", text)
             return
         try:
-            message = envelope.decode(delivery.message)
+            if self._plain:  # a CloudEvent is decoded (and validated) all the same
+                message = plain.read(delivery.message, handler.topic, self._system)
+            else:
+                message = envelope.decode(delivery.message)
             payload = handler.decode(message)
         except errors.InvalidMessage as exc:
             await self._dead_letter(delivery, delivery.attempt, "InvalidMessage", str(exc))

@@ -7,12 +7,17 @@
 * ``GET /metrics``: Prometheus text format.
 * ``GET /version``: the package version, the git commit if known
   (``CONVEYOR_GIT_SHA``), and the broker and database kinds.
+* ``GET /scaling`` (only in processes with a worker): per handler, its
+  topic, capacity (concurrency), in-flight messages and the broker's backlog
+  and oldest message age, as last read (see :mod:`conveyor.runtime.scaling`).
 * ``POST /events/{topic}`` (only where ingest is enabled): a CloudEvent in the
   HTTP binding's structured (``application/cloudevents+json``) or binary
-  (``ce-*`` headers) mode; 202 once the event is accepted durably, 400 with a
-  JSON body naming the field for an invalid event, 401 without the configured
-  bearer token, 413 over the size limit, 415 for other media types, 503 with
-  ``Retry-After`` when it cannot be stored now.
+  (``ce-*`` headers) mode, or a plain ``application/json`` body, which becomes
+  the data of a new event (``type`` the topic, ``source`` ``conveyor:http``, id
+  from ``Idempotency-Key`` or a new UUID); 202 once the event is accepted
+  durably, 400 with a JSON body naming the field for an invalid event, 401
+  without the configured bearer token, 413 over the size limit, 415 for other
+  media types, 503 with ``Retry-After`` when it cannot be stored now.
 
 Ingest is idempotent by event id, so a client retries safely: the same event
 posted again (same id, topic and source) answers 202 with the same body and is
@@ -40,6 +45,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
@@ -54,6 +60,9 @@ from starlette.routing import Route
 from conveyor import envelope, errors, names, persistence
 
 log = logging.getLogger("conveyor.http")
+
+HTTP_SOURCE = "conveyor:http"
+"""The ``source`` of an event posted as a plain ``application/json`` body."""
 
 Outcome = persistence.AddOutcome
 """What :data:`Accept` did with an event: ``added`` (stored now), ``duplicate`` (an
@@ -105,8 +114,15 @@ class IngestConfig:
     tenants: Mapping[str, str] = field(default_factory=dict)
 
 
+Scaling = Callable[[], Mapping[str, Any]]
+"""Returns the body of ``GET /scaling`` (see :mod:`conveyor.runtime.scaling`); must not block."""
+
+
 def create_app(
-    checks: Sequence[Check], ingest: IngestConfig | None = None, version: dict[str, str | None] | None = None
+    checks: Sequence[Check],
+    ingest: IngestConfig | None = None,
+    version: dict[str, str | None] | None = None,
+    scaling: Scaling | None = None,
 ) -> Starlette:
     """Build the ASGI application.
 
@@ -114,6 +130,7 @@ def create_app(
         checks: the readiness checks.
         ingest: how ``POST /events/{topic}`` behaves; no such route without it.
         version: the body of ``GET /version``.
+        scaling: the body of ``GET /scaling`` (processes with a worker); no such route without it.
     """
 
     async def healthz(request: Request) -> Response:
@@ -136,6 +153,14 @@ def create_app(
     async def version_info(request: Request) -> Response:
         return JSONResponse(version or {})
 
+    async def scaling_info(request: Request) -> Response:
+        assert scaling is not None
+        try:
+            return JSONResponse(dict(scaling()))
+        except Exception:
+            log.exception("GET /scaling failed")
+            return _error(503, "the scaling figures are unavailable now; try again")
+
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         codes = {404: "not_found", 405: "method_not_allowed"}
@@ -153,6 +178,8 @@ def create_app(
     ]
     if ingest is not None:
         routes.append(Route("/events/{topic}", _ingest_endpoint(ingest), methods=["POST"]))
+    if scaling is not None:
+        routes.append(Route("/scaling", scaling_info, methods=["GET"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
@@ -213,6 +240,18 @@ def _idempotency_key(value: str) -> str:
     return envelope.check_id(value, "Idempotency-Key")
 
 
+def _plain_event(topic: str, body: bytes, key: str | None) -> envelope.Envelope:
+    """A new event whose data is a plain JSON body: id the idempotency key (else a new one), type the topic."""
+    return envelope.Envelope(
+        id=key or envelope.new_id(),
+        source=HTTP_SOURCE,
+        type=topic,
+        data=body,
+        time=datetime.now(UTC),
+        datacontenttype=envelope.JSON,
+    )
+
+
 def _ingest_endpoint(config: IngestConfig) -> Callable[[Request], Awaitable[Response]]:
     token = config.token.encode() if config.token else None
     tenants = [(key.encode(), name) for key, name in config.tenants.items()]
@@ -241,11 +280,12 @@ def _ingest_endpoint(config: IngestConfig) -> Callable[[Request], Awaitable[Resp
         headers = {k: v for k, v in headers.items() if k == "content-type" or k.startswith("ce-")}
         media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         binary = "ce-specversion" in headers or "ce-id" in headers
-        if media != envelope.STRUCTURED and not binary:
+        plain = media == envelope.JSON and not binary
+        if media != envelope.STRUCTURED and not binary and not plain:
             return _error(
                 415,
                 f"unsupported media type {media or '(none)'!r}: send application/cloudevents+json "
-                "(structured mode) or ce-* headers (binary mode)",
+                "(structured mode), ce-* headers (binary mode) or application/json (the data of a new event)",
             )
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > config.max_bytes:
@@ -261,7 +301,10 @@ def _ingest_endpoint(config: IngestConfig) -> Callable[[Request], Awaitable[Resp
                 key = _idempotency_key(key)
                 if binary:
                     headers.setdefault("ce-id", key)
-            event = envelope.decode(envelope.WireMessage(bytes(body), headers))
+            if plain:
+                event = _plain_event(topic, bytes(body), key)
+            else:
+                event = envelope.decode(envelope.WireMessage(bytes(body), headers))
             if envelope.is_json(event.datacontenttype):
                 envelope.check_json(event.data)  # reject malformed JSON data now rather than at a handler
         except errors.InvalidMessage as exc:

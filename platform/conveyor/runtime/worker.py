@@ -58,6 +58,8 @@ class Worker:
         transactions: opens handler attempts' units of work (``ctx.transaction()``);
             ``None`` without a database.
         dead_letters: holds dead letters the broker refuses for good.
+        plain_messages: every handler accepts messages that are not
+            CloudEvents, as with ``@on(..., plain=True)`` (``CONVEYOR_PLAIN_MESSAGES``).
     """
 
     def __init__(
@@ -70,7 +72,9 @@ class Worker:
         max_message_bytes: int = 1024 * 1024,
         transactions: persistence.UnitOfWorkFactory | None = None,
         dead_letters: persistence.DeadLetterStore | None = None,
+        plain_messages: bool = False,
     ) -> None:
+        self._plain = plain_messages
         self._transactions = transactions
         self._held = dead_letters
         self._handlers = list(handlers)
@@ -131,6 +135,7 @@ class Worker:
                 max_message_bytes=self._max_bytes,
                 transactions=self._transactions,
                 dead_letters=self._held,
+                plain_messages=self._plain,
             )
             dispatcher = dispatch.Dispatcher(runner.process, handler.concurrency or self._concurrency)
             telemetry.IN_FLIGHT.labels(handler.name).set_function(functools.partial(_in_flight, dispatcher))
@@ -147,6 +152,11 @@ class Worker:
     def ready(self) -> bool:
         """True when every subscription is consuming."""
         return len(self._consumers) == len(self._handlers) and all(c.active for c in self._consumers)
+
+    def load(self) -> list[tuple[registry.Handler, int, int]]:
+        """``(handler, capacity, in_flight)`` per handler: its concurrency and what its dispatcher holds."""
+        in_flight = [d.in_flight for d in self._dispatchers] + [0] * (len(self._handlers) - len(self._dispatchers))
+        return [(h, h.concurrency or self._concurrency, n) for h, n in zip(self._handlers, in_flight, strict=True)]
 
     async def stop(self, timeout: float) -> bool:
         """Stop fetching, then let in-flight work finish for up to ``timeout`` seconds.

@@ -123,7 +123,7 @@ from aiokafka.protocol.group import LeaveGroupRequest
 
 from conveyor import errors, names, ports
 from conveyor.envelope import KAFKA_PREFIX, WireMessage
-from conveyor.transports import kafka_consume, kafka_delivery, kafka_marks, kafka_options
+from conveyor.transports import kafka_backlog, kafka_consume, kafka_delivery, kafka_marks, kafka_options
 
 log = logging.getLogger("conveyor.transports.kafka")
 
@@ -177,6 +177,7 @@ class KafkaTransport:
         self._consumers: list[kafka_consume.KafkaConsumer] = []
         self._topics: set[str] = set()
         self._topic_lock = asyncio.Lock()
+        self._lag = kafka_backlog.LagReader(self.servers, self.options.request_timeout_ms)
 
     @property
     def _timeout(self) -> float:
@@ -219,6 +220,7 @@ class KafkaTransport:
             await producer.stop()
         if admin is not None:
             await admin.close()
+        await self._lag.close()
 
     async def declare(self, topics: Sequence[str], subscriptions: Sequence[ports.Subscription]) -> None:
         """Create missing topics (and each subscription's retry topic).
@@ -300,6 +302,16 @@ class KafkaTransport:
         await consumer.start()
         self._consumers.append(consumer)
         return consumer
+
+    async def backlog(self, subscription: ports.Subscription) -> ports.Backlog:
+        """The consumer group's lag on the topic (see :mod:`~conveyor.transports.kafka_backlog`); joins no group.
+
+        Raises:
+            TransportError: not connected, no such topic, or the broker failed.
+        """
+        if self._admin is None:
+            raise errors.TransportError(f"Kafka transport {self.url} is not connected")
+        return await self._lag.lag(self._admin, subscription)
 
     async def _leave(self, node: int, group: str, member: str) -> None:
         if self._producer is not None:

@@ -45,6 +45,10 @@ def record_headers(message: WireMessage, extra: dict[str, str] | None = None) ->
 def from_record(record: Any, *, trusted: bool = True) -> tuple[WireMessage, int, int]:
     """Wire message, attempt and not-before time (epoch ms, 0 = now) of a consumed record.
 
+    The message id is the ``conveyor-message-id`` header, else
+    ``<topic>/<partition>/<offset>``: the same on every redelivery of the
+    record, and carried by its retry copies.
+
     Args:
         record: the aiokafka record.
         trusted: the record comes from our own retry topic. On a producer's
@@ -67,6 +71,8 @@ def from_record(record: Any, *, trusted: bool = True) -> tuple[WireMessage, int,
                 not_before = int(value)
     key = record.key.decode("utf-8", "replace") if record.key is not None else None
     body = record.value if record.value is not None else b""
+    if not message_id:  # a producer's record without our header: its position identifies it
+        message_id = f"{record.topic}/{record.partition}/{record.offset}"
     return WireMessage(body, headers, key, message_id), attempt, not_before
 
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import zlib
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conveyor import errors, names, ports
 from conveyor.envelope import NATS_PREFIX, WireMessage
@@ -34,6 +35,7 @@ _HISTORY = 1000
 class _Item:
     message: WireMessage
     attempt: int
+    published: float = field(default_factory=time.monotonic)
 
 
 class _Group:
@@ -106,7 +108,22 @@ class MemoryBroker:
             group.route(_Item(message, 1))
 
     def redeliver(self, group: _Group, item: _Item) -> None:
-        group.route(_Item(item.message, item.attempt + 1))
+        group.route(_Item(item.message, item.attempt + 1, item.published))
+
+    def backlog(self, name: str) -> ports.Backlog:
+        """Queued and unsettled messages of subscription ``name``, and the age of the oldest.
+
+        Raises:
+            TransportError: no such subscription was declared.
+        """
+        group = self._groups.get(name)
+        if group is None:
+            raise errors.TransportError(f"no memory subscription {name!r}: declare it first")
+        queued = [*group.backlog, *(i for c in group.consumers for i in c.queued())]
+        out = [d.item for c in group.consumers for d in c.unsettled()]
+        now = time.monotonic()
+        age = now - min((i.published for i in (*queued, *out)), default=now)
+        return ports.Backlog(pending=len(queued), in_flight=len(out), oldest_age_s=age)
 
     def history(self, topic: str) -> list[WireMessage]:
         """The last messages published to ``topic`` (at most 1000), oldest first."""
@@ -152,6 +169,11 @@ class MemoryDelivery:
         self._settled = True
         self._consumer.settled(self)
 
+    @property
+    def item(self) -> _Item:
+        """The broker's record of this message."""
+        return self._item
+
     def abandon(self) -> None:
         """Give the message back for redelivery (its consumer's transport closed)."""
         if not self._settled:
@@ -190,6 +212,12 @@ class MemoryConsumer:
     def enqueue(self, item: _Item) -> None:
         self._queue.append(item)
         self._wakeup.set()
+
+    def queued(self) -> list[_Item]:
+        return list(self._queue)
+
+    def unsettled(self) -> list[MemoryDelivery]:
+        return list(self._unsettled)
 
     def take_queued(self) -> list[_Item]:
         items = list(self._queue)
@@ -278,6 +306,14 @@ class MemoryTransport:
         consumer.start()
         self._consumers.append(consumer)
         return consumer
+
+    async def backlog(self, subscription: ports.Subscription) -> ports.Backlog:
+        """Messages queued for the subscription, those handed out and unsettled, and the oldest's age.
+
+        Raises:
+            TransportError: the subscription was never declared.
+        """
+        return self.broker.backlog(subscription.name)
 
     async def check(self) -> None:
         """Always reachable while connected."""

@@ -46,7 +46,7 @@ from nats.js import JetStreamContext, api
 
 from conveyor import errors, names, ports
 from conveyor.envelope import NATS_PREFIX, WireMessage
-from conveyor.transports import nats_consume
+from conveyor.transports import nats_backlog, nats_consume
 
 log = logging.getLogger("conveyor.transports.nats")
 
@@ -256,6 +256,15 @@ class NatsTransport:
         js = self._jetstream()
         with nats_consume.translated("stream info"):
             await js.stream_info(self.stream)
+
+    async def backlog(self, subscription: ports.Subscription) -> ports.Backlog:
+        """The durable's undelivered and unacked messages (see :mod:`~conveyor.transports.nats_backlog`).
+
+        Raises:
+            TransportError: not connected, the durable does not exist, or the server did not answer.
+        """
+        durable, subject = durable_name(subscription.name), self.subject(subscription.topic)
+        return await nats_backlog.consumer_backlog(self._jetstream(), self.stream, durable, subject)
 
     # -- topology ---------------------------------------------------------------
 

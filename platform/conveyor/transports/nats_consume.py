@@ -77,6 +77,16 @@ def _num_delivered(reply: str) -> int:
     return int(tokens[4] if len(tokens) == 9 else tokens[6])
 
 
+def stream_id(reply: str) -> str:
+    """``<stream>/<stream sequence>`` of a JetStream delivery: the same on every redelivery of the message.
+
+    The broker id of a message published without ``Nats-Msg-Id`` (see :mod:`conveyor.plain`).
+    """
+    tokens = reply.split(".")
+    stream, sequence = (tokens[2], tokens[5]) if len(tokens) == 9 else (tokens[4], tokens[7])
+    return f"{stream}/{sequence}"
+
+
 class NatsDelivery:
     """One JetStream delivery; settling it sends ``+ACK`` or ``-NAK``."""
 
@@ -85,7 +95,8 @@ class NatsDelivery:
     def __init__(self, consumer: NatsConsumer, msg: Msg) -> None:
         headers = msg.headers or {}
         key = headers.pop(KEY_HEADER, None) or binary_partition_key(headers)
-        message_id = headers.pop(MSG_ID_HEADER, None)
+        # A message published without Nats-Msg-Id is still one stream message: its sequence identifies it.
+        message_id = headers.pop(MSG_ID_HEADER, None) or stream_id(msg.reply)
         self._consumer = consumer
         self._msg = msg
         self._settled = False

@@ -66,7 +66,7 @@ from pamqp.commands import Basic
 
 from conveyor import errors, names, ports
 from conveyor.envelope import AMQP_PREFIX, WireMessage
-from conveyor.transports import rabbit_consume, rabbit_queues, rabbit_wire
+from conveyor.transports import rabbit_backlog, rabbit_consume, rabbit_queues, rabbit_wire
 
 log = logging.getLogger("conveyor.transports.rabbit")
 
@@ -400,3 +400,12 @@ class RabbitTransport:
             await channel.exchange_declare(exchange=self.exchange, passive=True, timeout=self.timeout)
         except rabbit_wire.DRIVER_ERRORS as exc:
             raise rabbit_wire.transport_error(f"check of exchange {self.exchange!r}", exc) from exc
+
+    async def backlog(self, subscription: ports.Subscription) -> ports.Backlog:
+        """Ready messages in the subscription's queue (see :mod:`~conveyor.transports.rabbit_backlog`).
+
+        Raises:
+            TransportError: not connected, or the queue is not declared.
+        """
+        connection = await self.wait_connected()
+        return await rabbit_backlog.queue_backlog(connection, self.queue_name(subscription), self.timeout)

@@ -149,7 +149,9 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
         headers["content-type"] = props.content_type
     if key is None:
         key = binary_partition_key(headers)
-    return WireMessage(raw.body, headers, key, props.message_id), max(attempt, 1) + returns, due
+    # message_id is the only id a RabbitMQ message keeps across redeliveries (copies keep it too);
+    # a message published without one has none (see conveyor.plain).
+    return WireMessage(raw.body, headers, key, props.message_id or None), max(attempt, 1) + returns, due
 
 
 def copy_properties(raw: aiormq.abc.DeliveredMessage, attempt: int, due: int | None) -> Basic.Properties:
