@@ -16,6 +16,7 @@ import click
 import orjson
 
 from conveyor import (
+    asyncapi,
     cli_options,
     dlq_cli,
     errors,
@@ -33,7 +34,7 @@ log = logging.getLogger("conveyor.cli")
 
 
 def _serve(config: settings.Settings, parts: app.Parts) -> None:
-    needs_app = parts.worker or parts.scheduler or parts.relay
+    needs_app = parts.worker or parts.scheduler or parts.relay or parts.ingest  # ingest serves the app's docs
     handlers = registry.discover(config.app, config.app_dir) if needs_app else registry.Registry()
     asyncio.run(app.serve(config, handlers, parts))
 
@@ -262,6 +263,16 @@ def list_handlers(**flags: Any) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command()
+@cli_options.common
+@click.option("--format", "output", type=click.Choice(["json", "yaml"]), default="json", show_default=True)
+@cli_options.exits
+def docs(output: str, **flags: Any) -> None:
+    """Print the AsyncAPI 3.0.0 document of the application: channels, operations, payload schemas (no broker or DB)."""
+    config = cli_options.load(**flags)
+    click.echo(asyncapi.render(asyncapi.document(registry.discover(config.app, config.app_dir), config), output))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,19 +22,37 @@ HANDLER_SECONDS = Histogram(
     ["handler"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-IN_FLIGHT = Gauge("conveyor_in_flight", "Messages accepted by a handler and not yet settled.", ["handler"])
+# Gauges say how ``conveyor worker --processes N`` combines the children's values
+# (prometheus_client multiprocess mode; ignored by a single process): ``livesum``
+# for per-process amounts, ``livemax`` for figures every replica reads from the
+# broker alike. ``live*``: a dead child's stale value is dropped. (A gauge read
+# through ``set_function`` is not written to the multiprocess files: the aggregate
+# shows it as 0; only the child's own ``/metrics`` has its value.)
+IN_FLIGHT = Gauge(
+    "conveyor_in_flight",
+    "Messages accepted by a handler and not yet settled (summed over live worker processes).",
+    ["handler"],
+    multiprocess_mode="livesum",
+)
 PUBLISHED = Counter("conveyor_published", "Messages published, by topic.", ["topic"])
 BACKLOG = Gauge(
     "conveyor_backlog",
     "Messages waiting for a handler's subscription, as the broker reports it (the autoscaling signal).",
     ["handler"],
+    multiprocess_mode="livemax",  # the subscription's figure: every replica reports the same
 )
 OLDEST_AGE = Gauge(
     "conveyor_oldest_age_seconds",
     "Age of the oldest unsettled message of a handler's subscription, where the broker knows it.",
     ["handler"],
+    multiprocess_mode="livemax",  # the subscription's figure: every replica reports the same
 )
-CAPACITY = Gauge("conveyor_capacity", "Messages a handler runs at once in this process (its concurrency).", ["handler"])
+CAPACITY = Gauge(
+    "conveyor_capacity",
+    "Messages a handler runs at once in this process (its concurrency); summed over live worker processes.",
+    ["handler"],
+    multiprocess_mode="livesum",
+)
 OUTAGE_WAITS = Counter(
     "conveyor_outage_waits",
     "Times a handler held a message because the database or broker was unavailable (no attempt spent).",

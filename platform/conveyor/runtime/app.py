@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from conveyor import envelope, errors, persistence, ports, registry, transports
+from conveyor import asyncapi, envelope, errors, persistence, ports, registry, transports
 from conveyor.runtime import housekeeping, http, relay, scaling, scheduler, worker
 from conveyor.sagas import runtime as saga_runtime
 from conveyor.settings import Settings
@@ -105,7 +105,8 @@ async def serve(
                 signal_source = reporter.snapshot
             if settings.http_port:
                 ingest = _ingest(settings, stores) if parts.ingest else None
-                site = http.create_app(checks, ingest, version_info(settings), scaling=signal_source)
+                document = asyncapi.document(handlers, settings)
+                site = http.create_app(checks, ingest, version_info(settings), scaling=signal_source, docs=document)
                 server = http.HttpServer(site, settings.http_host, settings.http_port, settings.drain_timeout)
                 await server.start()
                 stack.push_async_callback(server.stop)

@@ -10,6 +10,7 @@
 * ``GET /scaling`` (only in processes with a worker): per handler, its
   topic, capacity (concurrency), in-flight messages and the broker's backlog
   and oldest message age, as last read (see :mod:`conveyor.runtime.scaling`).
+* ``GET /asyncapi.json``, ``GET /docs``: the application's AsyncAPI document (see :mod:`conveyor.runtime.docs`).
 * ``POST /events/{topic}`` (only where ingest is enabled): a CloudEvent in the
   HTTP binding's structured (``application/cloudevents+json``) or binary
   (``ce-*`` headers) mode, or a plain ``application/json`` body, which becomes
@@ -58,6 +59,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from conveyor import envelope, errors, names, persistence
+from conveyor.runtime import docs as api_docs
 
 log = logging.getLogger("conveyor.http")
 
@@ -123,6 +125,8 @@ def create_app(
     ingest: IngestConfig | None = None,
     version: dict[str, str | None] | None = None,
     scaling: Scaling | None = None,
+    registry: prometheus_client.CollectorRegistry | None = None,
+    docs: Mapping[str, Any] | None = None,
 ) -> Starlette:
     """Build the ASGI application.
 
@@ -131,6 +135,9 @@ def create_app(
         ingest: how ``POST /events/{topic}`` behaves; no such route without it.
         version: the body of ``GET /version``.
         scaling: the body of ``GET /scaling`` (processes with a worker); no such route without it.
+        registry: what ``GET /metrics`` exports; this process's metrics (the default
+            registry) without it. The ``--processes`` supervisor passes the children's aggregate.
+        docs: the AsyncAPI document served at ``/asyncapi.json`` and ``/docs``; no such routes without it.
     """
 
     async def healthz(request: Request) -> Response:
@@ -148,7 +155,8 @@ def create_app(
         return JSONResponse(body, status_code=503 if failed_critical else 200)
 
     async def metrics(request: Request) -> Response:
-        return Response(prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+        body = prometheus_client.generate_latest(prometheus_client.REGISTRY if registry is None else registry)
+        return Response(body, media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     async def version_info(request: Request) -> Response:
         return JSONResponse(version or {})
@@ -180,6 +188,8 @@ def create_app(
         routes.append(Route("/events/{topic}", _ingest_endpoint(ingest), methods=["POST"]))
     if scaling is not None:
         routes.append(Route("/scaling", scaling_info, methods=["GET"]))
+    if docs is not None:
+        routes.extend(api_docs.routes(docs))
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 

@@ -54,9 +54,17 @@ from conveyor.crash import maybe_crash
 
 log = logging.getLogger("conveyor.relay")
 
-OUTBOX_BACKLOG = Gauge("conveyor_outbox_backlog", "Unsent outbox rows (due or delayed).")
-OUTBOX_OLDEST_AGE = Gauge("conveyor_outbox_oldest_age_seconds", "Age of the oldest due, unsent outbox row.")
-OUTBOX_PARKED = Gauge("conveyor_outbox_parked", "Outbox rows parked after their last attempt (see conveyor outbox).")
+# Database-wide figures, the same in every process that reads them: in multiprocess
+# mode the live processes' maximum (a dead process's last reading is dropped).
+OUTBOX_BACKLOG = Gauge("conveyor_outbox_backlog", "Unsent outbox rows (due or delayed).", multiprocess_mode="livemax")
+OUTBOX_OLDEST_AGE = Gauge(
+    "conveyor_outbox_oldest_age_seconds", "Age of the oldest due, unsent outbox row.", multiprocess_mode="livemax"
+)
+OUTBOX_PARKED = Gauge(
+    "conveyor_outbox_parked",
+    "Outbox rows parked after their last attempt (see conveyor outbox).",
+    multiprocess_mode="livemax",
+)
 RELAY_PUBLISHED = Counter("conveyor_relay_published", "Outbox messages published and confirmed by the broker.")
 RELAY_FAILURES = Counter(
     "conveyor_relay_publish_failures", "Outbox publishes that failed (refused, or the broker was unreachable)."

@@ -101,6 +101,9 @@ class ScalingReporter:
 
     async def refresh(self) -> None:
         """Read every handler's backlog once, concurrently; failures are recorded, never raised."""
+        for handler, _, in_flight in self._worker.load():
+            # A live gauge function is not shared across processes (``--processes N``): also store the value.
+            telemetry.IN_FLIGHT.labels(handler.name).set(in_flight)
         await asyncio.gather(*(self._read(name) for name in self._loads))
 
     async def _read(self, name: str) -> None:

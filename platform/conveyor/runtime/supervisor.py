@@ -6,10 +6,20 @@ same configuration), restarts a child that dies (with backoff, so a crash loop
 does not spin), and on SIGTERM/SIGINT passes the signal on and waits for the
 children to drain, killing any still running after the drain deadline.
 
-HTTP: the supervisor serves ``/healthz`` and ``/readyz`` on the configured
-port; ``/readyz`` is healthy when every child is running and reports ready.
+HTTP: the supervisor serves ``/healthz``, ``/readyz`` and ``/metrics`` on the
+configured port; ``/readyz`` is healthy when every child is running and reports
+ready, and ``/metrics`` is the aggregate of all children (scrape this one).
 Child ``i`` (1-based) serves its own ``/healthz``, ``/readyz`` and ``/metrics``
-on ``port + i`` (scrape each); with port 0 HTTP is off everywhere.
+(its share only) on ``port + i``; with port 0 HTTP is off everywhere.
+
+Metrics use prometheus_client's multiprocess mode: every child starts with
+``PROMETHEUS_MULTIPROC_DIR`` naming a directory of the supervisor's (a fresh
+temporary one, removed at exit; or the operator's ``PROMETHEUS_MULTIPROC_DIR``,
+whose ``*.db`` files are removed at start, as prometheus_client requires), and
+writes its metrics there; the supervisor sums them. A dead child's counters
+and histograms stay in the aggregate (so they never go backwards across a
+restart); its ``live*`` gauges are dropped (``mark_process_dead``). Each
+gauge's ``multiprocess_mode`` says how it is combined.
 """
 
 from __future__ import annotations
@@ -18,11 +28,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import prometheus_client
+from prometheus_client import multiprocess
 
 from conveyor import errors
 from conveyor.runtime import http
@@ -33,6 +49,7 @@ log = logging.getLogger("conveyor.supervisor")
 _RESTART_MIN = 0.5
 _RESTART_MAX = 30.0
 _STABLE_AFTER = 60.0
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass
@@ -76,6 +93,7 @@ class Supervisor:
         base = settings.http_port
         self._children = [_Child(i, base + i if base else 0) for i in range(1, processes + 1)]
         self._stopping = False
+        self._metrics_dir = ""
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Run until SIGTERM/SIGINT (or ``stop``); return the exit code (0 if every child drained)."""
@@ -84,12 +102,17 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         server = None
+        operator_dir = os.environ.get(_MULTIPROC_ENV) or None
+        self._metrics_dir = _metrics_directory(operator_dir)
         try:
             for child in self._children:
                 await self._start(child)
             if self._settings.http_port:
                 checks = [http.Check(f"worker-{c.index}", self._probe(c)) for c in self._children]
-                server = http.HttpServer(http.create_app(checks), self._settings.http_host, self._settings.http_port)
+                registry = prometheus_client.CollectorRegistry()
+                multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
+                site = http.create_app(checks, registry=registry)
+                server = http.HttpServer(site, self._settings.http_host, self._settings.http_port)
                 await server.start()
             watchers = [asyncio.create_task(self._watch(child)) for child in self._children]
             log.info("supervising %d worker processes", len(self._children))
@@ -104,12 +127,15 @@ class Supervisor:
                 await server.stop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+            if operator_dir is None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     async def _start(self, child: _Child) -> None:
         command = [sys.executable, "-m", "conveyor.cli", "worker"]
-        child.process = await asyncio.create_subprocess_exec(
-            *command, env=child_environment(self._settings, child.port), start_new_session=True
-        )
+        env = child_environment(self._settings, child.port)
+        # Read by prometheus_client when the child imports it: it must be in the environment at start.
+        env[_MULTIPROC_ENV] = self._metrics_dir
+        child.process = await asyncio.create_subprocess_exec(*command, env=env, start_new_session=True)
         child.started_at = time.monotonic()
         log.info("started worker %d (pid %d)", child.index, child.process.pid)
 
@@ -117,6 +143,7 @@ class Supervisor:
         while True:
             assert child.process is not None
             code = await child.process.wait()
+            self._mark_dead(child.process.pid)
             if self._stopping:
                 return
             ran = time.monotonic() - child.started_at
@@ -149,8 +176,14 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
             return 1
+        for process in running:
+            self._mark_dead(process.pid)
         log.info("all workers stopped")
         return 0 if all(code == 0 for code in codes) else 1
+
+    def _mark_dead(self, pid: int) -> None:
+        """Drop a dead child's ``live*`` gauges from the aggregate; its counters stay."""
+        multiprocess.mark_process_dead(pid, self._metrics_dir)  # type: ignore[no-untyped-call]
 
     def _probe(self, child: _Child) -> Callable[[], Awaitable[None]]:
         async def probe() -> None:
@@ -165,6 +198,18 @@ class Supervisor:
     def pids(self) -> list[int]:
         """Process ids of the running children."""
         return [c.process.pid for c in self._children if c.process and c.process.returncode is None]
+
+
+def _metrics_directory(operator_dir: str | None) -> str:
+    """The directory the children write their metrics to: the operator's, emptied, else a new temporary one."""
+    if operator_dir is None:
+        return tempfile.mkdtemp(prefix="conveyor-metrics-")
+    directory = Path(operator_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Files of an earlier run would be summed with this one's (prometheus_client: wipe it between runs).
+    for stale in directory.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    return str(directory)
 
 
 async def _get_status(host: str, port: int, path: str) -> int:

@@ -37,7 +37,7 @@ INSTANCES = Gauge(
     "conveyor_sagas",
     "Saga instances in the database by saga and status (refreshed every 15 s by worker processes).",
     ["saga", "status"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",  # a database-wide count; a dead process's last reading is dropped
 )
 STEP_SECONDS = Histogram(
     "conveyor_saga_step_seconds",
