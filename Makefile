@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: run test fault
+.PHONY: run test fault bench
 
 # Install and run the embedded default: in-memory broker, SQLite, http://127.0.0.1:8000.
 run:
@@ -14,6 +14,8 @@ run:
 test:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# The console's browser tests drive Debian's Chromium; installed once, when missing.
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	bash compose/start-local-services.sh
 	$(VENV)/bin/python -m pytest -m "not fault"
 
@@ -21,3 +23,8 @@ test:
 fault:
 	bash compose/start-local-services.sh
 	$(VENV)/bin/python -m pytest -m fault
+
+# Every performance row, Conveyor and the raw client interleaved (see README "Performance"); not a test.
+bench:
+	bash compose/start-local-services.sh
+	$(VENV)/bin/python -m bench --runs 3

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -41,6 +42,10 @@ READONLY = "conveyor_readonly"
 OUTBOX_ADDED = "conveyor_outbox_added"
 """Session ``info`` flag set by :meth:`Outbox.add`; the commit then wakes in-process relays."""
 
+log = logging.getLogger("conveyor.database")
+
+POOL_SIZE_OPTION = "pool_size"
+"""Database URL query option: connections the pool keeps (``...?pool_size=40``); removed before connecting."""
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 _SYNC_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
 _CONFLICT_STATES = {"40001", "40P01"}  # serialization failure, deadlock
@@ -77,8 +82,9 @@ def normalize_url(url: str | URL, *, sync: bool = False) -> URL:
             f"unsupported database URL {parsed.render_as_string()!r}: use sqlite+aiosqlite:///FILE "
             "or postgresql+asyncpg://USER@HOST/DB"
         )
-    drivers = _SYNC_DRIVERS if sync else _ASYNC_DRIVERS
-    return parsed.set(drivername=drivers[backend])
+    if sync:  # the synchronous engines (eventsourcing recorders) size their own pools
+        return parsed.set(drivername=_SYNC_DRIVERS[backend]).difference_update_query([POOL_SIZE_OPTION])
+    return parsed.set(drivername=_ASYNC_DRIVERS[backend])
 
 
 def is_memory_sqlite(url: URL) -> bool:
@@ -155,59 +161,143 @@ def translate(error: BaseException) -> errors.StoreError:
     return errors.StoreError(f"database error: {text}")
 
 
+def is_driver_error(error: BaseException) -> bool:
+    """Whether ``error`` is a DBAPI-level exception raised outside SQLAlchemy's wrapping.
+
+    The driver's own (asyncpg, aiosqlite, sqlite3), and those of SQLAlchemy's
+    async adapters, which are DBAPI emulations, not ``SQLAlchemyError``: a
+    statement sent straight to the driver (:mod:`event_store.direct`), or the
+    adapter starting a transaction for one, raises them as they are.
+    """
+    if isinstance(error, _EMULATED):
+        return True
+    return type(error).__module__.startswith(_DRIVER_MODULES)
+
+
+_EMULATED: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(exc, "EmulatedDBAPIException", None),) if isinstance(e, type)
+)
+_STATEMENT_ERRORS = frozenset({"IntegrityError", "ProgrammingError", "DataError", "NotSupportedError"})
+"""DBAPI error classes that blame the statement, not the connection."""
+_DRIVER_MODULES = ("asyncpg", "aiosqlite", "sqlite3", "sqlalchemy.dialects.", "sqlalchemy.connectors.")
+
+
 @contextlib.contextmanager
 def translating() -> Iterator[None]:
-    """Re-raise SQLAlchemy and driver errors raised inside as :class:`StoreError`."""
+    """Re-raise SQLAlchemy and driver errors raised inside as :class:`StoreError`.
+
+    A driver error without a SQLSTATE (the connection closed, or never opened)
+    is :class:`StoreUnavailable`: an outage, not the message's fault.
+    """
     try:
         yield
     except errors.ConveyorError:
         raise
     except (exc.SQLAlchemyError, OSError, ConnectionError) as error:
         raise translate(error) from error
+    except Exception as error:
+        if not is_driver_error(error):
+            raise
+        if sqlstate(error) is None and type(error).__name__ not in _STATEMENT_ERRORS:
+            raise StoreUnavailable(f"database connection failed: {' '.join(str(error).split())[:500]}") from error
+        raise translate(error) from error
 
 
-async def _discard(session: AsyncSession) -> None:
+async def discard(session: AsyncSession) -> None:
     """Close a session (rolling back what it left open); a broken connection is dropped quietly."""
     try:
         await session.close()
-    except (exc.SQLAlchemyError, OSError, ConnectionError):
+    except Exception as error:
+        if not isinstance(error, exc.SQLAlchemyError | OSError | ConnectionError) and not is_driver_error(error):
+            raise
         with contextlib.suppress(exc.SQLAlchemyError, OSError, ConnectionError):
             await session.invalidate()
+
+
+DEFAULT_POOL_SIZE = 5
+BACKGROUND_CONNECTIONS = 4
+"""Connections a process needs besides its handlers: the relay's claim and mark (2), the scheduler, readiness."""
+
+
+def pool_size_for(concurrency: int) -> int:
+    """The pool a process needs: one connection per concurrent handler attempt, plus the background ones.
+
+    Args:
+        concurrency: the process's total handler concurrency (the sum over its handlers).
+    """
+    return max(concurrency, 0) + BACKGROUND_CONNECTIONS
+
+
+def _pool_option(url: URL) -> tuple[URL, int | None]:
+    """Split the ``pool_size`` query option off a URL.
+
+    Raises:
+        ConfigurationError: the option is not a positive integer.
+    """
+    value = url.query.get(POOL_SIZE_OPTION)
+    if value is None:
+        return url, None
+    text = value if isinstance(value, str) else value[-1]
+    if not text.isdigit() or int(text) < 1:
+        raise errors.ConfigurationError(
+            f"database URL option {POOL_SIZE_OPTION}={text!r} must be a positive integer (connections in the pool)"
+        )
+    return url.difference_update_query([POOL_SIZE_OPTION]), int(text)
 
 
 class Database:
     """An async engine and session factory for one database URL.
 
+    The pool (PostgreSQL, file SQLite) holds ``pool_size`` connections, and as
+    many again in overflow. Its size is, by precedence: the URL option
+    ``?pool_size=N``, the ``pool_size`` argument, :data:`DEFAULT_POOL_SIZE`; and
+    never less than :func:`pool_size_for` ``concurrency``, since a handler
+    attempt holds a connection for its whole transaction: a pool smaller than
+    the process's handler concurrency makes attempts queue for connections.
+
     Args:
         url: SQLAlchemy URL (see :func:`normalize_url`); default
             ``sqlite+aiosqlite:///conveyor.db``.
         pool_size: connections kept open (PostgreSQL, file SQLite).
+        concurrency: the process's total handler concurrency; the pool is at
+            least :func:`pool_size_for` it.
         busy_timeout: SQLite: seconds to wait for the write lock.
         lock_timeout: PostgreSQL: seconds an event append waits for the
             events table lock before failing with :class:`StoreUnavailable`.
         echo: log SQL statements.
 
     Raises:
-        ConfigurationError: invalid or unsupported URL.
+        ConfigurationError: invalid or unsupported URL; a URL ``pool_size``
+            below what ``concurrency`` needs.
     """
 
     def __init__(
         self,
         url: str | URL = DEFAULT_URL,
         *,
-        pool_size: int = 5,
+        pool_size: int | None = None,
+        concurrency: int = 0,
         busy_timeout: float = 30.0,
         lock_timeout: float = 30.0,
         echo: bool = False,
     ) -> None:
-        self.url = normalize_url(url)
+        self.url, option = _pool_option(normalize_url(url))
+        needed = pool_size_for(concurrency) if concurrency > 0 else 0
+        if option is not None and option < needed:
+            log.warning(
+                "database URL option %s=%d is below the %d connections this process may use at once (handler "
+                "concurrency %d + %d for the relay, scheduler and readiness): handlers will wait for connections",
+                POOL_SIZE_OPTION, option, needed, concurrency, BACKGROUND_CONNECTIONS,
+            )  # fmt: skip
+        self.pool_size = option if option is not None else max(pool_size or DEFAULT_POOL_SIZE, needed)
+        """Connections the pool keeps open (as many more may overflow)."""
         self.dialect = self.url.get_backend_name()
         self.lock_timeout = lock_timeout
         kwargs: dict[str, Any] = {"echo": echo}
         if is_memory_sqlite(self.url):
             kwargs["poolclass"] = StaticPool
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
+            kwargs.update(pool_size=self.pool_size, max_overflow=self.pool_size, pool_pre_ping=False)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             configure_sqlite(self.engine.sync_engine, busy_timeout)
@@ -273,7 +363,7 @@ class Database:
             with translating():
                 await session.commit()
         finally:
-            await _discard(session)
+            await discard(session)
 
     async def check(self) -> None:
         """Verify the database answers now (for readiness).

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from conveyor import names
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import database, models
+from event_store import database, direct, models
 from event_store.outbox import db_time
 
 _PURGE_CHUNK = 5000
@@ -53,15 +53,7 @@ class Inbox:
             StoreError: the database failed.
         """
         names.check("handler name", handler)
-        insert = database.insert_for(session)
-        statement = (
-            insert(models.inbox)
-            .values(handler=handler, message_id=message_id)
-            .on_conflict_do_nothing(index_elements=["handler", "message_id"])
-        )
-        with database.translating():
-            result = await session.execute(statement)
-        return int(result.rowcount or 0) == 1  # type: ignore[attr-defined]
+        return await direct.claim_inbox(session, handler, message_id)
 
     async def purge(self, older_than: timedelta) -> int:
         """Delete rows processed more than ``older_than`` ago; return how many.

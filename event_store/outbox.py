@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from conveyor import envelope, errors, names, persistence, telemetry
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import database, models
+from event_store import database, direct, models
 
 _MAX_DELAY = timedelta(days=3650)
 
@@ -175,6 +175,10 @@ class Outbox:
             topic, data, key=key, type=type, headers=headers, subject=subject,
             correlationid=correlationid, causationid=causationid,
         )  # fmt: skip
+        if delay is None and at is None:
+            # The common case: one fixed statement, straight to the driver, due at commit time.
+            await direct.insert_outbox(session, [direct.outbox_params(topic, event)])
+            return event
         dialect = session.get_bind().dialect.name
         if at is not None:
             available_at: Any = require_aware("at", at)
@@ -183,7 +187,7 @@ class Outbox:
         row = to_row(topic, event)
         row["available_at"] = available_at
         with database.translating():
-            await session.execute(sa.insert(models.outbox).values(**row))
+            await session.execute(sa.insert(models.outbox).inline().values(**row))
         session.info[database.OUTBOX_ADDED] = True
         return event
 

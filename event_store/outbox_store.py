@@ -33,11 +33,20 @@ Claiming (see :class:`conveyor.ports.OutboxStore`):
   on ``<database>-relay.lock`` (:mod:`event_store.relay_lock`): a store whose
   relay does not hold it claims nothing, says once that it stands by, and
   tries again on every claim. In-memory SQLite needs no lock.
+* **Claims open at once.** A relay claims its next batch while it publishes
+  the current one (:attr:`SqlOutboxStore.concurrent_claims`). A key is never
+  in two open claims: on PostgreSQL the open claim's locks and the key-prefix
+  rule keep it out; on both dialects the store also skips the ids and keys of
+  its own open claims (taken as they were when the claim began, and released
+  only once a claim's marks committed, so a claim never sees a row of a key in
+  flight, nor a marked row as unsent). In-memory SQLite is one connection:
+  one claim at a time there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -49,44 +58,11 @@ import sqlalchemy as sa
 from conveyor import errors, ports
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import database, listener, models, outbox_admin, relay_lock
+from event_store import database, listener, models, outbox_admin, outbox_sql, relay_lock
 from event_store.outbox import as_utc, db_time
 
 log = logging.getLogger("conveyor.event_store.outbox")
 
-# True when no earlier unsent row of o's key makes the key wait. The terms of
-# the inner WHERE imply the predicate of ix_outbox_retrying (models.OUTBOX_RETRYING),
-# so each probe is an index lookup on (partition_key, id).
-_NOT_WAITING = """NOT EXISTS (
-    SELECT 1 FROM outbox w
-    WHERE w.partition_key = o.partition_key AND w.id < o.id
-      AND w.sent_at IS NULL AND (w.attempts > 0 OR w.parked_at IS NOT NULL)
-      AND (w.parked_at IS NOT NULL OR w.available_at > {now})
-)"""
-_CLAIM = """
-WITH head AS (
-    SELECT o.id, o.partition_key FROM outbox o
-    WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND o.available_at <= {now}
-      AND {not_waiting}
-    ORDER BY o.id
-    LIMIT :window
-), ranked AS (
-    SELECT id, partition_key, row_number() OVER (PARTITION BY partition_key ORDER BY id) AS rn
-    FROM head
-)
-SELECT o.id, o.message_id, o.topic, o.partition_key, o.headers, o.body, o.attempts,
-       o.created_at, r.rn
-FROM outbox o JOIN ranked r ON r.id = o.id
-WHERE o.sent_at IS NULL AND o.parked_at IS NULL
-  AND (r.partition_key IS NULL OR r.rn <= :per_key)
-ORDER BY o.id
-LIMIT :limit
-{lock}
-"""
-_NEXT_DUE = """
-SELECT min(o.available_at) AS earliest, {now} AS now FROM outbox o
-WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND {not_waiting}
-"""
 _PURGE_CHUNK = 1000
 
 
@@ -122,32 +98,6 @@ class SqlOutboxBatch:
         return bool(self.sent_ids or self.failures or self.parkings or self.interruptions)
 
 
-def _keep_key_prefixes(rows: Sequence[sa.Row[tuple[object, ...]]]) -> list[ports.OutboxMessage]:
-    """Drop keyed rows whose key's earlier rows this claim did not get (another relay has them)."""
-    last_rank: dict[str, int] = {}
-    kept: list[ports.OutboxMessage] = []
-    for row in rows:
-        key = row.partition_key
-        if key is not None:
-            if row.rn != last_rank.get(key, 0) + 1:
-                last_rank[key] = -1_000_000  # a gap: nothing later of this key
-                continue
-            last_rank[key] = row.rn
-        kept.append(
-            ports.OutboxMessage(
-                id=row.id,
-                message_id=row.message_id,
-                topic=row.topic,
-                key=key,
-                headers=row.headers,
-                body=row.body,
-                attempts=row.attempts,
-                created_at=as_utc(row.created_at),
-            )
-        )
-    return kept
-
-
 class SqlOutboxStore:
     """The outbox store on SQLite or PostgreSQL (see the module docstring for the claim rules).
 
@@ -169,12 +119,8 @@ class SqlOutboxStore:
         self.db = db
         self.per_key = per_key
         self.window = window
-        now = str(models.utcnow().compile(dialect=db.engine.dialect))
-        not_waiting = _NOT_WAITING.format(now=now)
-        self._statement = self._claim_statement(now, not_waiting)
-        self._next_due = sa.text(_NEXT_DUE.format(now=now, not_waiting=not_waiting)).columns(
-            sa.column("earliest", sa.DateTime(timezone=True)), sa.column("now", sa.DateTime(timezone=True))
-        )
+        self._statement = outbox_sql.claim_statement(db.engine.dialect)
+        self._next_due = outbox_sql.next_due_statement(db.engine.dialect)
         self._listener = (
             listener.PgListener(db.url, models.OUTBOX_CHANNEL, db.outbox_signal) if listen and db.is_postgres else None
         )
@@ -182,14 +128,10 @@ class SqlOutboxStore:
         file_sqlite = db.is_sqlite and not database.is_memory_sqlite(db.url)
         self._lock = relay_lock.RelayLock(relay_lock.lock_path(str(db.url.database))) if file_sqlite else None
         self._standing_by = False
-
-    def _claim_statement(self, now: str, not_waiting: str) -> sa.TextualSelect:
-        lock = "FOR UPDATE OF o SKIP LOCKED" if self.db.is_postgres else ""
-        outbox = models.outbox.c
-        return sa.text(_CLAIM.format(now=now, not_waiting=not_waiting, lock=lock)).columns(
-            outbox.id, outbox.message_id, outbox.topic, outbox.partition_key, outbox.headers,
-            outbox.body, outbox.attempts, outbox.created_at, sa.column("rn", sa.Integer),
-        )  # fmt: skip
+        self._in_flight_ids: set[int] = set()
+        self._in_flight_keys: collections.Counter[str] = collections.Counter()
+        self.concurrent_claims = not database.is_memory_sqlite(db.url)
+        """True if a relay may hold several claims at once (every database but in-memory SQLite)."""
 
     def _may_claim(self) -> bool:
         """False while another relay holds this SQLite file (logged once per stand-by)."""
@@ -211,9 +153,25 @@ class SqlOutboxStore:
         return False
 
     async def _select(self, session: AsyncSession, limit: int) -> list[ports.OutboxMessage]:
+        """The claimable rows, without the ids and keys of this store's open claims."""
+        ids, keys = set(self._in_flight_ids), set(self._in_flight_keys)  # as of before the statement
         window = self.window or max(limit * 4, 256)
-        result = await session.execute(self._statement, {"window": window, "per_key": self.per_key, "limit": limit})
-        return _keep_key_prefixes(result.all())
+        params: dict[str, object] = {"window": window, "per_key": self.per_key, "limit": limit}
+        if not self.db.is_postgres:
+            params.update(busy_ids=sorted(ids), busy_keys=sorted(keys))
+        result = await session.execute(self._statement, params)
+        messages = outbox_sql.keep_key_prefixes(result.all())
+        if ids:
+            messages = [m for m in messages if m.id not in ids and (m.key is None or m.key not in keys)]
+        self._in_flight_ids.update(m.id for m in messages)
+        self._in_flight_keys.update(m.key for m in messages if m.key is not None)
+        return messages
+
+    def _landed(self, messages: Sequence[ports.OutboxMessage]) -> None:
+        """A claim's marks committed (or it ended): its ids and keys are no longer in flight."""
+        self._in_flight_ids.difference_update(m.id for m in messages)
+        self._in_flight_keys.subtract(m.key for m in messages if m.key is not None)
+        self._in_flight_keys += collections.Counter()  # drops keys counted down to zero
 
     async def _settle(self, session: AsyncSession, batch: SqlOutboxBatch) -> None:
         table = models.outbox
@@ -250,31 +208,35 @@ class SqlOutboxStore:
         if not self._may_claim():
             yield SqlOutboxBatch([])
             return
-        if self.db.is_postgres:
-            failure: Exception | None = None
-            async with self.db.transaction() as session:
-                batch = SqlOutboxBatch(await self._select(session, limit))
-                try:
-                    yield batch
-                except Exception as exc:  # not cancellation: that rolls back, and the rows are claimed again
-                    failure = exc
-                try:
-                    await self._settle(session, batch)
-                except errors.StoreError as settle_error:
-                    if failure is not None:
-                        settle_error.add_note(f"while storing a relay round that failed with {failure!r}")
-                    raise
-            if failure is not None:
-                raise failure  # after the commit: what the broker confirmed stays marked
-            return
-        async with self.db.transaction(readonly=True) as session:
-            batch = SqlOutboxBatch(await self._select(session, limit))
+        batch = SqlOutboxBatch([])
         try:
-            yield batch
-        finally:
-            if batch.recorded:
+            if self.db.is_postgres:
+                failure: Exception | None = None
                 async with self.db.transaction() as session:
-                    await self._settle(session, batch)
+                    batch.messages = await self._select(session, limit)
+                    try:
+                        yield batch
+                    except Exception as exc:  # not cancellation: that rolls back, and the rows are claimed again
+                        failure = exc
+                    try:
+                        await self._settle(session, batch)
+                    except errors.StoreError as settle_error:
+                        if failure is not None:
+                            settle_error.add_note(f"while storing a relay round that failed with {failure!r}")
+                        raise
+                if failure is not None:
+                    raise failure  # after the commit: what the broker confirmed stays marked
+                return
+            async with self.db.transaction(readonly=True) as session:
+                batch.messages = await self._select(session, limit)
+            try:
+                yield batch
+            finally:
+                if batch.recorded:
+                    async with self.db.transaction() as session:
+                        await self._settle(session, batch)
+        finally:
+            self._landed(batch.messages)
 
     async def wait(self, max_wait: float) -> None:
         """Return on a commit notification (LISTEN or in-process) or after ``max_wait`` s."""

@@ -13,21 +13,17 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from conveyor import errors, persistence, ports
+from conveyor import errors, names, persistence, ports
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import claims, database, held, outbox_store
+from event_store import claims, database, direct, held, outbox_store
 from event_store.inbox import Inbox
 from event_store.outbox import Outbox
 from event_store.sagas import SqlSagaStore
 from event_store.store import SqlEventStore
 
 log = logging.getLogger("conveyor.store")
-
-
-class _Rollback(Exception):
-    """Thrown into the transaction's context to roll it back."""
 
 
 class SqlUnitOfWork:
@@ -38,10 +34,8 @@ class SqlUnitOfWork:
         events: the event store bound to it (``tx.events`` in handlers).
     """
 
-    def __init__(
-        self, scope: contextlib.AbstractAsyncContextManager[AsyncSession], session: AsyncSession, units: SqlUnits
-    ) -> None:
-        self._scope: contextlib.AbstractAsyncContextManager[AsyncSession] | None = scope
+    def __init__(self, session: AsyncSession, units: SqlUnits) -> None:
+        self._open = True
         self.tx = session
         self.events = SessionEvents(units.events, session)
         self.sagas = units.sagas
@@ -63,22 +57,34 @@ class SqlUnitOfWork:
     async def commit(self, outgoing: Sequence[persistence.Outgoing]) -> None:
         """Write ``outgoing`` to the outbox and commit.
 
+        Messages due at once (the common case) are one multi-row insert
+        straight to the driver (:mod:`event_store.direct`); delayed ones go
+        through :meth:`Outbox.add`, in order with the others.
+
         Raises:
             StoreError: the database refused; everything is rolled back.
             RuntimeError: the unit was already committed or rolled back.
         """
-        scope = self._scope
-        if scope is None:
+        if not self._open:
             raise RuntimeError("this unit of work is already closed")
-        self._scope = None
+        self._open = False
+        session = self.tx
         try:
+            rows: list[direct.OutboxParams] = []
             for message in outgoing:
-                await self._outbox.add(self.tx, message.topic, message.envelope, delay=message.delay, at=message.at)
-        except BaseException as exc:
-            if not await scope.__aexit__(type(exc), exc, exc.__traceback__):
-                raise
-            return
-        await scope.__aexit__(None, None, None)
+                if message.delay is None and message.at is None:
+                    event = self._outbox.build(message.topic, message.envelope)
+                    rows.append(direct.outbox_params(message.topic, event))
+                    continue
+                await direct.insert_outbox(session, rows)
+                rows = []
+                await self._outbox.add(session, message.topic, message.envelope, delay=message.delay, at=message.at)
+            await direct.insert_outbox(session, rows)
+            with database.translating():
+                await session.commit()  # returns the connection to the pool; nothing is left to close
+        except BaseException:
+            await database.discard(session)
+            raise
 
     async def rollback(self, error: BaseException | None = None) -> errors.StoreError | None:
         """Roll back; idempotent, never raises (a broken connection is dropped).
@@ -86,13 +92,10 @@ class SqlUnitOfWork:
         Returns:
             ``error`` translated, if the database raised it; otherwise None.
         """
-        scope, self._scope = self._scope, None
-        if scope is not None:
-            signal = _Rollback()
+        if self._open:
+            self._open = False
             try:
-                await scope.__aexit__(_Rollback, signal, None)
-            except _Rollback:
-                pass
+                await database.discard(self.tx)
             except Exception:  # the rollback itself failed: the connection is gone, and so is the transaction
                 log.warning("rolling back a handler transaction failed", exc_info=True)
         if isinstance(error, sa_exc.SQLAlchemyError):
@@ -111,30 +114,31 @@ class SqlUnits:
 
     def __init__(self, db: database.Database, outbox: Outbox, events: SqlEventStore) -> None:
         self._db = db
-        self._inbox = Inbox(db)
         self.outbox = outbox
         self.events = events
         self.sagas = SqlSagaStore()
+        self._checked: set[str] = set()
 
     async def begin(self, handler: str, message_id: str) -> SqlUnitOfWork | None:
         """Open a transaction whose first write is the inbox row; None if the row exists.
 
         Raises:
+            ConfigurationError: invalid handler name.
             StoreError: the database failed; nothing is left open.
         """
-        scope = self._db.transaction()
-        session = await scope.__aenter__()
+        if handler not in self._checked:
+            names.check("handler name", handler)
+            self._checked.add(handler)
+        session = self._db.sessions()
         try:
-            claimed = await self._inbox.claim(session, handler, message_id)
-        except BaseException as exc:
-            if not await scope.__aexit__(type(exc), exc, exc.__traceback__):
-                raise
-            raise  # pragma: no cover - the scope never swallows
+            claimed = await direct.claim_inbox(session, handler, message_id)
+        except BaseException:
+            await database.discard(session)
+            raise
         if not claimed:
-            with contextlib.suppress(_Rollback):
-                await scope.__aexit__(_Rollback, _Rollback(), None)
+            await database.discard(session)
             return None
-        return SqlUnitOfWork(scope, session, self)
+        return SqlUnitOfWork(session, self)
 
 
 class SessionEvents:

@@ -59,7 +59,7 @@ def document(found: registry.Registry, config: settings.Settings) -> dict[str, A
     Returns:
         A JSON-serialisable ``dict``; every ``$ref`` in it points inside it.
     """
-    builder = _Builder()
+    builder = _Builder(config.broker_url.partition("://")[0])
     starts = {f"{saga.topic}.start": schema_of(saga.state) for saga in found.sagas}  # start_on handlers
     for handler in found.handlers:
         payload = starts[handler.name] if handler.name in starts else _handler_payload(handler)
@@ -123,10 +123,26 @@ def server(url: str) -> dict[str, Any]:
     return found
 
 
+def channel_bindings(scheme: str, topic: str) -> dict[str, Any]:
+    """The AsyncAPI channel bindings of a topic on a broker: where its messages are on the wire.
+
+    RabbitMQ: a routing key on the durable topic exchange ``conveyor``; Kafka:
+    the topic of the same name. NATS has no JetStream binding in AsyncAPI 3.0
+    (the channel description names the subject and stream).
+    """
+    if scheme in ("amqp", "amqps"):
+        exchange = {"name": "conveyor", "type": "topic", "durable": True, "autoDelete": False, "vhost": "/"}
+        return {"amqp": {"is": "routingKey", "exchange": exchange, "bindingVersion": "0.3.0"}}
+    if scheme == "kafka":
+        return {"kafka": {"topic": topic, "bindingVersion": "0.5.0"}}
+    return {}
+
+
 class _Builder:
     """Accumulates channels, operations, messages and schemas with unique keys."""
 
-    def __init__(self) -> None:
+    def __init__(self, scheme: str = "memory") -> None:
+        self.scheme = scheme
         self.channels: dict[str, Any] = {}
         self.operations: dict[str, Any] = {}
         self.messages: dict[str, Any] = {}
@@ -141,6 +157,8 @@ class _Builder:
                 "description": f"{description} {_WIRE.format(topic)}",
                 "messages": {},
             }
+            if bindings := channel_bindings(self.scheme, topic):
+                existing["bindings"] = bindings
             self.channels[topic] = existing
         return existing
 
@@ -166,6 +184,9 @@ class _Builder:
             "summary": summary,
             "messages": [{"$ref": f"{_channel_ref(topic)}/messages/{_escape(key)}"}],
         }
+        if self.scheme == "kafka":  # the consumer group is the handler name
+            group = {"type": "string", "enum": [name]}
+            self.operations[f"receive.{name}"]["bindings"] = {"kafka": {"groupId": group, "bindingVersion": "0.5.0"}}
 
     def send(self, operation: str, topic: str, key: str, summary: str) -> None:
         self._attach(self.channel(topic, "Topic this service sends commands to."), key)

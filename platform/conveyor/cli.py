@@ -36,7 +36,7 @@ log = logging.getLogger("conveyor.cli")
 def _serve(config: settings.Settings, parts: app.Parts) -> None:
     needs_app = parts.worker or parts.scheduler or parts.relay or parts.ingest  # ingest serves the app's docs
     handlers = registry.discover(config.app, config.app_dir) if needs_app else registry.Registry()
-    asyncio.run(app.serve(config, handlers, parts))
+    app.run_process(config, app.serve(config, handlers, parts))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,7 +60,7 @@ def run(**flags: Any) -> None:
     config = cli_options.load(**flags)
     if config.database_url.startswith("sqlite"):
         asyncio.run(app.upgrade_database(config.database_url))
-    _serve(config, app.Parts(worker=True, ingest=True, relay=True, scheduler=True))
+    _serve(config, app.Parts(worker=True, ingest=True, relay=True, scheduler=True, embedded=True))
 
 
 @main.command()
@@ -87,7 +87,7 @@ def worker(processes: int, declare_only: bool, **flags: Any) -> None:
     elif processes > 1:
         sys.exit(asyncio.run(supervisor.Supervisor(config, processes).run()))
     else:
-        asyncio.run(app.serve(config, handlers, app.Parts(worker=True, ingest=False)))
+        app.run_process(config, app.serve(config, handlers, app.Parts(worker=True, ingest=False)))
 
 
 @main.command()
@@ -224,8 +224,9 @@ def publish(topic: str, data: str, key: str | None, event_type: str | None, **fl
 @main.command()
 @cli_options.common
 @click.option("--concurrency", type=int, help="Default per-handler concurrency (CONVEYOR_CONCURRENCY).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 @cli_options.exits
-def status(**flags: Any) -> None:
+def status(as_json: bool, **flags: Any) -> None:
     """Show each handler's backlog on the broker: name, topic, backlog, oldest age, capacity.
 
     Starts no worker and opens no database. Exits 1 if a backlog could not be read.
@@ -233,6 +234,9 @@ def status(**flags: Any) -> None:
     config = cli_options.load(**flags)
     found = registry.discover(config.app, config.app_dir)
     rows = asyncio.run(status_cli.status(config, found))
+    if as_json:
+        click.echo(orjson.dumps([row.as_json() for row in rows], option=orjson.OPT_INDENT_2).decode())
+        sys.exit(1 if any(row.error is not None for row in rows) else 0)
     if not rows:
         click.echo(f"no handlers in {', '.join(config.app)}")
         return

@@ -326,7 +326,8 @@ def binary_partition_key(headers: Mapping[str, Any]) -> str | None:
     no broker-level key, so per-key order holds for them too.
     """
     for name, value in headers.items():
-        if name.lower() in _KEY_HEADERS and value:
+        # every key header name ends in "y" (any case): a cheap test before lower-casing
+        if name[-1:] in "yY" and name.lower() in _KEY_HEADERS and value:
             return value if isinstance(value, str) else str(value)
     return None
 
@@ -341,13 +342,10 @@ def decode(message: WireMessage) -> Envelope:
     plain: dict[str, str] = {}
     content_type: str | None = None
     for name, value in message.headers.items():
-        lower = name.lower()
-        head = lower[:3]
-        if head == "ce_" or head == "ce-":
-            attrs[lower[3:]] = value
-        elif lower.startswith("cloudevents") and lower[11:12] in ("_", ":"):
-            attrs[lower[12:]] = value
-        elif lower == "content-type":
+        kind, attribute = _HEADER_ATTRIBUTES.get(name) or _header_attribute(name)
+        if kind is _ATTRIBUTE:
+            attrs[attribute] = value
+        elif kind is _CONTENT_TYPE:
             content_type = value
         else:
             plain[name] = value
@@ -364,6 +362,27 @@ def decode(message: WireMessage) -> Envelope:
         )
     attrs.setdefault("datacontenttype", content_type or JSON)
     return _from_attributes(attrs, message.body, plain, message.key)
+
+
+_ATTRIBUTE, _CONTENT_TYPE, _OTHER = "attribute", "content-type", "other"
+_HEADER_ATTRIBUTES: dict[str, tuple[str, str]] = {}
+"""Header name -> (what it is, attribute name): a bounded cache of :func:`_header_attribute`."""
+
+
+def _header_attribute(name: str) -> tuple[str, str]:
+    lower = name.lower()
+    head = lower[:3]
+    if head == "ce_" or head == "ce-":
+        found = (_ATTRIBUTE, lower[3:])
+    elif lower.startswith("cloudevents") and lower[11:12] in ("_", ":"):
+        found = (_ATTRIBUTE, lower[12:])
+    elif lower == "content-type":
+        found = (_CONTENT_TYPE, "")
+    else:
+        found = (_OTHER, "")
+    if len(_HEADER_ATTRIBUTES) < 4096:
+        _HEADER_ATTRIBUTES[name] = found
+    return found
 
 
 def _looks_structured(body: bytes) -> bool:
@@ -441,13 +460,29 @@ def _check_value(name: str, value: str, limit: int) -> None:
         raise errors.InvalidMessage(f"{name} contains a control character", name)
 
 
+_SHORTEST_LIMIT = min(_LIMITS.values())
+_VALID_NAMES: set[str] = set(_KNOWN)
+"""Attribute names seen valid (bounded), so the common ones skip the pattern."""
+
+
 def _check(attrs: dict[str, str]) -> None:
-    for name, value in attrs.items():
-        if not _NAME.fullmatch(name):
-            raise errors.InvalidMessage(
-                f"invalid CloudEvents attribute name {_show(name)}: use 1-64 lower-case letters a-z and digits", name
-            )
-        _check_value(name, value, _LIMITS.get(name, MAX_VALUE))
+    if not _VALID_NAMES.issuperset(attrs):
+        for name in attrs:
+            if name not in _VALID_NAMES:
+                if not _NAME.fullmatch(name):
+                    raise errors.InvalidMessage(
+                        f"invalid CloudEvents attribute name {_show(name)}: use 1-64 lower-case letters a-z and digits",
+                        name,
+                    )
+                if len(_VALID_NAMES) < 1024:
+                    _VALID_NAMES.add(name)
+    if max(map(len, attrs.values())) > _SHORTEST_LIMIT:
+        for name, value in attrs.items():
+            if len(value) > (limit := _LIMITS.get(name, MAX_VALUE)):
+                raise errors.InvalidMessage(f"{name} is longer than {limit} characters", name)
+    if _CONTROL.search("".join(attrs.values())):  # one scan; find the culprit only when there is one
+        for name, value in attrs.items():
+            _check_value(name, value, _LIMITS.get(name, MAX_VALUE))
 
 
 _show = jsontext.show
@@ -455,8 +490,8 @@ check_json = jsontext.check_json
 
 
 def _from_attributes(attrs: dict[str, str], data: bytes, plain: dict[str, str], key: str | None) -> Envelope:
-    missing = [name for name in ("id", "source", "specversion", "type") if not attrs.get(name)]
-    if missing:
+    if not (attrs.get("id") and attrs.get("source") and attrs.get("specversion") and attrs.get("type")):
+        missing = [name for name in ("id", "source", "specversion", "type") if not attrs.get(name)]
         raise errors.InvalidMessage(f"not a CloudEvent: missing required attribute(s) {', '.join(missing)}", missing[0])
     _check(attrs)
     if attrs["specversion"] != SPEC_VERSION:
@@ -496,7 +531,7 @@ def _from_attributes(attrs: dict[str, str], data: bytes, plain: dict[str, str], 
         correlationid=attrs.get("correlationid"),
         causationid=attrs.get("causationid"),
         attempt=attempt,
-        extensions={k: v for k, v in attrs.items() if k not in _KNOWN},
+        extensions={k: v for k, v in attrs.items() if k not in _KNOWN} if not _KNOWN.issuperset(attrs) else {},
         headers=plain,
     )
 

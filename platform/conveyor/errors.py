@@ -13,6 +13,7 @@ handler raises them to tell the worker what to do with the message.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 
 class ConveyorError(Exception):
@@ -40,6 +41,24 @@ class TransientTransportError(TransportError):
     """The broker is unreachable or busy; the operation may succeed if retried."""
 
     retryable = True
+
+
+class PublishManyError(TransportError):
+    """Some messages of a :meth:`~conveyor.Publisher.publish_many` were refused; the rest were confirmed.
+
+    Attributes:
+        sent: the events the broker confirmed.
+        failed: each refused event with its error, in the order given.
+    """
+
+    def __init__(self, sent: list[Any], failed: list[tuple[Any, Exception]]) -> None:
+        first = failed[0][1]
+        super().__init__(
+            f"{len(failed)} of {len(sent) + len(failed)} messages were refused (the first: {first}); "
+            "the refused events are in .failed: publish them again once the cause is fixed"
+        )
+        self.sent = sent
+        self.failed = failed
 
 
 class StoreError(ConveyorError):

@@ -168,6 +168,20 @@ class Transport(Protocol):
         """
         ...
 
+    async def publish_many(self, messages: Sequence[tuple[str, WireMessage]]) -> list[Exception | None]:
+        """Send ``(topic, message)`` pairs pipelined; return once the broker has answered for each.
+
+        Messages of one topic with the same key (or with no key) reach the
+        broker in the order given. One message's refusal does not stop the
+        others: the result holds, at each message's index, ``None`` once the
+        broker confirmed it or the :class:`~conveyor.errors.TransportError`
+        that refused it.
+
+        Raises:
+            TransportError: the transport is not connected (nothing was sent).
+        """
+        ...
+
     async def subscribe(self, subscription: Subscription, callback: DeliveryCallback) -> Consumer:
         """Start consuming: ``callback`` is awaited for each delivery, one at a time.
 
@@ -403,7 +417,11 @@ class OutboxStore(Protocol):
     never attempted) hold back nothing. Concurrency: several relays may claim
     at once where the store says so (PostgreSQL: ``FOR UPDATE SKIP LOCKED``);
     each row is in at most one open claim; a store that allows one relay per
-    database (a SQLite file) claims nothing while another relay holds it.
+    database (a SQLite file) claims nothing while another relay holds it. A
+    store with ``concurrent_claims = True`` lets one relay hold several of its
+    claims open at once (claim the next batch, mark the previous one, while a
+    batch publishes): it then never returns a row, or a row of a key, that is
+    in another of its open claims.
     Idempotency: a row claimed but never marked sent (the relay crashed after
     publishing) is claimed again, so a message may be published more than
     once with the same message id; consumers dedupe.

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
-from conveyor import envelope, names, ports, telemetry, transports
+from conveyor import envelope, errors, names, ports, telemetry, transports
 
 
 class Publisher:
@@ -32,6 +32,7 @@ class Publisher:
         self._transport: ports.Transport = transports.create(url)
         self._source = source
         self._system = telemetry.messaging_system(self._transport)
+        self._counters: dict[str, Any] = {}
 
     async def __aenter__(self) -> Publisher:
         await self.connect()
@@ -89,6 +90,55 @@ class Publisher:
         await self.send(topic, event)
         return event
 
+    async def publish_many(
+        self,
+        topic: str,
+        items: Iterable[Any],
+        *,
+        key: Callable[[Any], str | None] | None = None,
+        type: str | None = None,  # noqa: A002 - the CloudEvents attribute name
+        extensions: Mapping[str, str] | None = None,
+    ) -> list[envelope.Envelope]:
+        """Publish many events to one topic, pipelined, and wait until the broker answered for each.
+
+        Much faster than awaiting :meth:`publish` one by one: the broker
+        confirms them while later ones are on the wire. Events with the same
+        key keep their order.
+
+        Args:
+            topic: destination topic.
+            items: the events' data (pydantic models, JSON-compatible values or bytes).
+            key: returns an item's ordering key (default: none).
+            type: CloudEvents type of every event (default: the topic).
+            extensions: CloudEvents extension attributes of every event.
+
+        Returns:
+            The envelopes sent, in order.
+
+        Raises:
+            ConfigurationError: invalid topic, unserialisable data or an invalid extension (nothing sent).
+            PublishManyError: some events were refused; ``.sent`` and ``.failed`` say which.
+            TransportError: not connected (nothing sent).
+        """
+        names.check("topic", topic)
+        events = [
+            envelope.create(
+                type or topic, item, source=self._source, key=key(item) if key else None, extensions=extensions
+            )
+            for item in items
+        ]
+        prefix = self._transport.binary_prefix
+        with telemetry.send_span(topic, None, self._system) as context:  # one span for the batch
+            if context[0] is not None:
+                for event in events:
+                    event.traceparent, event.tracestate = context
+            results = await self._transport.publish_many([(topic, envelope.to_binary(e, prefix)) for e in events])
+        failed = [(event, error) for event, error in zip(events, results, strict=True) if error is not None]
+        self._published(topic).inc(len(events) - len(failed))
+        if failed:
+            raise errors.PublishManyError([e for e, r in zip(events, results, strict=True) if r is None], failed)
+        return events
+
     async def send(self, topic: str, event: envelope.Envelope) -> None:
         """Publish a ready-made envelope and wait for the broker's confirmation.
 
@@ -97,6 +147,16 @@ class Publisher:
             TransportError: the broker did not confirm the message.
         """
         names.check("topic", topic)
-        with telemetry.producer_span(topic, event, self._system):
+        if telemetry.tracing():
+            with telemetry.producer_span(topic, event, self._system):
+                await self._transport.publish(topic, envelope.to_binary(event, self._transport.binary_prefix))
+        else:
             await self._transport.publish(topic, envelope.to_binary(event, self._transport.binary_prefix))
-        telemetry.PUBLISHED.labels(topic).inc()
+        self._published(topic).inc()
+
+    def _published(self, topic: str) -> Any:
+        """The ``conveyor_published`` child of a topic (cached: ``labels()`` costs more than the increment)."""
+        child = self._counters.get(topic)
+        if child is None:
+            child = self._counters[topic] = telemetry.PUBLISHED.labels(topic)
+        return child

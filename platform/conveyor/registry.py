@@ -8,6 +8,7 @@ a registry is always the explicit result of loading a list of modules.
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
 import pkgutil
@@ -47,6 +48,9 @@ class Handler:
         plain: also accept messages that are not CloudEvents (a plain body from
             a producer without CloudEvents): the body is the payload and an
             envelope is synthesised around it (see :mod:`conveyor.plain`).
+        batch: for a batch handler, most messages per call (``decode`` then
+            decodes one element); ``None`` for one message per call.
+        batch_wait: seconds a batch waits for more messages after its first.
     """
 
     name: str
@@ -60,6 +64,8 @@ class Handler:
     concurrency: int | None
     transactional: bool = False
     plain: bool = False
+    batch: int | None = None
+    batch_wait: float = 0.05
 
     @property
     def where(self) -> str:
@@ -77,6 +83,8 @@ def on(
     backoff: retry.RetryPolicy | None = None,
     transactional: bool = False,
     plain: bool = False,
+    batch: int | None = None,
+    batch_wait: timedelta | float = 0.05,
 ) -> Callable[[F], F]:
     """Declare a handler for the messages of ``topic``.
 
@@ -106,6 +114,12 @@ def on(
             ``conveyor:plain:<broker>`` and ``id`` the broker's message id
             (see :mod:`conveyor.plain`). CloudEvents are decoded and
             validated as always.
+        batch: make it a batch handler: an ``async def`` taking one
+            ``list[X]`` parameter, called with up to ``batch`` payloads at once
+            (see :mod:`conveyor.runtime.batching` for how each message is
+            settled). Not transactional; batches of one handler run one at a
+            time, so per-key order holds.
+        batch_wait: longest a batch waits for more messages after its first one.
 
     Raises:
         ConfigurationError: invalid topic or name, a missing or unusable
@@ -125,8 +139,13 @@ def on(
             if concurrency is not None and concurrency < 1:
                 raise errors.ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
             annotation, takes_context = _payload_annotation(func, where)
-            decode = payloads.decoder_for(annotation, where)
             is_async = inspect.iscoroutinefunction(func)
+            wait = retry.seconds(batch_wait) or 0.0
+            if batch is not None:
+                annotation = _batch_element(
+                    annotation, batch, wait, is_async, takes_context, transactional, concurrency
+                )
+            decode = payloads.decoder_for(annotation, where)
             if transactional and not is_async:
                 raise errors.ConfigurationError(
                     "transactional=True needs an `async def` handler: a plain function runs in a thread "
@@ -146,11 +165,41 @@ def on(
             concurrency=concurrency,
             transactional=transactional,
             plain=plain,
+            batch=batch,
+            batch_wait=wait,
         )
         setattr(func, _ATTRIBUTE, handler)
         return func
 
     return decorate
+
+
+MAX_BATCH = 10_000
+
+
+def _batch_element(
+    annotation: Any,
+    batch: int,
+    wait: float,
+    is_async: bool,
+    takes_context: bool,
+    transactional: bool,
+    concurrency: int | None,
+) -> Any:
+    """The element type of a batch handler's ``list[X]`` parameter, after checking the batch options."""
+    if not 1 <= batch <= MAX_BATCH:
+        raise errors.ConfigurationError(f"batch must be between 1 and {MAX_BATCH}, got {batch}")
+    if not 0 <= wait <= 60:
+        raise errors.ConfigurationError(f"batch_wait must be between 0 and 60 seconds, got {wait}")
+    if not is_async:
+        raise errors.ConfigurationError("a batch handler must be an `async def`")
+    if takes_context or transactional:
+        raise errors.ConfigurationError("a batch handler takes one parameter (the list) and is not transactional")
+    if concurrency is not None:
+        raise errors.ConfigurationError("a batch handler runs one batch at a time: leave concurrency unset")
+    if typing.get_origin(annotation) not in (list, collections.abc.Sequence) or len(typing.get_args(annotation)) != 1:
+        raise errors.ConfigurationError(f"a batch handler's parameter must be annotated list[X], not {annotation!r}")
+    return typing.get_args(annotation)[0]
 
 
 def _default_name(func: Callable[..., Any]) -> str:

@@ -53,6 +53,14 @@ class Settings(BaseSettings):
             handler); CloudEvents are still validated.
         log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
         log_format: ``text`` (human-readable lines) or ``json`` (one object per line).
+        console: serve the operations console at ``/console`` (see :mod:`conveyor.console`);
+            unset means on in ``conveyor run`` and off in every other process type.
+        console_token: the console's credential (login form or bearer token);
+            required for actions, except in ``conveyor run`` bound to a loopback address.
+        console_readonly: the console only shows: actions are hidden and refused (403).
+        event_loop: ``auto`` runs long-lived processes on uvloop when it is
+            installed (``pip install 'conveyor[speed]'``), ``asyncio`` never,
+            ``uvloop`` always (an error if it is missing).
     """
 
     model_config = SettingsConfigDict(
@@ -79,11 +87,22 @@ class Settings(BaseSettings):
     plain_messages: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    console: bool | None = None
+    console_token: pydantic.SecretStr | None = None
+    console_readonly: bool = False
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     @pydantic.field_validator("service")
     @classmethod
     def _service_name(cls, value: str) -> str:
         return names.check("service name", value)
+
+    @pydantic.field_validator("console_token")
+    @classmethod
+    def _console_token(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("the console token must be at least 16 characters")
+        return value
 
     @pydantic.field_validator("ingest_tokens")
     @classmethod

@@ -45,6 +45,19 @@ class Row:
         age = "-" if backlog is None or backlog.oldest_age_s is None else f"{backlog.oldest_age_s:.1f}s"
         return (self.handler, self.topic, pending, age, str(self.capacity))
 
+    def as_json(self) -> dict[str, object]:
+        """The row as a JSON object (the shape of one handler in ``GET /scaling``, plus ``error``)."""
+        backlog = self.backlog
+        return {
+            "handler": self.handler,
+            "topic": self.topic,
+            "capacity": self.capacity,
+            "backlog": None if backlog is None else backlog.pending,
+            "broker_in_flight": None if backlog is None else backlog.in_flight,
+            "oldest_age_seconds": None if backlog is None else backlog.oldest_age_s,
+            "error": self.error,
+        }
+
 
 HEADER = ("NAME", "TOPIC", "BACKLOG", "OLDEST AGE", "CAPACITY")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from opentelemetry import trace
@@ -81,8 +82,18 @@ def messaging_system(transport: object) -> str:
     return _SYSTEMS.get(type(transport).__name__, type(transport).__name__.lower())
 
 
+_PROVIDER_FROM_ENV = bool(os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"))
+
+
 def tracing() -> bool:
-    """True once an OpenTelemetry SDK tracer provider is installed (else spans are skipped: no cost)."""
+    """True once an OpenTelemetry SDK tracer provider is installed (else spans are skipped: no cost).
+
+    Called for every message: until a provider is set (and none is named in the
+    environment) it answers from the API's global without the environment
+    lookup ``get_tracer_provider`` makes on every call.
+    """
+    if getattr(trace, "_TRACER_PROVIDER", True) is None and not _PROVIDER_FROM_ENV:
+        return False
     return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 

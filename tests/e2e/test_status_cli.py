@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 from cli import ROOT, Process, free_port, migrated, run
 from conveyor import envelope, on, ports, registry
 from conveyor.runtime.worker import Worker
@@ -44,6 +45,9 @@ async def test_status_prints_each_handler_with_its_backlog(tmp_path: Path, rabbi
         result = await asyncio.to_thread(
             run, ["status", "--app", "statusapp"], cwd=tmp_path, CONVEYOR_BROKER_URL=rabbit_url
         )
+        as_json = await asyncio.to_thread(
+            run, ["status", "--app", "statusapp", "--json"], cwd=tmp_path, CONVEYOR_BROKER_URL=rabbit_url
+        )
     finally:
         queues = brokers.rabbit_subscription_queues(
             transport, [*plan.subscriptions(), *plan.dead_letter_subscriptions()]
@@ -54,6 +58,11 @@ async def test_status_prints_each_handler_with_its_backlog(tmp_path: Path, rabbi
     header, row = result.stdout.splitlines()
     assert header.split() == ["NAME", "TOPIC", "BACKLOG", "OLDEST", "AGE", "CAPACITY"]
     assert row.split() == [name, topic, "3", "-", "3"]
+    assert as_json.returncode == 0, as_json.stderr
+    [entry] = orjson.loads(as_json.stdout)
+    assert (entry["handler"], entry["topic"], entry["backlog"], entry["capacity"], entry["error"]) == (
+        name, topic, 3, 3, None,
+    )  # fmt: skip
 
 
 def test_status_of_an_undeclared_subscription_shows_a_dash_and_exits_1(tmp_path: Path, rabbit_url: str) -> None:
@@ -63,6 +72,10 @@ def test_status_of_an_undeclared_subscription_shows_a_dash_and_exits_1(tmp_path:
     assert result.returncode == 1
     assert result.stdout.splitlines()[1].split() == [name, topic, "-", "-", "3"]
     assert name in result.stderr
+    as_json = run(["status", "--app", "statusapp", "--json"], cwd=tmp_path, CONVEYOR_BROKER_URL=rabbit_url)
+    assert as_json.returncode == 1
+    [entry] = orjson.loads(as_json.stdout)
+    assert entry["backlog"] is None and name in entry["error"]
 
 
 def test_status_on_the_memory_broker_exits_2_naming_the_alternative(tmp_path: Path) -> None:

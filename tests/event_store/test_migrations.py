@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import databases
@@ -11,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conveyor import errors
 
-from event_store import database, ensure_current, head_revision, models, upgrade
+from event_store import database, ensure_current, head_revision, migrate, models, upgrade
 
 
 @pytest.fixture
@@ -74,3 +76,18 @@ async def test_tables_whose_rows_are_deleted_keep_sqlite_autoincrement_after_eve
         await db.close()
     for table in ("outbox", "held_dead_letters", "saga_log", "schedule_claims"):
         assert "AUTOINCREMENT" in schema[table], table
+
+
+def test_head_revision_constant_is_the_migration_scripts_head() -> None:
+    # A new migration must update event_store.migrate.HEAD_REVISION (start-up checks compare with it).
+    assert migrate.scripts_head() == migrate.HEAD_REVISION
+
+
+def test_importing_event_store_does_not_import_alembic() -> None:
+    code = "import sys, event_store; print(sorted(m for m in ('alembic', 'mako') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+async def test_current_revision_of_migrated_database_is_head(db_url: str) -> None:
+    assert await migrate.current_revision(db_url) == migrate.HEAD_REVISION

@@ -15,8 +15,7 @@ import sqlalchemy as sa
 from conveyor import envelope, errors
 from conveyor.runtime.relay import Relay, RelayOptions
 from conveyor.testing import wait_for
-from conveyor.transports.memory import MemoryTransport
-from relay_helpers import TOPIC, Broker
+from relay_helpers import TOPIC, Broker, PublishEach
 from relay_helpers import add as _add
 from relay_helpers import unsent as _unsent
 
@@ -169,7 +168,7 @@ async def test_relay_delayed_keyed_row_does_not_hold_back_its_key(db: Database, 
     assert broker.by_key()["k"] == [1]
 
 
-class _DownTransport(MemoryTransport):
+class _DownTransport(PublishEach):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.calls = 0
@@ -195,7 +194,7 @@ async def test_relay_broker_down_backs_off_without_spending_attempts(db: Databas
     assert (row.attempts, row.parked_at, row.sent_at, "broker unreachable" in row.last_error) == (0, None, None, True)
 
 
-class _HangAfterPublish(MemoryTransport):
+class _HangAfterPublish(PublishEach):
     """Delivers the message, then never confirms: the relay dies before marking it sent."""
 
     async def publish(self, topic: str, message: envelope.WireMessage) -> None:

@@ -22,9 +22,9 @@ from conveyor.runtime import app
 from conveyor.runtime.handling import HandlerRunner
 from conveyor.runtime.relay import Relay
 from conveyor.testing import unique
-from conveyor.transports.memory import MemoryTransport
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from relay_helpers import PublishEach
 
 from event_store import Database
 
@@ -36,7 +36,7 @@ class Order(pydantic.BaseModel):
     amount: int
 
 
-class Pool(MemoryTransport):
+class Pool(PublishEach):
     """A broker that keeps what is published for the test to deliver."""
 
     def __init__(self) -> None:

@@ -24,15 +24,14 @@ from conveyor.runtime import app
 from conveyor.runtime.relay import Relay, RelayOptions
 from conveyor.runtime.worker import Worker
 from conveyor.testing import Collector, unique, wait_for
-from conveyor.transports.memory import MemoryTransport
-from relay_helpers import unsent, wait_until
+from relay_helpers import PublishEach, unsent, wait_until
 
 from event_store import Database, SqlOutboxStore
 
 FAST = RetryPolicy(initial_delay=0.05, jitter=0)
 
 
-class FlakyTransport(MemoryTransport):
+class FlakyTransport(PublishEach):
     """A memory transport that refuses the first ``failures`` publishes to ``topic``."""
 
     def __init__(self, url: str, topic: str, failures: int) -> None:

@@ -40,7 +40,8 @@ MID_ROUND = """
 SELECT (SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL) >= :sent,
        EXISTS (SELECT 1 FROM ledger),
        EXISTS (SELECT 1 FROM pg_stat_activity
-               WHERE datname = current_database() AND state = 'idle in transaction' AND query LIKE '%SKIP LOCKED%'
+               WHERE datname = current_database() AND state = 'idle in transaction'
+                 AND query LIKE '%conveyor-outbox-claim%'
                  AND clock_timestamp() - state_change > interval '25 milliseconds')
 """
 

@@ -70,6 +70,8 @@ class FakeKafka:
 
     def pause(self, *partitions: object) -> None: ...
 
+    async def stop(self) -> None: ...
+
     def resume(self, *partitions: object) -> None: ...
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
@@ -210,36 +212,80 @@ async def test_record_held_for_a_retry_is_not_handed_out_after_its_partition_was
     assert collector.bodies() == [b"r0", b"later"]
 
 
-# -- commit rounds that fail ----------------------------------------------------
+# -- commits in the background ------------------------------------------------------
 
 
-async def test_ack_joining_the_next_round_is_released_when_the_round_before_fails() -> None:
+async def test_ack_returns_while_the_commit_of_its_offset_is_blocked() -> None:
+    collector = Collector(settle=keep)
+    async with Running(collector) as run:
+        run.kafka.commit_gate = asyncio.Event()  # never set: every commit hangs
+        run.kafka.add(TP0, 0, b"r0")
+        run.kafka.add(TP0, 1, b"r1")
+        first, second = (r.delivery for r in await collector.wait(2, TIMEOUT))
+        async with asyncio.timeout(TIMEOUT):
+            await first.ack()
+            await wait_for(lambda: len(run.kafka.commits) == 1, TIMEOUT, "the first commit to start")
+            await second.ack()
+        run.kafka.commit_gate.set()
+
+
+async def test_close_after_acks_commits_their_offsets_once_the_blocked_commit_ends() -> None:
+    collector = Collector(settle=keep)
+    async with Running(collector) as run:
+        run.kafka.commit_gate = asyncio.Event()
+        for offset in range(3):
+            run.kafka.add(TP0, offset, f"r{offset}".encode())
+        deliveries = [r.delivery for r in await collector.wait(3, TIMEOUT)]
+        for delivery in deliveries:
+            await delivery.ack()
+        closing = asyncio.get_running_loop().create_task(run.consumer.close())
+        await wait_for(lambda: len(run.kafka.commits) >= 1, TIMEOUT, "a commit to start")
+        run.kafka.commit_gate.set()
+        await asyncio.wait_for(closing, TIMEOUT)
+    assert run.kafka.commits[-1] == {TP0: 3}
+
+
+async def test_offset_acked_during_a_commit_is_committed_by_the_next_round() -> None:
     collector = Collector(settle=keep)
     async with Running(collector) as run:
         run.kafka.add(TP0, 0, b"r0")
         run.kafka.add(TP0, 1, b"r1")
         first, second = (r.delivery for r in await collector.wait(2, TIMEOUT))
         run.kafka.commit_gate = asyncio.Event()
-        run.kafka.commit_errors = [kafka_errors.KafkaError("commit refused"), None]
-        loop = asyncio.get_running_loop()
-        acks = [loop.create_task(first.ack())]
+        await first.ack()
         await wait_for(lambda: len(run.kafka.commits) == 1, TIMEOUT, "the first commit round")
-        acks.append(loop.create_task(second.ack()))  # rides on the next round
-        await asyncio.sleep(0)
+        await second.ack()
         run.kafka.commit_gate.set()
-        async with asyncio.timeout(TIMEOUT):
-            results = await asyncio.gather(*acks, return_exceptions=True)
-    assert results[1] is None
+        await wait_for(lambda: len(run.kafka.commits) == 2, TIMEOUT, "the second commit round")
+    assert run.kafka.commits == [{TP0: 1}, {TP0: 2}]
 
 
-async def test_ack_is_released_when_the_commit_raises_an_unexpected_error() -> None:
+@pytest.mark.parametrize("error", [kafka_errors.KafkaError("commit refused"), RuntimeError("a bug in the client")])
+async def test_failed_commit_is_retried_in_the_background_and_the_ack_returns(error: Exception) -> None:
     collector = Collector(settle=keep)
     async with Running(collector) as run:
         delivery = await first_delivery(run, collector)
-        run.kafka.commit_errors = [RuntimeError("a bug in the client")]
+        run.kafka.commit_errors = [error]
         async with asyncio.timeout(TIMEOUT):
-            with pytest.raises(errors.TransportError):
-                await delivery.ack()
+            await delivery.ack()
+        await wait_for(lambda: len(run.kafka.commits) == 2, TIMEOUT, "the commit to be retried")
+    assert run.kafka.commits == [{TP0: 1}, {TP0: 1}]
+
+
+async def test_offsets_acked_during_a_failing_commit_are_committed_with_its_retry() -> None:
+    collector = Collector(settle=keep)
+    async with Running(collector) as run:
+        run.kafka.add(TP0, 0, b"r0")
+        run.kafka.add(TP0, 1, b"r1")
+        first, second = (r.delivery for r in await collector.wait(2, TIMEOUT))
+        run.kafka.commit_gate = asyncio.Event()
+        run.kafka.commit_errors = [kafka_errors.KafkaError("commit refused")]
+        await first.ack()
+        await wait_for(lambda: len(run.kafka.commits) == 1, TIMEOUT, "the first commit round")
+        await second.ack()
+        run.kafka.commit_gate.set()
+        await wait_for(lambda: run.kafka.commits[-1] == {TP0: 2}, TIMEOUT, "offset 2 to be committed")
+    assert run.kafka.commits == [{TP0: 1}, {TP0: 2}]
 
 
 # -- deliveries queued in the runtime when their partition is revoked ---------------

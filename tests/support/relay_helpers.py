@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +97,26 @@ async def attempts(db: Database, message_id: str) -> int:
     return int((await row(db, message_id)).attempts)
 
 
-class Refusing(MemoryTransport):
+class PublishEach(MemoryTransport):
+    """A memory transport whose ``publish_many`` calls ``self.publish`` per message, in order.
+
+    The relay publishes with ``publish_many``; a fake that overrides ``publish``
+    derives from this so that its override still decides each message's fate.
+    """
+
+    async def publish_many(self, messages: Sequence[tuple[str, envelope.WireMessage]]) -> list[Exception | None]:
+        results: list[Exception | None] = []
+        for topic, message in messages:
+            try:
+                await self.publish(topic, message)
+            except errors.TransportError as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
+
+
+class Refusing(PublishEach):
     """Refuses (non-transient :class:`TransportError`) every message whose key is in ``refused``."""
 
     def __init__(self, url: str, refused: set[str]) -> None:
@@ -110,7 +129,7 @@ class Refusing(MemoryTransport):
         await super().publish(topic, message)
 
 
-class Flaky(MemoryTransport):
+class Flaky(PublishEach):
     """Raises ``error()`` instead of publishing while ``failing(message)`` is true; counts publish calls."""
 
     def __init__(self, url: str, failing: Callable[[envelope.WireMessage], bool], error: Callable[[], Exception]):

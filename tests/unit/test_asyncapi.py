@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import orjson
 import pytest
 import yaml
@@ -92,6 +93,58 @@ def structural_problems(doc: dict[str, Any]) -> list[str]:
 def test_document_parses_as_asyncapi_3_with_faststream_models(document: dict[str, Any]) -> None:
     parsed = ApplicationSchema.model_validate(document)
     assert (parsed.asyncapi, parsed.info.title) == ("3.0.0", "shop")
+
+
+SPECS_VERSION = "6.11.1"
+"""``@asyncapi/specs``: the AsyncAPI Initiative's own JSON Schemas of the specification, from npm."""
+
+
+@pytest.fixture(scope="module")
+def official_schema() -> dict[str, Any]:
+    """The official AsyncAPI 3.0.0 JSON Schema, installed with npm into ``.cache`` on first use.
+
+    npm is part of the set-up of this machine and CI; a missing npm or registry fails here, never skips.
+    """
+    prefix = ROOT / ".cache" / f"asyncapi-specs-{SPECS_VERSION}"
+    path = prefix / "node_modules" / "@asyncapi" / "specs" / "schemas" / "3.0.0-without-$id.json"
+    if not path.exists():
+        subprocess.run(
+            ["npm", "install", "--no-save", "--no-audit", "--no-fund", "--silent", "--prefix", str(prefix),
+             f"@asyncapi/specs@{SPECS_VERSION}"],
+            check=True, timeout=300,
+        )  # fmt: skip
+    schema: dict[str, Any] = orjson.loads(path.read_bytes())
+    return schema
+
+
+@pytest.mark.parametrize(
+    "broker_url", ["amqp://user:secret@rabbit:5672/prod", "nats://nats:4222", "kafka://k1:9092,k2:9092", "memory://"]
+)
+def test_document_validates_against_the_official_asyncapi_3_schema(
+    official_schema: dict[str, Any], broker_url: str
+) -> None:
+    found = registry.discover(["handlers", "schedules"], str(ROOT))
+    doc = asyncapi.document(found, settings.Settings(service="shop", broker_url=broker_url))
+    problems = [
+        f"{'/'.join(map(str, e.path))}: {e.message}"
+        for e in jsonschema.Draft7Validator(official_schema).iter_errors(doc)
+    ]
+    assert problems == []
+    assert {f"receive.{h.name}" for h in found.handlers} <= set(doc["operations"])
+
+
+def test_the_official_schema_catches_a_broken_document(
+    official_schema: dict[str, Any], document: dict[str, Any]
+) -> None:
+    broken = {**document, "operations": {"x": {"action": "publish", "channel": {"$ref": "#/channels/none"}}}}
+    assert list(jsonschema.Draft7Validator(official_schema).iter_errors(broken))
+    assert list(
+        jsonschema.Draft7Validator(official_schema).iter_errors({k: v for k, v in document.items() if k != "info"})
+    )
+    found = registry.discover(["handlers", "schedules"], str(ROOT))
+    rabbit = asyncapi.document(found, settings.Settings(service="shop", broker_url="amqp://rabbit/"))
+    rabbit["channels"]["orders.placed"]["bindings"]["amqp"]["is"] = "nonsense"  # bindings are checked too
+    assert list(jsonschema.Draft7Validator(official_schema).iter_errors(rabbit))
 
 
 def test_document_passes_the_structural_checks(document: dict[str, Any]) -> None:
@@ -194,3 +247,21 @@ def test_saga_command_payload_is_the_step_return_annotation(document: dict[str, 
         messages[key]["payload"].get("title") for key in ("command.shop.checkout.charge", "undo.shop.checkout.charge")
     ]
     assert titles == ["ChargeCard", "ChargeCard"]
+
+
+def test_broker_bindings_name_the_wire_for_rabbitmq_and_kafka() -> None:
+    found = registry.discover(["handlers", "schedules"], str(ROOT))
+    rabbit = asyncapi.document(found, settings.Settings(service="shop", broker_url="amqp://rabbit:5672/"))
+    channel = rabbit["channels"]["orders.placed"]["bindings"]["amqp"]
+    assert (channel["is"], channel["exchange"]["name"], channel["exchange"]["type"]) == (
+        "routingKey",
+        "conveyor",
+        "topic",
+    )
+    kafka = asyncapi.document(found, settings.Settings(service="shop", broker_url="kafka://k:9092"))
+    assert kafka["channels"]["orders.placed"]["bindings"]["kafka"]["topic"] == "orders.placed"
+    handler = found.handlers[0]
+    binding = kafka["operations"][f"receive.{handler.name}"]["bindings"]["kafka"]
+    assert binding["groupId"]["enum"] == [handler.name]
+    nats = asyncapi.document(found, settings.Settings(service="shop", broker_url="nats://n:4222"))
+    assert "bindings" not in nats["channels"]["orders.placed"]

@@ -91,3 +91,35 @@ async def test_no_more_than_concurrency_deliveries_run_at_once() -> None:
     release.set()
     assert await dispatcher.drain(2)
     assert running[1] == 3
+
+
+async def test_a_process_that_raises_costs_no_capacity() -> None:
+    done: list[str] = []
+
+    async def process(delivery: FakeDelivery) -> None:
+        if delivery.message.body.startswith(b"bad"):
+            raise RuntimeError("a bug in processing")
+        done.append(delivery.message.body.decode())
+
+    dispatcher = Dispatcher(process, concurrency=2, buffer=0)  # type: ignore[arg-type]
+    for i in range(4):
+        await dispatcher.submit(FakeDelivery(f"bad{i}", key="k" if i % 2 else None))
+    for i in range(6):
+        await dispatcher.submit(FakeDelivery(f"ok{i}", key="k" if i % 2 else None))
+    await wait_for(lambda: len(done) == 6, 2, "the good deliveries after the failing ones")
+    assert dispatcher.in_flight == 0
+    assert await dispatcher.drain(1)
+
+
+async def test_work_submitted_after_a_drain_runs() -> None:
+    done: list[str] = []
+
+    async def process(delivery: FakeDelivery) -> None:
+        done.append(delivery.message.body.decode())
+
+    dispatcher = Dispatcher(process, concurrency=2)  # type: ignore[arg-type]
+    await dispatcher.submit(FakeDelivery("a"))
+    assert await dispatcher.drain(1)
+    await dispatcher.submit(FakeDelivery("b", key="k"))
+    await wait_for(lambda: done == ["a", "b"], 2, "the delivery submitted after the drain")
+    assert await dispatcher.drain(1)

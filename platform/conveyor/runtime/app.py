@@ -17,15 +17,18 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from starlette.routing import BaseRoute
+
+if TYPE_CHECKING:
+    from event_store.database import Database
 
 from conveyor import asyncapi, envelope, errors, persistence, ports, registry, transports
+from conveyor.console import auth as console_auth
 from conveyor.runtime import housekeeping, http, relay, scaling, scheduler, worker
 from conveyor.sagas import runtime as saga_runtime
 from conveyor.settings import Settings
-from event_store import migrate
-from event_store.database import Database
-from event_store.unit_of_work import sql_persistence
 
 log = logging.getLogger("conveyor")
 
@@ -39,12 +42,36 @@ class Parts:
         ingest: accept ``POST /events/{topic}`` (into the outbox).
         relay: publish the outbox.
         scheduler: claim schedule fires and enqueue their jobs.
+        embedded: the process is ``conveyor run``: the console is on unless
+            ``CONVEYOR_CONSOLE=0``, and may act without a token on a loopback address.
     """
 
     worker: bool = True
     ingest: bool = False
     relay: bool = False
     scheduler: bool = False
+    embedded: bool = False
+
+
+def run_process(settings: Settings, main: Coroutine[Any, Any, Any]) -> Any:
+    """Run a long-lived process's main coroutine on the configured event loop (``CONVEYOR_EVENT_LOOP``).
+
+    Raises:
+        ConfigurationError: ``uvloop`` was asked for and is not installed.
+    """
+    choice = settings.event_loop
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                main.close()
+                raise errors.ConfigurationError(
+                    "CONVEYOR_EVENT_LOOP=uvloop but uvloop is not installed: pip install 'conveyor[speed]'"
+                ) from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 async def serve(
@@ -64,7 +91,12 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            stores = await open_persistence(settings, stack)
+            if settings.database_url == NO_DATABASE:
+                _refuse_without_database(handlers, parts)
+                await _serve_without_database(settings, handlers, parts, stop, stack)
+                return
+            concurrency = _handler_concurrency(handlers, settings) if parts.worker else 0
+            stores = await open_persistence(settings, stack, concurrency)
             database = stores.database
             transport = await _connect(settings, stack)
             checks = [http.Check("broker", transport.check), http.Check("database", database.check)]
@@ -95,18 +127,14 @@ async def serve(
                 _background(stack, "scheduler", cron.run)
             if parts.worker and handlers.sagas:
                 _background(stack, "saga metrics", lambda stop: saga_runtime.report(stores, handlers.sagas, stop))
-            signal_source: http.Scaling | None = None
-            if parts.worker:
-                stack.push_async_callback(_drain, consumer, settings.drain_timeout)
-                await consumer.start()
-                checks.append(http.Check("subscriptions", _subscriptions_probe(consumer)))
-                reporter = scaling.ScalingReporter(transport, consumer)
-                _background(stack, "scaling", reporter.run)
-                signal_source = reporter.snapshot
+            signal_source = await _start_worker(consumer, transport, checks, settings, stack) if parts.worker else None
             if settings.http_port:
                 ingest = _ingest(settings, stores) if parts.ingest else None
                 document = asyncapi.document(handlers, settings)
-                site = http.create_app(checks, ingest, version_info(settings), scaling=signal_source, docs=document)
+                board = _console(settings, parts, handlers, stores, transport, signal_source, stack)
+                site = http.create_app(
+                    checks, ingest, version_info(settings), scaling=signal_source, docs=document, console=board
+                )
                 server = http.HttpServer(site, settings.http_host, settings.http_port, settings.drain_timeout)
                 await server.start()
                 stack.push_async_callback(server.stop)
@@ -124,15 +152,81 @@ async def serve(
     log.info("stopped")
 
 
-async def open_database(settings: Settings, stack: contextlib.AsyncExitStack) -> Database:
+NO_DATABASE = "none"
+"""``CONVEYOR_DATABASE_URL=none``: a worker whose handlers need no database opens none (and loads no SQLAlchemy)."""
+
+
+def _refuse_without_database(handlers: registry.Registry, parts: Parts) -> None:
+    """Raise unless every part of the process works without a database.
+
+    Raises:
+        ConfigurationError: naming what needs one.
+    """
+    needs = [f"transactional handler {h.name}" for h in handlers.handlers if h.transactional]
+    needs += [f"saga {saga.name}" for saga in handlers.sagas]
+    needs += [f"cron job {schedule.name}" for schedule in handlers.schedules]
+    needs += [part for part, on in (("the relay", parts.relay), ("the scheduler", parts.scheduler),
+                                    ("HTTP ingest", parts.ingest)) if on]  # fmt: skip
+    if needs:
+        raise errors.ConfigurationError(
+            f"CONVEYOR_DATABASE_URL={NO_DATABASE}, but {', '.join(needs)} need(s) a database: "
+            "set CONVEYOR_DATABASE_URL to a database"
+        )
+
+
+async def _serve_without_database(
+    settings: Settings, handlers: registry.Registry, parts: Parts, stop: asyncio.Event, stack: contextlib.AsyncExitStack
+) -> None:
+    """A worker with no database: handlers only (``ctx.transaction()`` raises; refused dead letters are redelivered)."""
+    transport = await _connect(settings, stack)
+    checks = [http.Check("broker", transport.check)]
+    consumer = worker.Worker(
+        handlers.handlers, transport, source=settings.service, concurrency=settings.concurrency,
+        max_message_bytes=settings.max_message_bytes, plain_messages=settings.plain_messages,
+    )  # fmt: skip
+    signal_source = await _start_worker(consumer, transport, checks, settings, stack) if parts.worker else None
+    if settings.http_port:
+        document = asyncapi.document(handlers, settings)
+        site = http.create_app(checks, None, version_info(settings), scaling=signal_source, docs=document)
+        server = http.HttpServer(site, settings.http_host, settings.http_port, settings.drain_timeout)
+        await server.start()
+        stack.push_async_callback(server.stop)
+    log.info("service %s ready (broker %s, no database)", settings.service, redact(settings.broker_url))
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0fs", settings.drain_timeout)
+
+
+async def _start_worker(
+    consumer: worker.Worker,
+    transport: ports.Transport,
+    checks: list[http.Check],
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+) -> http.Scaling:
+    """Start consuming (drained at shutdown), add the subscriptions check; return the scaling signal."""
+    stack.push_async_callback(_drain, consumer, settings.drain_timeout)
+    await consumer.start()
+    checks.append(http.Check("subscriptions", _subscriptions_probe(consumer)))
+    reporter = scaling.ScalingReporter(transport, consumer)
+    _background(stack, "scaling", reporter.run)
+    return reporter.snapshot
+
+
+async def open_database(settings: Settings, stack: contextlib.AsyncExitStack, concurrency: int = 0) -> Database:
     """Open the service's database, refusing one that is not migrated.
+
+    Its pool holds at least ``concurrency`` (the process's handlers' total)
+    connections plus those of the relay, the scheduler and readiness.
 
     Raises:
         ConfigurationError: unmigrated database (the message names ``conveyor db upgrade``).
         StoreError: the database is unreachable.
     """
+    from event_store import migrate
+    from event_store.database import Database
+
     await migrate.ensure_current(settings.database_url)
-    database = Database(settings.database_url)
+    database = Database(settings.database_url, concurrency=concurrency)
     stack.push_async_callback(database.close)
     return database
 
@@ -144,17 +238,23 @@ async def upgrade_database(url: str) -> None:
         ConfigurationError: invalid database URL.
         StoreError: the database is unreachable or refused a migration.
     """
+    from event_store import migrate
+
     await migrate.upgrade(url)
 
 
-async def open_persistence(settings: Settings, stack: contextlib.AsyncExitStack) -> persistence.Persistence:
+async def open_persistence(
+    settings: Settings, stack: contextlib.AsyncExitStack, concurrency: int = 0
+) -> persistence.Persistence:
     """Open the service's database and its stores (the one place that builds the SQL ones).
+
+    ``concurrency`` sizes the pool (see :func:`open_database`).
 
     Raises:
         ConfigurationError: unmigrated database (the message names ``conveyor db upgrade``).
         StoreError: the database is unreachable.
     """
-    return stores_for(await open_database(settings, stack), settings.service)
+    return stores_for(await open_database(settings, stack, concurrency), settings.service)
 
 
 async def open_outbox_store(settings: Settings, stack: contextlib.AsyncExitStack) -> ports.OutboxStore:
@@ -183,6 +283,11 @@ def version_info(settings: Settings) -> dict[str, str | None]:
     }
 
 
+def _handler_concurrency(handlers: registry.Registry, settings: Settings) -> int:
+    """Messages the process's handlers may handle at once, each possibly holding a connection."""
+    return sum(1 if h.batch else h.concurrency or settings.concurrency for h in handlers.handlers)
+
+
 def stores_for(database: Database, source: str) -> persistence.Persistence:
     """The SQL stores of an open database behind the persistence ports.
 
@@ -190,6 +295,8 @@ def stores_for(database: Database, source: str) -> persistence.Persistence:
         database: the service's database.
         source: CloudEvents ``source`` of messages the stores build.
     """
+    from event_store.unit_of_work import sql_persistence
+
     return sql_persistence(database, source)
 
 
@@ -243,6 +350,49 @@ def _subscriptions_probe(consumer: worker.Worker) -> Callable[[], Awaitable[None
             raise errors.TransportError("not every subscription is consuming")
 
     return probe
+
+
+def _console(
+    settings: Settings,
+    parts: Parts,
+    handlers: registry.Registry,
+    stores: persistence.Persistence,
+    transport: ports.Transport,
+    scaling_source: http.Scaling | None,
+    stack: contextlib.AsyncExitStack,
+) -> list[BaseRoute] | None:
+    """The operations console's routes, or None where it is off (see :func:`conveyor.console.auth.access_for`)."""
+    token = settings.console_token.get_secret_value() if settings.console_token else None
+    access = console_auth.access_for(
+        enabled=settings.console,
+        token=token,
+        readonly=settings.console_readonly,
+        host=settings.http_host,
+        embedded=parts.embedded,
+    )
+    if access is None:
+        if parts.embedded and settings.console is None and token is None:
+            log.warning("console off: %s is reachable from elsewhere; set CONVEYOR_CONSOLE_TOKEN", settings.http_host)
+        return None
+    from conveyor.console import app as console_app
+    from conveyor.console import sources as console_sources
+
+    outbox = stores.relay_store()  # the operator side only: never claimed from here
+    stack.push_async_callback(outbox.close)
+    sources = console_sources.Sources(
+        service=settings.service,
+        app=handlers,
+        stores=stores,
+        outbox=outbox,
+        open_transport=lambda: transports.create(settings.broker_url),
+        scaling=scaling_source,
+        transport=transport,
+    )
+    board = console_app.Console(sources, access)
+    _background(stack, "console", board.run)
+    mode = "token" if token else "local, actions allowed" if access.local_actions else "local, view only"
+    log.info("console on /console (%s%s)", mode, ", read-only" if access.readonly else "")
+    return board.routes()
 
 
 def _ingest(settings: Settings, stores: persistence.Persistence) -> http.IngestConfig:

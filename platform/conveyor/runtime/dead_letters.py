@@ -19,6 +19,10 @@ on every broker, through the Transport port:
 Dead letters the broker refused for good are held in the database instead
 (:class:`conveyor.persistence.DeadLetterStore`); given that store, each
 function covers them too (replayed ones and purged ones are deleted from it).
+
+``replay`` and ``purge`` take an optional ``select`` predicate: only the dead
+letters it accepts are acted on (and count toward ``limit``); the others are
+left unsettled, so the broker keeps them, as a peek does.
 """
 
 from __future__ import annotations
@@ -72,17 +76,26 @@ def _dead_letter(message: envelope.WireMessage, topic: str, held_id: int | None 
     )  # fmt: skip
 
 
-async def _held(store: persistence.DeadLetterStore | None, topic: str, limit: int) -> list[DeadLetter]:
+async def _held(
+    store: persistence.DeadLetterStore | None, topic: str, limit: int, select: Select | None = None
+) -> list[DeadLetter]:
     if store is None or limit <= 0:
         return []
-    return [_dead_letter(h.message, topic, h.id) for h in await store.held(dead_letter_topic(topic), limit)]
+    if select is None:
+        return [_dead_letter(h.message, topic, h.id) for h in await store.held(dead_letter_topic(topic), limit)]
+    letters = [_dead_letter(h.message, topic, h.id) for h in await store.held(dead_letter_topic(topic), 100_000)]
+    return [letter for letter in letters if select(letter)][:limit]
 
 
 Action = Callable[[ports.Transport, ports.Delivery, DeadLetter], Awaitable[None]]
+Select = Callable[[DeadLetter], bool]
+"""Chooses the dead letters a replay or purge acts on."""
 
 
-async def _drain(transport: ports.Transport, topic: str, limit: int, idle: float, act: Action) -> list[DeadLetter]:
-    """Hand each dead letter of ``topic`` to ``act`` until ``limit`` or ``idle`` seconds without one."""
+async def _drain(
+    transport: ports.Transport, topic: str, limit: int, idle: float, act: Action, select: Select | None = None
+) -> list[DeadLetter]:
+    """Hand each dead letter of ``topic`` that ``select`` accepts to ``act`` until ``limit``, or ``idle`` s pass."""
     names.check("topic", topic)
     kept = dead_letter_topic(topic)
     keeper = ports.Subscription(name=kept, topic=kept, prefetch=min(limit, 256), max_deliveries=None)  # as workers do
@@ -95,6 +108,8 @@ async def _drain(transport: ports.Transport, topic: str, limit: int, idle: float
         if len(found) >= limit:
             return  # left unsettled: redelivered later
         letter = _dead_letter(delivery.message, topic)
+        if select is not None and not select(letter):
+            return  # not chosen: left unsettled, redelivered later
         found.append(letter)
         await act(transport, delivery, letter)
 
@@ -135,8 +150,11 @@ async def replay(
     limit: int = 100,
     idle: float = 2.0,
     held: persistence.DeadLetterStore | None = None,
+    select: Select | None = None,
 ) -> list[DeadLetter]:
-    """Send up to ``limit`` dead letters of ``topic`` (held ones first) back to the topic they failed on.
+    """Send up to ``limit`` dead letters of ``topic`` (held ones first; those ``select`` accepts) back.
+
+    Each goes back to the topic it failed on.
 
     Raises:
         TransportError: a copy was not confirmed (that dead letter stays in place).
@@ -147,13 +165,13 @@ async def replay(
         await delivery.ack()
 
     done: list[DeadLetter] = []
-    for letter in await _held(held, topic, limit):
+    for letter in await _held(held, topic, limit, select):
         await transport.publish(letter.topic, letter.without_reason())
         assert held is not None and letter.held_id is not None
         await held.release([letter.held_id])
         done.append(letter)
     if len(done) < limit:
-        done += await _drain(transport, topic, limit - len(done), idle, send_back)
+        done += await _drain(transport, topic, limit - len(done), idle, send_back, select)
     return done
 
 
@@ -164,15 +182,16 @@ async def purge(
     limit: int = 100_000,
     idle: float = 2.0,
     held: persistence.DeadLetterStore | None = None,
+    select: Select | None = None,
 ) -> list[DeadLetter]:
-    """Delete up to ``limit`` dead letters of ``topic`` (held ones first)."""
+    """Delete up to ``limit`` dead letters of ``topic`` (held ones first; those ``select`` accepts)."""
 
     async def drop(transport: ports.Transport, delivery: ports.Delivery, letter: DeadLetter) -> None:
         await delivery.ack()
 
-    done = await _held(held, topic, limit)
+    done = await _held(held, topic, limit, select)
     if held is not None and done:
         await held.release([letter.held_id for letter in done if letter.held_id is not None])
     if len(done) < limit:
-        done += await _drain(transport, topic, limit - len(done), idle, drop)
+        done += await _drain(transport, topic, limit - len(done), idle, drop, select)
     return done

@@ -30,7 +30,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from conveyor import context, crash, envelope, errors, persistence, plain, ports, registry, telemetry
+from conveyor import context, crash, deadlines, envelope, errors, persistence, plain, ports, registry, telemetry
 from conveyor.runtime import threads
 from conveyor.transaction import AlreadyHandled
 
@@ -88,10 +88,20 @@ class HandlerRunner:
         self._dlq_topic = dead_letter_topic(handler.topic)
         self._system = telemetry.messaging_system(transport)
         self._seconds = telemetry.HANDLER_SECONDS.labels(handler.name)
+        self.deadlines = deadlines.Deadlines(handler.timeout)
+        """The deadlines of this handler's running attempts."""
         self._outcomes = {
             outcome: telemetry.MESSAGES.labels(handler.name, outcome)
             for outcome in ("succeeded", "retried", "dead_lettered", "duplicate")
         }
+
+    def observe(self, seconds: float) -> None:
+        """Record an attempt's duration."""
+        self._seconds.observe(seconds)
+
+    def count(self, outcome: str) -> None:
+        """Count a message's outcome (``succeeded``, ``retried``, ``dead_lettered``, ``duplicate``)."""
+        self._outcomes[outcome].inc()
 
     async def process(self, delivery: ports.Delivery) -> None:
         """Handle one delivery to the end: ack, nack or dead-letter. Never raises.
@@ -117,29 +127,51 @@ class HandlerRunner:
             # Deciding this message's fate failed: a message no code path could settle would be
             # redelivered forever and, once enough of them fill the prefetch, stop the subscription.
             log.exception("could not decide the fate of a message of %s; dead-lettering it", self.handler.name)
-            await self._last_resort(delivery, exc)
+            await self.last_resort(delivery, exc)
 
-    async def _last_resort(self, delivery: ports.Delivery, exc: Exception) -> None:
+    async def last_resort(self, delivery: ports.Delivery, exc: Exception) -> None:
         """Dead-letter a delivery whose handling failed unexpectedly; nack it if even that fails."""
         text = f"could not decide the fate of this message: {type(exc).__name__}: {exc}"
         try:
-            await self._dead_letter(delivery, delivery.attempt, "InternalError", text)
+            await self.dead_letter(delivery, delivery.attempt, "InternalError", text)
         except Exception:
             log.exception("could not dead-letter a message of %s; nacking it", self.handler.name)
             with contextlib.suppress(Exception):
                 await delivery.nack(self.handler.retry.max_delay)
 
     async def _process(self, delivery: ports.Delivery) -> None:
+        admitted = await self.admit(delivery)
+        if admitted is None:
+            return
+        message, payload = admitted
+        if not telemetry.tracing():
+            await self._run(delivery, message, payload)
+            return
+        with telemetry.consumer_span(delivery.topic, self.handler.name, message, self._system) as span:
+            failure = await self._run(delivery, message, payload)
+            if failure is not None:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, failure))
+
+    async def admit(self, delivery: ports.Delivery) -> tuple[envelope.Envelope, Any] | None:
+        """Decode a delivery for the handler, or dead-letter it and return None.
+
+        Dead-lettered here: a message over the size limit, one delivered more
+        often than ``max_attempts`` (earlier attempts died with their worker),
+        and poison (not a valid CloudEvent, or a payload the annotation refuses).
+
+        Raises:
+            TransportError: the dead letter could not be published nor the delivery settled.
+        """
         handler = self.handler
         size = len(delivery.message.body)
         if size > self._max_bytes:
-            await self._dead_letter(
+            await self.dead_letter(
                 delivery,
                 delivery.attempt,
                 "MessageTooLarge",
                 f"message of {size} bytes exceeds the limit of {self._max_bytes} bytes",
             )
-            return
+            return None
         if delivery.attempt > handler.retry.max_attempts:
             # Delivered again without ever being settled: each earlier attempt died with its
             # worker (a crash, an OOM kill). Running it again would only loop.
@@ -147,8 +179,8 @@ class HandlerRunner:
                 f"delivered {delivery.attempt} times, more than max_attempts={handler.retry.max_attempts}: "
                 "earlier attempts never finished (the worker crashed or was stopped with it)"
             )
-            await self._dead_letter(delivery, delivery.attempt, "TooManyDeliveries", text)
-            return
+            await self.dead_letter(delivery, delivery.attempt, "TooManyDeliveries", text)
+            return None
         try:
             if self._plain:  # a CloudEvent is decoded (and validated) all the same
                 message = plain.read(delivery.message, handler.topic, self._system)
@@ -156,15 +188,12 @@ class HandlerRunner:
                 message = envelope.decode(delivery.message)
             payload = handler.decode(message)
         except errors.InvalidMessage as exc:
-            await self._dead_letter(delivery, delivery.attempt, "InvalidMessage", str(exc))
-            return
+            await self.dead_letter(delivery, delivery.attempt, "InvalidMessage", str(exc))
+            return None
         # The broker's count (or our own retry header) decides, never the producer's ``attempt``
         # attribute: a producer claiming attempt 5 would otherwise skip every retry.
         message.attempt = delivery.attempt
-        with telemetry.consumer_span(delivery.topic, handler.name, message, self._system) as span:
-            failure = await self._run(delivery, message, payload)
-            if failure is not None:
-                span.set_status(trace.Status(trace.StatusCode.ERROR, failure))
+        return message, payload
 
     async def _run(self, delivery: ports.Delivery, message: envelope.Envelope, payload: Any) -> str | None:
         """Run the attempt and settle the delivery; return the failure text, if any.
@@ -186,43 +215,53 @@ class HandlerRunner:
                 finally:  # every outcome, so slow failures and timeouts show in the histogram too
                     self._seconds.observe(time.perf_counter() - started)
             except (errors.StoreUnavailable, errors.TransientTransportError) as exc:
-                pause = await self._hold(exc, pause)
+                pause = await self.hold(exc, pause)
                 continue
             except AlreadyHandled:
                 log.debug("%s skipped duplicate message %s", handler.name, message.id)
                 await delivery.ack()
                 self._outcomes["duplicate"].inc()
                 return None
-            except errors.Retry as signal:
-                delay = signal.delay if signal.delay is not None else handler.retry.delay(attempt)
-                await self._failed(delivery, attempt, delay, "Retry", signal.reason)
-                return f"Retry: {signal.reason}"
-            except errors.Reject as signal:
-                await self._dead_letter(delivery, attempt, "Rejected", signal.reason)
-                return f"Rejected: {signal.reason}"
-            except TimeoutError:
-                reason = f"attempt exceeded the handler timeout of {handler.timeout}s"
-                await self._failed(delivery, attempt, handler.retry.delay(attempt), "TimeoutError", reason)
-                return reason
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                await self._failed(delivery, attempt, handler.retry.delay(attempt), type(exc).__name__, str(exc))
-                return f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # Retry, Reject, a timeout or the handler's own error
+                return await self.settle_failure(delivery, attempt, exc)
             break
         while ctx.unit is None and ctx.outgoing:
             try:
                 await self._send(ctx.outgoing)
                 break
             except errors.TransientTransportError as exc:
-                pause = await self._hold(exc, pause)
+                pause = await self.hold(exc, pause)
             except errors.TransportError as exc:
                 text = f"could not publish the handler's messages: {exc}"
-                await self._failed(delivery, attempt, handler.retry.delay(attempt), "TransportError", text)
+                await self.failed(delivery, attempt, handler.retry.delay(attempt), "TransportError", text)
                 return text
         await delivery.ack()
         self._outcomes["succeeded"].inc()
         return None
+
+    async def settle_failure(self, delivery: ports.Delivery, attempt: int, exc: BaseException) -> str:
+        """Settle a failed attempt by what it raised; return the failure text.
+
+        ``Retry`` retries after its delay (or the backoff), ``Reject``
+        dead-letters at once, anything else (a timeout included) retries with
+        backoff; a retry is a dead letter once the message's attempts are spent.
+        """
+        retry = self.handler.retry
+        if isinstance(exc, errors.Retry):
+            delay = exc.delay if exc.delay is not None else retry.delay(attempt)
+            await self.failed(delivery, attempt, delay, "Retry", exc.reason)
+            return f"Retry: {exc.reason}"
+        if isinstance(exc, errors.Reject):
+            await self.dead_letter(delivery, attempt, "Rejected", exc.reason)
+            return f"Rejected: {exc.reason}"
+        if isinstance(exc, TimeoutError):
+            reason = f"attempt exceeded the handler timeout of {self.handler.timeout}s"
+            await self.failed(delivery, attempt, retry.delay(attempt), "TimeoutError", reason)
+            return reason
+        await self.failed(delivery, attempt, retry.delay(attempt), type(exc).__name__, str(exc))
+        return f"{type(exc).__name__}: {exc}"
 
     async def _keep_refused(self, copy: envelope.WireMessage, refusal: errors.TransportError) -> bool:
         """Keep a dead letter the broker refused for good in the database; return whether it is kept."""
@@ -262,7 +301,7 @@ class HandlerRunner:
             with telemetry.producer_span(message.topic, message.envelope, self._system):
                 await self._transport.publish(message.topic, envelope.to_binary(message.envelope, self._prefix))
 
-    async def _hold(self, exc: errors.ConveyorError, pause: float) -> float:
+    async def hold(self, exc: errors.ConveyorError, pause: float) -> float:
         """Wait out an infrastructure outage before the next try; return the next pause."""
         what = "database" if isinstance(exc, errors.StoreError) else "broker"
         log.warning(
@@ -287,8 +326,9 @@ class HandlerRunner:
         handler = self.handler
         args = (payload, ctx) if handler.takes_context else (payload,)
         running: asyncio.Future[Any] | None = None
+        deadline = self.deadlines.start()
         try:
-            async with asyncio.timeout(handler.timeout):
+            try:
                 if handler.transactional:
                     await ctx.open_transaction()
                 if handler.is_async:
@@ -304,6 +344,12 @@ class HandlerRunner:
                     crash.maybe_crash("handler.before-commit")
                     await ctx.unit.commit(ctx.outgoing)
                     crash.maybe_crash("handler.after-commit")
+            except asyncio.CancelledError:
+                if self.deadlines.finish(deadline):
+                    raise TimeoutError(f"{handler.name} exceeded its timeout of {handler.timeout}s") from None
+                raise
+            finally:
+                self.deadlines.finish(deadline)
         except BaseException as exc:
             if running is not None and not running.done() and isinstance(exc, TimeoutError):
                 await self._outlive(running)
@@ -313,9 +359,10 @@ class HandlerRunner:
                     raise translated from exc
             raise
 
-    async def _failed(self, delivery: ports.Delivery, attempt: int, delay: float, kind: str, text: str) -> None:
+    async def failed(self, delivery: ports.Delivery, attempt: int, delay: float, kind: str, text: str) -> None:
+        """An attempt failed: nack for a retry after ``delay``, or dead-letter once attempts are spent."""
         if self.handler.retry.exhausted(attempt):
-            await self._dead_letter(delivery, attempt, kind, text)
+            await self.dead_letter(delivery, attempt, kind, text)
             return
         log.warning(
             "%s failed attempt %d/%d (%s: %s); retrying in %.2fs",
@@ -329,7 +376,8 @@ class HandlerRunner:
         await delivery.nack(delay)
         self._outcomes["retried"].inc()
 
-    async def _dead_letter(self, delivery: ports.Delivery, attempt: int, kind: str, text: str) -> None:
+    async def dead_letter(self, delivery: ports.Delivery, attempt: int, kind: str, text: str) -> None:
+        """Publish a copy to the dead-letter topic with the reason, then ack (nack if the copy is refused)."""
         original = delivery.message
         headers = dict(original.headers)
         headers.update(dead_letter_headers(self.handler.name, delivery.topic, kind, text, attempt))

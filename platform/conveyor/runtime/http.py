@@ -12,6 +12,7 @@
   and oldest message age, as last read (see :mod:`conveyor.runtime.scaling`).
 * ``GET /asyncapi.json``, ``GET /docs``: the application's AsyncAPI document (see :mod:`conveyor.runtime.docs`).
 * ``POST /events/{topic}`` (only where ingest is enabled): see :mod:`conveyor.runtime.ingest`.
+* ``/console/...`` (only where the console is on): see :mod:`conveyor.console`.
 
 Every error, of every route, is one JSON shape: ``{"error": {"code": ...,
 "message": ..., "field": ...}}`` (:func:`conveyor.runtime.ingest.error_response`).
@@ -34,7 +35,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from conveyor import errors
 from conveyor.runtime import docs as api_docs
@@ -75,6 +76,7 @@ def create_app(
     scaling: Scaling | None = None,
     registry: prometheus_client.CollectorRegistry | None = None,
     docs: Mapping[str, Any] | None = None,
+    console: Sequence[BaseRoute] | None = None,
 ) -> Starlette:
     """Build the ASGI application.
 
@@ -86,6 +88,7 @@ def create_app(
         registry: what ``GET /metrics`` exports; this process's metrics (the default
             registry) without it. The ``--processes`` supervisor passes the children's aggregate.
         docs: the AsyncAPI document served at ``/asyncapi.json`` and ``/docs``; no such routes without it.
+        console: the operations console's routes (:meth:`conveyor.console.app.Console.routes`), if served.
     """
 
     async def healthz(request: Request) -> Response:
@@ -126,7 +129,7 @@ def create_app(
             response.headers.update(exc.headers)
         return response
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -138,6 +141,8 @@ def create_app(
         routes.append(Route("/scaling", scaling_info, methods=["GET"]))
     if docs is not None:
         routes.extend(api_docs.routes(docs))
+    if console is not None:
+        routes.extend(console)
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 

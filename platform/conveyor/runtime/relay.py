@@ -3,13 +3,24 @@
 Each round claims a batch from the :class:`~conveyor.ports.OutboxStore`,
 publishes it and settles it:
 
-* rows of one key are published one after another in outbox order, and a
-  failure stops that key for the round (its later rows wait, so order holds);
-  keyless rows and different keys are published concurrently (bounded);
+* rows are published pipelined (``Transport.publish_many``) in waves: every
+  keyless row and the first row of each key, then the next row of each key
+  whose previous row the broker confirmed, and so on; so rows of one key go
+  out in outbox order, and a failure stops that key for the round (its later
+  rows wait, so order holds) while keyless rows and other keys flow on
+  (:mod:`conveyor.runtime.relay_waves`);
 * a message is marked sent only after the broker confirmed it. A relay that
   dies in between publishes it again after restart with the same message id
   (at-least-once; the consumers' inbox drops the duplicate). The crash point
-  ``relay.after-publish`` (:func:`conveyor.crash.maybe_crash`) reproduces that.
+  ``relay.after-publish`` (:func:`conveyor.crash.maybe_crash`) reproduces that;
+* :meth:`Relay.run` overlaps the database with the broker: while batch N is
+  being published, batch N+1 is claimed and batch N-1 marked, each in its own
+  claim (its own transaction on PostgreSQL). A key is never in two open
+  claims (PostgreSQL: its rows are locked, ``SKIP LOCKED`` and the key-prefix
+  rule skip it; SQLite: the store skips the ids and keys of its open claims),
+  so a key's rows still go out one batch after the other, in order. Stores
+  that cannot hold two claims at once (``concurrent_claims`` false, e.g.
+  in-memory SQLite) run the rounds one after the other.
 
 Failures degrade per key, never globally:
 
@@ -42,15 +53,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from dataclasses import dataclass
-from datetime import timedelta
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
-from conveyor import envelope, errors, ports, telemetry
-from conveyor.crash import maybe_crash
+from conveyor import errors, ports
+from conveyor.runtime import relay_waves
+from conveyor.runtime.relay_waves import (
+    RELAY_FAILURES,
+    RELAY_PUBLISHED,
+    RelayOptions,
+    RoundResult,
+    wire_message,
+)
+
+__all__ = ["RELAY_FAILURES", "RELAY_PUBLISHED", "Relay", "RelayOptions", "RoundResult", "wire_message"]
 
 log = logging.getLogger("conveyor.relay")
 
@@ -65,81 +82,71 @@ OUTBOX_PARKED = Gauge(
     "Outbox rows parked after their last attempt (see conveyor outbox).",
     multiprocess_mode="livemax",
 )
-RELAY_PUBLISHED = Counter("conveyor_relay_published", "Outbox messages published and confirmed by the broker.")
-RELAY_FAILURES = Counter(
-    "conveyor_relay_publish_failures", "Outbox publishes that failed (refused, or the broker was unreachable)."
-)
-
-_STORED_PREFIX = envelope.HTTP_PREFIX
 
 
-@dataclass(frozen=True, slots=True)
-class RelayOptions:
-    """How the relay paces itself.
+class _Claim:
+    """One batch's claim held open in a task of its own, from the claim to its mark.
 
-    Attributes:
-        batch_size: rows claimed per round.
-        max_in_flight: publishes awaiting broker confirmation at once.
-        poll_interval: longest idle sleep without a notification (seconds).
-        min_idle: shortest idle sleep after an empty claim unless a commit is
-            notified (seconds): the floor that keeps an idle relay from spinning.
-        retry_base: backoff of a row after its first refused publish (seconds).
-        retry_max: longest backoff of a row (seconds).
-        max_attempts: refused publishes of one row before it is parked.
-        max_backoff: longest pause of the whole relay while the broker or
-            database is failing (seconds).
-        retention: sent rows older than this are deleted.
-        purge_interval: seconds between purges.
-        metrics_interval: seconds between backlog gauge refreshes.
-        stall_after: a due row unsent this long makes readiness degraded (seconds).
+    The store's claim is a context manager whose transaction (PostgreSQL)
+    belongs to the task that entered it, so a batch's whole life runs in one
+    task: claim, wait for the publish outcome (:meth:`release`), exit (mark).
     """
 
-    batch_size: int = 100
-    max_in_flight: int = 64
-    poll_interval: float = 1.0
-    min_idle: float = 0.1
-    retry_base: float = 1.0
-    retry_max: float = 300.0
-    max_attempts: int = 10
-    max_backoff: float = 30.0
-    retention: timedelta = timedelta(days=7)
-    purge_interval: float = 300.0
-    metrics_interval: float = 5.0
-    stall_after: float = 60.0
+    def __init__(self, store: ports.OutboxStore, limit: int, after: _Claim | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self._batch: asyncio.Future[ports.OutboxBatch] = loop.create_future()
+        self._outcome: asyncio.Future[Exception | None] = loop.create_future()
+        self.task = asyncio.create_task(self._hold(store, limit, after))
 
+    async def _hold(self, store: ports.OutboxStore, limit: int, after: _Claim | None) -> None:
+        claimed = False
+        try:
+            if after is not None:
+                # Claim once the previous batch is marked: its keys are free again by then (a
+                # claim made before would skip them too). Its outcome is the relay's to report.
+                await asyncio.wait([after.task])
+            async with store.claim(limit) as batch:
+                claimed = True
+                self._batch.set_result(batch)
+                failure = await self._outcome
+                if failure is not None:
+                    raise failure  # the store keeps what was recorded, then re-raises
+        except Exception as exc:
+            if claimed:
+                raise
+            self._batch.set_exception(exc)  # the claim failed: batch() raises it
+        finally:
+            if not self._batch.done():
+                self._batch.cancel()
 
-@dataclass(frozen=True, slots=True)
-class RoundResult:
-    """What one round did.
+    async def batch(self) -> ports.OutboxBatch:
+        """The claimed batch.
 
-    Attributes:
-        claimed: rows claimed.
-        published: rows the broker confirmed.
-        failed: rows the broker refused (an attempt spent; parked ones included).
-        parked: rows parked after their last attempt.
-        interrupted: rows not published because the broker was unreachable.
-    """
+        Raises:
+            StoreError: the claim failed.
+        """
+        return await asyncio.shield(self._batch)
 
-    claimed: int
-    published: int
-    failed: int
-    parked: int = 0
-    interrupted: int = 0
+    def release(self, failure: Exception | None = None) -> None:
+        """Hand back the publish outcome (``failure``: what the publish raised); the mark starts."""
+        if not self._outcome.done():
+            self._outcome.set_result(failure)
 
+    async def marked(self) -> None:
+        """Wait until the batch is marked.
 
-def wire_message(message: ports.OutboxMessage, prefix: str) -> envelope.WireMessage:
-    """The broker message for an outbox row, in the transport's binary binding.
+        Raises:
+            StoreError: the mark failed.
+            Exception: the ``failure`` given to :meth:`release`, after the mark.
+        """
+        await asyncio.shield(self.task)
 
-    Rows store the event as HTTP-binding headers (``ce-*``); only the prefix
-    changes, so no decoding is needed.
-    """
-    headers = message.headers
-    if prefix != _STORED_PREFIX:
-        cut = len(_STORED_PREFIX)
-        headers = {(prefix + k[cut:] if k.startswith(_STORED_PREFIX) else k): v for k, v in headers.items()}
-    return envelope.WireMessage(
-        body=message.body, headers=dict(headers), key=message.key, message_id=message.message_id
-    )
+    async def abandon(self) -> None:
+        """Cancel the claim (rolled back: its rows are claimed again); wait for it."""
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        if not self._batch.cancelled():
+            self._batch.exception()  # a failed claim's error is retrieved: nothing to report after a cancel
 
 
 class Relay:
@@ -161,21 +168,21 @@ class Relay:
         self.store = store
         self.transport = transport
         self.options = options or RelayOptions()
-        self._prefix = transport.binary_prefix
-        self._system = telemetry.messaging_system(transport)
-        self._limit = asyncio.Semaphore(self.options.max_in_flight)
+        self._waves = relay_waves.WavePublisher(transport, self.options)
         self._next_metrics = 0.0
         self._next_purge = time.monotonic() + self.options.purge_interval
+        self._ahead: _Claim | None = None  # the next batch, claimed while the current one publishes
+        self._current: _Claim | None = None  # the batch being published
+        self._marking: _Claim | None = None  # the previous batch, being marked
         self.stats: ports.OutboxStats | None = None
         """The backlog as of the last metrics refresh (None before the first)."""
 
     def retry_delay(self, attempts: int) -> float:
         """Backoff before a row that failed ``attempts + 1`` times is due again (with jitter)."""
-        base = min(self.options.retry_base * 2.0 ** min(attempts, 30), self.options.retry_max)
-        return base * random.uniform(0.8, 1.0)
+        return self._waves.retry_delay(attempts)
 
     async def run_once(self) -> RoundResult:
-        """Claim one batch, publish it, settle it.
+        """Claim one batch, publish it, settle it (no overlap with other rounds).
 
         Raises:
             StoreError: the database failed (nothing of this round was marked
@@ -185,89 +192,84 @@ class Relay:
                 broker confirmed in this round are marked sent first.
         """
         async with self.store.claim(self.options.batch_size) as batch:
-            messages = batch.messages
-            if not messages:
-                return RoundResult(0, 0, 0)
-            lanes: dict[str | None, list[ports.OutboxMessage]] = {}
-            singles: list[list[ports.OutboxMessage]] = []
-            for message in messages:
-                if message.key is None:
-                    singles.append([message])
-                else:
-                    lanes.setdefault(message.key, []).append(message)
-            outage = asyncio.Event()
-            outcomes = await asyncio.gather(
-                *(self._send_lane(batch, lane, outage) for lane in (*lanes.values(), *singles)),
-                return_exceptions=True,
-            )
-            # Every lane has finished, so everything confirmed is recorded before a bug propagates.
-            counts: list[tuple[int, int, int, int]] = []
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                counts.append(outcome)
-        published, failed, parked, interrupted = (sum(lane[i] for lane in counts) for i in range(4))
-        return RoundResult(len(messages), published, failed, parked, interrupted)
+            return await self._waves.publish(batch)
 
-    async def _send_lane(
-        self, batch: ports.OutboxBatch, lane: list[ports.OutboxMessage], outage: asyncio.Event
-    ) -> tuple[int, int, int, int]:
-        """Publish a lane in order; return (published, failed, parked, interrupted)."""
-        sent = 0
+    async def _pipelined_round(self) -> RoundResult:
+        """Publish one batch while the next is claimed and the previous one is marked.
+
+        The batch is the one claimed ahead during the previous round, or a fresh
+        claim. An empty claim made ahead proves nothing (its keys may have been
+        in flight), so a fresh claim follows it. The previous batch's mark is
+        awaited after this batch's publish; after an outage the batch claimed
+        ahead is given back and this batch's mark awaited, so the relay backs
+        off with nothing open.
+
+        Raises:
+            StoreError: a claim or a mark failed.
+            Exception: a publish raised a bug (after its batch was marked).
+        """
+        limit = self.options.batch_size
+        claim, self._ahead = self._ahead, None
+        fresh = claim is None
+        claim = self._current = claim or _Claim(self.store, limit)
+        batch = await claim.batch()
+        if not batch.messages:
+            claim.release()
+            self._current = None
+            await claim.marked()
+            await self._finish_marking()
+            return RoundResult(0, 0, 0) if fresh else await self._pipelined_round()
+        # Claimed while this batch publishes, once the previous one is marked; it
+        # holds none of this batch's keys (see the module docstring).
+        self._ahead = _Claim(self.store, limit, after=self._marking)
         try:
-            for message in lane:
-                async with self._limit:
-                    if outage.is_set():
-                        return sent, 0, 0, 0  # the broker is down: the rest waits for the next round
-                    try:
-                        await self._publish(message)
-                    except errors.TransientTransportError as exc:
-                        outage.set()
-                        RELAY_FAILURES.inc()
-                        batch.interrupted(message, f"{type(exc).__name__}: {exc}")
-                        return sent, 0, 0, 1
-                    except errors.TransportError as exc:
-                        return sent, 1, self._refused(batch, message, exc), 0  # later rows of the key wait
-                maybe_crash("relay.after-publish")
-                batch.sent(message)
-                sent += 1
-            return sent, 0, 0, 0
-        finally:
-            RELAY_PUBLISHED.inc(sent)
+            result = await self._waves.publish(batch)
+        except Exception as exc:
+            claim.release(exc)
+            self._current = None
+            await self._finish_marking()
+            await claim.marked()  # raises exc once what was confirmed is marked
+            raise
+        claim.release()
+        previous, self._marking, self._current = self._marking, claim, None
+        if previous is not None:
+            await previous.marked()
+        if result.interrupted:
+            await self.drain()
+        return result
 
-    async def _publish(self, message: ports.OutboxMessage) -> None:
-        """Publish one row under a PRODUCER span that continues the trace the row was written in."""
-        wire = wire_message(message, self._prefix)
-        if not telemetry.tracing():
-            await self.transport.publish(message.topic, wire)
-            return
-        stored = message.headers.get(_STORED_PREFIX + "traceparent"), message.headers.get(_STORED_PREFIX + "tracestate")
-        with telemetry.send_span(message.topic, message.message_id, self._system, parent=stored) as (parent, state):
-            if parent is not None:
-                wire.headers[self._prefix + "traceparent"] = parent
-                if state:
-                    wire.headers[self._prefix + "tracestate"] = state
-            await self.transport.publish(message.topic, wire)
+    async def _finish_marking(self) -> None:
+        marking, self._marking = self._marking, None
+        if marking is not None:
+            await marking.marked()
 
-    def _refused(self, batch: ports.OutboxBatch, message: ports.OutboxMessage, exc: errors.TransportError) -> int:
-        """Record a refused publish: a failed attempt, or the last one (park). Return 1 if parked."""
-        RELAY_FAILURES.inc()
-        error = f"{type(exc).__name__}: {exc}"
-        attempt = message.attempts + 1
-        if attempt >= self.options.max_attempts:
-            batch.parked(message, error)
-            waiting = "" if message.key is None else f"; later messages with key {message.key!r} wait"
-            log.error(
-                "parked outbox message %s to %s after %d attempts: %s%s (see `conveyor outbox list --parked`)",
-                message.message_id, message.topic, attempt, exc, waiting,
-            )  # fmt: skip
-            return 1
-        batch.failed(message, error, self.retry_delay(message.attempts))
-        log.warning(
-            "could not publish outbox message %s to %s (attempt %d of %d): %s",
-            message.message_id, message.topic, attempt, self.options.max_attempts, exc,
-        )  # fmt: skip
-        return 0
+    async def drain(self) -> None:
+        """Give back the batch claimed ahead (unpublished) and wait for pending marks.
+
+        Raises:
+            StoreError: a pending mark failed.
+        """
+        for unpublished in (self._ahead, self._current):
+            if unpublished is not None:
+                with contextlib.suppress(Exception):  # a claim that failed or is given back: nothing to keep
+                    await unpublished.batch()
+                unpublished.release()
+                with contextlib.suppress(Exception):
+                    await unpublished.marked()
+        self._ahead = self._current = None
+        await self._finish_marking()
+
+    async def _abandon(self) -> None:
+        """On cancellation: roll back whatever is still open."""
+        for claim in (self._ahead, self._current, self._marking):
+            if claim is not None:
+                await claim.abandon()
+        self._ahead = self._current = self._marking = None
+
+    async def _round(self) -> RoundResult:
+        if getattr(self.store, "concurrent_claims", False):
+            return await self._pipelined_round()
+        return await self.run_once()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; the round in progress is finished first.
@@ -275,18 +277,28 @@ class Relay:
         Never raises but on cancellation: a failed round is logged and followed
         by a backoff.
         """
+        try:
+            await self._run(stop)
+        except BaseException:
+            await asyncio.shield(self._abandon())
+            raise
+        try:
+            await self.drain()
+        except Exception as exc:  # the next relay claims what was not marked
+            log.warning("outbox relay: marking the last batch failed (%s); it will be published again", exc)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = 0.0
         while not stop.is_set():
             try:
-                result = await self.run_once()
-            except errors.StoreError as exc:
+                result = await self._round()
+            except Exception as exc:
+                await self._drain_after_failure()
                 backoff = self._next_backoff(backoff)
-                log.warning("outbox relay: database failed (%s); retrying in %.1fs", exc, backoff)
-                await self._sleep(stop, backoff)
-                continue
-            except Exception:
-                backoff = self._next_backoff(backoff)
-                log.exception("outbox relay round failed; retrying in %.1fs", backoff)
+                if isinstance(exc, errors.StoreError):
+                    log.warning("outbox relay: database failed (%s); retrying in %.1fs", exc, backoff)
+                else:
+                    log.exception("outbox relay round failed; retrying in %.1fs", backoff)
                 await self._sleep(stop, backoff)
                 continue
             await self._housekeeping()
@@ -302,6 +314,13 @@ class Relay:
             if result.claimed:
                 continue  # there may be more; refused rows are backing off and not claimed again yet
             await self._idle(stop)
+
+    async def _drain_after_failure(self) -> None:
+        """After a failed round: settle what is open before backing off (its own failure is logged)."""
+        try:
+            await self.drain()
+        except Exception as exc:
+            log.warning("outbox relay: marking a batch failed too (%s); it will be published again", exc)
 
     def _next_backoff(self, current: float) -> float:
         return min(max(current * 2, 0.1), self.options.max_backoff)

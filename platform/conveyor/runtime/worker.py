@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 
 from conveyor import persistence, ports, registry, telemetry
-from conveyor.runtime import dispatch
+from conveyor.runtime import batching, dispatch
 from conveyor.runtime.handling import (
     DLQ_HEADER,
     DLQ_SUFFIX,
@@ -83,7 +83,7 @@ class Worker:
         self._concurrency = concurrency
         self._max_bytes = max_message_bytes
         self._consumers: list[ports.Consumer] = []
-        self._dispatchers: list[dispatch.Dispatcher] = []
+        self._dispatchers: list[dispatch.Dispatcher | batching.BatchDispatcher] = []
 
     def subscriptions(self) -> list[ports.Subscription]:
         """One subscription per handler, sized from its concurrency and timeout."""
@@ -94,7 +94,7 @@ class Worker:
                 ports.Subscription(
                     name=handler.name,
                     topic=handler.topic,
-                    prefetch=concurrency * 2,
+                    prefetch=(handler.batch or concurrency) * 2,
                     ack_wait=ACK_WAIT,
                     # A broker-side backstop only; kept constant so that changing
                     # max_attempts does not change queue arguments (RabbitMQ refuses that).
@@ -137,7 +137,11 @@ class Worker:
                 dead_letters=self._held,
                 plain_messages=self._plain,
             )
-            dispatcher = dispatch.Dispatcher(runner.process, handler.concurrency or self._concurrency)
+            dispatcher: dispatch.Dispatcher | batching.BatchDispatcher
+            if handler.batch is not None:
+                dispatcher = batching.BatchDispatcher(runner, handler.batch, handler.batch_wait)
+            else:
+                dispatcher = dispatch.Dispatcher(runner.process, handler.concurrency or self._concurrency)
             telemetry.IN_FLIGHT.labels(handler.name).set_function(functools.partial(_in_flight, dispatcher))
             self._dispatchers.append(dispatcher)
             self._consumers.append(await self._transport.subscribe(subscription, dispatcher.submit))
@@ -156,7 +160,10 @@ class Worker:
     def load(self) -> list[tuple[registry.Handler, int, int]]:
         """``(handler, capacity, in_flight)`` per handler: its concurrency and what its dispatcher holds."""
         in_flight = [d.in_flight for d in self._dispatchers] + [0] * (len(self._handlers) - len(self._dispatchers))
-        return [(h, h.concurrency or self._concurrency, n) for h, n in zip(self._handlers, in_flight, strict=True)]
+        return [
+            (h, h.batch or h.concurrency or self._concurrency, n)
+            for h, n in zip(self._handlers, in_flight, strict=True)
+        ]
 
     async def stop(self, timeout: float) -> bool:
         """Stop fetching, then let in-flight work finish for up to ``timeout`` seconds.
@@ -174,5 +181,5 @@ class Worker:
         return finished
 
 
-def _in_flight(dispatcher: dispatch.Dispatcher) -> float:
+def _in_flight(dispatcher: dispatch.Dispatcher | batching.BatchDispatcher) -> float:
     return dispatcher.in_flight

@@ -299,7 +299,49 @@ class TransportConformance(TransportFixtures):
             sequence = [int(b.split(b":")[1]) for b in collector.bodies() if b.startswith(f"{key}:".encode())]
             assert sequence == list(range(20)), f"key {key} out of order: {sequence}"
 
+    async def test_publish_many_confirms_each_and_keeps_order_per_key(self, open_transport: OpenTransport) -> None:
+        transport = await open_transport()
+        topic = unique("ct")
+        sub = _sub(topic, prefetch=256)
+        await transport.declare([topic], [sub])
+        keys = [f"k{i}" for i in range(4)]
+        sent = [(topic, WireMessage(f"{k}:{n}:".encode() + bytes(range(256)), key=k)) for n in range(50) for k in keys]
+        assert await transport.publish_many(sent) == [None] * len(sent)
+        collector = Collector()
+        await transport.subscribe(sub, collector)
+        await collector.wait(len(sent), self.timeout)
+        assert sorted(collector.bodies()) == sorted(m.body for _, m in sent), "bodies differ from what was sent"
+        if transport.features.ordered_per_key:
+            for key in keys:
+                sequence = [int(b.split(b":")[1]) for b in collector.bodies() if b.startswith(f"{key}:".encode())]
+                assert sequence == list(range(50)), f"key {key} out of order: {sequence}"
+
+    async def test_publish_many_reports_a_refusal_without_stopping_the_rest(
+        self, open_transport: OpenTransport
+    ) -> None:
+        if not (transport := await open_transport()).features.refuses_unroutable:
+            pytest.skip("transport confirms every well-formed publish")  # capability, not environment
+        topic, nowhere = unique("ct"), unique("nowhere")
+        sub = _sub(topic)
+        await transport.declare([topic, nowhere], [sub])
+        batch = [(topic, WireMessage(b"a")), (nowhere, WireMessage(b"lost")), (topic, WireMessage(b"b"))]
+        results = await transport.publish_many(batch)
+        assert results[0] is None and results[2] is None, results
+        assert isinstance(results[1], errors.TransportError), results
+        collector = Collector()
+        await transport.subscribe(sub, collector)
+        await collector.wait(2, self.timeout)
+        assert sorted(collector.bodies()) == [b"a", b"b"]
+
     # -- errors and health ------------------------------------------------------
+
+    async def test_publish_many_after_close_raises_transport_error(self, open_transport: OpenTransport) -> None:
+        transport = await open_transport()
+        topic = unique("ct")
+        await transport.declare([topic], [])
+        await transport.close()
+        with pytest.raises(errors.TransportError):
+            await transport.publish_many([(topic, WireMessage(b"late"))])
 
     async def test_publish_after_close_raises_transport_error(self, open_transport: OpenTransport) -> None:
         transport = await open_transport()

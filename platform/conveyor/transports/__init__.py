@@ -47,3 +47,14 @@ def create(url: str) -> ports.Transport:
         ) from exc
     transport: ports.Transport = getattr(module, class_name)(url)
     return transport
+
+
+def publish_result(result: BaseException | None) -> Exception | None:
+    """One ``publish_many`` result out of ``gather(..., return_exceptions=True)``.
+
+    A :class:`~conveyor.errors.TransportError` is the message's verdict and is
+    returned; anything else (a bug, a cancellation) propagates.
+    """
+    if result is None or isinstance(result, errors.TransportError):
+        return result
+    raise result

@@ -19,20 +19,28 @@ Wire mapping (other services can publish without Conveyor):
 
 Guarantees and how they are kept:
 
-* **Publish**: ``acks="all"`` and ``send_and_wait``, so :meth:`publish` returns
-  once the in-sync replicas have the record; an idempotent producer by default,
-  so a send retried after a lost acknowledgement writes no duplicate.
-  ``?idempotence=0`` turns it off for brokers without ``InitProducerId`` (Tansu,
-  the broker of our tests); a retried send may then write a duplicate, which
-  the inbox absorbs.
-* **Ack = commit**, never auto-commit. A record's offset is committed only once
-  it and every earlier record of its partition are settled (deliveries of one
-  partition settle out of order because the runtime runs keys concurrently).
-  A commit lost to a rebalance is logged, not raised: the new owner redelivers
-  (the inbox absorbs the duplicates). A failed commit fails the acks waiting
-  for it (they raise ``TransientTransportError``); its offsets go with the next.
-  Unsettled records at :meth:`close` are not committed and go to the group's
-  next member (``close`` leaves the group at once). Kafka has no broker-side
+* **Publish**: ``acks="all"``; :meth:`publish` returns once the in-sync
+  replicas have the record; an idempotent producer by default, so a send
+  retried after a lost acknowledgement writes no duplicate. ``?idempotence=0``
+  turns it off for brokers without ``InitProducerId`` (Tansu, the broker of
+  our tests); a retried send may then write a duplicate, which the inbox
+  absorbs. Sends are pipelined (:mod:`~conveyor.transports.kafka_produce`):
+  concurrent publishes and :meth:`publish_many` share batches of up to
+  ``max_batch_size`` bytes per partition, and records are enqueued in call
+  order, so the order of one topic and key holds.
+* **Ack = commit, in the background**, never auto-commit. An ack returns as
+  soon as its offset is recorded; a record's offset is committed only once it
+  and every earlier record of its partition are settled (deliveries of one
+  partition settle out of order because the runtime runs keys concurrently),
+  by a background task that commits in rounds (one request in flight; what is
+  settled meanwhile rides on the next). A crash before that commit redelivers
+  the records settled since the last one (at-least-once; the inbox absorbs the
+  duplicates); a revocation or :meth:`close` commits what is settled before the
+  partitions are let go. A commit lost to a rebalance is logged: the new owner
+  redelivers. A failed commit is logged and retried after a backoff (0.1 s
+  doubling to 5 s) with the offsets settled meanwhile. Unsettled records at
+  :meth:`close` are not committed and go to the group's next member
+  (``close`` leaves the group at once). Kafka has no broker-side
   redelivery limit: ``Subscription.max_deliveries`` and ``ack_wait`` are not
   used; the attempt header, the attempt marks (next item) and the runtime's
   retry policy bound retries.
@@ -106,7 +114,8 @@ their replication factor (set it to your cluster's, e.g. 3);
 and ``fetch_max_wait_ms`` (100) for the consumers; ``request_timeout_ms``
 (30000) for requests, sends and commits; ``idempotence`` (1; 0 turns the
 idempotent producer off); ``revoke_grace_ms`` (a quarter of the rebalance
-timeout). Tests on Tansu use ``?idempotence=0&partitions=4&session_timeout_ms=2000&
+timeout); ``linger_ms`` (5) and ``max_batch_size`` (262144 bytes) for the
+producer's batches. Tests on Tansu use ``?idempotence=0&partitions=4&session_timeout_ms=2000&
 heartbeat_interval_ms=400``.
 """
 
@@ -123,7 +132,7 @@ from aiokafka.protocol.group import LeaveGroupRequest
 
 from conveyor import errors, names, ports
 from conveyor.envelope import KAFKA_PREFIX, WireMessage
-from conveyor.transports import kafka_backlog, kafka_consume, kafka_delivery, kafka_marks, kafka_options
+from conveyor.transports import kafka_backlog, kafka_consume, kafka_marks, kafka_options, kafka_produce
 
 log = logging.getLogger("conveyor.transports.kafka")
 
@@ -141,12 +150,7 @@ def retry_topic(subscription: str) -> str:
     return RETRY_PREFIX + subscription
 
 
-def _translate(exc: BaseException, what: str) -> errors.TransportError:
-    transient = isinstance(exc, OSError | TimeoutError | kafka_errors.KafkaTimeoutError) or getattr(
-        exc, "retriable", False
-    )
-    kind = errors.TransientTransportError if transient else errors.TransportError
-    return kind(f"{what}: {exc!r}")
+_translate = kafka_produce.translate
 
 
 class KafkaTransport:
@@ -172,7 +176,7 @@ class KafkaTransport:
         self.url = url
         self.servers, parsed = parse_url(url)
         self.options = options or parsed
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: kafka_produce.Producer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._consumers: list[kafka_consume.KafkaConsumer] = []
         self._topics: set[str] = set()
@@ -196,6 +200,8 @@ class KafkaTransport:
             acks="all",
             enable_idempotence=bool(self.options.idempotence),
             request_timeout_ms=self.options.request_timeout_ms,
+            linger_ms=self.options.linger_ms,
+            max_batch_size=self.options.max_batch_size,
         )
         admin = AIOKafkaAdminClient(
             bootstrap_servers=bootstrap, client_id="conveyor-admin", request_timeout_ms=self.options.request_timeout_ms
@@ -207,7 +213,7 @@ class KafkaTransport:
             await producer.stop()
             await admin.close()
             raise errors.TransientTransportError(f"cannot connect to Kafka at {bootstrap}: {exc!r}") from exc
-        self._producer, self._admin = producer, admin
+        self._producer, self._admin = kafka_produce.Producer(producer), admin
 
     async def close(self) -> None:
         """Stop every consumer (unsettled records go to other members), then the producer; idempotent."""
@@ -217,7 +223,7 @@ class KafkaTransport:
         producer, self._producer = self._producer, None
         admin, self._admin = self._admin, None
         if producer is not None:
-            await producer.stop()
+            await producer.producer.stop()
         if admin is not None:
             await admin.close()
         await self._lag.close()
@@ -241,6 +247,9 @@ class KafkaTransport:
     async def publish(self, topic: str, message: WireMessage) -> None:
         """Send a record and return once the in-sync replicas have it (``acks="all"``).
 
+        Concurrent publishes are pipelined: they share the producer's batches
+        (see :mod:`~conveyor.transports.kafka_produce`).
+
         Raises:
             TransportError: the transport is closed or the broker refused the record.
             TransientTransportError: the broker is unreachable or did not answer in time.
@@ -249,17 +258,43 @@ class KafkaTransport:
             await self._ensure_topics([names.check("topic", topic)])
         await self._send(topic, message, {})
 
+    async def publish_many(self, messages: Sequence[tuple[str, WireMessage]]) -> list[Exception | None]:
+        """Send every record, pipelined, then wait for the broker's acknowledgements.
+
+        Records are enqueued in the order given, so those of one topic and key
+        (one partition) reach the broker in that order. One record's refusal
+        does not stop the others.
+
+        Returns:
+            Per message, in order: None once the in-sync replicas have it, else
+            the error that refused it (``TransportError``; ``ConfigurationError``
+            for an invalid topic name; the topic's creation error).
+
+        Raises:
+            TransportError: the transport is not connected (nothing was sent).
+        """
+        producer = self._producer
+        if producer is None:
+            raise errors.TransportError(f"Kafka transport {self.url} is not connected (closed or never connected)")
+        refused: dict[str, Exception] = {}
+        missing = []
+        for topic in dict.fromkeys(t for t, _ in messages if t not in self._topics):
+            try:
+                missing.append(names.check("topic", topic))
+            except errors.ConfigurationError as exc:
+                refused[topic] = exc
+        if missing:
+            try:
+                await self._ensure_topics(missing)
+            except errors.TransportError as exc:
+                refused.update(dict.fromkeys(missing, exc))
+        return await producer.send_many([refused.get(topic) or (topic, message) for topic, message in messages])
+
     async def _send(self, topic: str, message: WireMessage, extra: dict[str, str]) -> None:
         producer = self._producer
         if producer is None:
             raise errors.TransportError(f"Kafka transport {self.url} is not connected (closed or never connected)")
-        key = message.key.encode() if message.key is not None else None
-        try:
-            await producer.send_and_wait(
-                topic, message.body, key=key, headers=kafka_delivery.record_headers(message, extra)
-            )
-        except (kafka_errors.KafkaError, OSError) as exc:
-            raise _translate(exc, f"publish to Kafka topic {topic!r} failed") from exc
+        await producer.send(topic, message, extra)
 
     async def subscribe(self, subscription: ports.Subscription, callback: ports.DeliveryCallback) -> ports.Consumer:
         """Declare the subscription and join its consumer group.
@@ -315,7 +350,7 @@ class KafkaTransport:
 
     async def _leave(self, node: int, group: str, member: str) -> None:
         if self._producer is not None:
-            await self._producer.client.send(node, LeaveGroupRequest(group, member))
+            await self._producer.producer.client.send(node, LeaveGroupRequest(group, member))
 
     async def check(self) -> None:
         """Fetch the cluster's topic list (a metadata round trip).

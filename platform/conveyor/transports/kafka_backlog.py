@@ -4,7 +4,8 @@
 group's committed offset (the beginning offset for a partition the group has
 never committed: a new group starts at the earliest record). Offsets are
 committed only once a record and every earlier one are settled, so this
-counts records handed out and not yet settled too; ``in_flight`` is None.
+counts records handed out and not yet settled too (and, until the background
+commit lands, a moment after, settled ones); ``in_flight`` is None.
 Delayed retries wait in the subscription's retry topic and are not counted.
 ``oldest_age_s`` is the age of the oldest first unsettled record (at the
 committed offset) of the partitions with lag, by its record timestamp (its

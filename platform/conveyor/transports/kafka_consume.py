@@ -146,6 +146,7 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
         except errors.TransportError as exc:
             log.warning("final offset commit of %s failed (%s); settled records may be redelivered",
                         self.subscription.name, exc)  # fmt: skip
+        self._committer.stop()
         await self._attempts.hand_over(self._partitions.values())
         self.closed = True
         # aiokafka sends LeaveGroup on stop only for generation > 0, but Tansu
@@ -169,8 +170,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
 
     # -- settling (called by deliveries) -------------------------------------
 
-    def settle(self, partition: kafka_offsets.PartitionOffsets, offset: int) -> asyncio.Future[None] | None:
-        """Settle ``offset``; return the commit round to wait for if the settled prefix grew.
+    def settle(self, partition: kafka_offsets.PartitionOffsets, offset: int) -> None:
+        """Settle ``offset``; if its partition's settled prefix grew, queue the commit (in the background).
 
         Raises:
             TransportError: the consumer is closed, or the partition was revoked
@@ -181,9 +182,9 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
         if partition.revoked:
             raise self.drop(partition)
         commit = partition.settle(offset)
-        committed = self._committer.request(partition.tp, commit) if commit is not None else None
+        if commit is not None:
+            self._committer.request(partition.tp, commit)
         self.release(partition)  # after the commit is queued: a close or drain it ends flushes it
-        return committed
 
     def drop(self, partition: kafka_offsets.PartitionOffsets) -> errors.TransportError:
         """Release a delivery of a revoked partition; return the error its ack or nack raises."""
@@ -334,26 +335,26 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
     async def _accept(self, partition: kafka_offsets.PartitionOffsets, record: Any, *, count: bool = False) -> None:
         message, attempt, not_before = kafka_delivery.from_record(record, trusted=record.topic == self.retry_topic)
         offset = record.offset
-        held = kafka_delivery.Held(not_before / 1000, next(self._seq), partition, offset, message, attempt)
-        if not_before and held.due > time.time():  # not due: it cannot have run before either
+        if not_before and not_before / 1000 > time.time():  # not due: it cannot have run before either
             partition.take(offset)
+            held = kafka_delivery.Held(not_before / 1000, next(self._seq), partition, offset, message, attempt)
             heapq.heappush(self._held, held)
             return
         if count:
-            held.attempt = max(attempt, await self._attempts.count(partition, offset))
+            attempt = max(attempt, await self._attempts.count(partition, offset))
         partition.take(offset)
-        await self._hand_out(held)
+        await self._hand_out(kafka_delivery.KafkaDelivery(self, partition, offset, message, attempt))
 
     async def _release_due(self) -> None:
         now = time.time()
         while self._held and self._held[0].due <= now and self._unsettled < self._prefetch:
             held = heapq.heappop(self._held)
             if not held.partition.draining:
-                await self._hand_out(held)
+                delivery = kafka_delivery.KafkaDelivery(self, held.partition, held.offset, held.message, held.attempt)
+                await self._hand_out(delivery)
 
-    async def _hand_out(self, held: kafka_delivery.Held) -> None:
-        partition = held.partition
-        delivery = kafka_delivery.KafkaDelivery(self, held)
+    async def _hand_out(self, delivery: kafka_delivery.KafkaDelivery) -> None:
+        partition = delivery._partition
         self._unsettled += 1
         partition.out += 1
         self._handing = delivery
@@ -374,7 +375,7 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
             if not delivery._settled:
                 delivery._settled = True
                 self._forget(partition)
-                self.hold(partition, held.offset, held.message, held.attempt, time.time() + 1.0)
+                self.hold(partition, delivery._offset, delivery.message, delivery.attempt, time.time() + 1.0)
         finally:
             self._handing = None
             if self._drop_handing:  # the callback swallowed the cancellation and accepted the delivery

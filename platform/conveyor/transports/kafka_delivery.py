@@ -8,7 +8,6 @@ not-before time of a retry copy). A :class:`KafkaDelivery` settles through its
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +26,6 @@ log = logging.getLogger("conveyor.transports.kafka")
 MESSAGE_ID_HEADER = "conveyor-message-id"
 ATTEMPT_HEADER = "conveyor-attempt"
 NOT_BEFORE_HEADER = "conveyor-not-before"
-_INTERNAL = frozenset({MESSAGE_ID_HEADER, ATTEMPT_HEADER, NOT_BEFORE_HEADER})
 
 Send = Callable[[str, WireMessage, dict[str, str]], Awaitable[None]]
 
@@ -55,20 +53,19 @@ def from_record(record: Any, *, trusted: bool = True) -> tuple[WireMessage, int,
             topic the attempt and not-before headers are ignored: a producer
             could otherwise skip every retry, or hold a partition for days.
     """
-    headers: dict[str, str] = {}
-    message_id: str | None = None
+    try:  # the common case, a third faster than decoding each value tolerantly
+        headers = {name: raw.decode() for name, raw in record.headers or ()}
+    except (AttributeError, UnicodeDecodeError):  # a None value, or bytes that are not UTF-8
+        headers = {name: raw.decode("utf-8", "replace") if raw else "" for name, raw in record.headers}
     attempt, not_before = 1, 0
-    for name, raw in record.headers or ():
-        value = raw.decode("utf-8", "replace") if raw is not None else ""
-        if name not in _INTERNAL:
-            headers[name] = value
-        elif name == MESSAGE_ID_HEADER:
-            message_id = value
-        elif trusted and value.isdigit() and len(value) <= 18:
-            if name == ATTEMPT_HEADER:
-                attempt = max(int(value), 1)
-            else:
-                not_before = int(value)
+    message_id = headers.pop(MESSAGE_ID_HEADER, None)
+    if ATTEMPT_HEADER in headers or NOT_BEFORE_HEADER in headers:  # a retry copy (or a producer's forgery)
+        value = headers.pop(ATTEMPT_HEADER, "")
+        if trusted and value.isdigit() and len(value) <= 18:
+            attempt = max(int(value), 1)
+        value = headers.pop(NOT_BEFORE_HEADER, "")
+        if trusted and value.isdigit() and len(value) <= 18:
+            not_before = int(value)
     key = record.key.decode("utf-8", "replace") if record.key is not None else None
     body = record.value if record.value is not None else b""
     if not message_id:  # a producer's record without our header: its position identifies it
@@ -93,14 +90,21 @@ class KafkaDelivery:
 
     __slots__ = ("_consumer", "_offset", "_partition", "_settled", "attempt", "message", "topic")
 
-    def __init__(self, consumer: KafkaConsumer, held: Held) -> None:
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        partition: kafka_offsets.PartitionOffsets,
+        offset: int,
+        message: WireMessage,
+        attempt: int,
+    ) -> None:
         self._consumer = consumer
-        self._partition = held.partition
-        self._offset = held.offset
+        self._partition = partition
+        self._offset = offset
         self._settled = False
         self.topic = consumer.subscription.topic
-        self.message = held.message
-        self.attempt = held.attempt
+        self.message = message
+        self.attempt = attempt
 
     def claim(self) -> bool:
         """Called by the runtime right before the handler starts; False: skip the delivery.
@@ -122,22 +126,23 @@ class KafkaDelivery:
         return True
 
     async def ack(self) -> None:
-        """Commit the record's offset once every earlier record of its partition is settled.
+        """Settle the record; returns at once, its offset is committed in the background.
+
+        The offset is committed once every earlier record of its partition is
+        settled; a crash before that commit redelivers the record (at-least-once),
+        a revocation or a close commits it before the partition is let go.
 
         Raises:
             TransportError: already settled, or the consumer is closed or its
                 partition was revoked (the record will be redelivered).
-            TransientTransportError: the commit failed; the record may be delivered again.
         """
         self._check()
         self._settled = True
         self._partition.finish(self._offset)
-        committed = self._consumer.settle(self._partition, self._offset)
-        if committed is not None:
-            await asyncio.shield(committed)  # shared by the acks of a round
+        self._consumer.settle(self._partition, self._offset)
 
     async def nack(self, delay: float) -> None:
-        """Publish a copy with attempt + 1 to the retry topic, then commit the original.
+        """Publish a copy with attempt + 1 to the retry topic, then settle the original (as :meth:`ack`).
 
         If the copy cannot be published, the record is redelivered from memory
         after ``delay`` instead (its offset stays uncommitted, so a crash
@@ -148,7 +153,6 @@ class KafkaDelivery:
         Raises:
             TransportError: already settled, or the consumer is closed or its
                 partition was revoked (the record will be redelivered).
-            TransientTransportError: the commit failed; the record may be delivered again.
         """
         self._check()
         self._settled = True
@@ -169,9 +173,7 @@ class KafkaDelivery:
             consumer.hold(partition, self._offset, self.message, self.attempt + 1, not_before)
             consumer.release(partition)
             return
-        committed = consumer.settle(partition, self._offset)
-        if committed is not None:
-            await asyncio.shield(committed)  # shared by the acks of a round
+        consumer.settle(partition, self._offset)
 
     def _check(self) -> None:
         if self._settled:

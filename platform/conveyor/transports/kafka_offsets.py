@@ -7,10 +7,13 @@ after the longest settled prefix is what gets committed. Settling out of order
 record, and Kafka's gaps in offsets (compaction, transaction markers) are
 harmless because only offsets actually taken are tracked.
 
-:class:`Committer` batches commits: one request in flight per consumer; acks
-arriving meanwhile ride on the next request, and each ack waits for the round
-that carries its offset. A round that fails releases its waiters with the
-error and keeps its offsets for the next round; no ack waits forever.
+:class:`Committer` commits in the background, in rounds: one request in
+flight per consumer; offsets settled meanwhile ride on the next request. No ack
+waits for a commit: it returns once its offset is recorded here. A round that
+fails keeps its offsets and is retried after a backoff; a crash before the
+commit redelivers the records settled since the last one (at-least-once; the
+inbox absorbs the duplicates). A revocation or a close flushes: it commits
+what is settled before the partitions are let go.
 
 On revocation a partition first *drains* (nothing more is handed out; what
 is out may still settle and commit), then is *revoked* (dropped: later
@@ -30,6 +33,9 @@ from conveyor import errors
 from conveyor.transports import kafka_marks
 
 log = logging.getLogger("conveyor.transports.kafka")
+
+_RETRY_FIRST = 0.1  # seconds before a failed commit round is retried; doubles per failure
+_RETRY_MAX = 5.0
 
 #: Commit errors that mean "the group moved on": the records are redelivered to
 #: the partition's new owner, which at-least-once allows.
@@ -136,7 +142,18 @@ class PartitionOffsets:
 
 
 class Committer:
-    """Commits offsets in rounds: one request in flight, later acks join the next."""
+    """Commits offsets in the background, in rounds: one request in flight, later offsets join the next.
+
+    Nobody waits for a round but :meth:`flush`: an ack only queues its
+    partition's new offset (:meth:`request`). A round that fails keeps its
+    offsets and is retried after a backoff (sooner by a flush); a round lost to
+    a rebalance is dropped (the partitions' new owner redelivers).
+
+    Args:
+        kafka: the group consumer.
+        group: the group's name, for logs and errors.
+        timeout: seconds one commit request may take before it counts as failed.
+    """
 
     def __init__(self, kafka: AIOKafkaConsumer, group: str, timeout: float) -> None:
         self._kafka = kafka
@@ -145,11 +162,20 @@ class Committer:
         self._pending: dict[TopicPartition, int] = {}
         self._round: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._failures = 0  # rounds failed in a row
+        self._stopped = False
 
-    def request(self, tp: TopicPartition, offset: int) -> asyncio.Future[None]:
-        """Queue ``offset`` of ``tp`` for the next round; return that round's future."""
+    @property
+    def idle(self) -> bool:
+        """True when no offset waits to be committed and no commit is in flight."""
+        return not self._pending and (self._task is None or self._task.done())
+
+    def request(self, tp: TopicPartition, offset: int) -> None:
+        """Queue ``offset`` of ``tp`` for the next round (after the backoff when rounds fail)."""
         self._pending[tp] = offset
-        return self._kick()
+        if self._retry is None:  # else the retry timer kicks
+            self._kick()  # joins the round in flight's successor, or starts one
 
     def forget(self, tps: set[TopicPartition]) -> None:
         """Drop queued offsets of partitions this member no longer owns."""
@@ -157,15 +183,31 @@ class Committer:
             self._pending.pop(tp, None)
 
     async def flush(self) -> None:
-        """Wait until every queued offset was committed (or given up).
+        """Commit every queued offset now (skipping a backoff); wait for that round.
 
         Raises:
-            TransientTransportError: the last round failed.
+            TransientTransportError: the round failed (its offsets stay queued).
         """
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
+        self._cancel_retry()
         if self._pending:
             await asyncio.shield(self._kick())
+
+    def stop(self) -> None:
+        """Commit nothing more (call after the final :meth:`flush`)."""
+        self._stopped = True
+        self._cancel_retry()
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self._pending and not self._stopped:
+            self._kick()
 
     def _kick(self) -> asyncio.Future[None]:
         if self._round is None:
@@ -191,12 +233,20 @@ class Committer:
                     )  # fmt: skip
                     _resolve(done, None)
                 except Exception as exc:
-                    # Kept for the next round: acks that joined it meanwhile try again at once,
-                    # otherwise the next ack (or a flush) does.
-                    for tp, offset in offsets.items():
+                    for tp, offset in offsets.items():  # newer offsets queued meanwhile win
                         self._pending.setdefault(tp, offset)
+                    self._failures += 1
+                    delay = min(_RETRY_FIRST * 2 ** (self._failures - 1), _RETRY_MAX)
+                    log.warning(
+                        "offset commit of group %s failed (%r); retrying in %.1fs (a crash meanwhile "
+                        "redelivers the records settled since the last commit)", self._group, exc, delay,
+                    )  # fmt: skip
                     _resolve(done, _commit_error(self._group, exc))
+                    if not self._stopped:
+                        self._retry = asyncio.get_running_loop().call_later(delay, self._retry_now)
+                    return
                 else:
+                    self._failures = 0
                     _resolve(done, None)
             if self._round is not None and not self._pending:  # its offsets were forgotten
                 dropped, self._round = self._round, None

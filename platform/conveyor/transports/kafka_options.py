@@ -11,7 +11,8 @@ from urllib.parse import parse_qsl, urlsplit
 from conveyor import errors
 
 _DEFAULT_PORT = 9092
-_MAY_BE_ZERO = ("rebalance_timeout_ms", "idempotence", "revoke_grace_ms")
+MAX_REQUEST_BYTES = 1_048_576  # aiokafka's max_request_size, and Kafka's default message.max.bytes
+_MAY_BE_ZERO = ("rebalance_timeout_ms", "idempotence", "revoke_grace_ms", "linger_ms")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,9 +39,17 @@ class KafkaOptions:
         revoke_grace_ms: how long a member losing partitions waits for their
             deliveries to settle, and at most again for the commit, while the
             group waits (0 = a quarter of the rebalance timeout; must be under half).
+        linger_ms: longest time a record waits in the producer for more records
+            of its partition to share its request, while other publishes are
+            queued behind it; a publish that nothing follows is sent at once
+            (see :mod:`conveyor.transports.kafka_produce`). 0: never wait.
+        max_batch_size: most bytes of records of one partition in one request
+            (aiokafka's default is 16 KiB); concurrent publishes fill batches
+            while the previous one is in flight. At most 1 MiB (a request's limit).
 
     Raises:
-        ConfigurationError: ``revoke_grace_ms`` is half the rebalance timeout or more.
+        ConfigurationError: ``revoke_grace_ms`` is half the rebalance timeout or
+            more, or ``max_batch_size`` is over 1 MiB.
     """
 
     partitions: int = 8
@@ -53,11 +62,18 @@ class KafkaOptions:
     request_timeout_ms: int = 30_000
     idempotence: int = 1
     revoke_grace_ms: int = 0
+    linger_ms: int = 5
+    max_batch_size: int = 256 * 1024
 
     def __post_init__(self) -> None:
         if self.revoke_grace_ms * 2 >= self.rebalance_ms:
             text = f"Kafka option revoke_grace_ms={self.revoke_grace_ms} must be under half the rebalance timeout"
             raise errors.ConfigurationError(f"{text} ({self.rebalance_ms} ms)")
+        if self.max_batch_size > MAX_REQUEST_BYTES:
+            raise errors.ConfigurationError(
+                f"Kafka option max_batch_size={self.max_batch_size} is over {MAX_REQUEST_BYTES}, the producer's "
+                "request size limit: a full batch would be refused; lower it"
+            )
 
     @property
     def rebalance_ms(self) -> int:

@@ -297,6 +297,20 @@ class MemoryTransport:
             raise errors.TransportError(f"memory transport {self.url} is not connected; call connect() first")
         self.broker.publish(topic, message)
 
+    async def publish_many(self, messages: Sequence[tuple[str, WireMessage]]) -> list[Exception | None]:
+        """Hand each message to every group of its topic, in order."""
+        if not self._connected:
+            raise errors.TransportError(f"memory transport {self.url} is not connected; call connect() first")
+        results: list[Exception | None] = []
+        for topic, message in messages:
+            try:
+                await self.publish(topic, message)
+            except errors.TransportError as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
+
     async def subscribe(self, subscription: ports.Subscription, callback: ports.DeliveryCallback) -> MemoryConsumer:
         """Attach a consumer to the subscription's group."""
         if not self._connected:

@@ -53,6 +53,16 @@ _TRANSIENT = (
 )  # fmt: skip
 
 
+DRIVER_ERRORS = (*_TRANSIENT, nats.errors.Error)
+
+
+def transport_error(action: str, exc: BaseException) -> errors.TransportError:
+    """Conveyor's error for a nats-py exception: transient for timeouts, lost connections and no stream."""
+    if isinstance(exc, _TRANSIENT):
+        return errors.TransientTransportError(f"NATS {action} failed: {exc!r}")
+    return errors.TransportError(f"NATS {action} failed: {exc!r}")
+
+
 @contextlib.contextmanager
 def translated(action: str) -> Iterator[None]:
     """Turn nats-py exceptions raised in the block into Conveyor's error tree.
@@ -63,10 +73,8 @@ def translated(action: str) -> Iterator[None]:
     """
     try:
         yield
-    except _TRANSIENT as exc:
-        raise errors.TransientTransportError(f"NATS {action} failed: {exc!r}") from exc
-    except nats.errors.Error as exc:
-        raise errors.TransportError(f"NATS {action} failed: {exc!r}") from exc
+    except DRIVER_ERRORS as exc:
+        raise transport_error(action, exc) from exc
 
 
 def _num_delivered(reply: str) -> int:
@@ -116,8 +124,10 @@ class NatsDelivery:
             TransportError: already settled, or the ack could not be sent.
         """
         self._settle()
-        with translated("ack"):
+        try:
             await self._msg.ack()
+        except DRIVER_ERRORS as exc:
+            raise transport_error("ack", exc) from exc
 
     async def nack(self, delay: float) -> None:
         """Have the server redeliver after ``delay`` seconds (``num_delivered`` + 1).

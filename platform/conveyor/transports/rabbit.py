@@ -64,7 +64,7 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
-from conveyor import errors, names, ports
+from conveyor import errors, names, ports, transports
 from conveyor.envelope import AMQP_PREFIX, WireMessage
 from conveyor.transports import rabbit_backlog, rabbit_consume, rabbit_queues, rabbit_wire
 
@@ -264,6 +264,19 @@ class RabbitTransport:
             ) from exc
         except rabbit_wire.DRIVER_ERRORS as exc:
             raise rabbit_wire.transport_error(f"publish to {topic!r}", exc) from exc
+
+    async def publish_many(self, messages: Sequence[tuple[str, WireMessage]]) -> list[Exception | None]:
+        """Publish all, pipelined on the confirming channel; wait for every confirm.
+
+        The channel writes frames in call order, so order per topic holds.
+
+        Raises:
+            TransportError: the transport is closed (nothing was sent).
+        """
+        if self._closed:
+            raise errors.TransportError(f"RabbitMQ transport {self._safe_url()} is closed")
+        results = await asyncio.gather(*(self.publish(t, m) for t, m in messages), return_exceptions=True)
+        return [transports.publish_result(r) for r in results]
 
     async def send_delayed(self, queue: str, body: bytes, properties: Basic.Properties, delay: float) -> None:
         """Publish to the delay tier for ``delay``; on expiry it dead-letters into ``queue``.

@@ -1,0 +1,182 @@
+"""Dead letters: per topic, the list, one letter's headers and body; replay or purge.
+
+Browsing never consumes or alters a dead letter: it uses
+:func:`conveyor.runtime.dead_letters.peek` on a connection of its own,
+closed afterwards, which gives the broker back every letter it took. Replay
+and purge act only on the letters the form names (by id, or every one), and
+only on letters that failed on the topic the form names: a letter whose
+headers name another topic is left where it is. One dead-letter operation
+runs at a time per process, so two viewers never split a topic's letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import orjson
+from starlette.requests import Request
+from starlette.routing import Route
+
+from conveyor import ports
+from conveyor.console import inputs
+from conveyor.console.site import PREFIX, Caller, Done, Page, Site
+from conveyor.console.sources import Sources
+from conveyor.runtime import dead_letters
+from conveyor.runtime.worker import dead_letter_topic
+
+log = logging.getLogger("conveyor.console")
+
+T = TypeVar("T")
+MAX_LISTED = 200
+"""Most letters listed (and searched for one shown)."""
+MAX_AT_ONCE = 10_000
+"""Most letters one replay or purge acts on."""
+
+
+def letter_id(letter: dead_letters.DeadLetter) -> str:
+    """What names a dead letter in the console: ``held-<row>`` for held ones, else its broker message id."""
+    if letter.held_id is not None:
+        return f"held-{letter.held_id}"
+    return letter.message.message_id or letter.event_id or ""
+
+
+def pretty(body: bytes) -> str:
+    """A body as indented JSON, or as text when it is not JSON."""
+    try:
+        return orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", errors="replace")
+
+
+async def waiting(sources: Sources) -> dict[str, int | None]:
+    """Dead letters waiting per topic, from the keepers' backlogs (None where the broker cannot tell)."""
+    transport = sources.transport
+    topics = sources.dead_letter_topics()
+    if transport is None:
+        return dict.fromkeys(topics)
+
+    async def one(topic: str) -> int | None:
+        kept = dead_letter_topic(topic)
+        try:
+            backlog = await ports.backlog_of(transport, ports.Subscription(name=kept, topic=kept))
+        except Exception as exc:  # a keeper not declared yet, an outage: unknown
+            log.debug("console: no dead-letter count for %s: %s", topic, exc)
+            return None
+        return None if backlog is None else backlog.pending + (backlog.in_flight or 0)
+
+    return dict(zip(topics, await asyncio.gather(*(one(t) for t in topics)), strict=True))
+
+
+class Letters:
+    """Dead-letter operations on connections of their own, one at a time."""
+
+    def __init__(self, site: Site) -> None:
+        self._site = site
+        self._lock = asyncio.Lock()
+
+    async def _on_own_connection(self, operation: Callable[[ports.Transport, float], Awaitable[T]]) -> T:
+        async with self._lock:
+            transport = self._site.sources.open_transport()
+            await transport.connect()
+            try:
+                # An in-process broker hands letters over at once; a remote one needs a moment.
+                idle = 1.5 if transport.features.durable else 0.25
+                return await operation(transport, idle)
+            finally:
+                await transport.close()
+
+    async def peek(self, topic: str, limit: int) -> list[dead_letters.DeadLetter]:
+        """Up to ``limit`` letters of ``topic``, left in place."""
+        held = self._site.sources.stores.dead_letters
+        return await self._on_own_connection(
+            lambda t, idle: dead_letters.peek(t, topic, limit=limit, idle=idle, held=held)
+        )
+
+    async def act(self, verb: str, topic: str, chosen: list[str] | None) -> list[dead_letters.DeadLetter]:
+        """Replay or purge the letters of ``topic`` named by ``chosen`` (None: every one, up to the bound)."""
+        wanted = None if chosen is None else set(chosen)
+
+        def select(letter: dead_letters.DeadLetter) -> bool:
+            return letter.topic == topic and (wanted is None or letter_id(letter) in wanted)
+
+        limit = MAX_AT_ONCE if wanted is None else len(wanted)
+        held = self._site.sources.stores.dead_letters
+        run = dead_letters.replay if verb == "replay" else dead_letters.purge
+        return await self._on_own_connection(
+            lambda t, idle: run(t, topic, limit=limit, idle=idle, held=held, select=select)
+        )
+
+
+def _topic(site: Site, request: Request) -> str:
+    return inputs.known("topic", request.path_params["topic"], "topic", site.sources.dead_letter_topics())
+
+
+def _chosen(form: inputs.Form) -> list[str] | None:
+    if inputs.one(form, "all", "") == "yes":
+        if form.get("id"):
+            raise inputs.Refused(400, "choose letters or every letter, not both", "all")
+        return None
+    return inputs.ids(form, "id", MAX_LISTED)
+
+
+def routes(site: Site) -> list[Route]:
+    """The dead-letter pages and actions."""
+    letters = Letters(site)
+
+    async def index(request: Request, caller: Caller) -> Page:
+        return Page("dead_letters.html", {"nav": "dead", "waiting": await waiting(site.sources)})
+
+    async def topic_page(request: Request, caller: Caller) -> Page:
+        topic = _topic(site, request)
+        limit = inputs.count(request.query_params.get("limit"), "limit", default=50, low=1, high=MAX_LISTED)
+        found = await letters.peek(topic, limit)
+        rows = [(letter_id(letter), letter) for letter in found]
+        return Page("dead_letter_topic.html", {"nav": "dead", "topic": topic, "rows": rows, "limit": limit})
+
+    async def show(request: Request, caller: Caller) -> Page:
+        topic = _topic(site, request)
+        wanted = inputs.ident(request.query_params.get("id", ""), "id")
+        found = await letters.peek(topic, MAX_LISTED)
+        letter = next((letter for letter in found if letter_id(letter) == wanted), None)
+        if letter is None:
+            raise inputs.Refused(404, f"no dead letter {wanted!r} among the first {MAX_LISTED} of {topic}", "id")
+        context = {
+            "nav": "dead", "topic": topic, "id": wanted, "letter": letter,
+            "headers": sorted(letter.message.headers.items()), "body": pretty(letter.message.body),
+        }  # fmt: skip
+        return Page("dead_letter.html", context)
+
+    async def confirm_purge(request: Request, caller: Caller) -> Page:
+        topic = _topic(site, request)
+        if not site.can_act(caller):
+            raise inputs.Refused(403, "actions are not available to you here", code="forbidden")
+        chosen = _chosen({k: request.query_params.getlist(k) for k in request.query_params})
+        return Page("confirm_purge.html", {"nav": "dead", "topic": topic, "chosen": chosen})
+
+    async def replay(request: Request, caller: Caller, form: inputs.Form) -> Done:
+        topic = _topic(site, request)
+        done = await letters.act("replay", topic, _chosen(form))
+        ids = [letter_id(letter) for letter in done]
+        message = f"replayed {len(done)} dead letter(s) of {topic}: {', '.join(ids[:20])}"
+        return Done(message, f"{PREFIX}/dead-letters/{topic}", {"replayed": ids})
+
+    async def purge(request: Request, caller: Caller, form: inputs.Form) -> Done:
+        topic = _topic(site, request)
+        if inputs.one(form, "confirm", "") != "yes":
+            raise inputs.Refused(400, "purging deletes dead letters for good: confirm it (confirm=yes)", "confirm")
+        done = await letters.act("purge", topic, _chosen(form))
+        ids = [letter_id(letter) for letter in done]
+        message = f"purged {len(done)} dead letter(s) of {topic}: {', '.join(ids[:20])}"
+        return Done(message, f"{PREFIX}/dead-letters/{topic}", {"purged": ids})
+
+    return [
+        Route("/dead-letters", site.page(index), methods=["GET"]),
+        Route("/dead-letters/{topic}", site.page(topic_page), methods=["GET"]),
+        Route("/dead-letters/{topic}/show", site.page(show), methods=["GET"]),
+        Route("/dead-letters/{topic}/purge", site.page(confirm_purge), methods=["GET"]),
+        Route("/dead-letters/{topic}/purge", site.action("dead-letters.purge", purge), methods=["POST"]),
+        Route("/dead-letters/{topic}/replay", site.action("dead-letters.replay", replay), methods=["POST"]),
+    ]

@@ -1,0 +1,83 @@
+"""The outbox: backlog by topic, parked rows with their last error; retry or purge them.
+
+Through the :class:`~conveyor.ports.OutboxStore` port, as ``conveyor outbox``
+does: a retry makes rows due now with no attempts spent (ahead of their key),
+a purge deletes parked rows for good (their key moves on without them).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from conveyor.console import inputs
+from conveyor.console.site import PREFIX, Caller, Done, Page, Site
+from conveyor.console.views.dead_letters import pretty
+
+MAX_LISTED = 500
+"""Most rows listed on the page."""
+SCANNED = 5000
+"""Unsent rows (oldest first) counted for the backlog by topic."""
+
+
+def _chosen(form: inputs.Form) -> list[str] | None:
+    if inputs.one(form, "all", "") == "yes":
+        if form.get("id"):
+            raise inputs.Refused(400, "choose messages or every parked message, not both", "all")
+        return None
+    return inputs.ids(form, "id", MAX_LISTED)
+
+
+def routes(site: Site) -> list[Route]:
+    """The outbox pages and actions."""
+    store = site.sources.outbox
+
+    async def page(request: Request, caller: Caller) -> Page:
+        query = request.query_params
+        topic = query.get("topic") or None
+        if topic is not None:
+            inputs.name("topic", topic, "topic")
+        status = inputs.choice(query.get("status"), "status", ("pending", "parked"))
+        limit = inputs.count(query.get("limit"), "limit", default=100, low=1, high=MAX_LISTED)
+        stats = await store.stats()
+        scanned = await store.entries(limit=SCANNED)
+        by_topic = Counter(entry.message.topic for entry in scanned)
+        parked_by_topic = Counter(entry.message.topic for entry in scanned if entry.status == "parked")
+        rows = await store.entries(status=status, topic=topic, limit=limit)  # type: ignore[arg-type]
+        context = {
+            "nav": "outbox", "stats": stats, "by_topic": sorted(by_topic.items()), "parked_by_topic": parked_by_topic,
+            "partial": len(scanned) >= SCANNED, "rows": rows, "topic": topic or "", "status": status or "",
+            "limit": limit,
+        }  # fmt: skip
+        return Page("outbox.html", context)
+
+    async def show(request: Request, caller: Caller) -> Page:
+        entry = await store.get(inputs.ident(request.query_params.get("id", ""), "id"))
+        headers = sorted(entry.message.headers.items())
+        return Page(
+            "outbox_entry.html",
+            {"nav": "outbox", "entry": entry, "headers": headers, "body": pretty(entry.message.body)},
+        )
+
+    async def retry(request: Request, caller: Caller, form: inputs.Form) -> Done:
+        chosen = _chosen(form)
+        count = await store.retry(chosen)
+        what = "every parked message" if chosen is None else ", ".join(chosen[:20])
+        return Done(f"{count} outbox message(s) will be published again ({what})", f"{PREFIX}/outbox", {"count": count})
+
+    async def purge(request: Request, caller: Caller, form: inputs.Form) -> Done:
+        if inputs.one(form, "confirm", "") != "yes":
+            raise inputs.Refused(400, "purging deletes parked messages for good: confirm it (confirm=yes)", "confirm")
+        chosen = _chosen(form)
+        count = await store.purge_parked(chosen)
+        what = "every parked message" if chosen is None else ", ".join(chosen[:20])
+        return Done(f"purged {count} parked outbox message(s) ({what})", f"{PREFIX}/outbox", {"count": count})
+
+    return [
+        Route("/outbox", site.page(page), methods=["GET"]),
+        Route("/outbox/show", site.page(show), methods=["GET"]),
+        Route("/outbox/retry", site.action("outbox.retry", retry), methods=["POST"]),
+        Route("/outbox/purge", site.action("outbox.purge", purge), methods=["POST"]),
+    ]

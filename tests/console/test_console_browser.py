@@ -1,0 +1,203 @@
+"""The console in a real browser against a real ``conveyor run`` (one process for the module).
+
+The application has a handler that succeeds (``ledger.record``), one that
+fails until a flag file exists (``billing.charge``, one attempt, so a failure
+is a dead letter at once), and an hourly schedule. The process runs with a
+console token, as in production, so the browser logs in through the form.
+
+Screenshots of each page go to ``CONVEYOR_CONSOLE_SCREENSHOTS`` (default: the
+test's temporary directory); with ``CONVEYOR_CONSOLE_DOCS=1`` the overview and
+dead-letter ones are also copied to ``docs/console/`` for the README.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from browser import chromium, require_browser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from cli import ROOT, Process, free_port
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "console-e2e-token-0123456789"
+APP = '''
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from conveyor import Context, every, on
+
+
+@on("orders.placed", name="ledger.record")
+async def record(order: dict, ctx: Context) -> None:
+    """Always succeeds."""
+
+
+@on("payments.charge", name="billing.charge", max_attempts=1)
+async def charge(payment: dict, ctx: Context) -> None:
+    """Fails until the flag file exists; then records the payment."""
+    if not Path(os.environ["CONSOLE_E2E_FLAG"]).exists():
+        raise RuntimeError("payment gateway down")
+    with open(os.environ["CONSOLE_E2E_DONE"], "a") as done:
+        done.write(payment["payment_id"] + "\\n")
+
+
+@every(timedelta(hours=1), name="reports.hourly")
+def hourly(ctx: Context) -> None:
+    """A schedule to pause and resume."""
+'''
+
+
+class Console:
+    """The running process and what the tests need to reach it."""
+
+    def __init__(self, process: Process, port: int, workdir: Path) -> None:
+        self.process = process
+        self.base = f"http://127.0.0.1:{port}"
+        self.flag = workdir / "fixed"
+        self.done = workdir / "done.txt"
+
+    def post(self, topic: str, data: dict[str, Any]) -> None:
+        response = httpx.post(f"{self.base}/events/{topic}", json=data, timeout=5)
+        assert response.status_code == 202, response.text
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    require_browser()
+    workdir = tmp_path_factory.mktemp("console-e2e")
+    (workdir / "console_e2e_app.py").write_text(APP)
+    port = free_port()
+    process = Process(
+        ["run", "--port", str(port)], workdir / "run.log", cwd=ROOT,
+        CONVEYOR_APP="console_e2e_app", CONVEYOR_APP_DIR=str(workdir), CONVEYOR_SERVICE="shop",
+        CONVEYOR_DATABASE_URL=f"sqlite+aiosqlite:///{workdir}/conveyor.db", CONVEYOR_CONSOLE_TOKEN=TOKEN,
+        CONSOLE_E2E_FLAG=str(workdir / "fixed"), CONSOLE_E2E_DONE=str(workdir / "done.txt"),
+    )  # fmt: skip
+    try:
+        process.wait_ready(port, timeout=30)
+        yield Console(process, port, workdir)
+    finally:
+        process.terminate()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    chosen = os.environ.get("CONVEYOR_CONSOLE_SCREENSHOTS")
+    directory = Path(chosen) if chosen else tmp_path_factory.mktemp("screenshots")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def browser(console: Console) -> Iterator[Any]:
+    driver: Any = chromium()
+    try:
+        driver.get(f"{console.base}/console/")
+        driver.find_element("id", "name").send_keys("ada")
+        driver.find_element("id", "token").send_keys(TOKEN + "\n")
+        wait_until(lambda: driver.current_url.rstrip("/").endswith("/console"), "the login")
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = condition()
+        except Exception:  # an element not there yet, a page still loading
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout}s")
+        time.sleep(0.2)
+
+
+def screenshot(driver: Any, shots: Path, name: str) -> None:
+    driver.save_screenshot(str(shots / f"{name}.png"))
+    if os.environ.get("CONVEYOR_CONSOLE_DOCS") and name in ("overview", "dead-letters"):
+        docs = ROOT / "docs" / "console"
+        docs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shots / f"{name}.png", docs / f"{name}.png")
+
+
+def handled(driver: Any, handler: str) -> int:
+    return int(driver.find_element("css selector", f'tr[data-handler="{handler}"] td.handled').text)
+
+
+def test_console_overview_shows_a_handlers_count_going_up(console: Console, browser: Any, shots: Path) -> None:
+    browser.get(f"{console.base}/console/")
+    before = handled(browser, "ledger.record")
+    for number in range(5):
+        console.post("orders.placed", {"order_id": f"o-{number}"})
+    # No reload: the live part refreshes itself.
+    wait_until(lambda: handled(browser, "ledger.record") >= before + 5, "count going up in the live overview")
+    screenshot(browser, shots, "overview")
+
+
+def test_console_dead_letter_is_listed_inspected_replayed_and_processed(
+    console: Console, browser: Any, shots: Path
+) -> None:
+    console.post("payments.charge", {"payment_id": "p-42", "amount_cents": 1200})
+    listing = f"{console.base}/console/dead-letters/payments.charge"
+
+    def listed() -> Any:
+        browser.get(listing)
+        return browser.find_elements("css selector", "#dead-letters a.letter")
+
+    link = wait_until(listed, "dead letter listed")[0]
+    assert "payment gateway down" in browser.find_element("id", "dead-letters").text
+    screenshot(browser, shots, "dead-letters")
+    link.click()
+    body = wait_until(lambda: browser.find_element("id", "body").text, "dead letter body")
+    assert '"payment_id": "p-42"' in body
+    assert "RuntimeError" in browser.find_element("id", "reason").text
+    screenshot(browser, shots, "dead-letter")
+    console.flag.touch()  # the handler is fixed
+    browser.find_element("id", "replay-one").click()
+    wait_until(lambda: "replayed 1 dead letter" in browser.find_element("css selector", ".flash").text, "replay")
+    wait_until(lambda: console.done.exists() and "p-42" in console.done.read_text(), "the replayed payment processed")
+
+
+def test_console_schedule_is_paused_and_resumed(console: Console, browser: Any, shots: Path) -> None:
+    browser.get(f"{console.base}/console/schedules")
+    section = "#schedule-reports\\.hourly"
+    browser.find_element("css selector", f"{section} button.pause").click()
+    wait_until(lambda: browser.find_element("css selector", f"{section} .state").text == "paused", "paused")
+    screenshot(browser, shots, "schedules")
+    browser.find_element("css selector", f"{section} button.resume").click()
+    wait_until(lambda: browser.find_element("css selector", f"{section} .state").text == "active", "resumed")
+
+
+def test_console_other_pages_render(console: Console, browser: Any, shots: Path) -> None:
+    for name in ("outbox", "sagas"):
+        browser.get(f"{console.base}/console/{name}")
+        assert browser.find_element("css selector", "h1").text.lower().startswith(name)
+        screenshot(browser, shots, name)
+
+
+def test_console_action_without_the_credential_is_refused(console: Console) -> None:
+    response = httpx.post(
+        f"{console.base}/console/schedules/reports.hourly/pause", headers={"accept": "application/json"}, timeout=5
+    )
+    forged = httpx.post(
+        f"{console.base}/console/schedules/reports.hourly/pause",
+        headers={"authorization": "Bearer not-the-token-at-all", "accept": "application/json"},
+        timeout=5,
+    )
+    assert (response.status_code, forged.status_code) == (401, 401)
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert "console action schedules.pause by unknown from 127.0.0.1 refused" in console.process.text()
