@@ -2,9 +2,9 @@
 
 The service database (PostgreSQL) holds 2,000 outbox rows written with
 :class:`event_store.Outbox`; a ``conveyor worker`` runs ``faultapp``. The first
-relay is SIGKILLed once some rows are published and some effects are in; the
-batch it had claimed (published, perhaps, but not marked sent) is claimed again
-by a second relay and published again with the same message ids. The ledger must
+relay is SIGKILLed while its claim holds a row that was published and applied
+but not yet marked sent (:func:`kill_mid_claim` freezes it to see that); the
+batch it had claimed is claimed again by a second relay and published again with the same message ids. The ledger must
 show every row's effect exactly once: the inbox absorbs the republished copies
 (on RabbitMQ the worker's ``duplicate`` count proves some came; JetStream drops
 them itself, by ``Nats-Msg-Id`` within its duplicate window).
@@ -13,7 +13,10 @@ them itself, by ``Nats-Msg-Id`` within its duplicate window).
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -36,14 +39,49 @@ LIMIT_S = 10.0
 closes, so the rows are claimable at once. What remains is the second relay's start-up (interpreter,
 imports, connections, topology: 2-4 s on this 2-core machine) plus one ``poll_interval`` (1 s) before its
 first claim if it missed the notification; 10 s leaves room for a loaded machine."""
-MID_ROUND = """
-SELECT (SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL) >= :sent,
-       EXISTS (SELECT 1 FROM ledger),
-       EXISTS (SELECT 1 FROM pg_stat_activity
-               WHERE datname = current_database() AND state = 'idle in transaction'
-                 AND query LIKE '%conveyor-outbox-claim%'
-                 AND clock_timestamp() - state_change > interval '25 milliseconds')
+IN_FLIGHT = """
+SELECT EXISTS (SELECT 1 FROM ledger l JOIN outbox o ON o.message_id = l.message_id WHERE o.sent_at IS NULL)
 """
+"""A row the relay published and the worker applied, not yet marked sent: the kill makes it a republish."""
+SETTLE_S = 0.5
+"""How long a frozen relay's published messages get to reach the ledger before the freeze is judged."""
+
+
+def kill_mid_claim(url: str, relay: Process) -> None:
+    """SIGKILL ``relay`` while its open claim holds a row that was published and applied but not marked sent.
+
+    The relay is frozen (SIGSTOP) at arbitrary moments once a quarter of the backlog is sent; frozen, its
+    claim cannot commit, so the ledger shows within :data:`SETTLE_S` whether a row it published is still
+    unmarked. If so the kill lands in the window a crash republishes; if not (frozen between batches) it
+    resumes and is frozen again a little later. A kill that republishes nothing would not test the inbox.
+    """
+    unsent = "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
+    deadline = time.monotonic() + 90
+    engine = sa.create_engine(normalize_url(url, sync=True))
+    try:
+        with engine.connect() as poll:
+            while True:
+                sent = BACKLOG - int(poll.execute(sa.text(unsent)).scalar_one())
+                poll.commit()
+                assert sent < BACKLOG, "the first relay published the whole backlog before a kill could land"
+                assert relay.popen.poll() is None, relay.text()
+                assert time.monotonic() < deadline, f"no kill landed mid-claim; the first relay published {sent} rows"
+                if sent < BACKLOG // 4:
+                    time.sleep(0.02)
+                    continue
+                os.kill(relay.popen.pid, signal.SIGSTOP)
+                settled = time.monotonic() + SETTLE_S
+                while time.monotonic() < settled:
+                    in_flight = bool(poll.execute(sa.text(IN_FLIGHT)).scalar_one())
+                    poll.commit()
+                    if in_flight:
+                        relay.popen.kill()  # SIGKILL is delivered to a stopped process
+                        return
+                    time.sleep(0.05)
+                os.kill(relay.popen.pid, signal.SIGCONT)
+                time.sleep(random.uniform(0.0, 0.05))
+    finally:
+        engine.dispose()
 
 
 def scalar(url: str, sql: str) -> int:
@@ -85,25 +123,7 @@ def test_relay_killed_mid_backlog_loses_and_doubles_nothing(
     try:
         worker.wait_ready(port, timeout=60)
         relays.append(Process(["relay", "--port", "0"], tmp_path / "relay1.log", cwd=tmp_path, **env))
-        deadline = time.monotonic() + 60
-        # The kill comes mid-round: a quarter of the rows marked sent, some effects in, and the relay's
-        # claim open (publishing rows it has not marked sent: the window a crash republishes).
-        engine = sa.create_engine(normalize_url(url, sync=True))
-        try:
-            with engine.connect() as poll:
-                while not all(poll.execute(sa.text(MID_ROUND), {"sent": BACKLOG // 4}).one()):
-                    # A fast broker may give no open claim long enough to see: then kill at half way.
-                    sent = BACKLOG - int(poll.execute(sa.text(unsent)).scalar_one())
-                    poll.commit()
-                    if BACKLOG // 2 <= sent < BACKLOG:
-                        break
-                    assert sent < BACKLOG, "the first relay published the whole backlog before a kill could land"
-                    assert relays[0].popen.poll() is None, relays[0].text()
-                    assert time.monotonic() < deadline, f"the first relay published {sent} rows in 60 s"
-                    poll.commit()
-                relays[0].popen.kill()
-        finally:
-            engine.dispose()
+        kill_mid_claim(url, relays[0])
         relays[0].popen.wait()
         killed = time.time()
         left, applied = scalar(url, unsent), scalar(url, "SELECT count(*) FROM ledger")
