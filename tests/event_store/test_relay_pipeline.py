@@ -30,16 +30,20 @@ class RecordingStore(SqlOutboxStore):
         self.hold_marks = False
         self.marks_open = asyncio.Event()
         self.marks_waiting = 0
+        self.ended = 0  # claims (empty ones too) whose transaction ended
 
     @contextlib.asynccontextmanager
     async def claim(self, limit: int) -> AsyncIterator[SqlOutboxBatch]:
-        async with super().claim(limit) as batch:
-            if batch.messages:
-                self.claims.append(list(batch.messages))
-            yield batch
-            if self.hold_marks and batch.recorded:
-                self.marks_waiting += 1
-                await self.marks_open.wait()
+        try:
+            async with super().claim(limit) as batch:
+                if batch.messages:
+                    self.claims.append(list(batch.messages))
+                yield batch
+                if self.hold_marks and batch.recorded:
+                    self.marks_waiting += 1
+                    await self.marks_open.wait()
+        finally:
+            self.ended += 1
 
 
 class Gated(PublishEach):
@@ -154,8 +158,11 @@ async def test_relay_killed_with_a_mark_pending_republishes_same_ids(pg_db: Data
     store.hold_marks = True
     transport = await connected(Gated(broker.url, open_calls=1_000))
     task = asyncio.create_task(Relay(store, transport, options=RelayOptions(batch_size=3)).run(asyncio.Event()))
-    await wait_for(lambda: store.marks_waiting >= 1, 10, "the first batch's mark to be pending")
-    task.cancel()  # a crash: the pending mark never commits
+    # Batch A (k0-k2) is published and its mark held; the batch claimed ahead is empty (key k is in
+    # flight) and ends; the relay then waits for A's mark, the one claim still open: the cancel lands there.
+    await wait_for(lambda: store.marks_waiting >= 1 and store.ended >= 1, 10, "A's mark pending, nothing else open")
+    await asyncio.sleep(0.05)
+    task.cancel()  # a crash: the pending mark never commits, and no claim may stay open
     await asyncio.gather(task, return_exceptions=True)
     await store.close()
     unsent_after_crash = await unsent(db)

@@ -174,6 +174,7 @@ class Relay:
         self._ahead: _Claim | None = None  # the next batch, claimed while the current one publishes
         self._current: _Claim | None = None  # the batch being published
         self._marking: _Claim | None = None  # the previous batch, being marked
+        self._open: set[_Claim] = set()  # every claim whose task runs: a cancelled relay rolls them all back
         self.stats: ports.OutboxStats | None = None
         """The backlog as of the last metrics refresh (None before the first)."""
 
@@ -211,7 +212,7 @@ class Relay:
         limit = self.options.batch_size
         claim, self._ahead = self._ahead, None
         fresh = claim is None
-        claim = self._current = claim or _Claim(self.store, limit)
+        claim = self._current = claim or self._claim(limit)
         batch = await claim.batch()
         if not batch.messages:
             claim.release()
@@ -221,7 +222,7 @@ class Relay:
             return RoundResult(0, 0, 0) if fresh else await self._pipelined_round()
         # Claimed while this batch publishes, once the previous one is marked; it
         # holds none of this batch's keys (see the module docstring).
-        self._ahead = _Claim(self.store, limit, after=self._marking)
+        self._ahead = self._claim(limit, after=self._marking)
         try:
             result = await self._waves.publish(batch)
         except Exception as exc:
@@ -237,6 +238,13 @@ class Relay:
         if result.interrupted:
             await self.drain()
         return result
+
+    def _claim(self, limit: int, after: _Claim | None = None) -> _Claim:
+        """A new claim, tracked until its task ends (see :meth:`_abandon`)."""
+        claim = _Claim(self.store, limit, after)
+        self._open.add(claim)
+        claim.task.add_done_callback(lambda _task: self._open.discard(claim))
+        return claim
 
     async def _finish_marking(self) -> None:
         marking, self._marking = self._marking, None
@@ -260,10 +268,14 @@ class Relay:
         await self._finish_marking()
 
     async def _abandon(self) -> None:
-        """On cancellation: roll back whatever is still open."""
-        for claim in (self._ahead, self._current, self._marking):
-            if claim is not None:
-                await claim.abandon()
+        """On cancellation: roll back whatever is still open.
+
+        Every claim whose task still runs, not only the three the round names:
+        a cancellation while a round awaits the previous batch's mark finds
+        that batch in none of them.
+        """
+        for claim in list(self._open):
+            await claim.abandon()
         self._ahead = self._current = self._marking = None
 
     async def _round(self) -> RoundResult:

@@ -74,6 +74,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
         self._kafka = kafka
         self._callback = callback
         self._prefetch = max(subscription.prefetch, 1)
+        self._low_water = self._prefetch // 2  # once full, fetch again only below this: whole batches, not ones
+        self._topping = False
         self._hold_limit = max(self._prefetch * 4, 64)
         self._committer = kafka_offsets.Committer(kafka, subscription.name, commit_timeout)
         self._leave = leave
@@ -204,7 +206,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
     def _forget(self, partition: kafka_offsets.PartitionOffsets) -> None:
         self._unsettled -= 1
         partition.out -= 1
-        self._room.set()
+        if self._unsettled <= self._low_water:  # the fetch loop waits for this much room (see _wait_for_room)
+            self._room.set()
         if partition.draining and not partition.out:
             self._drained.set()
 
@@ -247,10 +250,11 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
             await self._recover_step()
             return
         await self._release_due()
-        if self._unsettled >= self._prefetch:
+        if self._unsettled >= self._prefetch or (self._topping and self._unsettled > self._low_water):
+            self._topping = True
             await self._wait_for_room()
             return
-        self._full = False
+        self._full = self._topping = False
         self._sync_pauses()
         timeout = _POLL_SECONDS
         if self._held:
@@ -268,13 +272,17 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
                 await self._accept(partition, record)
 
     async def _wait_for_room(self) -> None:
-        """At the prefetch limit: wait for a settle, polling paused so the member stays alive."""
+        """At the prefetch limit: wait for a settle, polling paused so the member stays alive.
+
+        The fetch loop resumes once half the prefetch is free (:attr:`_low_water`): one
+        ``getmany`` per settled record, each taking one record, would cost more than the records.
+        """
         self._room.clear()
         due = self._held[0].due - time.time() if self._held else _POLL_SECONDS
         try:
             await asyncio.wait_for(self._room.wait(), min(_POLL_SECONDS, max(due, 0.01)))
         except TimeoutError:
-            if self._unsettled >= self._prefetch:
+            if self._unsettled > self._low_water:
                 # Slow handlers: pause everything and poll, so max_poll_interval_ms
                 # never expires while deliveries are out (no endless rebalances).
                 self._full = True
