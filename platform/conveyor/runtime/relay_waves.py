@@ -56,7 +56,7 @@ class RelayOptions:
     """
 
     batch_size: int = 300
-    max_in_flight: int = 64
+    max_in_flight: int = 256
     poll_interval: float = 1.0
     min_idle: float = 0.1
     retry_base: float = 1.0

@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -47,7 +46,7 @@ from nats.js import JetStreamContext, api
 
 from conveyor import deadlines, errors, names, ports
 from conveyor.envelope import NATS_PREFIX, WireMessage
-from conveyor.transports import nats_backlog, nats_consume
+from conveyor.transports import nats_backlog, nats_consume, nats_publish
 
 log = logging.getLogger("conveyor.transports.nats")
 
@@ -103,13 +102,14 @@ class NatsTransport:
         self.stream = stream
         self.subject_prefix = subject_prefix
         self.request_timeout = request_timeout
-        self._pub_acks = deadlines.Deadlines(request_timeout)
+        self._ack_deadlines = deadlines.Deadlines(request_timeout)
         self._servers = [f"nats://{host}" for host in url.partition("://")[2].strip("/").split(",") if host]
         self._duplicate_window = duplicate_window
         self._inactive_threshold = inactive_threshold
         self._connect_timeout = connect_timeout
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._acks: nats_publish.PubAcks | None = None
         self._consumers: list[nats_consume.NatsConsumer] = []
         self._declared: dict[str, ports.Subscription] = {}
         self._topics: set[str] = set()
@@ -130,6 +130,11 @@ class NatsTransport:
         if self._nc is None:
             raise errors.TransportError(f"NATS transport {self.url} is not connected; call connect() first")
         return self._nc
+
+    def _pub_acks(self) -> nats_publish.PubAcks:
+        if self._acks is None:
+            raise errors.TransportError(f"NATS transport {self.url} is not connected; call connect() first")
+        return self._acks
 
     def _jetstream(self) -> JetStreamContext:
         if self._js is None:
@@ -181,6 +186,7 @@ class NatsTransport:
             raise errors.TransientTransportError(f"cannot connect to NATS at {self.url}: {reason}") from exc
         self._nc = nc
         self._js = nc.jetstream(timeout=self.request_timeout)
+        self._acks = nats_publish.PubAcks(nc)
         try:
             await self._ensure_stream()
         except errors.TransportError:
@@ -197,7 +203,7 @@ class NatsTransport:
             await consumer.stop()
         for consumer in consumers:  # naks need the connection: close it only then
             await consumer.give_back_unsettled()
-        self._nc = self._js = None
+        self._nc = self._js = self._acks = None
         self._closing = True
         with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
             await nc.flush(timeout=self.request_timeout)  # type: ignore[arg-type]
@@ -222,27 +228,30 @@ class NatsTransport:
             TransientTransportError: no PubAck in time, no stream, or no connection.
             TransportError: closed, or the server refused the message.
         """
-        js = self._jetstream()
+        acks = self._pub_acks()
         subject = self.subject(topic)
-        # publish_async pipelines concurrent publishes on one reply subscription; one timer
-        # (not one per publish) bounds the wait for every PubAck.
-        deadline = self._pub_acks.start()
+        # Concurrent publishes pipeline on one reply subscription; one timer (not one
+        # per publish) bounds the wait for every PubAck.
+        deadline = self._ack_deadlines.start()
+        token = None
         try:
-            future = await js.publish_async(subject, message.body, headers=_outgoing_headers(message))
+            token, future = await acks.send(subject, message.body, _outgoing_headers(message))
             await future
         except asyncio.CancelledError as exc:
-            if self._pub_acks.finish(deadline):
+            if self._ack_deadlines.finish(deadline):
                 raise errors.TransientTransportError(
                     f"NATS publish to {topic!r} failed: no PubAck within {self.request_timeout}s"
                 ) from exc
             raise
-        except (*nats_consume.DRIVER_ERRORS, nats.js.errors.TooManyStalledMsgsError) as exc:
+        except nats_consume.DRIVER_ERRORS as exc:
             raise nats_consume.transport_error(f"publish to {topic!r}", exc) from exc
         finally:
-            self._pub_acks.finish(deadline)
+            self._ack_deadlines.finish(deadline)
+            if token is not None:
+                acks.forget(token)
 
     async def publish_many(self, messages: Sequence[tuple[str, WireMessage]]) -> list[Exception | None]:
-        """Publish all on the one connection in call order (nats-py's ``publish_async``); wait for every PubAck.
+        """Publish all on the one connection in call order, pipelined; wait for every PubAck.
 
         A PubAck that does not come within ``request_timeout`` is a
         :class:`~conveyor.errors.TransientTransportError` for its message.
@@ -251,21 +260,25 @@ class NatsTransport:
             ConfigurationError: a topic is not a valid identifier (nothing was sent).
             TransportError: not connected (nothing was sent).
         """
-        js = self._jetstream()
+        acks = self._pub_acks()
         subjects = [self.subject(topic) for topic, _ in messages]
         results: list[Exception | None] = [None] * len(messages)
-        waiting: dict[asyncio.Future[Any], int] = {}
-        for index, ((topic, message), subject) in enumerate(zip(messages, subjects, strict=True)):
-            try:
-                future = await js.publish_async(subject, message.body, headers=_outgoing_headers(message))
-            except (*nats_consume.DRIVER_ERRORS, nats.js.errors.TooManyStalledMsgsError) as exc:
-                results[index] = nats_consume.transport_error(f"publish to {topic!r}", exc)
-            else:
-                waiting[future] = index
-        if waiting:
-            _, late = await asyncio.wait(waiting, timeout=self.request_timeout)
-            for future in late:
-                future.cancel()
+        waiting: dict[asyncio.Future[None], int] = {}
+        tokens: list[str] = []
+        try:
+            for index, ((topic, message), subject) in enumerate(zip(messages, subjects, strict=True)):
+                try:
+                    token, future = await acks.send(subject, message.body, _outgoing_headers(message))
+                except nats_consume.DRIVER_ERRORS as exc:
+                    results[index] = nats_consume.transport_error(f"publish to {topic!r}", exc)
+                else:
+                    waiting[future] = index
+                    tokens.append(token)
+            if waiting:
+                await asyncio.wait(waiting, timeout=self.request_timeout)
+        finally:
+            for token in tokens:  # a PubAck still missing is given up (its future cancelled)
+                acks.forget(token)
         for future, index in waiting.items():
             topic = messages[index][0]
             if future.cancelled():

@@ -57,10 +57,14 @@ DRIVER_ERRORS = (*_TRANSIENT, nats.errors.Error)
 
 
 def transport_error(action: str, exc: BaseException) -> errors.TransportError:
-    """Conveyor's error for a nats-py exception: transient for timeouts, lost connections and no stream."""
+    """Conveyor's error for a nats-py exception: transient for timeouts, lost connections and no stream.
+
+    A JetStream API error keeps the server's code and description (its ``repr`` has neither).
+    """
+    detail = str(exc) if isinstance(exc, nats.js.errors.APIError) else repr(exc)
     if isinstance(exc, _TRANSIENT):
-        return errors.TransientTransportError(f"NATS {action} failed: {exc!r}")
-    return errors.TransportError(f"NATS {action} failed: {exc!r}")
+        return errors.TransientTransportError(f"NATS {action} failed: {detail}")
+    return errors.TransportError(f"NATS {action} failed: {detail}")
 
 
 @contextlib.contextmanager
