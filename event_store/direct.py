@@ -191,6 +191,25 @@ async def insert_outbox(session: AsyncSession, rows: Sequence[OutboxParams]) -> 
     session.info[database.OUTBOX_ADDED] = True
 
 
+async def claim_rows(session: AsyncSession, sql: str, window: int, per_key: int, limit: int) -> list[Any] | None:
+    """The relay's claim (``sql`` from :func:`outbox_sql.claim_driver_sql`) run by asyncpg in the session's
+    transaction (the dialect's JSON codec decodes ``headers``); None when the session's driver is not asyncpg
+    (run the Core statement then).
+
+    Raises:
+        StoreError: the database failed.
+    """
+    if _fast(session) != "postgresql":
+        return None
+    with database.translating(), _translating_driver():
+        async with _invalidating_on_outage(session):
+            driver = await _started_driver(session)
+            if driver is None:
+                return None
+            records: list[Any] = await driver.fetch(sql, window, per_key, limit)
+    return records
+
+
 _OUTBOX_CORE = sa.insert(models.outbox).inline()
 _INBOX_CORE: dict[str, Any] = {}
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from conveyor import ports
@@ -84,6 +85,15 @@ def claim_statement(dialect: Dialect) -> sa.TextualSelect:
     )  # fmt: skip
 
 
+def claim_driver_sql(dialect: Dialect) -> str:
+    """The PostgreSQL claim as asyncpg SQL text: parameters ``$1`` window, ``$2`` per_key, ``$3`` limit.
+
+    Columns as :func:`claim_statement`, ``headers`` as JSON text (see :func:`event_store.direct.claim_rows`).
+    """
+    text: str = claim_statement(dialect).element.text  # type: ignore[attr-defined]
+    return text.replace(":window", "$1").replace(":per_key", "$2").replace(":limit", "$3")
+
+
 def next_due_statement(dialect: Dialect) -> sa.TextualSelect:
     """``(earliest, now)``: when the earliest claimable row is due, and the database clock."""
     now = str(models.utcnow().compile(dialect=dialect))
@@ -92,27 +102,21 @@ def next_due_statement(dialect: Dialect) -> sa.TextualSelect:
     )
 
 
-def keep_key_prefixes(rows: Sequence[sa.Row[tuple[object, ...]]]) -> list[ports.OutboxMessage]:
+ClaimRow = Sequence[Any]
+"""A claimed row: ``(id, message_id, topic, partition_key, headers, body, attempts, created_at, rn)``,
+headers decoded."""
+
+
+def keep_key_prefixes(rows: Iterable[ClaimRow]) -> list[ports.OutboxMessage]:
     """Drop keyed rows whose key's earlier rows this claim did not get (another relay has them)."""
     last_rank: dict[str, int] = {}
     kept: list[ports.OutboxMessage] = []
-    for row in rows:
-        key = row.partition_key
+    message = ports.OutboxMessage
+    for row_id, message_id, topic, key, headers, body, attempts, created_at, rank in rows:
         if key is not None:
-            if row.rn != last_rank.get(key, 0) + 1:
+            if rank != last_rank.get(key, 0) + 1:
                 last_rank[key] = -1_000_000  # a gap: nothing later of this key
                 continue
-            last_rank[key] = row.rn
-        kept.append(
-            ports.OutboxMessage(
-                id=row.id,
-                message_id=row.message_id,
-                topic=row.topic,
-                key=key,
-                headers=row.headers,
-                body=row.body,
-                attempts=row.attempts,
-                created_at=as_utc(row.created_at),
-            )
-        )
+            last_rank[key] = rank
+        kept.append(message(row_id, message_id, topic, key, headers, body, attempts, as_utc(created_at)))
     return kept

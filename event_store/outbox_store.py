@@ -52,13 +52,13 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from conveyor import errors, ports
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import database, listener, models, outbox_admin, outbox_sql, relay_lock
+from event_store import database, direct, listener, models, outbox_admin, outbox_sql, relay_lock
 from event_store.outbox import as_utc, db_time
 
 log = logging.getLogger("conveyor.event_store.outbox")
@@ -120,6 +120,7 @@ class SqlOutboxStore:
         self.per_key = per_key
         self.window = window
         self._statement = outbox_sql.claim_statement(db.engine.dialect)
+        self._driver_sql = outbox_sql.claim_driver_sql(db.engine.dialect) if db.is_postgres else ""
         self._next_due = outbox_sql.next_due_statement(db.engine.dialect)
         self._listener = (
             listener.PgListener(db.url, models.OUTBOX_CHANNEL, db.outbox_signal) if listen and db.is_postgres else None
@@ -159,8 +160,12 @@ class SqlOutboxStore:
         params: dict[str, object] = {"window": window, "per_key": self.per_key, "limit": limit}
         if not self.db.is_postgres:
             params.update(busy_ids=sorted(ids), busy_keys=sorted(keys))
-        result = await session.execute(self._statement, params)
-        messages = outbox_sql.keep_key_prefixes(result.all())
+        rows: Sequence[Any] | None = None
+        if self._driver_sql:
+            rows = await direct.claim_rows(session, self._driver_sql, window, self.per_key, limit)
+        if rows is None:
+            rows = (await session.execute(self._statement, params)).all()
+        messages = outbox_sql.keep_key_prefixes(rows)
         if ids:
             messages = [m for m in messages if m.id not in ids and (m.key is None or m.key not in keys)]
         self._in_flight_ids.update(m.id for m in messages)
