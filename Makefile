@@ -17,7 +17,7 @@ test:
 	# The console's browser tests drive Debian's Chromium; installed once, when missing.
 	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	bash compose/start-local-services.sh
-	$(VENV)/bin/python -m pytest -m "not fault"
+	$(VENV)/bin/python -m pytest -m "not fault" --durations=25
 
 # The fault tier (tests/fault: real processes, crashes and outages, a table of figures); after `make test`.
 fault:

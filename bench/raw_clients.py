@@ -342,7 +342,7 @@ async def kafka_bootstrap(target: str | None) -> AsyncIterator[str]:
     if target is not None:
         yield target
         return
-    from conveyor.testing.brokers import TansuBroker
+    from conveyor.testing.servers import TansuBroker
 
     broker = TansuBroker()
     await asyncio.to_thread(broker.start)

@@ -43,7 +43,7 @@ from typing import Any
 import asyncpg
 import orjson
 import sqlalchemy as sa
-from conveyor import Context, envelope, ports, registry, transports
+from conveyor import Context, envelope, ports, registry, stores, transports
 from conveyor.runtime.relay import Relay, RelayOptions, RoundResult
 from conveyor.runtime.worker import Worker
 from conveyor.testing import brokers, unique
@@ -246,7 +246,7 @@ async def conveyor_relay(db: Database, url: str, rows: int) -> float:
     refusals: list[RoundResult] = []
     publish = relay._waves.publish  # counted here so that the run stops when the backlog is out
 
-    async def counting(batch: ports.OutboxBatch) -> RoundResult:
+    async def counting(batch: stores.OutboxBatch) -> RoundResult:
         result = await publish(batch)
         if result.failed or result.interrupted:
             refusals.append(result)

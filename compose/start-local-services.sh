@@ -10,7 +10,7 @@
 #   auto    docker when `docker compose version` and `docker info` both succeed, else local
 #
 # Kafka is not started in local mode: the tests run their own Tansu broker
-# (conveyor.testing.brokers.TansuBroker).
+# (conveyor.testing.servers.TansuBroker).
 #
 # RabbitMQ counts as up only when it answers the AMQP handshake, not merely when
 # its port accepts TCP (a wedged node once did that and never answered). With the

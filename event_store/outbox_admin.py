@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from conveyor import errors, ports
+from conveyor import errors, stores
 
 from event_store import database, models
 from event_store.outbox import as_utc
@@ -20,9 +20,9 @@ _UNSENT = models.outbox.c.sent_at.is_(None)
 _PARKED = sa.and_(_UNSENT, models.outbox.c.parked_at.is_not(None))
 
 
-def _entry(row: sa.Row[Any]) -> ports.OutboxEntry:
-    status: ports.OutboxStatus = "sent" if row.sent_at is not None else "parked" if row.parked_at else "pending"
-    message = ports.OutboxMessage(
+def _entry(row: sa.Row[Any]) -> stores.OutboxEntry:
+    status: stores.OutboxStatus = "sent" if row.sent_at is not None else "parked" if row.parked_at else "pending"
+    message = stores.OutboxMessage(
         id=row.id,
         message_id=row.message_id,
         topic=row.topic,
@@ -32,7 +32,7 @@ def _entry(row: sa.Row[Any]) -> ports.OutboxEntry:
         attempts=row.attempts,
         created_at=as_utc(row.created_at),
     )
-    return ports.OutboxEntry(
+    return stores.OutboxEntry(
         message=message,
         status=status,
         available_at=as_utc(row.available_at),
@@ -48,7 +48,7 @@ async def entries(
     status: Literal["pending", "parked"] | None = None,
     topic: str | None = None,
     limit: int = 100,
-) -> list[ports.OutboxEntry]:
+) -> list[stores.OutboxEntry]:
     """Unsent rows in outbox order, at most ``limit``; only ``status`` and ``topic`` ones if given.
 
     Raises:
@@ -66,7 +66,26 @@ async def entries(
         return [_entry(row) for row in (await session.execute(query)).all()]
 
 
-async def get(db: database.Database, message_id: str) -> ports.OutboxEntry:
+async def topics(db: database.Database, limit: int = 1000) -> list[stores.TopicBacklog]:
+    """Unsent and parked rows per topic, every topic with unsent rows, by name, at most ``limit``.
+
+    Raises:
+        StoreError: the database failed.
+    """
+    table = models.outbox
+    query = (
+        sa.select(table.c.topic, sa.func.count(), sa.func.count(table.c.parked_at))
+        .where(_UNSENT)
+        .group_by(table.c.topic)
+        .order_by(table.c.topic)
+        .limit(limit)
+    )
+    async with db.transaction(readonly=True) as session:
+        rows = (await session.execute(query)).all()
+    return [stores.TopicBacklog(topic, int(unsent), int(parked)) for topic, unsent, parked in rows]
+
+
+async def get(db: database.Database, message_id: str) -> stores.OutboxEntry:
     """The row of ``message_id``, sent or not.
 
     Raises:

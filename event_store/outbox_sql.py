@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from conveyor import ports
+from conveyor import stores
 from sqlalchemy.engine import Dialect
 
 from event_store import models
@@ -107,11 +107,11 @@ ClaimRow = Sequence[Any]
 headers decoded."""
 
 
-def keep_key_prefixes(rows: Iterable[ClaimRow]) -> list[ports.OutboxMessage]:
+def keep_key_prefixes(rows: Iterable[ClaimRow]) -> list[stores.OutboxMessage]:
     """Drop keyed rows whose key's earlier rows this claim did not get (another relay has them)."""
     last_rank: dict[str, int] = {}
-    kept: list[ports.OutboxMessage] = []
-    message = ports.OutboxMessage
+    kept: list[stores.OutboxMessage] = []
+    message = stores.OutboxMessage
     for row_id, message_id, topic, key, headers, body, attempts, created_at, rank in rows:
         if key is not None:
             if rank != last_rank.get(key, 0) + 1:

@@ -1,6 +1,6 @@
 """The relay's side of the outbox on SQL: claiming due rows in per-key order, marking them.
 
-Claiming (see :class:`conveyor.ports.OutboxStore`):
+Claiming (see :class:`conveyor.stores.OutboxStore`):
 
 * A key *waits* while its oldest unsent row that failed is backing off
   (``attempts > 0``, ``available_at`` in the future) or is parked: the claim
@@ -55,7 +55,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from conveyor import errors, ports
+from conveyor import errors, stores
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from event_store import database, direct, listener, models, outbox_admin, outbox_sql, relay_lock
@@ -70,25 +70,25 @@ _PURGE_CHUNK = 1000
 class SqlOutboxBatch:
     """A claim's rows and what the relay recorded about them."""
 
-    messages: Sequence[ports.OutboxMessage]
+    messages: Sequence[stores.OutboxMessage]
     sent_ids: list[int] = field(default_factory=list)
     failures: list[tuple[int, str, float]] = field(default_factory=list)
     parkings: list[tuple[int, str]] = field(default_factory=list)
     interruptions: list[tuple[int, str]] = field(default_factory=list)
 
-    def sent(self, message: ports.OutboxMessage) -> None:
+    def sent(self, message: stores.OutboxMessage) -> None:
         """Record that the broker confirmed ``message``."""
         self.sent_ids.append(message.id)
 
-    def failed(self, message: ports.OutboxMessage, error: str, retry_in: float) -> None:
+    def failed(self, message: stores.OutboxMessage, error: str, retry_in: float) -> None:
         """Record a refused publish of ``message``; due again in ``retry_in`` seconds."""
         self.failures.append((message.id, error[:2000], max(retry_in, 0.0)))
 
-    def parked(self, message: ports.OutboxMessage, error: str) -> None:
+    def parked(self, message: stores.OutboxMessage, error: str) -> None:
         """Record the last refused attempt of ``message``; it is parked."""
         self.parkings.append((message.id, error[:2000]))
 
-    def interrupted(self, message: ports.OutboxMessage, error: str) -> None:
+    def interrupted(self, message: stores.OutboxMessage, error: str) -> None:
         """Record that the broker was unreachable for ``message`` (no attempt spent)."""
         self.interruptions.append((message.id, error[:2000]))
 
@@ -153,7 +153,7 @@ class SqlOutboxStore:
             self._standing_by = True
         return False
 
-    async def _select(self, session: AsyncSession, limit: int) -> list[ports.OutboxMessage]:
+    async def _select(self, session: AsyncSession, limit: int) -> list[stores.OutboxMessage]:
         """The claimable rows, without the ids and keys of this store's open claims."""
         ids, keys = set(self._in_flight_ids), set(self._in_flight_keys)  # as of before the statement
         window = self.window or max(limit * 4, 256)
@@ -172,7 +172,7 @@ class SqlOutboxStore:
         self._in_flight_keys.update(m.key for m in messages if m.key is not None)
         return messages
 
-    def _landed(self, messages: Sequence[ports.OutboxMessage]) -> None:
+    def _landed(self, messages: Sequence[stores.OutboxMessage]) -> None:
         """A claim's marks committed (or it ended): its ids and keys are no longer in flight."""
         self._in_flight_ids.difference_update(m.id for m in messages)
         self._in_flight_keys.subtract(m.key for m in messages if m.key is not None)
@@ -274,7 +274,7 @@ class SqlOutboxStore:
             return None
         return max((as_utc(earliest) - as_utc(now)).total_seconds(), 0.0)
 
-    async def stats(self) -> ports.OutboxStats:
+    async def stats(self) -> stores.OutboxStats:
         """Unsent rows, parked rows and the age of the oldest due, unparked one.
 
         Raises:
@@ -299,19 +299,27 @@ class SqlOutboxStore:
             result = await session.execute(sa.select(backlog, parked, oldest, now))
             count, parked_count, earliest, db_now = result.one()
         age = 0.0 if earliest is None else max((as_utc(db_now) - as_utc(earliest)).total_seconds(), 0.0)
-        return ports.OutboxStats(backlog=int(count), oldest_age=age, parked=int(parked_count))
+        return stores.OutboxStats(backlog=int(count), oldest_age=age, parked=int(parked_count))
 
     async def entries(
         self, *, status: Literal["pending", "parked"] | None = None, topic: str | None = None, limit: int = 100
-    ) -> list[ports.OutboxEntry]:
-        """Unsent rows, oldest first (see :meth:`conveyor.ports.OutboxStore.entries`).
+    ) -> list[stores.OutboxEntry]:
+        """Unsent rows, oldest first (see :meth:`conveyor.stores.OutboxStore.entries`).
 
         Raises:
             StoreError: the database failed.
         """
         return await outbox_admin.entries(self.db, status=status, topic=topic, limit=limit)
 
-    async def get(self, message_id: str) -> ports.OutboxEntry:
+    async def topics(self, limit: int = 1000) -> list[stores.TopicBacklog]:
+        """Unsent and parked rows per topic (see :meth:`conveyor.stores.OutboxStore.topics`).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        return await outbox_admin.topics(self.db, limit)
+
+    async def get(self, message_id: str) -> stores.OutboxEntry:
         """The row of ``message_id``.
 
         Raises:

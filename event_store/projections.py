@@ -15,7 +15,7 @@ import logging
 from typing import Protocol
 
 import sqlalchemy as sa
-from conveyor import names, ports
+from conveyor import names, stores
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from event_store import database, models, store
@@ -32,7 +32,7 @@ class Projection(Protocol):
 
     name: str
 
-    async def apply(self, session: AsyncSession, event: ports.RecordedEvent) -> None:
+    async def apply(self, session: AsyncSession, event: stores.RecordedEvent) -> None:
         """Apply one event in the runner's transaction ``session``; raise to abort the batch."""
         ...
 

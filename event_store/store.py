@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from conveyor import errors, ports
+from conveyor import errors, stores
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from event_store import database, models
@@ -53,8 +53,8 @@ class Snapshot:
     metadata: Mapping[str, Any]
 
 
-def _recorded(row: sa.Row[Any]) -> ports.RecordedEvent:
-    return ports.RecordedEvent(
+def _recorded(row: sa.Row[Any]) -> stores.RecordedEvent:
+    return stores.RecordedEvent(
         position=row.position,
         stream_id=row.stream_id,
         version=row.version,
@@ -90,7 +90,7 @@ async def lock_events(session: AsyncSession, lock_timeout: float) -> None:
 
 
 class SqlEventStore:
-    """Event store on the ``events`` and ``snapshots`` tables (:class:`conveyor.ports.EventStore`).
+    """Event store on the ``events`` and ``snapshots`` tables (:class:`conveyor.stores.EventStore`).
 
     Methods take an optional ``tx``: the caller's session inside its
     transaction; without it each call runs in a transaction of its own.
@@ -110,7 +110,7 @@ class SqlEventStore:
     async def append(
         self,
         stream_id: str,
-        events: Sequence[ports.NewEvent],
+        events: Sequence[stores.NewEvent],
         *,
         expected_version: int | None,
         tx: AsyncSession | None = None,
@@ -164,7 +164,7 @@ class SqlEventStore:
         after_version: int = 0,
         limit: int | None = None,
         tx: AsyncSession | None = None,
-    ) -> list[ports.RecordedEvent]:
+    ) -> list[stores.RecordedEvent]:
         """Events of a stream with a version above ``after_version``, oldest first.
 
         Raises:
@@ -182,7 +182,7 @@ class SqlEventStore:
 
     async def read_all(
         self, *, after: int = 0, limit: int = 1000, tx: AsyncSession | None = None
-    ) -> list[ports.RecordedEvent]:
+    ) -> list[stores.RecordedEvent]:
         """Committed events of every stream with a position above ``after``, in commit order.
 
         Raises:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from conveyor import errors, names, persistence, ports
+from conveyor import errors, names, persistence, stores
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -148,11 +148,11 @@ class SessionEvents:
         self._store = store
         self._session = session
 
-    async def append(self, stream_id: str, events: Sequence[ports.NewEvent], *, expected_version: int | None) -> int:
+    async def append(self, stream_id: str, events: Sequence[stores.NewEvent], *, expected_version: int | None) -> int:
         """Append in this transaction; see :meth:`SqlEventStore.append`."""
         return await self._store.append(stream_id, events, expected_version=expected_version, tx=self._session)
 
-    async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[ports.RecordedEvent]:
+    async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[stores.RecordedEvent]:
         """Read in this transaction; see :meth:`SqlEventStore.read_stream`."""
         return await self._store.read_stream(stream_id, after_version=after_version, tx=self._session)
 

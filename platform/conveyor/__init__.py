@@ -19,12 +19,12 @@ from conveyor.errors import (
     TransientTransportError,
     TransportError,
 )
-from conveyor.ports import NewEvent, RecordedEvent
 from conveyor.publisher import Publisher
 from conveyor.registry import Handler, Registry, on
 from conveyor.retry import RetryPolicy
 from conveyor.sagas.definition import Saga
 from conveyor.scheduling.schedules import Schedule, cron, every
+from conveyor.stores import NewEvent, RecordedEvent
 from conveyor.transaction import Transaction
 
 __all__ = [

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from conveyor import envelope, errors, names, persistence, telemetry
+from conveyor import attributes, envelope, errors, names, persistence, telemetry
 from conveyor.transaction import AlreadyHandled, Transaction
 
 _log = logging.getLogger("conveyor.handler")
@@ -238,9 +238,9 @@ class Context:
 
 def _with_tenant(extensions: Mapping[str, str] | None, tenant: str | None) -> Mapping[str, str] | None:
     """What a handler publishes belongs to the tenant of the message it handles."""
-    if tenant is None or (extensions and envelope.TENANT in extensions):
+    if tenant is None or (extensions and attributes.TENANT in extensions):
         return extensions
-    return {**(extensions or {}), envelope.TENANT: tenant}
+    return {**(extensions or {}), attributes.TENANT: tenant}
 
 
 class _TransactionScope:

@@ -21,17 +21,12 @@ decides how to parse them (pydantic validates JSON bytes directly, which is
 faster than parsing twice). In structured mode ``data`` is the original JSON text
 of the member, byte for byte: re-serialising would turn big integers into floats.
 
-Every attribute is producer input and is validated: names are 1-64 lower-case
-ASCII letters and digits; values are at most 4096 characters (``id`` 128,
-``partitionkey`` 255) without control characters; in structured mode context
-attributes must be JSON strings, extensions strings, numbers or booleans (kept as
-their JSON text); ``attempt`` is an integer, clamped to 1..10,000.
+Every attribute is producer input and is validated (:mod:`conveyor.attributes`).
 """
 
 from __future__ import annotations
 
 import base64
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -41,9 +36,9 @@ from typing import Any
 import orjson
 import pydantic
 
-from conveyor import errors, jsontext, names
+from conveyor import attributes, errors, jsontext
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = attributes.SPEC_VERSION
 JSON = "application/json"
 STRUCTURED = "application/cloudevents+json"
 OCTET_STREAM = "application/octet-stream"
@@ -54,38 +49,9 @@ NATS_PREFIX = "ce-"
 AMQP_PREFIX = "cloudEvents_"
 # Decoding accepts every binding's prefix (compared lower-cased): ``ce_``,
 # ``ce-``, ``cloudEvents_`` and the ``cloudEvents:`` of AMQP binding 1.0.
-
-# Attributes with a field of their own; anything else prefixed is an extension.
-_KNOWN = frozenset(
-    {
-        "id",
-        "source",
-        "specversion",
-        "type",
-        "time",
-        "subject",
-        "dataschema",
-        "datacontenttype",
-        "partitionkey",
-        "traceparent",
-        "tracestate",
-        "correlationid",
-        "causationid",
-        "attempt",
-    }
-)
-# Context attributes, which structured mode requires to be JSON strings.
-_CONTEXT = frozenset({"id", "source", "specversion", "type", "time", "subject", "dataschema", "datacontenttype"})
-_NAME = re.compile(r"[a-z0-9]{1,64}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # C0, DEL, C1, lone surrogates
-_INTEGER = re.compile(r"[+-]?[0-9]+")
-MAX_VALUE = 4096
-"""Longest attribute value accepted, in characters."""
-_LIMITS = {"id": 128, "partitionkey": 255}  # the outbox and inbox column widths
-TENANT = "tenant"
-"""The CloudEvents extension naming an event's tenant (see :func:`conveyor.names.check_tenant`)."""
-MAX_ATTEMPT = 10_000
-"""A larger ``attempt`` extension is read as this."""
+_KNOWN = attributes.KNOWN
+_show = jsontext.show
+check_json = jsontext.check_json
 
 
 @dataclass(slots=True)
@@ -162,7 +128,7 @@ class Envelope:
     @property
     def tenant(self) -> str | None:
         """The tenant the event belongs to (the ``tenant`` extension), if any."""
-        return self.extensions.get(TENANT)
+        return self.extensions.get(attributes.TENANT)
 
     @property
     def scoped_id(self) -> str:
@@ -171,7 +137,7 @@ class Envelope:
         It keys everything that deduplicates by id (the inbox, the outbox, the
         brokers' message ids), so two tenants' equal ids never collide.
         """
-        tenant = self.extensions.get(TENANT)
+        tenant = self.extensions.get(attributes.TENANT)
         return self.id if tenant is None else f"{tenant}/{self.id}"
 
     def json(self) -> Any:
@@ -267,13 +233,7 @@ def create(
     """
     body, content_type = encode_data(data)
     for name, value in (extensions or {}).items():
-        if not _NAME.fullmatch(name) or name in _KNOWN or not isinstance(value, str):
-            raise errors.ConfigurationError(
-                f"invalid CloudEvents extension {name!r}={value!r}: the name must be 1-64 lower-case letters and "
-                "digits, not a CloudEvents attribute, and the value a string"
-            )
-        if name == TENANT:
-            names.check_tenant(value)
+        attributes.check_extension(name, value)
     return Envelope(
         id=new_id(),
         source=source,
@@ -420,108 +380,19 @@ def _decode_structured(message: WireMessage, plain: dict[str, str]) -> Envelope:
         lower = name.lower()
         if lower in attrs:
             raise errors.InvalidMessage(f"duplicate member {_show(name)} in structured CloudEvent", lower)
-        attrs[lower] = _attribute_text(lower, value)
+        attrs[lower] = attributes.text(lower, value)
     attrs["datacontenttype"] = content_type
     return _from_attributes(attrs, data, plain, message.key)
 
 
-def _attribute_text(name: str, value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if name in _CONTEXT:
-        raise errors.InvalidMessage(f"CloudEvents attribute {_show(name)} must be a JSON string", name)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, jsontext.Number):
-        return value.text
-    raise errors.InvalidMessage(f"CloudEvents attribute {_show(name)} must be a string, number or boolean", name)
-
-
-def check_id(value: str, field: str = "id") -> str:
-    """Return ``value`` if it is a valid event id: 1-128 characters, none of them a control character.
-
-    Args:
-        value: the candidate id.
-        field: what to name in the error (``id``, or the header it came from).
-
-    Raises:
-        InvalidMessage: it is not valid.
-    """
-    if not value:
-        raise errors.InvalidMessage(f"{field} must not be empty", field)
-    _check_value(field, value, _LIMITS["id"])
-    return value
-
-
-def _check_value(name: str, value: str, limit: int) -> None:
-    if len(value) > limit:
-        raise errors.InvalidMessage(f"{name} is longer than {limit} characters", name)
-    if _CONTROL.search(value):
-        raise errors.InvalidMessage(f"{name} contains a control character", name)
-
-
-_SHORTEST_LIMIT = min(_LIMITS.values())
-_VALID_NAMES: set[str] = set(_KNOWN)
-"""Attribute names seen valid (bounded), so the common ones skip the pattern."""
-
-
-def _check(attrs: dict[str, str]) -> None:
-    if not _VALID_NAMES.issuperset(attrs):
-        for name in attrs:
-            if name not in _VALID_NAMES:
-                if not _NAME.fullmatch(name):
-                    raise errors.InvalidMessage(
-                        f"invalid CloudEvents attribute name {_show(name)}: use 1-64 lower-case letters a-z and digits",
-                        name,
-                    )
-                if len(_VALID_NAMES) < 1024:
-                    _VALID_NAMES.add(name)
-    if max(map(len, attrs.values())) > _SHORTEST_LIMIT:
-        for name, value in attrs.items():
-            if len(value) > (limit := _LIMITS.get(name, MAX_VALUE)):
-                raise errors.InvalidMessage(f"{name} is longer than {limit} characters", name)
-    if _CONTROL.search("".join(attrs.values())):  # one scan; find the culprit only when there is one
-        for name, value in attrs.items():
-            _check_value(name, value, _LIMITS.get(name, MAX_VALUE))
-
-
-_show = jsontext.show
-check_json = jsontext.check_json
-
-
 def _from_attributes(attrs: dict[str, str], data: bytes, plain: dict[str, str], key: str | None) -> Envelope:
-    if not (attrs.get("id") and attrs.get("source") and attrs.get("specversion") and attrs.get("type")):
-        missing = [name for name in ("id", "source", "specversion", "type") if not attrs.get(name)]
-        raise errors.InvalidMessage(f"not a CloudEvent: missing required attribute(s) {', '.join(missing)}", missing[0])
-    _check(attrs)
-    if attrs["specversion"] != SPEC_VERSION:
-        raise errors.InvalidMessage(
-            f"unsupported CloudEvents specversion {attrs['specversion']!r}; expected 1.0", "specversion"
-        )
-    time: datetime | None = None
-    if raw_time := attrs.get("time"):
-        try:
-            time = datetime.fromisoformat(raw_time)
-        except ValueError as exc:
-            raise errors.InvalidMessage(f"CloudEvents attribute time {raw_time!r} is not RFC 3339", "time") from exc
-        if time.tzinfo is None:
-            raise errors.InvalidMessage(f"CloudEvents attribute time {raw_time!r} has no time zone", "time")
-    if (tenant := attrs.get(TENANT)) is not None:
-        try:
-            names.check_tenant(tenant)
-        except errors.ConfigurationError as exc:
-            raise errors.InvalidMessage(str(exc), TENANT) from None
-    attempt = 1
-    if raw_attempt := attrs.get("attempt"):
-        if not _INTEGER.fullmatch(raw_attempt):
-            raise errors.InvalidMessage(f"extension attempt {_show(raw_attempt)} is not an integer", "attempt")
-        attempt = min(max(int(raw_attempt), 1), MAX_ATTEMPT)
+    attributes.check(attrs)
     return Envelope(
         id=attrs["id"],
         source=attrs["source"],
         type=attrs["type"],
         data=data,
-        time=time,
+        time=attributes.parse_time(attrs.get("time")),
         subject=attrs.get("subject"),
         datacontenttype=attrs["datacontenttype"],
         dataschema=attrs.get("dataschema"),
@@ -530,7 +401,7 @@ def _from_attributes(attrs: dict[str, str], data: bytes, plain: dict[str, str], 
         tracestate=attrs.get("tracestate"),
         correlationid=attrs.get("correlationid"),
         causationid=attrs.get("causationid"),
-        attempt=attempt,
+        attempt=attributes.parse_attempt(attrs.get("attempt")),
         extensions={k: v for k, v in attrs.items() if k not in _KNOWN} if not _KNOWN.issuperset(attrs) else {},
         headers=plain,
     )

@@ -1,9 +1,9 @@
-"""``conveyor outbox``: list and show unsent outbox messages; retry or purge parked ones.
+"""``conveyor outbox``: count, list and show unsent outbox messages; retry or purge parked ones.
 
 The relay parks a message the broker refused ``CONVEYOR_RELAY_MAX_ATTEMPTS``
 times; a parked message holds back the later messages of its key until an
 operator retries it (it goes first again) or purges it (the key moves on
-without it). These commands talk to the :class:`~conveyor.ports.OutboxStore`
+without it). These commands talk to the :class:`~conveyor.stores.OutboxStore`
 port of the service's database.
 """
 
@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from conveyor import cli_options, envelope, ports, schedules_cli, settings
+from conveyor import cli_options, envelope, schedules_cli, settings, stores
 from conveyor.runtime import app
 
 T = TypeVar("T")
 _ERROR_WIDTH = 60
 
 
-async def run(config: settings.Settings, operation: Callable[[ports.OutboxStore], Awaitable[T]]) -> T:
+async def run(config: settings.Settings, operation: Callable[[stores.OutboxStore], Awaitable[T]]) -> T:
     """Open the service's outbox, run ``operation`` on it, close it.
 
     Raises:
@@ -61,7 +61,7 @@ def _one_line(text: str | None, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
-def table(entries: Sequence[ports.OutboxEntry]) -> list[tuple[str, ...]]:
+def table(entries: Sequence[stores.OutboxEntry]) -> list[tuple[str, ...]]:
     """Rows for ``conveyor outbox list``, a header first."""
     rows: list[tuple[str, ...]] = [("MESSAGE ID", "STATUS", "TOPIC", "KEY", "ATTEMPTS", "SINCE / DUE", "LAST ERROR")]
     for entry in entries:
@@ -88,7 +88,7 @@ def _body(body: bytes) -> str:
         return body.decode("utf-8", errors="replace")
 
 
-def describe(entry: ports.OutboxEntry) -> str:
+def describe(entry: stores.OutboxEntry) -> str:
     """The text of ``conveyor outbox show``: status, attempts, last error, headers, body."""
     message = entry.message
     lines = [
@@ -112,7 +112,7 @@ def describe(entry: ports.OutboxEntry) -> str:
 
 @click.group()
 def outbox() -> None:
-    """Unsent outbox messages: list, show; retry or purge the parked ones."""
+    """Unsent outbox messages: topics, list, show; retry or purge the parked ones."""
 
 
 def _outbox_command(func: cli_options.F) -> cli_options.F:
@@ -137,6 +137,19 @@ def outbox_list(parked: bool, topic: str | None, limit: int, **flags: Any) -> No
         click.echo("no parked outbox messages" if parked else "no unsent outbox messages")
         return
     schedules_cli.print_table(table(found))
+
+
+@outbox.command(name="topics")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@_outbox_command
+def outbox_topics(limit: int, **flags: Any) -> None:
+    """Count unsent and parked messages per topic, every topic with unsent messages, by name."""
+    found = asyncio.run(run(cli_options.load(**flags), lambda store: store.topics(limit)))
+    if not found:
+        click.echo("no unsent outbox messages")
+        return
+    rows = [(row.topic, str(row.unsent), str(row.parked)) for row in found]
+    schedules_cli.print_table([("topic", "unsent", "parked"), *rows])
 
 
 @outbox.command(name="show")

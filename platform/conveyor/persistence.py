@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from conveyor import envelope, ports
+from conveyor import envelope, stores
 from conveyor.sagas.store import SagaStore
 
 AddOutcome = Literal["added", "duplicate", "conflict"]
@@ -339,9 +339,9 @@ class Persistence:
     database: Database
     units: UnitOfWorkFactory
     outbox: OutboxWriter
-    inbox: ports.InboxStore
-    events: ports.EventStore
+    inbox: stores.InboxStore
+    events: stores.EventStore
     schedules: ScheduleStore
     dead_letters: DeadLetterStore
     sagas: SagaStore
-    relay_store: Callable[[], ports.OutboxStore]
+    relay_store: Callable[[], stores.OutboxStore]

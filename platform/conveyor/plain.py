@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 
-from conveyor import envelope, errors
+from conveyor import attributes, envelope, errors
 
 SOURCE_PREFIX = "conveyor:plain:"
 """The ``source`` of a synthesised envelope is this followed by the broker (``conveyor:plain:rabbitmq``)."""
@@ -108,6 +108,6 @@ def _event_id(broker_id: str | None) -> str:
     if not broker_id:
         return envelope.new_id()
     try:
-        return envelope.check_id(broker_id)
+        return attributes.check_id(broker_id)
     except errors.InvalidMessage:
         return "sha256:" + hashlib.sha256(broker_id.encode("utf-8", "surrogatepass")).hexdigest()

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from conveyor import envelope, persistence, ports
+from conveyor import envelope, persistence, stores
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,7 +23,7 @@ class AlreadyHandled(BaseException):
 class StreamWriter(Protocol):
     """The event store, inside a handler's transaction (``tx.events``)."""
 
-    async def append(self, stream_id: str, events: Sequence[ports.NewEvent], *, expected_version: int | None) -> int:
+    async def append(self, stream_id: str, events: Sequence[stores.NewEvent], *, expected_version: int | None) -> int:
         """Append events to a stream in this transaction; return the stream's new version.
 
         Raises:
@@ -32,7 +32,7 @@ class StreamWriter(Protocol):
         """
         ...
 
-    async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[ports.RecordedEvent]:
+    async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[stores.RecordedEvent]:
         """The stream's events after ``after_version``, oldest first."""
         ...
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import TOPIC, MakeConsole, client_for, dead_letter
+from conveyor import persistence
 
 
 @pytest.mark.parametrize(
@@ -55,3 +56,18 @@ async def test_console_api_error_keeps_the_json_error_shape(make_console: MakeCo
         response = await client.get("/console/dead-letters/orders.*", headers={"accept": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["field"] == "topic"
+
+
+async def test_console_outbox_counts_every_topic_however_deep_the_backlog(
+    make_console: MakeConsole, stores: persistence.Persistence
+) -> None:
+    async with stores.database.transaction() as tx:
+        for n in range(5_001):
+            await stores.outbox.add(tx, "a.early", {"n": n})
+        for n in range(3):
+            await stores.outbox.add(tx, "b.late", {"n": n})
+    async with client_for(await make_console()) as client:
+        page = (await client.get("/console/outbox")).text
+    table = page[page.index('id="outbox-topics"') : page.index("</table>", page.index('id="outbox-topics"'))]
+    assert '>a.early</a></th><td class="num">5001</td>' in table, table
+    assert '>b.late</a></th><td class="num">3</td>' in table, table

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cli import migrated, run
 from conveyor.runtime.relay import Relay, RelayOptions
-from relay_helpers import Refusing, add, connected, open_broker
+from relay_helpers import TOPIC, Refusing, add, connected, open_broker
 
 from event_store import Database, SqlOutboxStore
 
@@ -103,3 +103,19 @@ def test_outbox_list_invalid_max_attempts_setting_exits_2(outbox: Outbox) -> Non
 def test_outbox_list_unmigrated_database_exits_2(tmp_path: Path) -> None:
     listing = run(["outbox", "list"], CONVEYOR_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/empty.db")
     assert (listing.returncode, "conveyor db upgrade" in listing.stderr) == (2, True)
+
+
+def test_outbox_topics_counts_unsent_and_parked_messages_per_topic(outbox: Outbox) -> None:
+    asyncio.run(_add(outbox.env["CONVEYOR_DATABASE_URL"], 2, "relay.other"))
+    listing = run(["outbox", "topics"], **outbox.env)
+    assert listing.returncode == 0, listing.stderr
+    rows = [line.split() for line in listing.stdout.splitlines()]
+    assert rows == [["topic", "unsent", "parked"], ["relay.other", "2", "0"], [TOPIC, "3", "1"]], listing.stdout
+
+
+async def _add(url: str, count: int, topic: str) -> None:
+    db = Database(url)
+    try:
+        await add(db, count, topic=topic)
+    finally:
+        await db.close()

@@ -7,14 +7,14 @@ import random
 
 import pytest
 import sqlalchemy as sa
-from conveyor import errors, ports
+from conveyor import errors, stores
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from event_store import Database, ProjectionRunner, Snapshot, SqlEventStore
 
 
-def _events(*types: str) -> list[ports.NewEvent]:
-    return [ports.NewEvent(type=t, data=b'{"n": 1}', metadata={"by": "test"}) for t in types]
+def _events(*types: str) -> list[stores.NewEvent]:
+    return [stores.NewEvent(type=t, data=b'{"n": 1}', metadata={"by": "test"}) for t in types]
 
 
 async def test_append_new_stream_returns_version_and_reads_back(db: Database) -> None:
@@ -110,7 +110,7 @@ class _Counting:
     def __init__(self) -> None:
         self.fail_on: str | None = None
 
-    async def apply(self, session: AsyncSession, event: ports.RecordedEvent) -> None:
+    async def apply(self, session: AsyncSession, event: stores.RecordedEvent) -> None:
         if event.type == self.fail_on:
             raise RuntimeError("projection bug")
         await session.execute(sa.text("INSERT INTO counts (type) VALUES (:t)"), {"t": event.type})
@@ -154,7 +154,7 @@ async def test_append_leaves_the_transactions_lock_timeout_as_it_was(pg_db: Data
     store = SqlEventStore(pg_db)
     async with pg_db.transaction() as session:
         await session.execute(sa.text("SET LOCAL lock_timeout = '1234ms'"))
-        await store.append("s-1", [ports.NewEvent("e", b"{}")], expected_version=0, tx=session)
-        await store.append("s-2", [ports.NewEvent("e", b"{}")], expected_version=0, tx=session)
+        await store.append("s-1", [stores.NewEvent("e", b"{}")], expected_version=0, tx=session)
+        await store.append("s-2", [stores.NewEvent("e", b"{}")], expected_version=0, tx=session)
         after = (await session.execute(sa.text("SHOW lock_timeout"))).scalar_one()
     assert after == "1234ms"

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from conveyor import errors
 from conveyor.runtime import relay
-from relay_helpers import Broker, add, open_broker
+from relay_helpers import TOPIC, Broker, add, open_broker
 
 from event_store import Database, SqlOutboxStore
 
@@ -117,6 +117,20 @@ async def test_outbox_stats_counts_parked_rows(store: SqlOutboxStore) -> None:
     await add(store.db, 1)
     stats = await store.stats()
     assert (stats.backlog, stats.parked) == (3, 2)
+
+
+async def test_outbox_topics_counts_every_unsent_and_parked_row_per_topic(store: SqlOutboxStore) -> None:
+    await _park(store, 2)
+    await add(store.db, 3)
+    await add(store.db, 4, topic="relay.other")
+    sent = await add(store.db, 1, topic="relay.sent")
+    async with store.claim(1000) as batch:
+        for message in batch.messages:
+            if message.message_id in sent:
+                batch.sent(message)
+    topics = await store.topics()
+    assert [(t.topic, t.unsent, t.parked) for t in topics] == [("relay.other", 4, 0), (TOPIC, 5, 2)]
+    assert [t.topic for t in await store.topics(limit=1)] == ["relay.other"]
 
 
 async def test_relay_refresh_metrics_sets_parked_gauge(store: SqlOutboxStore, broker: Broker) -> None:

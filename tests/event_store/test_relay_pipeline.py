@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 import sqlalchemy as sa
-from conveyor import envelope, errors, ports
+from conveyor import envelope, errors, stores
 from conveyor.runtime.relay import Relay, RelayOptions
 from conveyor.testing import wait_for
 from relay_helpers import Broker, PublishEach, Relays, add, connected, unsent, wait_until
@@ -26,7 +26,7 @@ class RecordingStore(SqlOutboxStore):
 
     def __init__(self, db: Database, **kwargs: object) -> None:
         super().__init__(db, listen=False, **kwargs)  # type: ignore[arg-type]
-        self.claims: list[list[ports.OutboxMessage]] = []
+        self.claims: list[list[stores.OutboxMessage]] = []
         self.hold_marks = False
         self.marks_open = asyncio.Event()
         self.marks_waiting = 0
@@ -75,7 +75,7 @@ class Gated(PublishEach):
         await super().publish(topic, message)
 
 
-def _keys(messages: Sequence[ports.OutboxMessage]) -> set[str]:
+def _keys(messages: Sequence[stores.OutboxMessage]) -> set[str]:
     return {m.key for m in messages if m.key is not None}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import prometheus_client
 import pytest
 import sqlalchemy as sa
-from conveyor import Context, envelope, ports
+from conveyor import Context, envelope, ports, stores
 from conveyor.runtime import app, scheduler
 from conveyor.runtime.relay import Relay, RelayOptions, wire_message
 from conveyor.runtime.worker import Worker
@@ -195,7 +195,7 @@ def finished(handler: str) -> float:
 
 def relay_wire(row: sa.Row[Any], prefix: str) -> envelope.WireMessage:
     """The message the relay would publish for an outbox row."""
-    message = ports.OutboxMessage(
+    message = stores.OutboxMessage(
         id=row.id, message_id=row.message_id, topic=row.topic, key=row.partition_key, headers=row.headers,
         body=row.body, attempts=row.attempts, created_at=row.created_at,
     )  # fmt: skip

@@ -4,7 +4,7 @@ The machine's RabbitMQ (``rabbit@localhost`` on 5672) is shared with other test
 runs and is never stopped or restarted here: a test that restarts a broker
 starts its own node (:class:`RabbitNode`) with its own name, ports, Erlang
 cookie, data and logs under a temporary directory, and stops it afterwards.
-For NATS, :class:`conveyor.testing.brokers.NatsServer` already restarts on the
+For NATS, :class:`conveyor.testing.servers.NatsServer` already restarts on the
 same port and store.
 """
 

@@ -23,7 +23,7 @@ import pytest
 import services
 import workload
 from conveyor.runtime.relay import RelayOptions
-from conveyor.testing.brokers import NatsServer
+from conveyor.testing.servers import NatsServer
 
 BEFORE = 1000
 """Messages committed to the outbox before the restart."""

@@ -96,7 +96,7 @@ def seed_outbox(url: str, topic: str, numbers: Iterable[int]) -> None:
 
 async def _nats_ack_wait(url: str, handler: str) -> float:
     import nats
-    from conveyor.transports.nats import durable_name
+    from conveyor.transports.nats_wire import durable_name
 
     client = await nats.connect(url)
     try:

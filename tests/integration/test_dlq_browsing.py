@@ -24,7 +24,8 @@ from conveyor.envelope import WireMessage
 from conveyor.runtime import dead_letters
 from conveyor.runtime.worker import Worker, dead_letter_headers, dead_letter_topic
 from conveyor.testing import unique, wait_for
-from conveyor.transports.nats import NatsTransport, durable_name
+from conveyor.transports.nats import NatsTransport
+from conveyor.transports.nats_wire import durable_name
 from conveyor.transports.rabbit import RabbitTransport
 from pamqp.commands import Basic
 

@@ -21,7 +21,7 @@ from cloudevents.core.bindings import kafka as ce_kafka
 from conveyor import envelope, errors, ports
 from conveyor.envelope import WireMessage
 from conveyor.testing import Collector, brokers, unique, wait_for
-from conveyor.testing.brokers import TansuBroker
+from conveyor.testing.servers import TansuBroker
 from conveyor.transports import kafka_consume
 from conveyor.transports.kafka import KafkaOptions, KafkaTransport, parse_url
 

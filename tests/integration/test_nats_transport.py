@@ -24,7 +24,8 @@ from conveyor.envelope import WireMessage
 from conveyor.runtime import dead_letters
 from conveyor.runtime.worker import Worker
 from conveyor.testing import Collector, remains, unique, wait_for
-from conveyor.transports.nats import NatsTransport, durable_name
+from conveyor.transports.nats import NatsTransport
+from conveyor.transports.nats_wire import durable_name
 from nats.js import JetStreamContext
 
 TIMEOUT = 20.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conveyor.transports.nats import _Client, parse_header_lines
+from conveyor.transports.nats_wire import WireClient, parse_header_lines
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
@@ -48,4 +48,4 @@ def test_a_cloudevent_header_block_parses_and_the_client_uses_the_fast_parser() 
     raw = b"NATS/1.0\r\nce-id: e-1\r\nce-source: svc\r\ncontent-type: application/json\r\nNats-Msg-Id: e-1\r\n\r\n"
     expected = {"ce-id": "e-1", "ce-source": "svc", "content-type": "application/json", "Nats-Msg-Id": "e-1"}
     assert parse_header_lines(raw) == expected
-    assert _Client._parse_header_lines is parse_header_lines
+    assert WireClient._parse_header_lines is parse_header_lines

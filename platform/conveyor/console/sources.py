@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor import persistence, ports, registry
+from conveyor.stores import OutboxStore
 
 Scaling = Callable[[], Mapping[str, Any]]
 """The autoscaling signal's snapshot (``GET /scaling``'s body); never blocks."""
@@ -32,7 +33,7 @@ class Sources:
     service: str
     app: registry.Registry
     stores: persistence.Persistence
-    outbox: ports.OutboxStore
+    outbox: OutboxStore
     open_transport: Callable[[], ports.Transport]
     scaling: Scaling | None = None
     transport: ports.Transport | None = None

@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute
 if TYPE_CHECKING:
     from event_store.database import Database
 
-from conveyor import asyncapi, envelope, errors, persistence, ports, registry, transports
+from conveyor import asyncapi, envelope, errors, persistence, ports, registry, stores, transports
 from conveyor.console import auth as console_auth
 from conveyor.runtime import housekeeping, http, relay, scaling, scheduler, worker
 from conveyor.sagas import runtime as saga_runtime
@@ -257,7 +257,7 @@ async def open_persistence(
     return stores_for(await open_database(settings, stack, concurrency), settings.service)
 
 
-async def open_outbox_store(settings: Settings, stack: contextlib.AsyncExitStack) -> ports.OutboxStore:
+async def open_outbox_store(settings: Settings, stack: contextlib.AsyncExitStack) -> stores.OutboxStore:
     """Open the service's outbox for an operator (``conveyor outbox ...``); it is never claimed from here.
 
     Raises:

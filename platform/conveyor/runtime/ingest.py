@@ -38,7 +38,7 @@ from urllib.parse import unquote
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from conveyor import envelope, errors, names, persistence
+from conveyor import attributes, envelope, errors, names, persistence
 
 log = logging.getLogger("conveyor.http")
 
@@ -124,7 +124,7 @@ def _idempotency_key(value: str) -> str:
     """The key of an ``Idempotency-Key`` header, plain or a structured-field string (``"..."``)."""
     if len(value) >= 2 and value[0] == value[-1] == '"':
         value = re.sub(r'\\(["\\])', r"\1", value[1:-1])
-    return envelope.check_id(value, "Idempotency-Key")
+    return attributes.check_id(value, "Idempotency-Key")
 
 
 def _plain_event(topic: str, body: bytes, key: str | None) -> envelope.Envelope:
@@ -205,9 +205,9 @@ def endpoint(config: IngestConfig) -> Callable[[Request], Awaitable[Response]]:
         if tenant is not None:
             if event.tenant not in (None, tenant):
                 return error_response(
-                    403, f"this token posts for tenant {tenant!r}, not {event.tenant!r}", envelope.TENANT
+                    403, f"this token posts for tenant {tenant!r}, not {event.tenant!r}", attributes.TENANT
                 )
-            event = event.evolve(extensions={**event.extensions, envelope.TENANT: tenant})
+            event = event.evolve(extensions={**event.extensions, attributes.TENANT: tenant})
         try:
             outcome = await config.accept(topic, event)
         except errors.ConveyorError as exc:

@@ -1,6 +1,6 @@
 """The outbox relay: publishes committed outbox rows with broker confirmation, then marks them sent.
 
-Each round claims a batch from the :class:`~conveyor.ports.OutboxStore`,
+Each round claims a batch from the :class:`~conveyor.stores.OutboxStore`,
 publishes it and settles it:
 
 * rows are published pipelined (``Transport.publish_many``) in waves: every
@@ -57,7 +57,7 @@ import time
 
 from prometheus_client import Gauge
 
-from conveyor import errors, ports
+from conveyor import errors, ports, stores
 from conveyor.runtime import relay_waves
 from conveyor.runtime.relay_waves import (
     RELAY_FAILURES,
@@ -92,13 +92,13 @@ class _Claim:
     task: claim, wait for the publish outcome (:meth:`release`), exit (mark).
     """
 
-    def __init__(self, store: ports.OutboxStore, limit: int, after: _Claim | None = None) -> None:
+    def __init__(self, store: stores.OutboxStore, limit: int, after: _Claim | None = None) -> None:
         loop = asyncio.get_running_loop()
-        self._batch: asyncio.Future[ports.OutboxBatch] = loop.create_future()
+        self._batch: asyncio.Future[stores.OutboxBatch] = loop.create_future()
         self._outcome: asyncio.Future[Exception | None] = loop.create_future()
         self.task = asyncio.create_task(self._hold(store, limit, after))
 
-    async def _hold(self, store: ports.OutboxStore, limit: int, after: _Claim | None) -> None:
+    async def _hold(self, store: stores.OutboxStore, limit: int, after: _Claim | None) -> None:
         claimed = False
         try:
             if after is not None:
@@ -119,7 +119,7 @@ class _Claim:
             if not self._batch.done():
                 self._batch.cancel()
 
-    async def batch(self) -> ports.OutboxBatch:
+    async def batch(self) -> stores.OutboxBatch:
         """The claimed batch.
 
         Raises:
@@ -160,7 +160,7 @@ class Relay:
 
     def __init__(
         self,
-        store: ports.OutboxStore,
+        store: stores.OutboxStore,
         transport: ports.Transport,
         *,
         options: RelayOptions | None = None,
@@ -175,7 +175,7 @@ class Relay:
         self._current: _Claim | None = None  # the batch being published
         self._marking: _Claim | None = None  # the previous batch, being marked
         self._open: set[_Claim] = set()  # every claim whose task runs: a cancelled relay rolls them all back
-        self.stats: ports.OutboxStats | None = None
+        self.stats: stores.OutboxStats | None = None
         """The backlog as of the last metrics refresh (None before the first)."""
 
     def retry_delay(self, attempts: int) -> float:
@@ -398,7 +398,7 @@ class Relay:
                 f"(more than {self.options.stall_after:.0f}s): the relay is stalled or behind"
             )
 
-    async def refresh_metrics(self) -> ports.OutboxStats:
+    async def refresh_metrics(self) -> stores.OutboxStats:
         """Update the backlog gauges from the store; return the figures.
 
         Raises:

@@ -21,7 +21,7 @@ from datetime import timedelta
 
 from prometheus_client import Counter
 
-from conveyor import envelope, errors, ports, telemetry
+from conveyor import envelope, errors, ports, stores, telemetry
 from conveyor.crash import maybe_crash
 
 log = logging.getLogger("conveyor.relay")
@@ -88,7 +88,7 @@ class RoundResult:
     interrupted: int = 0
 
 
-def wire_message(message: ports.OutboxMessage, prefix: str) -> envelope.WireMessage:
+def wire_message(message: stores.OutboxMessage, prefix: str) -> envelope.WireMessage:
     """The broker message for an outbox row, in the transport's binary binding.
 
     Rows store the event as HTTP-binding headers (``ce-*``); only the prefix
@@ -122,7 +122,7 @@ class WavePublisher:
         base = min(self.options.retry_base * 2.0 ** min(attempts, 30), self.options.retry_max)
         return base * random.uniform(0.8, 1.0)
 
-    async def publish(self, batch: ports.OutboxBatch) -> RoundResult:
+    async def publish(self, batch: stores.OutboxBatch) -> RoundResult:
         """Publish ``batch`` in waves; record in it what the broker confirmed, refused or missed.
 
         A message is recorded sent only after the broker confirmed it; the
@@ -136,8 +136,8 @@ class WavePublisher:
         messages = batch.messages
         if not messages:
             return RoundResult(0, 0, 0)
-        lanes: dict[str, collections.deque[ports.OutboxMessage]] = {}
-        wave: list[ports.OutboxMessage] = []
+        lanes: dict[str, collections.deque[stores.OutboxMessage]] = {}
+        wave: list[stores.OutboxMessage] = []
         for message in messages:
             if message.key is None:
                 wave.append(message)
@@ -149,7 +149,7 @@ class WavePublisher:
         published = failed = parked = interrupted = 0
         while wave:
             results = await self._publish_wave(wave)
-            following: list[ports.OutboxMessage] = []
+            following: list[stores.OutboxMessage] = []
             outage = False
             for message, result in zip(wave, results, strict=True):
                 if result is None:
@@ -175,7 +175,7 @@ class WavePublisher:
             wave = following
         return RoundResult(len(messages), published, failed, parked, interrupted)
 
-    async def _publish_wave(self, wave: Sequence[ports.OutboxMessage]) -> list[Exception | None]:
+    async def _publish_wave(self, wave: Sequence[stores.OutboxMessage]) -> list[Exception | None]:
         """``publish_many`` in chunks of ``max_in_flight``; each row under a PRODUCER span when tracing."""
         results: list[Exception | None] = []
         step = max(self.options.max_in_flight, 1)
@@ -186,7 +186,7 @@ class WavePublisher:
                 results.extend(await self.transport.publish_many(pairs))
         return results
 
-    def _wire(self, message: ports.OutboxMessage, spans: contextlib.ExitStack) -> envelope.WireMessage:
+    def _wire(self, message: stores.OutboxMessage, spans: contextlib.ExitStack) -> envelope.WireMessage:
         """The row's wire message; with tracing, a PRODUCER span continuing the trace the row was written in."""
         wire = wire_message(message, self._prefix)
         if not telemetry.tracing():
@@ -200,7 +200,7 @@ class WavePublisher:
                 wire.headers[self._prefix + "tracestate"] = state
         return wire
 
-    def _refused(self, batch: ports.OutboxBatch, message: ports.OutboxMessage, exc: errors.TransportError) -> int:
+    def _refused(self, batch: stores.OutboxBatch, message: stores.OutboxMessage, exc: errors.TransportError) -> int:
         """Record a refused publish: a failed attempt, or the last one (park). Return 1 if parked."""
         RELAY_FAILURES.inc()
         error = f"{type(exc).__name__}: {exc}"

@@ -54,9 +54,9 @@ class PersistenceConformance(StoreContracts):
     :class:`~conveyor.persistence.Database`,
     :class:`~conveyor.persistence.UnitOfWorkFactory`,
     :class:`~conveyor.persistence.OutboxWriter`,
-    :class:`~conveyor.ports.InboxStore`, :class:`~conveyor.ports.EventStore` and
+    :class:`~conveyor.stores.InboxStore`, :class:`~conveyor.stores.EventStore` and
     :class:`~conveyor.persistence.ScheduleStore`. The relay's side of the
-    outbox (:class:`~conveyor.ports.OutboxStore`) is not covered here.
+    outbox (:class:`~conveyor.stores.OutboxStore`) is not covered here.
     """
 
     #: seconds a blocked operation must stay blocked to count as waiting.

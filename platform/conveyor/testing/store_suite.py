@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from conveyor import envelope, errors, ports
+from conveyor import envelope, errors, stores
 from conveyor.persistence import Persistence
 from conveyor.testing.support import unique
 
@@ -31,8 +31,8 @@ class CallerError(Exception):
     """An error of the caller's own, raised inside a transaction to roll it back."""
 
 
-def new_event(type_: str = "thing.happened", n: int = 1) -> ports.NewEvent:
-    return ports.NewEvent(type=type_, data=f'{{"n": {n}}}'.encode())
+def new_event(type_: str = "thing.happened", n: int = 1) -> stores.NewEvent:
+    return stores.NewEvent(type=type_, data=f'{{"n": {n}}}'.encode())
 
 
 def new_envelope(topic: str = "orders") -> envelope.Envelope:
@@ -147,7 +147,7 @@ class StoreContracts:
         """EventStore.read_stream: type and metadata are kept; recorded_at is aware UTC."""
         stream = unique("stream")
         metadata: dict[str, Any] = {"correlationid": "c-1", "attempt": 2}
-        await persistence.events.append(stream, [ports.NewEvent("order.placed", b"{}", metadata)], expected_version=0)
+        await persistence.events.append(stream, [stores.NewEvent("order.placed", b"{}", metadata)], expected_version=0)
         (recorded,) = await persistence.events.read_stream(stream)
         assert (recorded.stream_id, recorded.type, dict(recorded.metadata), recorded.recorded_at.utcoffset()) == (
             stream,

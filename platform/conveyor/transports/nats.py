@@ -5,7 +5,7 @@ Wire names, for services that publish without Conveyor:
 * topic ``orders.placed`` is the subject ``conveyor.orders.placed`` in the
   JetStream stream ``CONVEYOR`` (subjects ``conveyor.>``, file storage, created
   if missing); dead letters are the topic ``orders.placed.dlq``;
-* a subscription is a durable pull consumer named by :func:`durable_name`,
+* a subscription is a durable pull consumer named by :func:`~conveyor.transports.nats_wire.durable_name`,
   filtered on its topic's subject, explicit ack, delivering the stream's
   history to a new durable;
 * messages are CloudEvents in binary mode (``ce-`` headers plus
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import Sequence
 
@@ -46,26 +45,9 @@ from nats.js import JetStreamContext, api
 
 from conveyor import deadlines, errors, names, ports
 from conveyor.envelope import NATS_PREFIX, WireMessage
-from conveyor.transports import nats_backlog, nats_consume, nats_publish
+from conveyor.transports import nats_backlog, nats_consume, nats_publish, nats_wire
 
 log = logging.getLogger("conveyor.transports.nats")
-
-
-def durable_name(subscription_name: str) -> str:
-    """The JetStream durable consumer name of a subscription; deterministic and injective.
-
-    Dots become ``_`` (``billing.charge-order`` -> ``billing_charge-order``). A
-    name that already contains ``_`` also gets ``__`` and a digest of the name,
-    a suffix no dots-only name can produce, so distinct names never collide.
-
-    Raises:
-        ConfigurationError: the name is not a valid identifier.
-    """
-    names.check("subscription name", subscription_name)
-    readable = subscription_name.replace(".", "_")
-    if "_" not in subscription_name:
-        return readable
-    return f"{readable}__{hashlib.sha256(subscription_name.encode()).hexdigest()[:10]}"
 
 
 class NatsTransport:
@@ -158,7 +140,7 @@ class NatsTransport:
         Raises:
             ConfigurationError: the subscription name is not a valid identifier.
         """
-        return f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{durable_name(subscription_name)}"
+        return f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{nats_wire.durable_name(subscription_name)}"
 
     async def connect(self) -> None:
         """Connect (reconnecting forever afterwards) and make sure the stream exists.
@@ -171,7 +153,7 @@ class NatsTransport:
             return
         self._closing = False
         self._last_error = None
-        nc = _Client()
+        nc = nats_wire.WireClient()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await nc.connect(
@@ -235,7 +217,7 @@ class NatsTransport:
         deadline = self._ack_deadlines.start()
         token = None
         try:
-            token, future = await acks.send(subject, message.body, _outgoing_headers(message))
+            token, future = await acks.send(subject, message.body, nats_wire.outgoing_headers(message))
             await future
         except asyncio.CancelledError as exc:
             if self._ack_deadlines.finish(deadline):
@@ -268,7 +250,7 @@ class NatsTransport:
         try:
             for index, ((topic, message), subject) in enumerate(zip(messages, subjects, strict=True)):
                 try:
-                    token, future = await acks.send(subject, message.body, _outgoing_headers(message))
+                    token, future = await acks.send(subject, message.body, nats_wire.outgoing_headers(message))
                 except nats_consume.DRIVER_ERRORS as exc:
                     results[index] = nats_consume.transport_error(f"publish to {topic!r}", exc)
                 else:
@@ -321,7 +303,7 @@ class NatsTransport:
         Raises:
             TransportError: not connected, the durable does not exist, or the server did not answer.
         """
-        durable, subject = durable_name(subscription.name), self.subject(subscription.topic)
+        durable, subject = nats_wire.durable_name(subscription.name), self.subject(subscription.topic)
         return await nats_backlog.consumer_backlog(self._jetstream(), self.stream, durable, subject)
 
     # -- topology ---------------------------------------------------------------
@@ -349,7 +331,7 @@ class NatsTransport:
             )
 
     def _consumer_config(self, subscription: ports.Subscription) -> api.ConsumerConfig:
-        durable = durable_name(subscription.name)
+        durable = nats_wire.durable_name(subscription.name)
         return api.ConsumerConfig(
             name=durable, durable_name=durable, description=f"conveyor subscription {subscription.name}",
             filter_subject=self.subject(subscription.topic), deliver_policy=api.DeliverPolicy.ALL,
@@ -420,54 +402,3 @@ class NatsTransport:
         log.warning("reconnected to NATS at %s", self.url)
         for consumer in self._consumers:
             consumer.connection_changed(connected=True)
-
-
-_ASCII_SPACE = " \t\n\r\x0b\x0c"
-"""What ``bytes.strip()`` strips (``str.strip()`` strips more)."""
-
-
-def parse_header_lines(raw: bytes) -> dict[str, str]:
-    """nats-py's header-block parsing, the same result at a fraction of the cost.
-
-    The library decodes each name and value on its own and tests every
-    character of every name with a generator (``any(c.isspace() for c in
-    key)``); a CloudEvent carries eight headers, so that alone cost more per
-    message than the rest of our consume path. Here the block is decoded once
-    (UTF-8 decoding never merges an ASCII byte into a replaced sequence, so
-    splitting after decoding gives what splitting before does), a name is
-    kept only if ASCII (as the library's ``decode("ascii")`` requires), and
-    ``key.split() != [key]`` is the library's whitespace test (``str.split``
-    splits on exactly the characters ``isspace`` accepts).
-    ``tests/unit/test_nats_headers.py`` checks both agree on arbitrary input.
-    """
-    out: dict[str, str] = {}
-    for line in raw.decode("utf-8", "replace").split("\r\n"):
-        name, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key = name.strip(_ASCII_SPACE)
-        if not key.isascii() or (key and key.split() != [key]):
-            continue
-        out[key] = value.strip(_ASCII_SPACE)
-    return out
-
-
-class _Client(Client):
-    """nats-py's client with :func:`parse_header_lines` (a private hook: if it goes, the library's own runs)."""
-
-    _parse_header_lines = staticmethod(parse_header_lines)
-
-
-def _outgoing_headers(message: WireMessage) -> dict[str, str] | None:
-    """The NATS headers of an outgoing message: its own, the dedup id and the key.
-
-    JetStream control headers (``Nats-Msg-Id``, ``Nats-Expected-*``, ...) are
-    ours to set: a copy of a consumed message (a dead letter, a replay)
-    carrying a producer's would be refused for good.
-    """
-    headers = {k: v for k, v in message.headers.items() if not k.lower().startswith("nats-")}
-    if message.message_id is not None:
-        headers[nats_consume.MSG_ID_HEADER] = message.message_id
-    if message.key is not None:
-        headers[nats_consume.KEY_HEADER] = message.key
-    return headers or None

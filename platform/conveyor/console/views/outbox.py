@@ -1,13 +1,11 @@
 """The outbox: backlog by topic, parked rows with their last error; retry or purge them.
 
-Through the :class:`~conveyor.ports.OutboxStore` port, as ``conveyor outbox``
+Through the :class:`~conveyor.stores.OutboxStore` port, as ``conveyor outbox``
 does: a retry makes rows due now with no attempts spent (ahead of their key),
 a purge deletes parked rows for good (their key moves on without them).
 """
 
 from __future__ import annotations
-
-from collections import Counter
 
 from starlette.requests import Request
 from starlette.routing import Route
@@ -18,8 +16,8 @@ from conveyor.console.views.dead_letters import pretty
 
 MAX_LISTED = 500
 """Most rows listed on the page."""
-SCANNED = 5000
-"""Unsent rows (oldest first) counted for the backlog by topic."""
+MAX_TOPICS = 1000
+"""Most topics in the backlog by topic (by name)."""
 
 
 def _chosen(form: inputs.Form) -> list[str] | None:
@@ -42,14 +40,11 @@ def routes(site: Site) -> list[Route]:
         status = inputs.choice(query.get("status"), "status", ("pending", "parked"))
         limit = inputs.count(query.get("limit"), "limit", default=100, low=1, high=MAX_LISTED)
         stats = await store.stats()
-        scanned = await store.entries(limit=SCANNED)
-        by_topic = Counter(entry.message.topic for entry in scanned)
-        parked_by_topic = Counter(entry.message.topic for entry in scanned if entry.status == "parked")
+        by_topic = await store.topics(MAX_TOPICS)
         rows = await store.entries(status=status, topic=topic, limit=limit)  # type: ignore[arg-type]
         context = {
-            "nav": "outbox", "stats": stats, "by_topic": sorted(by_topic.items()), "parked_by_topic": parked_by_topic,
-            "partial": len(scanned) >= SCANNED, "rows": rows, "topic": topic or "", "status": status or "",
-            "limit": limit,
+            "nav": "outbox", "stats": stats, "by_topic": by_topic, "partial": len(by_topic) >= MAX_TOPICS,
+            "rows": rows, "topic": topic or "", "status": status or "", "limit": limit,
         }  # fmt: skip
         return Page("outbox.html", context)
 

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.routing import Route
 
-from conveyor import envelope, errors
+from conveyor import attributes, errors
 from conveyor.console import inputs
 from conveyor.console.site import PREFIX, Caller, Done, Page, Site
 from conveyor.sagas import engine
@@ -34,7 +34,7 @@ def kind(event: str) -> str:
 
 def _instance_id(value: str) -> str:
     try:
-        return envelope.check_id(value, "id")
+        return attributes.check_id(value, "id")
     except errors.InvalidMessage as exc:
         raise inputs.Refused(400, str(exc), "id") from None
 
