@@ -144,8 +144,6 @@ async def conveyor_handler(url: str, concurrency: int, count: int) -> float:
     db = Database(url, pool_size=concurrency + 2)
     transport = MemoryTransport(f"memory://{unique('bench')}")
     await transport.connect()
-    done = asyncio.Event()
-    seen = [0]
     topic = unique("bench-in")
 
     @registry.on(topic, name=unique("bench.handler"), transactional=True, concurrency=concurrency)
@@ -153,9 +151,6 @@ async def conveyor_handler(url: str, concurrency: int, count: int) -> float:
         async with ctx.transaction() as tx:
             await tx.session.execute(sa.insert(EFFECTS).values(id=ctx.message.id))
         ctx.publish("bench.out", order, key=ctx.message.id)
-
-    def finished(_future: object) -> None:
-        seen[0] += 1
 
     stores = sql_persistence(db, "bench")
     worker = Worker(
@@ -175,7 +170,6 @@ async def conveyor_handler(url: str, concurrency: int, count: int) -> float:
         await worker.stop(5)
         await transport.close()
         await db.close()
-    del done, finished
     return count / elapsed
 
 

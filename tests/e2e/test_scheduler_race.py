@@ -37,7 +37,7 @@ async def tick(ctx: Context) -> None:
             {"fire_time": ctx.message.json()["fire_time"]},
         )
 """
-FIRES = 30
+FIRES = 15
 
 
 @pytest.fixture(params=[("postgres", 3), ("sqlite", 2)], ids=["postgres-3", "sqlite-2"])

@@ -55,7 +55,7 @@ class RelayOptions:
         stall_after: a due row unsent this long makes readiness degraded (seconds).
     """
 
-    batch_size: int = 300
+    batch_size: int = 1000
     max_in_flight: int = 256
     poll_interval: float = 1.0
     min_idle: float = 0.1
