@@ -191,10 +191,12 @@ async def insert_outbox(session: AsyncSession, rows: Sequence[OutboxParams]) -> 
     session.info[database.OUTBOX_ADDED] = True
 
 
-async def claim_rows(session: AsyncSession, sql: str, window: int, per_key: int, limit: int) -> list[Any] | None:
-    """The relay's claim (``sql`` from :func:`outbox_sql.claim_driver_sql`) run by asyncpg in the session's
-    transaction (the dialect's JSON codec decodes ``headers``); None when the session's driver is not asyncpg
-    (run the Core statement then).
+async def claim_rows(
+    session: AsyncSession, sql: str, params: tuple[int, int, int, list[int], list[str]]
+) -> list[Any] | None:
+    """The relay's claim (``sql`` and ``params`` as :func:`outbox_sql.claim_driver_sql` says) run by asyncpg
+    in the session's transaction (the dialect's JSON codec decodes ``headers``); None when the session's
+    driver is not asyncpg (run the Core statement then).
 
     Raises:
         StoreError: the database failed.
@@ -206,7 +208,7 @@ async def claim_rows(session: AsyncSession, sql: str, window: int, per_key: int,
             driver = await _started_driver(session)
             if driver is None:
                 return None
-            records: list[Any] = await driver.fetch(sql, window, per_key, limit)
+            records: list[Any] = await driver.fetch(sql, *params)
     return records
 
 

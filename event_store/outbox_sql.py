@@ -21,12 +21,19 @@ _NOT_WAITING = """NOT EXISTS (
       AND w.sent_at IS NULL AND (w.attempts > 0 OR w.parked_at IS NOT NULL)
       AND (w.parked_at IS NOT NULL OR w.available_at > {now})
 )"""
+# Rows and keys of the store's own open claims are left out before the window, so a claim made
+# while the previous batch publishes looks past that batch (else its rows and keys could fill the
+# window and leave nothing claimable). Other relays' claims are skipped by the lock and the key-prefix rule.
+_NOT_BUSY_PG = """o.id <> ALL(CAST(:busy_ids AS BIGINT[]))
+      AND (o.partition_key IS NULL OR o.partition_key <> ALL(CAST(:busy_keys AS TEXT[])))"""
+_NOT_BUSY_SQLITE = "o.id NOT IN :busy_ids AND (o.partition_key IS NULL OR o.partition_key NOT IN :busy_keys)"
 # The comment on the first line names the claim in pg_stat_activity, whose `query` keeps
 # only the first 1 KB by default (the lock clause at the end is cut off there).
 _HEAD = """/* conveyor-outbox-claim */
 WITH head AS (
     SELECT o.id, o.partition_key FROM outbox o
     WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND o.available_at <= {now}
+      AND {not_busy}
       AND {not_waiting}
     ORDER BY o.id
     LIMIT :window
@@ -53,13 +60,12 @@ ORDER BY o.id
 LIMIT :limit
 FOR UPDATE OF o SKIP LOCKED
 """
-# SQLite: no row locks; the rows of this store's open claims are left out before the LIMIT.
+# SQLite: no row locks; the rows of this store's open claims are left out of the window.
 _CLAIM_SQLITE = """
 SELECT {columns}, r.rn
 FROM outbox o JOIN ranked r ON r.id = o.id
 WHERE o.sent_at IS NULL AND o.parked_at IS NULL
   AND (r.partition_key IS NULL OR r.rn <= :per_key)
-  AND o.id NOT IN :busy_ids AND (o.partition_key IS NULL OR o.partition_key NOT IN :busy_keys)
 ORDER BY o.id
 LIMIT :limit
 """
@@ -70,12 +76,13 @@ WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND {not_waiting}
 
 
 def claim_statement(dialect: Dialect) -> sa.TextualSelect:
-    """The claim's statement for a dialect (parameters ``window``, ``per_key``, ``limit``; on SQLite
-    also ``busy_ids`` and ``busy_keys``, the rows and keys of the store's open claims)."""
+    """The claim's statement for a dialect (parameters ``window``, ``per_key``, ``limit``, ``busy_ids``
+    and ``busy_keys``: the rows and keys of the store's open claims)."""
     now = str(models.utcnow().compile(dialect=dialect))
     postgres = dialect.name == "postgresql"
     rest = (_CLAIM_PG if postgres else _CLAIM_SQLITE).format(columns=_COLUMNS)
-    text = sa.text(_HEAD.format(now=now, not_waiting=_NOT_WAITING.format(now=now), rest=rest))
+    not_busy = _NOT_BUSY_PG if postgres else _NOT_BUSY_SQLITE
+    text = sa.text(_HEAD.format(now=now, not_busy=not_busy, not_waiting=_NOT_WAITING.format(now=now), rest=rest))
     if not postgres:
         text = text.bindparams(sa.bindparam("busy_ids", expanding=True), sa.bindparam("busy_keys", expanding=True))
     outbox = models.outbox.c
@@ -86,12 +93,14 @@ def claim_statement(dialect: Dialect) -> sa.TextualSelect:
 
 
 def claim_driver_sql(dialect: Dialect) -> str:
-    """The PostgreSQL claim as asyncpg SQL text: parameters ``$1`` window, ``$2`` per_key, ``$3`` limit.
+    """The PostgreSQL claim as asyncpg SQL text: parameters ``$1`` window, ``$2`` per_key, ``$3`` limit,
+    ``$4`` busy ids, ``$5`` busy keys.
 
     Columns as :func:`claim_statement`, ``headers`` as JSON text (see :func:`event_store.direct.claim_rows`).
     """
     text: str = claim_statement(dialect).element.text  # type: ignore[attr-defined]
-    return text.replace(":window", "$1").replace(":per_key", "$2").replace(":limit", "$3")
+    replaced = text.replace(":window", "$1").replace(":per_key", "$2").replace(":limit", "$3")
+    return replaced.replace(":busy_ids", "$4").replace(":busy_keys", "$5")
 
 
 def next_due_statement(dialect: Dialect) -> sa.TextualSelect:

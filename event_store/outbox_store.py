@@ -157,14 +157,16 @@ class SqlOutboxStore:
         """The claimable rows, without the ids and keys of this store's open claims."""
         ids, keys = set(self._in_flight_ids), set(self._in_flight_keys)  # as of before the statement
         window = self.window or max(limit * 4, 256)
-        params: dict[str, object] = {"window": window, "per_key": self.per_key, "limit": limit}
-        if not self.db.is_postgres:
-            params.update(busy_ids=sorted(ids), busy_keys=sorted(keys))
+        busy_ids, busy_keys = sorted(ids), sorted(keys)
         rows: Sequence[Any] | None = None
         if self._driver_sql:
-            rows = await direct.claim_rows(session, self._driver_sql, window, self.per_key, limit)
+            driver_params = (window, self.per_key, limit, busy_ids, busy_keys)
+            rows = await direct.claim_rows(session, self._driver_sql, driver_params)
         if rows is None:
-            rows = (await session.execute(self._statement, params)).all()
+            params = {"window": window, "per_key": self.per_key, "limit": limit}
+            rows = (
+                await session.execute(self._statement, {**params, "busy_ids": busy_ids, "busy_keys": busy_keys})
+            ).all()
         messages = outbox_sql.keep_key_prefixes(rows)
         if ids:
             messages = [m for m in messages if m.id not in ids and (m.key is None or m.key not in keys)]

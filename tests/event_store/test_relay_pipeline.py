@@ -192,3 +192,15 @@ async def test_relay_broker_outage_while_next_batch_claimed_spends_no_attempts(
     async with db.transaction(readonly=True) as session:
         spent = (await session.execute(sa.select(sa.func.max(models.outbox.c.attempts)))).scalar_one()
     assert (spent, broker.by_key()["a"]) == (0, list(range(20)))
+
+
+async def test_a_claim_made_while_another_is_open_looks_past_its_rows_and_keys(db: Database) -> None:
+    await add(db, 10, key="a")
+    keyless = await add(db, 5, start=100)
+    store = SqlOutboxStore(db, listen=False, per_key=5, window=10)
+    try:
+        async with store.claim(20) as first, store.claim(20) as second:
+            ahead = [m.message_id for m in second.messages]
+        assert ([m.key for m in first.messages], ahead) == (["a"] * 5, keyless)
+    finally:
+        await store.close()
