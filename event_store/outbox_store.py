@@ -155,9 +155,8 @@ class SqlOutboxStore:
 
     async def _select(self, session: AsyncSession, limit: int) -> list[stores.OutboxMessage]:
         """The claimable rows, without the ids and keys of this store's open claims."""
-        ids, keys = set(self._in_flight_ids), set(self._in_flight_keys)  # as of before the statement
+        busy_ids, busy_keys = sorted(self._in_flight_ids), sorted(self._in_flight_keys)  # before the statement
         window = self.window or max(limit * 4, 256)
-        busy_ids, busy_keys = sorted(ids), sorted(keys)
         rows: Sequence[Any] | None = None
         if self._driver_sql:
             driver_params = (window, self.per_key, limit, busy_ids, busy_keys)
@@ -167,9 +166,7 @@ class SqlOutboxStore:
             rows = (
                 await session.execute(self._statement, {**params, "busy_ids": busy_ids, "busy_keys": busy_keys})
             ).all()
-        messages = outbox_sql.keep_key_prefixes(rows)
-        if ids:
-            messages = [m for m in messages if m.id not in ids and (m.key is None or m.key not in keys)]
+        messages = outbox_sql.keep_key_prefixes(rows)  # the statement left the busy ids and keys out
         self._in_flight_ids.update(m.id for m in messages)
         self._in_flight_keys.update(m.key for m in messages if m.key is not None)
         return messages

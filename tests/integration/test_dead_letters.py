@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 from conveyor import Reject, envelope, on, ports, registry
 from conveyor.runtime import dead_letters
 from conveyor.runtime.worker import Worker
 from conveyor.testing import unique, wait_for
+from dlq_helpers import peek_until
 
 Open = Callable[[], Awaitable[ports.Transport]]
 
@@ -38,15 +40,7 @@ async def test_dead_letters_are_listed_in_place_then_replayed_to_a_fixed_handler
     for event in sent:
         await transport.publish(topic, envelope.to_binary(event, transport.binary_prefix))
 
-    listed: list[dead_letters.DeadLetter] = []
-
-    async def all_dead() -> None:
-        listed[:] = await peek(open_transport, topic)
-
-    for _ in range(20):
-        await all_dead()
-        if len(listed) == 3:
-            break
+    listed = await peek_until(open_transport, topic, 3, idle=1.5)
     assert sorted(d.event_id or "" for d in listed) == sorted(e.id for e in sent)
     reasons = {(d.handler, d.error_type, d.error, d.topic) for d in listed}
     assert reasons == {(name, "Rejected", "not yet supported", topic)}
@@ -74,10 +68,13 @@ async def test_purge_deletes_dead_letters(open_transport: Open) -> None:
         wire = envelope.to_binary(envelope.create(topic, {"n": n}, source="t"), transport.binary_prefix)
         await transport.publish(topic, wire)
     purged: list[dead_letters.DeadLetter] = []
-    for _ in range(20):
-        purged += await dead_letters.purge(await open_transport(), topic, idle=1.5)
-        if len(purged) >= 2:
-            break
+    deadline = time.monotonic() + 45
+    while len(purged) < 2 and time.monotonic() < deadline:
+        purger = await open_transport()
+        try:
+            purged += await dead_letters.purge(purger, topic, idle=1.5)
+        finally:
+            await purger.close()
     assert len(purged) == 2
     assert await peek(open_transport, topic) == []
     assert await worker.stop(5)

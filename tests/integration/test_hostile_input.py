@@ -16,9 +16,9 @@ import prometheus_client
 import pytest
 from conveyor import Context, envelope, on, ports, registry
 from conveyor.retry import RetryPolicy
-from conveyor.runtime import dead_letters
 from conveyor.runtime.worker import Worker
 from conveyor.testing import unique, wait_for
+from dlq_helpers import peek_until
 
 Open = Callable[[], Awaitable[ports.Transport]]
 BAD = 40  # more than the dispatcher's prefetch: bad messages that stayed unsettled would fill it
@@ -63,13 +63,7 @@ async def test_bad_messages_are_dead_lettered_and_good_ones_still_flow(open_tran
     for n in range(20):
         await transport.publish(topic, envelope.to_binary(envelope.create(topic, {"n": n}, source="t"), prefix))
     await wait_for(lambda: len(good) == 20, 60, f"the good messages (handled {len(good)})")
-    listed: list[dead_letters.DeadLetter] = []
-    for _ in range(20):
-        peeker = await open_transport()
-        listed = await dead_letters.peek(peeker, topic, idle=1.5)
-        await peeker.close()
-        if len(listed) >= BAD:
-            break
+    listed = await peek_until(open_transport, topic, BAD, idle=1.5)
     assert await worker.stop(5)
     assert (sorted(good), len(listed)) == (list(range(20)), BAD)
 
@@ -121,11 +115,5 @@ async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_after
             await wait_for(lambda: len(runs) == 3 or dead_lettered(name) > 0, 30, "the third delivery")
         await worker.stop(0.1)  # the deadline passes: the message is left unsettled
         await transport.close()  # ... and goes back to the broker, one delivery more
-    listed: list[dead_letters.DeadLetter] = []
-    for _ in range(20):
-        peeker = await open_transport()
-        listed = await dead_letters.peek(peeker, topic, idle=1.0)
-        await peeker.close()
-        if listed:
-            break
+    listed = await peek_until(open_transport, topic)
     assert (len(runs), [d.error_type for d in listed]) == (2, ["TooManyDeliveries"])

@@ -21,11 +21,11 @@ from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.v1.event import CloudEvent
 from conveyor import Context, Reject, envelope, errors, on, ports, registry
 from conveyor.envelope import WireMessage
-from conveyor.runtime import dead_letters
 from conveyor.runtime.worker import Worker
 from conveyor.testing import Collector, remains, unique, wait_for
 from conveyor.transports.nats import NatsTransport
 from conveyor.transports.nats_wire import durable_name
+from dlq_helpers import peek_until
 from nats.js import JetStreamContext
 
 TIMEOUT = 20.0
@@ -351,12 +351,7 @@ async def test_dead_letter_copy_of_a_message_with_jetstream_control_headers_is_s
     await raw_js.publish(transport.subject(topic), event.body, headers={**event.headers, **control})
     await worker.start()
     await wait_for(lambda: bool(rejected), TIMEOUT, "the message to be handled")
-    peeker = await open_transport()
-    listed: list[dead_letters.DeadLetter] = []
-    for _ in range(10):
-        listed = await dead_letters.peek(peeker, topic, idle=1.0)
-        if listed:
-            break
+    listed = await peek_until(open_transport, topic)
     assert await worker.stop(5)
     assert [d.event_id for d in listed] == rejected[:1]
 

@@ -20,9 +20,10 @@ import pytest
 import sqlalchemy as sa
 from aiokafka import AIOKafkaProducer
 from conveyor import Context, on, ports, registry, telemetry
-from conveyor.runtime import app, dead_letters
+from conveyor.runtime import app
 from conveyor.runtime.worker import Worker
 from conveyor.testing import brokers, unique, wait_for
+from dlq_helpers import peek_until
 
 from event_store import Database
 
@@ -143,16 +144,6 @@ async def test_plain_message_to_a_handler_without_plain_is_dead_lettered(broker_
     worker = Worker(registry.Registry.of(strict).handlers, transport, source="t")
     await worker.start()
     await publish_plain(broker_url, topic, BODY)
-    letters: list[dead_letters.DeadLetter] = []
-
-    async def dead() -> bool:
-        peeker = await open_transport()
-        letters[:] = await dead_letters.peek(peeker, topic, idle=1.0)
-        await peeker.close()
-        return bool(letters)
-
-    for _ in range(10):
-        if await dead():
-            break
+    letters = await peek_until(open_transport, topic)
     assert await worker.stop(5)
     assert handled == [] and [(d.error_type, d.error[:16]) for d in letters] == [("InvalidMessage", "not a CloudEvent")]
