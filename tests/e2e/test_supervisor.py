@@ -19,6 +19,8 @@ def test_supervisor_restarts_a_dead_worker_and_drains_all_on_sigterm(tmp_path: P
     process = Process(["worker", "--processes", "2", "--port", str(port)], tmp_path / "sup.log", **migrated(tmp_path))
     try:
         process.wait_ready(port)
+        version = httpx.get(f"http://127.0.0.1:{port}/version").json()
+        assert (version["broker"], version["database"]) == ("memory", "sqlite"), version
         first, _second = child_pids(process)
         os.kill(first, signal.SIGKILL)
         process.wait_for_log("exited with -9; restarting")

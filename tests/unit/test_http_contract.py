@@ -101,3 +101,16 @@ async def test_stop_does_not_wait_forever_for_a_client_that_never_sends_its_body
     assert time.monotonic() - started < 5
     writer.close()
     assert accepted.events == []
+
+
+async def test_an_unexpected_failure_answers_500_in_the_one_json_shape() -> None:
+    async def broken(topic: str, event: object) -> http.Outcome:
+        raise RuntimeError("a bug, not an outage")
+
+    app = http.create_app([], http.IngestConfig(accept=broken, max_bytes=4096), VERSION)
+    # raise_app_exceptions=False: the ASGI server gets the exception (and logs it) after the response is sent
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        response = await c.post("/events/orders.placed", content=orjson.dumps(EVENT), headers=STRUCTURED)
+    assert response.status_code == 500
+    assert response.json() == {"error": {"code": "internal", "message": "internal error", "field": None}}

@@ -101,8 +101,9 @@ def test_daily_0130_berlin_fires_once_on_each_change_day_at_the_local_time() -> 
     assert autumn == [utc(2026, 10, 24, 23, 30), utc(2026, 10, 26, 0, 30)]  # 01:30 CEST, then 01:30 CET
 
 
-def test_skipped_wall_time_fires_once_at_the_instant_the_clock_jumped_to() -> None:
+def test_skipped_wall_time_fires_once_shifted_forward_by_the_skipped_hour() -> None:
     job = declare("30 2 * * *", tz="Europe/Berlin")
+    # 02:30 does not exist on 2026-03-29 (02:00 CET -> 03:00 CEST): it fires at 03:30 CEST = 01:30 UTC
     assert job.next_fires(utc(2026, 3, 28, 12), 2) == [utc(2026, 3, 29, 1, 30), utc(2026, 3, 30, 0, 30)]
 
 

@@ -122,7 +122,7 @@ def create_app(
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        codes = {404: "not_found", 405: "method_not_allowed", 500: "internal"}
         message = exc.detail if isinstance(exc, HTTPException) else "internal error"
         response = ingest_route.error_response(status, str(message), code=codes.get(status, "http_error"))
         if isinstance(exc, HTTPException) and exc.headers:
@@ -143,7 +143,8 @@ def create_app(
         routes.extend(api_docs.routes(docs))
     if console is not None:
         routes.extend(console)
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    # Exception: a bug answers 500 in the same shape (the server still logs the traceback).
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: http_error})
 
 
 async def _run_check(check: Check) -> tuple[bool, dict[str, Any]]:

@@ -41,7 +41,7 @@ import prometheus_client
 from prometheus_client import multiprocess
 
 from conveyor import errors
-from conveyor.runtime import http
+from conveyor.runtime import app, http
 from conveyor.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("conveyor.supervisor")
@@ -111,7 +111,7 @@ class Supervisor:
                 checks = [http.Check(f"worker-{c.index}", self._probe(c)) for c in self._children]
                 registry = prometheus_client.CollectorRegistry()
                 multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
-                site = http.create_app(checks, registry=registry)
+                site = http.create_app(checks, version=app.version_info(self._settings), registry=registry)
                 server = http.HttpServer(site, self._settings.http_host, self._settings.http_port)
                 await server.start()
             watchers = [asyncio.create_task(self._watch(child)) for child in self._children]
