@@ -48,6 +48,10 @@ class Settings(BaseSettings):
         relay_max_attempts: publishes of one outbox message the broker may
             refuse before the relay parks it (``conveyor outbox list --parked``);
             an unreachable broker spends none.
+        stall_after: seconds after which ``/readyz`` reports a stall: a message
+            a handler has had in hand this long (longer than twice its timeout,
+            if that is more), a due outbox message unsent this long with no
+            publish meanwhile, a schedule fire overdue this long.
         plain_messages: every handler also accepts messages that are not
             CloudEvents (a plain body, as ``@on(..., plain=True)`` does for one
             handler); CloudEvents are still validated.
@@ -84,6 +88,7 @@ class Settings(BaseSettings):
     drain_timeout: float = pydantic.Field(default=30.0, ge=0)
     retention: float = pydantic.Field(default=7 * 24 * 3600, ge=60)
     relay_max_attempts: int = pydantic.Field(default=10, ge=1, le=1000)
+    stall_after: float = pydantic.Field(default=60.0, gt=0)
     plain_messages: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

@@ -152,3 +152,100 @@ async def test_a_batch_stuck_past_its_timeout_is_retried() -> None:
     await _publish(transport, topic, [{"n": 1}, {"n": 2}])
     await wait_for(lambda: sum(calls) >= 4, 10, "the timed-out batch called again")
     await worker.stop(5)
+
+
+def _unsettled(transport: MemoryTransport, handler: object) -> int:
+    backlog = transport.broker.backlog(handler.__conveyor_handler__.name)  # type: ignore[attr-defined]
+    return int(backlog.pending + backlog.in_flight)
+
+
+class Picky(pydantic.BaseModel):
+    """A model whose validator raises a bug's exception (pydantic wraps only ValueError and AssertionError)."""
+
+    n: int
+
+    @pydantic.field_validator("n")
+    @classmethod
+    def _not_13(cls, value: int) -> int:
+        if value == 13:
+            raise TypeError("a validator bug")
+        return value
+
+
+async def test_a_message_whose_decoding_raises_a_bug_is_dead_lettered_and_the_rest_of_its_batch_runs() -> None:
+    topic = unique("t")
+    calls: list[list[int]] = []
+
+    @on(topic, name=unique("h"), batch=4, batch_wait=0.05)
+    async def handle(orders: list[Picky]) -> None:
+        calls.append([o.n for o in orders])
+
+    transport, worker = await _start(handle)
+    dead = await _dead_letters(transport, topic)
+    await worker.start()
+    await _publish(transport, topic, [{"n": 1}, {"n": 13}, {"n": 2}, {"n": 3}], key="k")
+    await wait_for(lambda: len(dead.received) == 1 and calls, 5, "a dead letter and a call")
+    assert calls == [[1, 2, 3]]
+    assert dead.received[0].message.headers["conveyor-dlq-error-type"] == "InternalError"
+    await wait_for(lambda: _unsettled(transport, handle) == 0, 5, "every message settled")
+    await worker.stop(5)
+
+
+async def test_a_failed_settle_of_one_message_leaves_the_rest_of_the_batch_settled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conveyor.transports import memory
+
+    original = memory.MemoryDelivery.nack
+    failures = [errors.TransportError("the broker did not confirm the delayed copy")]
+
+    async def nack_once_failing(self: memory.MemoryDelivery, delay: float) -> None:
+        await original(self, 0.0)  # requeued, as RabbitMQ's reject does when its delayed copy fails
+        if failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(memory.MemoryDelivery, "nack", nack_once_failing)
+    topic = unique("t")
+    calls: list[list[int]] = []
+
+    @on(topic, name=unique("h"), batch=4, batch_wait=0.05)
+    async def handle(orders: list[Order]) -> dict[int, BaseException] | None:
+        calls.append([o.n for o in orders])
+        return {0: RuntimeError("flaky")} if len(calls) == 1 else None
+
+    transport, worker = await _start(handle)
+    await worker.start()
+    await _publish(transport, topic, [{"n": n} for n in range(4)], key="k")
+    await wait_for(lambda: _unsettled(transport, handle) == 0 and len(calls) >= 2, 5, "every message settled")
+    assert calls == [[0, 1, 2, 3], [0]]
+    await worker.stop(5)
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("cannot print this")
+
+
+async def test_a_failure_settling_one_message_dead_letters_only_that_message() -> None:
+    topic = unique("t")
+    calls: list[list[int]] = []
+
+    @on(topic, name=unique("h"), batch=3, batch_wait=0.05)
+    async def handle(orders: list[Order]) -> dict[int, BaseException] | None:
+        calls.append([o.n for o in orders])
+        return {1: Unprintable()}
+
+    transport, worker = await _start(handle)
+    dead = await _dead_letters(transport, topic)
+    await worker.start()
+    await _publish(transport, topic, [{"n": n} for n in range(3)], key="k")
+    await wait_for(lambda: _unsettled(transport, handle) == 0 and dead.received, 5, "every message settled")
+    await asyncio.sleep(0.2)  # a wrong second or third dead letter would arrive meanwhile
+    assert [orjson_n(d.message.body) for d in dead.received] == [1]
+    await worker.stop(5)
+
+
+def orjson_n(body: bytes) -> int:
+    import orjson
+
+    return int(orjson.loads(body)["n"])

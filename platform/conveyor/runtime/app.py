@@ -109,6 +109,7 @@ async def serve(
                 transactions=stores.units,
                 dead_letters=stores.dead_letters,
                 plain_messages=settings.plain_messages,
+                stall_after=settings.stall_after,
             )
             if parts.relay:
                 # Queues must exist before the relay publishes, or a broker that drops
@@ -117,14 +118,19 @@ async def serve(
                 store = stores.relay_store()
                 stack.push_async_callback(store.close)
                 retention = timedelta(seconds=settings.retention)
-                options = relay.RelayOptions(retention=retention, max_attempts=settings.relay_max_attempts)
+                options = relay.RelayOptions(
+                    retention=retention, max_attempts=settings.relay_max_attempts, stall_after=settings.stall_after
+                )
                 publisher = relay.Relay(store, transport, options=options)
                 _background(stack, "relay", publisher.run)
-                checks.append(http.Check("relay", publisher.health, critical=False))
+                checks.append(http.Check("relay", publisher.progress))
+                checks.append(http.Check("outbox", publisher.health, critical=False))
                 _background(stack, "housekeeping", lambda stop: housekeeping.run(stores, retention, stop))
             if parts.scheduler:
-                cron = scheduler.Scheduler(handlers.schedules, stores, source=settings.service)
+                pacing = scheduler.SchedulerOptions(stall_after=settings.stall_after)
+                cron = scheduler.Scheduler(handlers.schedules, stores, source=settings.service, options=pacing)
                 _background(stack, "scheduler", cron.run)
+                checks.append(http.Check("scheduler", cron.health))
             if parts.worker and handlers.sagas:
                 _background(stack, "saga metrics", lambda stop: saga_runtime.report(stores, handlers.sagas, stop))
             signal_source = await _start_worker(consumer, transport, checks, settings, stack) if parts.worker else None
@@ -183,6 +189,7 @@ async def _serve_without_database(
     consumer = worker.Worker(
         handlers.handlers, transport, source=settings.service, concurrency=settings.concurrency,
         max_message_bytes=settings.max_message_bytes, plain_messages=settings.plain_messages,
+        stall_after=settings.stall_after,
     )  # fmt: skip
     signal_source = await _start_worker(consumer, transport, checks, settings, stack) if parts.worker else None
     if settings.http_port:
@@ -207,6 +214,7 @@ async def _start_worker(
     stack.push_async_callback(_drain, consumer, settings.drain_timeout)
     await consumer.start()
     checks.append(http.Check("subscriptions", _subscriptions_probe(consumer)))
+    checks.append(http.Check("progress", _progress_probe(consumer)))
     reporter = scaling.ScalingReporter(transport, consumer)
     _background(stack, "scaling", reporter.run)
     return reporter.snapshot
@@ -348,6 +356,14 @@ def _subscriptions_probe(consumer: worker.Worker) -> Callable[[], Awaitable[None
     async def probe() -> None:
         if not consumer.ready:
             raise errors.TransportError("not every subscription is consuming")
+
+    return probe
+
+
+def _progress_probe(consumer: worker.Worker) -> Callable[[], Awaitable[None]]:
+    async def probe() -> None:
+        if stalled := consumer.stalled():
+            raise errors.ConveyorError("; ".join(stalled))
 
     return probe
 

@@ -121,7 +121,12 @@ class BatchDispatcher:
 
 
 async def process_batch(runner: handling.HandlerRunner, deliveries: list[ports.Delivery]) -> None:
-    """Admit, run and settle one batch. Never raises (but for cancellation)."""
+    """Admit, run and settle one batch. Never raises (but for cancellation).
+
+    Each message is settled on its own: a message whose admission or settling
+    fails unexpectedly is dead-lettered alone, and one whose settling the
+    broker refuses is left to its redelivery; the others are settled as usual.
+    """
     admitted: list[Admitted] = []
     for delivery in deliveries:
         claim = getattr(delivery, "claim", None)
@@ -129,26 +134,35 @@ async def process_batch(runner: handling.HandlerRunner, deliveries: list[ports.D
             continue  # its partition was revoked while it waited: the new owner runs it
         try:
             decoded = await runner.admit(delivery)
+        except asyncio.CancelledError:
+            raise
         except errors.TransportError:
             log.exception("could not settle a delivery of %s; the broker will redeliver it", runner.handler.name)
+            continue
+        except Exception as exc:  # a bug while decoding (a validator raising TypeError, say): this message only
+            log.exception("could not decide the fate of a message of %s; dead-lettering it", runner.handler.name)
+            await runner.last_resort(delivery, exc)
             continue
         if decoded is not None:
             admitted.append((delivery, *decoded))
     if not admitted:
         return
+    token = runner.took()
+    settled: set[int] = set()
     try:
-        await _run(runner, admitted)
+        await _run(runner, admitted, settled)
     except asyncio.CancelledError:
         raise
-    except errors.TransportError:
-        log.exception("could not settle deliveries of %s; the broker will redeliver them", runner.handler.name)
     except Exception as exc:
         log.exception("could not decide the fate of a batch of %s; dead-lettering it", runner.handler.name)
-        for delivery, _, _ in admitted:
-            await runner.last_resort(delivery, exc)
+        for index, (delivery, _, _) in enumerate(admitted):
+            if index not in settled:
+                await runner.last_resort(delivery, exc)
+    finally:
+        runner.let_go(token)
 
 
-async def _run(runner: handling.HandlerRunner, batch: list[Admitted]) -> None:
+async def _run(runner: handling.HandlerRunner, batch: list[Admitted], settled: set[int]) -> None:
     handler = runner.handler
     payloads = [payload for _, _, payload in batch]
     pause = handling.OUTAGE_BACKOFF[0]
@@ -162,6 +176,8 @@ async def _run(runner: handling.HandlerRunner, batch: list[Admitted]) -> None:
                 if runner.deadlines.finish(deadline):
                     raise TimeoutError(f"attempt exceeded the handler timeout of {handler.timeout}s") from None
                 raise
+            except (SystemExit, KeyboardInterrupt) as exc:  # from the handler: it must not stop the worker
+                raise handling.HandlerExit(exc) from exc
             finally:
                 runner.deadlines.finish(deadline)
                 runner.observe(time.perf_counter() - started)
@@ -171,18 +187,30 @@ async def _run(runner: handling.HandlerRunner, batch: list[Admitted]) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            for delivery, message, _ in batch:
-                await runner.settle_failure(delivery, message.attempt, exc)
+            await _settle(runner, batch, dict.fromkeys(range(len(batch)), exc), settled)
             return
         break
-    failures = _failures(result, len(batch), handler.where)
+    await _settle(runner, batch, _failures(result, len(batch), handler.where), settled)
+
+
+async def _settle(
+    runner: handling.HandlerRunner, batch: list[Admitted], failures: Mapping[int, BaseException], settled: set[int]
+) -> None:
+    """Settle every message of the batch, each on its own: one that cannot be settled does not stop the rest."""
     for index, (delivery, message, _) in enumerate(batch):
+        settled.add(index)
         failure = failures.get(index)
-        if failure is None:
-            await delivery.ack()
-            runner.count("succeeded")
-        else:
-            await runner.settle_failure(delivery, message.attempt, failure)
+        try:
+            if failure is None:
+                await delivery.ack()
+                runner.count("succeeded")
+            else:
+                await runner.settle_failure(delivery, message.attempt, failure)
+        except errors.TransportError:
+            log.exception("could not settle a delivery of %s; the broker will redeliver it", runner.handler.name)
+        except Exception as exc:
+            log.exception("could not decide the fate of a message of %s; dead-lettering it", runner.handler.name)
+            await runner.last_resort(delivery, exc)
 
 
 def _failures(result: object, size: int, where: str) -> Mapping[int, BaseException]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -94,6 +95,24 @@ class HandlerRunner:
             outcome: telemetry.MESSAGES.labels(handler.name, outcome)
             for outcome in ("succeeded", "retried", "dead_lettered", "duplicate")
         }
+        self._in_hand: dict[int, float] = {}  # token -> monotonic start, oldest first
+        self._tokens = itertools.count()
+
+    def took(self) -> int:
+        """A message (or batch) is in hand from now until :meth:`let_go`; returns its token."""
+        token = next(self._tokens)
+        self._in_hand[token] = time.monotonic()
+        return token
+
+    def let_go(self, token: int) -> None:
+        """The message (or batch) of ``token`` is settled, or left for redelivery."""
+        self._in_hand.pop(token, None)
+
+    def oldest_in_hand(self) -> float:
+        """Seconds the oldest message in hand has been so: an attempt running, or one held through an outage."""
+        for started in self._in_hand.values():
+            return time.monotonic() - started
+        return 0.0
 
     def observe(self, seconds: float) -> None:
         """Record an attempt's duration."""
@@ -116,6 +135,7 @@ class HandlerRunner:
         if claim is not None and not claim():
             log.debug("%s skipped a delivery this worker no longer owns", self.handler.name)
             return
+        token = self.took()
         try:
             await self._process(delivery)
         except asyncio.CancelledError:
@@ -128,6 +148,8 @@ class HandlerRunner:
             # redelivered forever and, once enough of them fill the prefetch, stop the subscription.
             log.exception("could not decide the fate of a message of %s; dead-lettering it", self.handler.name)
             await self.last_resort(delivery, exc)
+        finally:
+            self.let_go(token)
 
     async def last_resort(self, delivery: ports.Delivery, exc: Exception) -> None:
         """Dead-letter a delivery whose handling failed unexpectedly; nack it if even that fails."""
@@ -348,6 +370,8 @@ class HandlerRunner:
                 if self.deadlines.finish(deadline):
                     raise TimeoutError(f"{handler.name} exceeded its timeout of {handler.timeout}s") from None
                 raise
+            except (SystemExit, KeyboardInterrupt) as exc:  # from the handler: it must not stop the worker
+                raise HandlerExit(exc) from exc
             finally:
                 self.deadlines.finish(deadline)
         except BaseException as exc:
@@ -382,14 +406,21 @@ class HandlerRunner:
         headers = dict(original.headers)
         headers.update(dead_letter_headers(self.handler.name, delivery.topic, kind, text, attempt))
         copy = envelope.WireMessage(body=original.body, headers=headers, key=original.key, message_id=envelope.new_id())
-        try:
-            with telemetry.send_span(self._dlq_topic, copy.message_id, self._system):
-                await self._transport.publish(self._dlq_topic, copy)
-        except errors.TransportError as exc:
-            if exc.retryable or not await self._keep_refused(copy, exc):
-                log.error("could not dead-letter a message of %s (%s); it will be redelivered", self.handler.name, exc)
-                await delivery.nack(self.handler.retry.delay(attempt))
-                return
+        pause = OUTAGE_BACKOFF[0]
+        while True:
+            try:
+                with telemetry.send_span(self._dlq_topic, copy.message_id, self._system):
+                    await self._transport.publish(self._dlq_topic, copy)
+            except errors.TransientTransportError as exc:  # an outage: held, no attempt spent, the reason kept
+                pause = await self.hold(exc, pause)
+                continue
+            except errors.TransportError as exc:
+                if exc.retryable or not await self._keep_refused(copy, exc):
+                    log.error("could not dead-letter a message of %s (%s); it will be redelivered",
+                              self.handler.name, exc)  # fmt: skip
+                    await delivery.nack(self.handler.retry.delay(attempt))
+                    return
+            break
         await delivery.ack()
         self._outcomes["dead_lettered"].inc()
         log.error(
@@ -400,6 +431,18 @@ class HandlerRunner:
             kind,
             text,
         )
+
+
+class HandlerExit(Exception):
+    """A handler (or a library it called) raised ``SystemExit`` or ``KeyboardInterrupt``: its message failed.
+
+    The worker's own shutdown comes through its signal handlers, never as an
+    exception out of a handler; one raised there fails that message like any
+    other error instead of stopping every subscription of the process.
+    """
+
+    def __init__(self, raised: BaseException) -> None:
+        super().__init__(f"the handler raised {type(raised).__name__}({raised})")
 
 
 def dead_letter_headers(handler: str, topic: str, kind: str, text: str, attempts: int) -> dict[str, str]:

@@ -169,7 +169,6 @@ class Relay:
         self.transport = transport
         self.options = options or RelayOptions()
         self._waves = relay_waves.WavePublisher(transport, self.options)
-        self._next_metrics = 0.0
         self._next_purge = time.monotonic() + self.options.purge_interval
         self._ahead: _Claim | None = None  # the next batch, claimed while the current one publishes
         self._current: _Claim | None = None  # the batch being published
@@ -177,6 +176,8 @@ class Relay:
         self._open: set[_Claim] = set()  # every claim whose task runs: a cancelled relay rolls them all back
         self.stats: stores.OutboxStats | None = None
         """The backlog as of the last metrics refresh (None before the first)."""
+        self.last_progress = time.monotonic()
+        """When a round last published something, or found nothing to publish (monotonic seconds)."""
 
     def retry_delay(self, attempts: int) -> float:
         """Backoff before a row that failed ``attempts + 1`` times is due again (with jitter)."""
@@ -289,11 +290,15 @@ class Relay:
         Never raises but on cancellation: a failed round is logged and followed
         by a backoff.
         """
+        gauges = asyncio.create_task(self._refresh_gauges(stop), name="relay-gauges")
         try:
             await self._run(stop)
         except BaseException:
             await asyncio.shield(self._abandon())
             raise
+        finally:
+            gauges.cancel()
+            await asyncio.gather(gauges, return_exceptions=True)
         try:
             await self.drain()
         except Exception as exc:  # the next relay claims what was not marked
@@ -313,6 +318,8 @@ class Relay:
                     log.exception("outbox relay round failed; retrying in %.1fs", backoff)
                 await self._sleep(stop, backoff)
                 continue
+            if result.published or not result.claimed:
+                self.last_progress = time.monotonic()
             await self._housekeeping()
             if result.interrupted:
                 backoff = self._next_backoff(backoff)
@@ -364,12 +371,20 @@ class Relay:
             async with asyncio.timeout(seconds):
                 await stop.wait()
 
+    async def _refresh_gauges(self, stop: asyncio.Event) -> None:
+        """Refresh the backlog gauges every ``metrics_interval``, whatever the rounds do (they may all fail)."""
+        while not stop.is_set():
+            try:
+                await self.refresh_metrics()
+            except errors.StoreError as exc:
+                log.debug("outbox relay: cannot read the backlog figures: %s", exc)
+            except Exception:
+                log.exception("outbox relay: reading the backlog figures failed")
+            await self._sleep(stop, max(self.options.metrics_interval, 0.1))
+
     async def _housekeeping(self) -> None:
         now = time.monotonic()
         try:
-            if now >= self._next_metrics:
-                self._next_metrics = now + self.options.metrics_interval
-                await self.refresh_metrics()
             if now >= self._next_purge:
                 self._next_purge = now + self.options.purge_interval
                 purged = await self.store.purge(self.options.retention)
@@ -380,16 +395,32 @@ class Relay:
         except Exception:
             log.exception("outbox relay housekeeping failed")
 
+    async def progress(self) -> None:
+        """Readiness probe (critical): the relay is not stalled.
+
+        Raises:
+            ConveyorError: the oldest due row has waited longer than ``stall_after``
+                and no round has published anything for as long (rounds failing,
+                or one stuck on the database or the broker).
+            StoreError: the backlog cannot be read.
+        """
+        stats = await self.refresh_metrics()
+        idle = time.monotonic() - self.last_progress
+        if stats.oldest_age > self.options.stall_after and idle > self.options.stall_after:
+            raise errors.ConveyorError(
+                f"the relay is stalled: the oldest due outbox message has waited {stats.oldest_age:.0f}s and "
+                f"nothing was published for {idle:.0f}s (limit {self.options.stall_after:.0f}s); see its log"
+            )
+
     async def health(self) -> None:
-        """Readiness probe (non-critical): the backlog as of the last metrics refresh.
+        """Readiness probe (non-critical): parked rows, or a backlog far behind.
 
         Raises:
             TransportError: rows are parked, or the oldest due row has waited
                 longer than ``stall_after`` (the relay is stalled or far behind).
+            StoreError: the backlog cannot be read.
         """
-        stats = self.stats
-        if stats is None:
-            return
+        stats = await self.refresh_metrics()
         if stats.parked:
             raise errors.TransportError(f"{stats.parked} outbox message(s) parked; see `conveyor outbox list --parked`")
         if stats.oldest_age > self.options.stall_after:

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,11 +45,14 @@ class SchedulerOptions:
         grace: a fire found at most this late is on time; older ones are misfires.
         max_sleep: longest pause between ticks, in seconds.
         retention: finished runs older than this are deleted.
+        stall_after: seconds without a completed tick after which :meth:`Scheduler.health`
+            reports a stall (fires are then overdue).
     """
 
     grace: timedelta = scheduling.DEFAULT_GRACE
     max_sleep: float = 1.0
     retention: timedelta = timedelta(days=7)
+    stall_after: float = 60.0
 
 
 class Scheduler:
@@ -83,6 +87,8 @@ class Scheduler:
         self.skew = 0.0
         """Seconds the host clock is ahead of the database clock, as of the last tick."""
         self._next_skew_warning = 0.0
+        self._last_tick = time.monotonic()
+        self._last_error = ""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop`` is set; back off while the database is unavailable."""
@@ -91,12 +97,29 @@ class Scheduler:
             try:
                 wait = await self.tick()
                 failures = 0
+                self._last_tick = time.monotonic()
             except errors.StoreError as exc:
                 failures += 1
                 wait = min(2.0**failures, 30.0)
+                self._last_error = str(exc)
                 log.error("scheduler tick failed (%s); retrying in %.0fs", exc, wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
+
+    async def health(self) -> None:
+        """Readiness probe: a tick (every due fire claimed) completed within ``stall_after`` seconds.
+
+        Raises:
+            ConveyorError: no tick completed for longer (the database fails or
+                holds the claims); due fires are overdue meanwhile.
+        """
+        since = time.monotonic() - self._last_tick
+        if since > self._options.stall_after:
+            why = f"; last error: {self._last_error}" if self._last_error else " (a tick is stuck)"
+            raise errors.ConveyorError(
+                f"the scheduler has not completed a tick for {since:.0f}s (limit "
+                f"{self._options.stall_after:.0f}s): due fires are overdue{why}"
+            )
 
     async def tick(self) -> float:
         """Claim every due fire now; return seconds until the next one is due (capped).

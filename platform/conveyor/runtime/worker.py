@@ -60,6 +60,9 @@ class Worker:
         dead_letters: holds dead letters the broker refuses for good.
         plain_messages: every handler accepts messages that are not
             CloudEvents, as with ``@on(..., plain=True)`` (``CONVEYOR_PLAIN_MESSAGES``).
+        stall_after: seconds a handler may have one message in hand (twice its
+            timeout, if that is longer) before :meth:`stalled` names it
+            (``CONVEYOR_STALL_AFTER``).
     """
 
     def __init__(
@@ -73,8 +76,11 @@ class Worker:
         transactions: persistence.UnitOfWorkFactory | None = None,
         dead_letters: persistence.DeadLetterStore | None = None,
         plain_messages: bool = False,
+        stall_after: float = 60.0,
     ) -> None:
         self._plain = plain_messages
+        self._stall_after = stall_after
+        self._runners: list[HandlerRunner] = []
         self._transactions = transactions
         self._held = dead_letters
         self._handlers = list(handlers)
@@ -137,6 +143,7 @@ class Worker:
                 dead_letters=self._held,
                 plain_messages=self._plain,
             )
+            self._runners.append(runner)
             dispatcher: dispatch.Dispatcher | batching.BatchDispatcher
             if handler.batch is not None:
                 dispatcher = batching.BatchDispatcher(runner, handler.batch, handler.batch_wait)
@@ -156,6 +163,27 @@ class Worker:
     def ready(self) -> bool:
         """True when every subscription is consuming."""
         return len(self._consumers) == len(self._handlers) and all(c.active for c in self._consumers)
+
+    def stalled(self) -> list[str]:
+        """Why each stalled handler is stalled: it has had a message in hand longer than it may.
+
+        A handler may hold a message for ``stall_after`` seconds, or twice its
+        timeout if that is longer. Past that, an attempt hangs (a handler
+        without a timeout, or a synchronous one that ignores it), or the
+        handler is waiting out an outage of the database or the broker (one
+        that answers the readiness probe but takes no writes, for instance).
+        """
+        found = []
+        for runner in self._runners:
+            timeout = runner.handler.timeout
+            limit = max(self._stall_after, 2 * timeout) if timeout is not None else self._stall_after
+            age = runner.oldest_in_hand()
+            if age > limit:
+                found.append(
+                    f"{runner.handler.name} has had a message in hand for {age:.0f}s (limit {limit:.0f}s): "
+                    "a hung attempt, or an outage it is waiting out"
+                )
+        return found
 
     def load(self) -> list[tuple[registry.Handler, int, int]]:
         """``(handler, capacity, in_flight)`` per handler: its concurrency and what its dispatcher holds."""

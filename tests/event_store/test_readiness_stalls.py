@@ -1,0 +1,198 @@
+"""``/readyz`` is not green while a process stalls: hung handlers, a database that takes no writes, a stuck relay.
+
+Each test runs a whole process assembly (``app.serve``) in this event loop
+with a short ``CONVEYOR_STALL_AFTER`` and asks its ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from conveyor import Context, envelope, every, on, registry, settings
+from conveyor.runtime import app
+from conveyor.testing import unique, wait_for
+from conveyor.testing.brokers import free_port
+from conveyor.transports.memory import MemoryTransport
+from relay_helpers import wait_until
+from sqlalchemy.engine import make_url
+
+from event_store import Database, Outbox
+
+STALL_AFTER = 2.0
+
+
+async def readyz(port: int) -> tuple[int, dict[str, Any]]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(f"http://127.0.0.1:{port}/readyz")
+    return response.status_code, response.json()
+
+
+@contextlib.asynccontextmanager
+async def process(handlers: registry.Registry, parts: app.Parts, **overrides: Any) -> AsyncIterator[int]:
+    """Run ``app.serve`` in this loop; yield its HTTP port once ``/readyz`` has answered 200."""
+    port = free_port()
+    config = settings.load(
+        service="stalls", http_host="127.0.0.1", http_port=port, console=False, drain_timeout=0.5,
+        stall_after=STALL_AFTER, **overrides,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.serve(config, handlers, parts, stop))
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                if task.done():
+                    task.result()
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await readyz(port))[0] == 200:
+                        break
+                await asyncio.sleep(0.1)
+        yield port
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+
+
+async def publish(url: str, topic: str, count: int) -> None:
+    producer = MemoryTransport(url)
+    await producer.connect()
+    for n in range(count):
+        await producer.publish(topic, envelope.to_binary(envelope.create(topic, {"n": n}, source="t"), "ce-"))
+    await producer.close()
+
+
+async def unready(port: int, check: str, within: float = 15.0) -> dict[str, Any]:
+    """Wait until ``/readyz`` answers 503 with ``check`` failing; return that check's details."""
+    seen: list[tuple[int, dict[str, Any]]] = []
+
+    async def failing() -> bool:
+        seen[:] = [await readyz(port)]
+        status, body = seen[0]
+        return status == 503 and not body["checks"].get(check, {}).get("ok", True)
+
+    await wait_until(failing, within, f"/readyz to fail on {check!r}")
+    return dict(seen[0][1]["checks"][check])
+
+
+@contextlib.contextmanager
+def write_locked(sqlite_url: str) -> Iterator[None]:
+    """Another connection holds the SQLite file's write lock (readers still read), as a long writer would."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        connection = sqlite3.connect(str(make_url(sqlite_url).database), isolation_level=None)
+        connection.execute("BEGIN IMMEDIATE")
+        held.set()
+        release.wait(60)
+        connection.execute("ROLLBACK")
+        connection.close()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(10)
+
+
+async def test_a_worker_whose_every_slot_hangs_is_not_ready_and_names_the_handler() -> None:
+    topic, name = unique("hung"), unique("hung")
+    never = asyncio.Event()
+
+    @on(topic, name=name, concurrency=2, timeout=None)
+    async def hang(payload: dict) -> None:
+        await never.wait()
+
+    url = f"memory://{unique('hung')}"
+    async with process(registry.Registry.of(hang), app.Parts(worker=True), broker_url=url, database_url="none") as port:
+        await publish(url, topic, 5)
+        check = await unready(port, "progress")
+        never.set()
+        await wait_until(lambda: readyz_ok(port), 15, "/readyz healthy again once the handler returns")
+    assert name in check["error"] and "in hand" in check["error"]
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+async def test_a_worker_whose_database_takes_no_writes_is_not_ready(db_url: str) -> None:
+    topic, name = unique("db"), unique("db")
+    done: list[int] = []
+
+    @on(topic, name=name, concurrency=2, timeout=1.0)  # may hold a message 2 s (STALL_AFTER, twice its timeout)
+    async def record(payload: dict, ctx: Context) -> None:
+        async with ctx.transaction():
+            pass
+        done.append(payload["n"])
+
+    url = f"memory://{unique('db')}"
+    async with process(
+        registry.Registry.of(record), app.Parts(worker=True), broker_url=url, database_url=db_url
+    ) as port:
+        with write_locked(db_url):
+            await publish(url, topic, 3)
+            check = await unready(port, "progress")
+        await wait_for(lambda: len(done) == 3, 30, "the held messages, once the database takes writes")
+        await wait_until(lambda: readyz_ok(port), 15, "/readyz healthy again")
+    assert name in check["error"]
+
+
+async def readyz_ok(port: int) -> bool:
+    status, body = await readyz(port)
+    return status == 200 and body["status"] == "healthy"
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+async def test_a_relay_whose_rounds_keep_failing_is_not_ready(db_url: str) -> None:
+    database = Database(db_url)
+    async with database.transaction() as session:
+        await Outbox().add(session, "stalls.audit", {"n": 1})
+    await database.close()
+
+    class Broken(MemoryTransport):
+        async def publish_many(self, messages: Any) -> Any:  # a bug in an adapter, not an outage
+            raise RuntimeError("adapter bug")
+
+    url = f"memory://{unique('relay')}"
+    with mock_transport(url, Broken):
+        async with process(registry.Registry(), app.Parts(worker=False, relay=True), broker_url=url,
+                           database_url=db_url) as port:  # fmt: skip
+            check = await unready(port, "relay")
+    assert "stalled" in check["error"]
+
+
+@contextlib.contextmanager
+def mock_transport(url: str, cls: type[MemoryTransport]) -> Iterator[None]:
+    from unittest import mock
+
+    from conveyor import transports
+
+    original = transports.create
+
+    def create(wanted: str, *args: Any, **kwargs: Any) -> Any:
+        return cls(wanted) if wanted == url else original(wanted, *args, **kwargs)
+
+    with mock.patch.object(transports, "create", create):
+        yield
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+async def test_a_scheduler_that_cannot_claim_its_fires_is_not_ready(db_url: str) -> None:
+    @every(timedelta(seconds=1), name=unique("tick"))
+    def tick() -> None:
+        return None
+
+    url = f"memory://{unique('sched')}"
+    async with process(registry.Registry.of(tick), app.Parts(worker=False, scheduler=True), broker_url=url,
+                       database_url=db_url) as port:  # fmt: skip
+        with write_locked(db_url):
+            check = await unready(port, "scheduler")
+        await wait_until(lambda: readyz_ok(port), 15, "/readyz healthy again")
+    assert "tick" in check["error"] or "scheduler" in check["error"]
