@@ -25,6 +25,9 @@ class Context:
         handler: the handler's name.
         outgoing: messages the attempt published, in order; sent when it succeeds.
         duplicate: the inbox showed the message was already handled.
+        in_database: the attempt was waiting for one of Conveyor's own database
+            steps (the inbox claim, the commit) and has not seen it answer: a
+            timeout then is the database's, not the message's.
     """
 
     __slots__ = (
@@ -36,6 +39,7 @@ class Context:
         "_units",
         "duplicate",
         "handler",
+        "in_database",
         "message",
         "outgoing",
     )
@@ -57,6 +61,7 @@ class Context:
         self._children = 0
         self.outgoing: list[persistence.Outgoing] = []
         self.duplicate = False
+        self.in_database = False
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -227,7 +232,9 @@ class Context:
             raise errors.ConfigurationError(
                 "ctx.transaction() needs a database: set CONVEYOR_DATABASE_URL and run `conveyor db upgrade`"
             )
+        self.in_database = True  # left set if the claim never answers (a timeout cancels it)
         unit = await self._units.begin(self.handler, self.message.scoped_id)
+        self.in_database = False
         if unit is None:
             self.duplicate = True
             raise AlreadyHandled(f"{self.handler} already handled message {self.message.id}")

@@ -196,3 +196,22 @@ async def test_a_scheduler_that_cannot_claim_its_fires_is_not_ready(db_url: str)
             check = await unready(port, "scheduler")
         await wait_until(lambda: readyz_ok(port), 15, "/readyz healthy again")
     assert "tick" in check["error"] or "scheduler" in check["error"]
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+async def test_a_database_that_hangs_past_the_handler_timeout_spends_no_attempt(db_url: str) -> None:
+    topic, name = unique("hang"), unique("hang")
+    attempts: list[int] = []
+
+    @on(topic, name=name, timeout=0.5, max_attempts=2)
+    async def record(payload: dict, ctx: Context) -> None:
+        async with ctx.transaction():  # the inbox claim waits for the write lock past the timeout
+            attempts.append(ctx.message.attempt)
+
+    url = f"memory://{unique('hang')}"
+    async with process(registry.Registry.of(record), app.Parts(worker=True), broker_url=url, database_url=db_url):
+        with write_locked(db_url):
+            await publish(url, topic, 1)
+            await asyncio.sleep(2.5)  # five handler timeouts: each would spend an attempt if blamed on the message
+        await wait_for(lambda: bool(attempts), 15, "the message, once the database takes writes")
+    assert attempts == [1]

@@ -14,7 +14,7 @@ import importlib.metadata
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -213,8 +213,8 @@ async def _start_worker(
     """Start consuming (drained at shutdown), add the subscriptions check; return the scaling signal."""
     stack.push_async_callback(_drain, consumer, settings.drain_timeout)
     await consumer.start()
-    checks.append(http.Check("subscriptions", _subscriptions_probe(consumer)))
-    checks.append(http.Check("progress", _progress_probe(consumer)))
+    checks.append(http.Check("subscriptions", consumer.check_subscriptions))
+    checks.append(http.Check("progress", consumer.check_progress))
     reporter = scaling.ScalingReporter(transport, consumer)
     _background(stack, "scaling", reporter.run)
     return reporter.snapshot
@@ -350,22 +350,6 @@ async def _connect(settings: Settings, stack: contextlib.AsyncExitStack) -> port
 
 async def _drain(consumer: worker.Worker, timeout: float) -> None:
     await consumer.stop(timeout)
-
-
-def _subscriptions_probe(consumer: worker.Worker) -> Callable[[], Awaitable[None]]:
-    async def probe() -> None:
-        if not consumer.ready:
-            raise errors.TransportError("not every subscription is consuming")
-
-    return probe
-
-
-def _progress_probe(consumer: worker.Worker) -> Callable[[], Awaitable[None]]:
-    async def probe() -> None:
-        if stalled := consumer.stalled():
-            raise errors.ConveyorError("; ".join(stalled))
-
-    return probe
 
 
 def _console(

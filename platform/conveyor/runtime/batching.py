@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from conveyor import envelope, errors, ports
-from conveyor.runtime import handling
+from conveyor.runtime import failures, handling
 
 log = logging.getLogger("conveyor.worker")
 
@@ -177,7 +177,7 @@ async def _run(runner: handling.HandlerRunner, batch: list[Admitted], settled: s
                     raise TimeoutError(f"attempt exceeded the handler timeout of {handler.timeout}s") from None
                 raise
             except (SystemExit, KeyboardInterrupt) as exc:  # from the handler: it must not stop the worker
-                raise handling.HandlerExit(exc) from exc
+                raise failures.HandlerExit(exc) from exc
             finally:
                 runner.deadlines.finish(deadline)
                 runner.observe(time.perf_counter() - started)

@@ -26,29 +26,21 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
 
 from conveyor import context, crash, deadlines, envelope, errors, persistence, plain, ports, registry, telemetry
 from conveyor.runtime import threads
+from conveyor.runtime.failures import HandlerExit, dead_letter_headers, dead_letter_topic
 from conveyor.transaction import AlreadyHandled
 
 log = logging.getLogger("conveyor.worker")
 
-DLQ_SUFFIX = ".dlq"
-DLQ_HEADER = "conveyor-dlq-"
-_MAX_ERROR_TEXT = 1000
 SYNC_GRACE = 30.0
 """Least time a timed-out sync handler's thread is waited for before its message is settled anyway."""
 OUTAGE_BACKOFF = (0.5, 30.0)
 """First and longest pause (seconds) while a message is held through a database or broker outage."""
-
-
-def dead_letter_topic(topic: str) -> str:
-    """The dead-letter topic of ``topic``."""
-    return topic + DLQ_SUFFIX
 
 
 class HandlerRunner:
@@ -364,7 +356,9 @@ class HandlerRunner:
                     await ctx.open_transaction()
                 if ctx.unit is not None:
                     crash.maybe_crash("handler.before-commit")
+                    ctx.in_database = True
                     await ctx.unit.commit(ctx.outgoing)
+                    ctx.in_database = False
                     crash.maybe_crash("handler.after-commit")
             except asyncio.CancelledError:
                 if self.deadlines.finish(deadline):
@@ -381,6 +375,11 @@ class HandlerRunner:
                 translated = await ctx.unit.rollback(exc)
                 if translated is not None:  # the database failed a statement of the handler's
                     raise translated from exc
+            if isinstance(exc, TimeoutError) and ctx.in_database:  # the database hangs: not the message's fault
+                raise errors.StoreUnavailable(
+                    f"the database did not answer Conveyor's inbox claim or commit within the handler timeout "
+                    f"of {handler.timeout}s"
+                ) from exc
             raise
 
     async def failed(self, delivery: ports.Delivery, attempt: int, delay: float, kind: str, text: str) -> None:
@@ -431,28 +430,3 @@ class HandlerRunner:
             kind,
             text,
         )
-
-
-class HandlerExit(Exception):
-    """A handler (or a library it called) raised ``SystemExit`` or ``KeyboardInterrupt``: its message failed.
-
-    The worker's own shutdown comes through its signal handlers, never as an
-    exception out of a handler; one raised there fails that message like any
-    other error instead of stopping every subscription of the process.
-    """
-
-    def __init__(self, raised: BaseException) -> None:
-        super().__init__(f"the handler raised {type(raised).__name__}({raised})")
-
-
-def dead_letter_headers(handler: str, topic: str, kind: str, text: str, attempts: int) -> dict[str, str]:
-    """The ``conveyor-dlq-*`` headers that explain why a message was dead-lettered."""
-    clean = " ".join(text.split())[:_MAX_ERROR_TEXT]  # header values must be one line
-    return {
-        DLQ_HEADER + "handler": handler,
-        DLQ_HEADER + "topic": topic,
-        DLQ_HEADER + "error-type": kind,
-        DLQ_HEADER + "error": clean,
-        DLQ_HEADER + "attempts": str(attempts),
-        DLQ_HEADER + "at": envelope.format_time(datetime.now(UTC)),
-    }

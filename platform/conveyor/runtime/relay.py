@@ -44,8 +44,10 @@ Between rounds the relay sleeps until the store signals a commit (PostgreSQL
 ``LISTEN/NOTIFY``, or a commit in this process), the next claimable row is due
 (rows of waiting keys and parked rows do not count), or ``poll_interval``
 passed, whichever comes first, but at least ``min_idle`` after an empty claim,
-so it never spins. It also refreshes the backlog gauges and purges rows sent
-longer ago than ``retention``.
+so it never spins. It purges rows sent longer ago than ``retention``; a task
+of its own refreshes the backlog gauges every ``metrics_interval``, whether
+rounds succeed or not, and :meth:`Relay.progress` (readiness) reports a relay
+whose due rows wait while it publishes nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from prometheus_client import Gauge
 
 from conveyor import errors, ports, stores
 from conveyor.runtime import relay_waves
+from conveyor.runtime.relay_claims import Claim
 from conveyor.runtime.relay_waves import (
     RELAY_FAILURES,
     RELAY_PUBLISHED,
@@ -84,71 +87,6 @@ OUTBOX_PARKED = Gauge(
 )
 
 
-class _Claim:
-    """One batch's claim held open in a task of its own, from the claim to its mark.
-
-    The store's claim is a context manager whose transaction (PostgreSQL)
-    belongs to the task that entered it, so a batch's whole life runs in one
-    task: claim, wait for the publish outcome (:meth:`release`), exit (mark).
-    """
-
-    def __init__(self, store: stores.OutboxStore, limit: int, after: _Claim | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        self._batch: asyncio.Future[stores.OutboxBatch] = loop.create_future()
-        self._outcome: asyncio.Future[Exception | None] = loop.create_future()
-        self.task = asyncio.create_task(self._hold(store, limit, after))
-
-    async def _hold(self, store: stores.OutboxStore, limit: int, after: _Claim | None) -> None:
-        claimed = False
-        try:
-            if after is not None:
-                # Claim once the previous batch is marked: its keys are free again by then (a
-                # claim made before would skip them too). Its outcome is the relay's to report.
-                await asyncio.wait([after.task])
-            async with store.claim(limit) as batch:
-                claimed = True
-                self._batch.set_result(batch)
-                failure = await self._outcome
-                if failure is not None:
-                    raise failure  # the store keeps what was recorded, then re-raises
-        except Exception as exc:
-            if claimed:
-                raise
-            self._batch.set_exception(exc)  # the claim failed: batch() raises it
-        finally:
-            if not self._batch.done():
-                self._batch.cancel()
-
-    async def batch(self) -> stores.OutboxBatch:
-        """The claimed batch.
-
-        Raises:
-            StoreError: the claim failed.
-        """
-        return await asyncio.shield(self._batch)
-
-    def release(self, failure: Exception | None = None) -> None:
-        """Hand back the publish outcome (``failure``: what the publish raised); the mark starts."""
-        if not self._outcome.done():
-            self._outcome.set_result(failure)
-
-    async def marked(self) -> None:
-        """Wait until the batch is marked.
-
-        Raises:
-            StoreError: the mark failed.
-            Exception: the ``failure`` given to :meth:`release`, after the mark.
-        """
-        await asyncio.shield(self.task)
-
-    async def abandon(self) -> None:
-        """Cancel the claim (rolled back: its rows are claimed again); wait for it."""
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        if not self._batch.cancelled():
-            self._batch.exception()  # a failed claim's error is retrieved: nothing to report after a cancel
-
-
 class Relay:
     """Moves outbox rows to the broker.
 
@@ -170,10 +108,10 @@ class Relay:
         self.options = options or RelayOptions()
         self._waves = relay_waves.WavePublisher(transport, self.options)
         self._next_purge = time.monotonic() + self.options.purge_interval
-        self._ahead: _Claim | None = None  # the next batch, claimed while the current one publishes
-        self._current: _Claim | None = None  # the batch being published
-        self._marking: _Claim | None = None  # the previous batch, being marked
-        self._open: set[_Claim] = set()  # every claim whose task runs: a cancelled relay rolls them all back
+        self._ahead: Claim | None = None  # the next batch, claimed while the current one publishes
+        self._current: Claim | None = None  # the batch being published
+        self._marking: Claim | None = None  # the previous batch, being marked
+        self._open: set[Claim] = set()  # every claim whose task runs: a cancelled relay rolls them all back
         self.stats: stores.OutboxStats | None = None
         """The backlog as of the last metrics refresh (None before the first)."""
         self.last_progress = time.monotonic()
@@ -240,9 +178,9 @@ class Relay:
             await self.drain()
         return result
 
-    def _claim(self, limit: int, after: _Claim | None = None) -> _Claim:
+    def _claim(self, limit: int, after: Claim | None = None) -> Claim:
         """A new claim, tracked until its task ends (see :meth:`_abandon`)."""
-        claim = _Claim(self.store, limit, after)
+        claim = Claim(self.store, limit, after)
         self._open.add(claim)
         claim.task.add_done_callback(lambda _task: self._open.discard(claim))
         return claim

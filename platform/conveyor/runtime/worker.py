@@ -14,15 +14,10 @@ import functools
 import logging
 from collections.abc import Sequence
 
-from conveyor import persistence, ports, registry, telemetry
+from conveyor import errors, persistence, ports, registry, telemetry
 from conveyor.runtime import batching, dispatch
-from conveyor.runtime.handling import (
-    DLQ_HEADER,
-    DLQ_SUFFIX,
-    HandlerRunner,
-    dead_letter_headers,
-    dead_letter_topic,
-)
+from conveyor.runtime.failures import DLQ_HEADER, DLQ_SUFFIX, dead_letter_headers, dead_letter_topic
+from conveyor.runtime.handling import HandlerRunner
 
 ACK_WAIT = 15.0
 """Seconds before a broker with an ack timer (NATS) redelivers what a worker holds without a sign of life.
@@ -163,6 +158,25 @@ class Worker:
     def ready(self) -> bool:
         """True when every subscription is consuming."""
         return len(self._consumers) == len(self._handlers) and all(c.active for c in self._consumers)
+
+    async def check_subscriptions(self) -> None:
+        """Readiness probe: every subscription is consuming.
+
+        Raises:
+            TransportError: one is not (the broker is unreachable, or a Kafka
+                member has no partitions).
+        """
+        if not self.ready:
+            raise errors.TransportError("not every subscription is consuming")
+
+    async def check_progress(self) -> None:
+        """Readiness probe: no handler is stalled (see :meth:`stalled`).
+
+        Raises:
+            ConveyorError: naming each stalled handler and how long it has held a message.
+        """
+        if stalled := self.stalled():
+            raise errors.ConveyorError("; ".join(stalled))
 
     def stalled(self) -> list[str]:
         """Why each stalled handler is stalled: it has had a message in hand longer than it may.
