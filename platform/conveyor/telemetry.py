@@ -54,6 +54,17 @@ CAPACITY = Gauge(
     ["handler"],
     multiprocess_mode="livesum",
 )
+OLDEST_IN_HAND = Gauge(
+    "conveyor_oldest_in_hand_seconds",
+    "Seconds a handler has had its oldest unsettled message in hand: a hung attempt or an outage it waits out.",
+    ["handler"],
+    multiprocess_mode="livemax",
+)
+SCHEDULER_TICK_AGE = Gauge(
+    "conveyor_scheduler_last_tick_age_seconds",
+    "Seconds since the scheduler last completed a tick (claimed every due fire); grows while it cannot.",
+    multiprocess_mode="livemax",
+)
 OUTAGE_WAITS = Counter(
     "conveyor_outage_waits",
     "Times a handler held a message because the database or broker was unavailable (no attempt spent).",

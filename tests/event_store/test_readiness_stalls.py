@@ -60,6 +60,20 @@ async def process(handlers: registry.Registry, parts: app.Parts, **overrides: An
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
 
 
+async def metrics_text(port: int) -> str:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+
+
+def metric(text: str, name: str, handler: str | None = None) -> float:
+    """The value of sample ``name`` (of ``handler``, if given) in a Prometheus exposition."""
+    wanted = name if handler is None else f'{name}{{handler="{handler}"}}'
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no sample {wanted} in /metrics")
+
+
 async def publish(url: str, topic: str, count: int) -> None:
     producer = MemoryTransport(url)
     await producer.connect()
@@ -116,9 +130,11 @@ async def test_a_worker_whose_every_slot_hangs_is_not_ready_and_names_the_handle
     async with process(registry.Registry.of(hang), app.Parts(worker=True), broker_url=url, database_url="none") as port:
         await publish(url, topic, 5)
         check = await unready(port, "progress")
+        held = metric(await metrics_text(port), "conveyor_oldest_in_hand_seconds", name)
         never.set()
         await wait_until(lambda: readyz_ok(port), 15, "/readyz healthy again once the handler returns")
     assert name in check["error"] and "in hand" in check["error"]
+    assert held > STALL_AFTER
 
 
 @pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
@@ -194,8 +210,9 @@ async def test_a_scheduler_that_cannot_claim_its_fires_is_not_ready(db_url: str)
                        database_url=db_url) as port:  # fmt: skip
         with write_locked(db_url):
             check = await unready(port, "scheduler")
+            age = metric(await metrics_text(port), "conveyor_scheduler_last_tick_age_seconds")
         await wait_until(lambda: readyz_ok(port), 15, "/readyz healthy again")
-    assert "tick" in check["error"] or "scheduler" in check["error"]
+    assert "has not completed a tick" in check["error"] and age > STALL_AFTER
 
 
 @pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)

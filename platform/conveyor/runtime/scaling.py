@@ -104,6 +104,8 @@ class ScalingReporter:
         for handler, _, in_flight in self._worker.load():
             # A live gauge function is not shared across processes (``--processes N``): also store the value.
             telemetry.IN_FLIGHT.labels(handler.name).set(in_flight)
+        for name, age in self._worker.oldest_in_hand().items():
+            telemetry.OLDEST_IN_HAND.labels(name).set(age)
         await asyncio.gather(*(self._read(name) for name in self._loads))
 
     async def _read(self, name: str) -> None:

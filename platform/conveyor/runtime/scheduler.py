@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from conveyor import context, envelope, errors, payloads, persistence, ports, registry, retry
+from conveyor import context, envelope, errors, payloads, persistence, ports, registry, retry, telemetry
 from conveyor.runtime import threads
 from conveyor.scheduling import schedules as scheduling
 
@@ -89,6 +89,7 @@ class Scheduler:
         self._next_skew_warning = 0.0
         self._last_tick = time.monotonic()
         self._last_error = ""
+        telemetry.SCHEDULER_TICK_AGE.set_function(self.tick_age)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop`` is set; back off while the database is unavailable."""
@@ -106,6 +107,10 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
 
+    def tick_age(self) -> float:
+        """Seconds since the last completed tick (``conveyor_scheduler_last_tick_age_seconds``)."""
+        return time.monotonic() - self._last_tick
+
     async def health(self) -> None:
         """Readiness probe: a tick (every due fire claimed) completed within ``stall_after`` seconds.
 
@@ -113,7 +118,7 @@ class Scheduler:
             ConveyorError: no tick completed for longer (the database fails or
                 holds the claims); due fires are overdue meanwhile.
         """
-        since = time.monotonic() - self._last_tick
+        since = self.tick_age()
         if since > self._options.stall_after:
             why = f"; last error: {self._last_error}" if self._last_error else " (a tick is stuck)"
             raise errors.ConveyorError(

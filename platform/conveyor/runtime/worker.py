@@ -145,6 +145,7 @@ class Worker:
             else:
                 dispatcher = dispatch.Dispatcher(runner.process, handler.concurrency or self._concurrency)
             telemetry.IN_FLIGHT.labels(handler.name).set_function(functools.partial(_in_flight, dispatcher))
+            telemetry.OLDEST_IN_HAND.labels(handler.name).set_function(runner.oldest_in_hand)
             self._dispatchers.append(dispatcher)
             self._consumers.append(await self._transport.subscribe(subscription, dispatcher.submit))
             log.info("subscribed %s to %s", handler.name, handler.topic)
@@ -177,6 +178,10 @@ class Worker:
         """
         if stalled := self.stalled():
             raise errors.ConveyorError("; ".join(stalled))
+
+    def oldest_in_hand(self) -> dict[str, float]:
+        """Seconds each handler has had its oldest unsettled message in hand (0 when it holds none)."""
+        return {runner.handler.name: runner.oldest_in_hand() for runner in self._runners}
 
     def stalled(self) -> list[str]:
         """Why each stalled handler is stalled: it has had a message in hand longer than it may.
