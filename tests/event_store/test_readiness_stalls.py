@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conveyor import Context, envelope, every, on, registry, settings
+from conveyor import Context, envelope, errors, every, on, registry, settings
 from conveyor.runtime import app
 from conveyor.testing import unique, wait_for
 from conveyor.testing.brokers import free_port
@@ -232,3 +232,22 @@ async def test_a_database_that_hangs_past_the_handler_timeout_spends_no_attempt(
             await asyncio.sleep(2.5)  # five handler timeouts: each would spend an attempt if blamed on the message
         await wait_for(lambda: bool(attempts), 15, "the message, once the database takes writes")
     assert attempts == [1]
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+async def test_ingest_alone_stays_ready_through_a_broker_outage_and_says_so(db_url: str) -> None:
+    class Unreachable(MemoryTransport):
+        down = False
+
+        async def check(self) -> None:
+            if Unreachable.down:
+                raise errors.TransientTransportError("the broker is unreachable (test)")
+
+    url = f"memory://{unique('ingest')}"
+    with mock_transport(url, Unreachable):
+        parts = app.Parts(worker=False, ingest=True)
+        async with process(registry.Registry(), parts, broker_url=url, database_url=db_url) as port:
+            Unreachable.down = True
+            status, body = await readyz(port)
+    # Ingest writes to the outbox only: it still accepts events, so it stays ready, degraded, naming the broker.
+    assert (status, body["status"], body["checks"]["broker"]["ok"]) == (200, "degraded", False)

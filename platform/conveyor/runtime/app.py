@@ -99,7 +99,13 @@ async def serve(
             stores = await open_persistence(settings, stack, concurrency)
             database = stores.database
             transport = await _connect(settings, stack)
-            checks = [http.Check("broker", transport.check), http.Check("database", database.check)]
+            # Ingest and the scheduler only write to the database (the relay publishes): without a
+            # worker or a relay, a broker outage degrades the process but leaves it ready.
+            uses_broker = parts.worker or parts.relay
+            checks = [
+                http.Check("broker", transport.check, critical=uses_broker),
+                http.Check("database", database.check),
+            ]
             consumer = worker.Worker(
                 [*handlers.handlers, *scheduler.job_handlers(handlers.schedules, stores)],
                 transport,
