@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
-from conveyor import ports
+from conveyor import ports, registry
 from conveyor.runtime import dead_letters
+from conveyor.runtime.worker import Worker
+from conveyor.testing import Collector, unique
 
 Open = Callable[[], Awaitable[ports.Transport]]
 
@@ -29,3 +31,19 @@ async def peek_until(
             await peeker.close()
         if len(listed) >= count or time.monotonic() >= deadline:
             return listed
+
+
+async def worker_with_dead_letters(transport: ports.Transport, handler: object) -> tuple[Worker, Collector]:
+    """Start a worker of ``handler`` (one decorated function) on a connected ``transport``.
+
+    Returns the worker and a collector of its topic's dead letters.
+    """
+    handlers = registry.Registry.of(handler).handlers  # type: ignore[arg-type]
+    worker = Worker(handlers, transport, source="t")
+    await worker.declare()
+    dead = Collector()
+    subscription = ports.Subscription(name=unique("dlq"), topic=handlers[0].topic + ".dlq")
+    await transport.declare([], [subscription])
+    await transport.subscribe(subscription, dead)
+    await worker.start()
+    return worker, dead

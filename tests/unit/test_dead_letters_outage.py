@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from conveyor import Reject, envelope, errors, on, ports, registry
-from conveyor.runtime.worker import Worker
-from conveyor.testing import Collector, unique, wait_for
+from conveyor import Reject, envelope, errors, on
+from conveyor.testing import unique, wait_for
 from conveyor.transports.memory import MemoryTransport
+from dlq_helpers import worker_with_dead_letters
 
 
 class DeadLetterOutage(MemoryTransport):
@@ -35,13 +35,7 @@ async def test_a_dead_letter_publish_that_meets_an_outage_is_held_and_keeps_its_
 
     transport = DeadLetterOutage(f"memory://{unique('dl')}", failures=3)
     await transport.connect()
-    worker = Worker(registry.Registry.of(rejects).handlers, transport, source="t")
-    await worker.declare()
-    dead = Collector()
-    subscription = ports.Subscription(name=unique("dlq"), topic=topic + ".dlq")
-    await transport.declare([], [subscription])
-    await transport.subscribe(subscription, dead)
-    await worker.start()
+    worker, dead = await worker_with_dead_letters(transport, rejects)
     await transport.publish(topic, envelope.to_binary(envelope.create(topic, {"n": 1}, source="t"), "ce-"))
     await wait_for(lambda: bool(dead.received), 15, "the dead letter, once the broker takes it")
     await asyncio.sleep(0.2)  # a second run or dead letter would show meanwhile

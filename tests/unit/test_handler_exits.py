@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conveyor import envelope, on, ports, registry
-from conveyor.runtime.worker import Worker
-from conveyor.testing import Collector, unique, wait_for
+from conveyor import envelope, on
+from conveyor.testing import unique, wait_for
 from conveyor.transports.memory import MemoryTransport
+from dlq_helpers import worker_with_dead_letters
 
 
 @pytest.mark.parametrize("raised", [SystemExit(2), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"])
@@ -39,13 +39,7 @@ async def test_an_exit_raised_by_a_handler_dead_letters_its_message_and_the_work
 
     transport = MemoryTransport(f"memory://{unique('exit')}")
     await transport.connect()
-    worker = Worker(registry.Registry.of(handle).handlers, transport, source="t")
-    await worker.declare()
-    dead = Collector()
-    subscription = ports.Subscription(name=unique("dlq"), topic=topic + ".dlq")
-    await transport.declare([], [subscription])
-    await transport.subscribe(subscription, dead)
-    await worker.start()
+    worker, dead = await worker_with_dead_letters(transport, handle)
     await transport.publish(topic, envelope.to_binary(envelope.create(topic, {"n": 0}, source="t"), "ce-"))
     await wait_for(lambda: bool(dead.received), 5, "the dead letter of the exiting message")
     await transport.publish(topic, envelope.to_binary(envelope.create(topic, {"n": 1}, source="t"), "ce-"))
