@@ -38,12 +38,18 @@ AddOutcome = persistence.AddOutcome
 
 
 def db_time(dialect: str, offset: float = 0.0) -> sa.ColumnElement[Any]:
-    """The database clock plus ``offset`` seconds, as a SQL expression."""
+    """The database clock plus ``offset`` seconds, as a SQL expression.
+
+    With an offset (a delay, a cutoff) the clock is the statement's, not the
+    transaction's: PostgreSQL's ``now()`` is when the transaction began, and a
+    delay added by a handler busy for a while in its transaction would
+    otherwise be spent before the commit.
+    """
     if not offset:
         return models.utcnow()
     if dialect == "sqlite":
         return sa.func.strftime("%Y-%m-%d %H:%M:%f000", "now", f"{offset:+.6f} seconds")
-    return models.utcnow() + sa.literal(timedelta(seconds=offset), sa.Interval())
+    return sa.func.clock_timestamp() + sa.literal(timedelta(seconds=offset), sa.Interval())
 
 
 def as_utc(value: datetime) -> datetime:

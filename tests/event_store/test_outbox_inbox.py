@@ -203,3 +203,18 @@ async def test_outbox_rolled_back_add_does_not_signal(db: Database) -> None:
     with pytest.raises(RuntimeError):
         await rolled_back()
     assert not db.outbox_signal.is_set()
+
+
+async def test_a_delay_counts_from_the_add_not_from_the_start_of_a_long_transaction(db: Database) -> None:
+    from event_store.outbox import as_utc
+
+    async with db.transaction() as session:
+        began = as_utc((await session.execute(sa.select(models.utcnow()))).scalar_one())
+    async with db.transaction() as session:
+        await session.execute(sa.text("SELECT 1"))  # the transaction has begun (as the inbox claim begins it)
+        await asyncio.sleep(1.0)  # a handler busy inside its transaction before it publishes
+        await Outbox().add(session, "orders.later", {"n": 1}, delay=2.0)
+    async with db.transaction() as session:
+        due = as_utc((await session.execute(sa.select(models.outbox.c.available_at))).scalar_one())
+    # Due 2 s after the add: at least 2.9 s after the transaction began (1 s of work, then the delay).
+    assert (due - began).total_seconds() >= 2.9
