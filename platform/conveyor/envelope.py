@@ -132,13 +132,17 @@ class Envelope:
 
     @property
     def scoped_id(self) -> str:
-        """The id within its tenant (``tenant/id``, or the id without a tenant).
+        """The id within its tenant: ``tenant/id``; without a tenant the id, or ``/id`` if it holds a ``/``.
 
         It keys everything that deduplicates by id (the inbox, the outbox, the
-        brokers' message ids), so two tenants' equal ids never collide.
+        brokers' message ids), so two tenants' equal ids never collide, and an
+        untenanted ``acme/42`` is never tenant ``acme``'s ``42`` (a tenant
+        starts with a letter or digit, never with ``/``).
         """
         tenant = self.extensions.get(attributes.TENANT)
-        return self.id if tenant is None else f"{tenant}/{self.id}"
+        if tenant is not None:
+            return f"{tenant}/{self.id}"
+        return f"/{self.id}" if "/" in self.id else self.id
 
     def json(self) -> Any:
         """Parse ``data`` as JSON.

@@ -27,6 +27,20 @@ def test_a_tenant_scopes_the_id_that_deduplicates() -> None:
     assert envelope.to_binary(tenanted, "ce-").message_id == f"acme/{tenanted.id}"
 
 
+@pytest.mark.parametrize(
+    ("tenant", "event_id"), [("acme", "42"), ("acme", "a/b"), ("a", "b/c")], ids=["plain", "slash", "nested"]
+)
+def test_an_untenanted_id_never_scopes_like_a_tenants_id(tenant: str, event_id: str) -> None:
+    tenanted = envelope.create("t", {}, source="s", extensions={"tenant": tenant}).evolve(id=event_id)
+    untenanted = envelope.create("t", {}, source="s").evolve(id=f"{tenant}/{event_id}")
+    assert untenanted.scoped_id != tenanted.scoped_id
+
+
+def test_an_untenanted_id_without_a_slash_is_its_own_scoped_id() -> None:
+    event = envelope.create("t", {}, source="s").evolve(id="order-42")
+    assert event.scoped_id == "order-42"  # the common case keeps its id, as stored by earlier versions
+
+
 def test_settings_refuse_an_invalid_tenant_in_ingest_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONVEYOR_INGEST_TOKENS", '{"tok": "acme.*"}')
     with pytest.raises(errors.ConfigurationError, match="invalid tenant"):
