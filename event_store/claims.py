@@ -178,13 +178,18 @@ async def states(session: AsyncSession) -> dict[str, State]:
 
 
 async def set_paused(session: AsyncSession, schedule: str, paused: bool) -> None:
-    """Pause or resume a schedule for every replica (resuming records the database time)."""
+    """Pause or resume a schedule for every replica.
+
+    Resuming a paused schedule records the database time: fires due while it
+    was paused are skipped. Resuming one that is not paused changes nothing,
+    so its missed fires still run as its misfire policy says.
+    """
     table = models.schedule_states
     insert = database.insert_for(session)
     values: dict[str, object] = {"schedule": schedule, "paused": paused, "updated_at": models.utcnow()}
+    update: dict[str, object] = {"paused": paused, "updated_at": models.utcnow()}
     if not paused:
-        values["resumed_at"] = models.utcnow()
-    update = {k: v for k, v in values.items() if k != "schedule"}
+        update["resumed_at"] = sa.case((table.c.paused, models.utcnow()), else_=table.c.resumed_at)
     statement = insert(table).values(**values).on_conflict_do_update(index_elements=["schedule"], set_=update)
     with database.translating():
         await session.execute(statement)

@@ -243,3 +243,15 @@ async def test_a_failed_run_never_overwrites_a_success(db: Database) -> None:
         await claims.finish(session, run_id, "failed", error="a late duplicate failed")
     (claim,) = await claim_rows(db, schedule)
     assert (started_again, claim.status, claim.error) == (False, claims.SUCCEEDED, None)
+
+
+async def test_resuming_a_schedule_that_is_not_paused_keeps_its_missed_fires(db: Database) -> None:
+    schedule = each_second(misfire="all")
+    replica = scheduler.Scheduler([schedule], app.stores_for(db, "t"), source="t")
+    await replica.tick()
+    before = len(await claim_rows(db, schedule))
+    await until_due(db, next_second(await db_now(db)) + timedelta(seconds=1))  # two fires missed (no tick)
+    async with db.transaction() as session:
+        await claims.set_paused(session, schedule.name, False)  # an operator resumes an active schedule
+    await replica.tick()
+    assert len(await claim_rows(db, schedule)) >= before + 2
