@@ -21,8 +21,13 @@ from conveyor import errors
 
 
 def lock_path(database: str) -> Path:
-    """The lock file of the SQLite database file ``database`` (as the URL names it)."""
-    return Path(f"{database}-relay.lock")
+    """The lock file of the SQLite database file ``database``, however the URL spells it.
+
+    The path is resolved (relative to the working directory, as SQLite opens
+    it, through symbolic links), so two relays naming one file differently
+    take the same lock.
+    """
+    return Path(f"{os.path.realpath(database)}-relay.lock")
 
 
 class RelayLock:

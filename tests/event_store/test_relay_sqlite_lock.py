@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import databases
 import pytest
@@ -94,3 +95,16 @@ async def test_relay_standby_on_sqlite_file_logs_standing_by_once(
     logged_at = standby.claims
     await wait_for(lambda: standby.claims >= logged_at + 10, 10, "ten more lock attempts of the standby relay")
     assert caplog.text.count("standing by") == 1
+
+
+def test_every_spelling_of_one_sqlite_file_takes_the_same_relay_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from event_store import relay_lock
+
+    database = tmp_path / "app.db"
+    database.touch()
+    (tmp_path / "link.db").symlink_to(database)
+    monkeypatch.chdir(tmp_path)
+    spellings = ["app.db", "./app.db", str(database), f"{tmp_path}/../{tmp_path.name}/app.db", "link.db"]
+    assert {relay_lock.lock_path(s) for s in spellings} == {relay_lock.lock_path(str(database))}
