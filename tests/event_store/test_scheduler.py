@@ -18,6 +18,7 @@ from conveyor.runtime.worker import Worker
 from conveyor.scheduling.schedules import Schedule, every
 from conveyor.testing import Collector, unique, wait_for
 from conveyor.transports.memory import MemoryTransport
+from relay_helpers import wait_until
 
 from event_store import Database, claims, models, schedule_at
 from event_store.outbox_store import SqlOutboxStore
@@ -255,3 +256,32 @@ async def test_resuming_a_schedule_that_is_not_paused_keeps_its_missed_fires(db:
         await claims.set_paused(session, schedule.name, False)  # an operator resumes an active schedule
     await replica.tick()
     assert len(await claim_rows(db, schedule)) >= before + 2
+
+
+async def test_a_job_that_fails_inside_its_transaction_is_marked_failed_at_once(db: Database) -> None:
+    @every(timedelta(hours=1), name=unique("fails"), max_attempts=1)
+    async def job(ctx: Context) -> None:
+        async with ctx.transaction():  # on SQLite the attempt now holds the write lock
+            raise RuntimeError("the job's own failure")
+
+    schedule: Schedule = job.__conveyor_schedule__  # type: ignore[attr-defined]
+    stores = app.stores_for(db, "t")
+    await scheduler.trigger_now(stores, schedule, "t")
+    async with db.transaction(readonly=True) as session:
+        row = (await session.execute(sa.select(models.outbox).where(models.outbox.c.topic == schedule.topic))).one()
+    transport = MemoryTransport(f"memory://{unique('jobs')}")
+    await transport.connect()
+    worker = Worker(scheduler.job_handlers([schedule], stores), transport, source="t", transactions=stores.units)
+    await worker.start()
+    try:
+        await transport.publish(schedule.topic, relay_wire(row, transport.binary_prefix))
+
+        async def marked_failed() -> bool:
+            (claim,) = await claim_rows(db, schedule)
+            return claim.status == claims.FAILED
+
+        # Well before SQLite's 30 s busy timeout: the failure mark must not wait for the attempt's own lock.
+        await wait_until(marked_failed, 5, "the run marked failed")
+        assert await worker.stop(5)
+    finally:
+        await transport.close()

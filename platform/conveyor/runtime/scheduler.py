@@ -270,6 +270,8 @@ def _job_handler(schedule: scheduling.Schedule, stores: persistence.Persistence 
                 await threads.run(schedule.func, *args)
         except BaseException as exc:
             text = f"{type(exc).__name__}: {exc}"
+            if ctx.unit is not None:  # release the attempt's locks first (SQLite: its write lock) or the mark waits
+                await ctx.unit.rollback(exc)
             with contextlib.suppress(errors.StoreError):
                 async with database.transaction() as tx:
                     await claims.finish(tx, run_id, "failed", error=text[:2000])
