@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 from conveyor import asyncapi, envelope, errors, persistence, ports, registry, stores, transports
 from conveyor.console import auth as console_auth
-from conveyor.runtime import housekeeping, http, relay, scaling, scheduler, worker
+from conveyor.runtime import housekeeping, http, orphans, relay, scaling, scheduler, worker
 from conveyor.sagas import runtime as saga_runtime
 from conveyor.settings import Settings
 
@@ -89,6 +89,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    orphan_watch = asyncio.create_task(orphans.stop_when_orphaned(stop), name="orphan-watch")
     try:
         async with contextlib.AsyncExitStack() as stack:
             if settings.database_url == NO_DATABASE:
@@ -159,6 +160,7 @@ async def serve(
             await stop.wait()
             log.info("shutting down: draining for up to %.0fs", settings.drain_timeout)
     finally:
+        orphan_watch.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     log.info("stopped")

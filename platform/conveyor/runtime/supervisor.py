@@ -41,7 +41,7 @@ import prometheus_client
 from prometheus_client import multiprocess
 
 from conveyor import errors
-from conveyor.runtime import app, http
+from conveyor.runtime import app, http, orphans
 from conveyor.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("conveyor.supervisor")
@@ -135,6 +135,7 @@ class Supervisor:
         env = child_environment(self._settings, child.port)
         # Read by prometheus_client when the child imports it: it must be in the environment at start.
         env[_MULTIPROC_ENV] = self._metrics_dir
+        env[orphans.SUPERVISOR_PID_ENV] = str(os.getpid())  # the child stops if this process dies
         child.process = await asyncio.create_subprocess_exec(*command, env=env, start_new_session=True)
         child.started_at = time.monotonic()
         log.info("started worker %d (pid %d)", child.index, child.process.pid)
