@@ -48,8 +48,7 @@ POOL_SIZE_OPTION = "pool_size"
 """Database URL query option: connections the pool keeps (``...?pool_size=40``); removed before connecting."""
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 _SYNC_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
-_CONFLICT_STATES = {"40001", "40P01"}  # serialization failure, deadlock
-_BUSY_STATES = {"55P03", "57014"}  # lock not available (lock_timeout), statement timeout
+_CONFLICT_STATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
 
 
 StoreUnavailable = errors.StoreUnavailable
@@ -136,28 +135,82 @@ def sqlstate(error: BaseException) -> str | None:
     return None
 
 
-def translate(error: BaseException) -> errors.StoreError:
-    """Map a SQLAlchemy/driver exception to Conveyor's error tree.
+_UNAVAILABLE_CLASSES = ("08", "53", "58", "XX")
+"""SQLSTATE classes of an outage: connection exception, insufficient resources, system error, internal error."""
+_UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "57P04", "57P05"}  # shutdown, crash, cannot connect now, ...
+_STATEMENT_CLASSES = ("21", "22", "23", "25", "26", "28", "2B", "34", "3D", "3F", "42", "44", "P0")
+"""SQLSTATE classes that blame the statement: cardinality, data, integrity, transaction state, names, syntax."""
+_STATEMENT_STATES = {"57014", "0A000"}  # the statement's own timeout (or a cancel), feature not supported
+_SQLITE_UNAVAILABLE = {
+    "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_NOMEM", "SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CORRUPT",
+    "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_PROTOCOL", "SQLITE_NOTADB", "SQLITE_INTERRUPT",
+}  # fmt: skip
+"""SQLite primary result codes of a database that cannot serve anyone now (locked, unreadable, full)."""
 
-    Unique violations of ``events (stream_id, version)``, serialization failures
-    and deadlocks become :class:`~conveyor.errors.ConcurrencyConflict`;
-    unreachable or locked databases :class:`StoreUnavailable`; the rest
-    :class:`~conveyor.errors.StoreError`.
+
+def _sqlite_code(error: BaseException) -> str | None:
+    """The primary SQLite result code (``SQLITE_ERROR``, ``SQLITE_BUSY``...) of a wrapped sqlite3 error, if any."""
+    seen: BaseException | None = error
+    for _ in range(4):
+        if seen is None:
+            return None
+        code = getattr(seen, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return _SQLITE_PRIMARY.get(code & 0xFF, f"SQLITE_{code & 0xFF}")
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return None
+
+
+_SQLITE_PRIMARY = {
+    1: "SQLITE_ERROR", 2: "SQLITE_INTERNAL", 3: "SQLITE_PERM", 4: "SQLITE_ABORT", 5: "SQLITE_BUSY",
+    6: "SQLITE_LOCKED", 7: "SQLITE_NOMEM", 8: "SQLITE_READONLY", 9: "SQLITE_INTERRUPT", 10: "SQLITE_IOERR",
+    11: "SQLITE_CORRUPT", 12: "SQLITE_NOTFOUND", 13: "SQLITE_FULL", 14: "SQLITE_CANTOPEN", 15: "SQLITE_PROTOCOL",
+    16: "SQLITE_EMPTY", 17: "SQLITE_SCHEMA", 18: "SQLITE_TOOBIG", 19: "SQLITE_CONSTRAINT", 20: "SQLITE_MISMATCH",
+    21: "SQLITE_MISUSE", 22: "SQLITE_NOLFS", 23: "SQLITE_AUTH", 24: "SQLITE_FORMAT", 25: "SQLITE_RANGE",
+    26: "SQLITE_NOTADB",
+}  # fmt: skip
+"""SQLite's primary result codes (the low byte of an extended code), from sqlite3.h."""
+
+
+def translate(error: BaseException) -> errors.StoreError:
+    """Map a SQLAlchemy/driver exception to Conveyor's error tree, by its class and code, never its text.
+
+    * :class:`~conveyor.errors.ConcurrencyConflict`: serialization failure
+      (40001), deadlock (40P01), lock not available (55P03).
+    * :class:`StoreUnavailable`: SQLSTATE classes 08 (connection), 53
+      (resources), 58 (system), XX (internal), 57P01-57P05 (shutdown, cannot
+      connect now); SQLite ``BUSY``/``LOCKED``/``IOERR``/``FULL``/``CANTOPEN``...;
+      a connection the driver lost or never opened (no code at all), a pool
+      that cannot hand out a connection, ``OSError``.
+    * :class:`~conveyor.errors.StatementError`: classes 22 (data), 23
+      (integrity), 42 (syntax, undefined column) and the like, 57014 (the
+      statement's own timeout); SQLite ``ERROR``/``CONSTRAINT``/``MISMATCH``...;
+      a DBAPI ``IntegrityError``/``ProgrammingError``/``DataError`` without a code.
+    * :class:`~conveyor.errors.StoreError`: anything else.
     """
     text = " ".join(str(getattr(error, "orig", None) or error).split())[:500]
     state = sqlstate(error)
-    if state in _CONFLICT_STATES:
-        return errors.ConcurrencyConflict(f"concurrent update: {text}")
-    if isinstance(error, exc.IntegrityError):
-        if "uq_events_stream_id_version" in text or "events.stream_id, events.version" in text:
-            return errors.ConcurrencyConflict(f"stream version already written: {text}")
-        return errors.StoreError(f"integrity error: {text}")
-    if state in _BUSY_STATES or "database is locked" in text:
-        return StoreUnavailable(f"database busy: {text}")
+    if state is not None:
+        if state in _CONFLICT_STATES:
+            return errors.ConcurrencyConflict(f"concurrent update: {text}")
+        if state.startswith(_UNAVAILABLE_CLASSES) or state in _UNAVAILABLE_STATES:
+            return StoreUnavailable(f"database unavailable ({state}): {text}")
+        if state.startswith(_STATEMENT_CLASSES) or state in _STATEMENT_STATES:
+            return errors.StatementError(f"the database refused a statement ({state}): {text}", state)
+        return errors.StoreError(f"database error ({state}): {text}")
+    code = _sqlite_code(error)
+    if code is not None:
+        if code in _SQLITE_UNAVAILABLE:
+            return StoreUnavailable(f"database unavailable ({code}): {text}")
+        return errors.StatementError(f"the database refused a statement ({code}): {text}", "sqlite:" + code)
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return StoreUnavailable(f"database connection lost: {text}")
+    if isinstance(error, exc.IntegrityError | exc.ProgrammingError | exc.DataError):
+        return errors.StatementError(f"the database refused a statement: {text}")
     if isinstance(error, exc.InterfaceError | exc.OperationalError | exc.TimeoutError | OSError):
         return StoreUnavailable(f"database unavailable: {text}")
+    if is_driver_error(error) and type(error).__name__ not in _STATEMENT_ERRORS:
+        return StoreUnavailable(f"database connection failed: {text}")
     return errors.StoreError(f"database error: {text}")
 
 
@@ -198,8 +251,6 @@ def translating() -> Iterator[None]:
     except Exception as error:
         if not is_driver_error(error):
             raise
-        if sqlstate(error) is None and type(error).__name__ not in _STATEMENT_ERRORS:
-            raise StoreUnavailable(f"database connection failed: {' '.join(str(error).split())[:500]}") from error
         raise translate(error) from error
 
 

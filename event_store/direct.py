@@ -43,7 +43,6 @@ _OUTBOX = {
 }
 _FAST_DRIVERS = {("postgresql", "asyncpg"), ("sqlite", "aiosqlite")}
 """Drivers the SQL text above is written for (paramstyle); others get cached Core statements."""
-_UNREACHABLE_STATES = ("08", "57P")  # connection exceptions; admin/crash shutdown
 
 OutboxParams = tuple[str, str, str | None, str, bytes]
 """``(message_id, topic, partition_key, headers as JSON text, body)``."""
@@ -65,9 +64,6 @@ def _translating_driver() -> Iterator[None]:
     except Exception as error:
         if not database.is_driver_error(error):
             raise
-        state = database.sqlstate(error) or ""
-        if state.startswith(_UNREACHABLE_STATES) or not state:
-            raise errors.StoreUnavailable(f"database connection failed: {error}") from error
         raise database.translate(error) from error
 
 
@@ -81,8 +77,7 @@ async def _invalidating_on_outage(session: AsyncSession) -> AsyncIterator[None]:
     try:
         yield
     except Exception as error:
-        state = database.sqlstate(error)
-        if database.is_driver_error(error) and (state is None or state.startswith(_UNREACHABLE_STATES)):
+        if database.is_driver_error(error) and isinstance(database.translate(error), errors.StoreUnavailable):
             with contextlib.suppress(Exception):
                 await session.invalidate()
         raise

@@ -77,9 +77,29 @@ class StoreUnavailable(StoreError):
 
 
 class ConcurrencyConflict(StoreError):
-    """Someone else wrote first (an expected version did not match); reload and retry."""
+    """Someone else wrote first (an expected version did not match, a serialization failure, a deadlock).
+
+    Retried with a bound of its own: reload and try again.
+    """
 
     retryable = True
+
+
+class StatementError(StoreError):
+    """The database refused a statement: the statement's fault, not an outage.
+
+    A constraint violation (SQLSTATE class 23), a data error (22), a syntax
+    error or an undefined column (42), the statement's own timeout (57014):
+    trying the same statement again fails the same way. A handler whose
+    statement fails so spends an attempt, like any other handler error.
+
+    Attributes:
+        sqlstate: the PostgreSQL SQLSTATE, or ``"sqlite:<code name>"``, when known.
+    """
+
+    def __init__(self, message: str | None = None, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
 
 
 class InvalidMessage(ConveyorError, ValueError):
