@@ -158,6 +158,14 @@ class UnitOfWorkFactory(Protocol):
         """
         ...
 
+    async def check(self) -> None:
+        """Verify the database answers now: the probe that proves an outage before a message is held.
+
+        Raises:
+            StoreError: it does not, with the reason.
+        """
+        ...
+
 
 class OutboxWriter(Protocol):
     """Adds messages to the transactional outbox inside the caller's transaction."""

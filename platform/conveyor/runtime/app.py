@@ -117,6 +117,8 @@ async def serve(
                 dead_letters=stores.dead_letters,
                 plain_messages=settings.plain_messages,
                 stall_after=settings.stall_after,
+                hold_limit=settings.hold_limit,
+                commit_timeout=settings.commit_timeout,
             )
             if parts.relay:
                 # Queues must exist before the relay publishes, or a broker that drops
@@ -126,8 +128,9 @@ async def serve(
                 stack.push_async_callback(store.close)
                 retention = timedelta(seconds=settings.retention)
                 options = relay.RelayOptions(
-                    retention=retention, max_attempts=settings.relay_max_attempts, stall_after=settings.stall_after
-                )
+                    retention=retention, max_attempts=settings.relay_max_attempts, stall_after=settings.stall_after,
+                    hold_limit=settings.hold_limit,
+                )  # fmt: skip
                 publisher = relay.Relay(store, transport, options=options)
                 _background(stack, "relay", publisher.run)
                 checks.append(http.Check("relay", publisher.progress))
@@ -197,7 +200,7 @@ async def _serve_without_database(
     consumer = worker.Worker(
         handlers.handlers, transport, source=settings.service, concurrency=settings.concurrency,
         max_message_bytes=settings.max_message_bytes, plain_messages=settings.plain_messages,
-        stall_after=settings.stall_after,
+        stall_after=settings.stall_after, hold_limit=settings.hold_limit,
     )  # fmt: skip
     signal_source = await _start_worker(consumer, transport, checks, settings, stack) if parts.worker else None
     if settings.http_port:
