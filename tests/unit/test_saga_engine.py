@@ -148,6 +148,61 @@ async def test_a_store_error_in_a_local_step_is_not_the_steps_fault() -> None:
         await engine.start(saga, "o1", Order(order_id="o1"), run_local)
 
 
+@pytest.mark.parametrize("error", [errors.StoreUnavailable("down"), errors.ConcurrencyConflict("raced"),
+                                   errors.StoreError("odd")])  # fmt: skip
+async def test_an_outage_or_conflict_in_a_local_step_or_undo_propagates_for_a_retry(error: Exception) -> None:
+    saga = definition.Saga("shop.store-error", Order)
+
+    async def undo(s: Order, tx: object) -> None:
+        raise error
+
+    @saga.step(undo=undo)
+    async def first(s: Order, tx: object) -> None:
+        return None
+
+    @saga.step()
+    async def second(s: Order, tx: object) -> None:
+        raise ValueError("no")
+
+    @saga.step()
+    async def write(s: Order, tx: object) -> None:
+        raise error
+
+    with pytest.raises(type(error)):
+        await engine.start(saga, "o1", Order(order_id="o1"), run_local)  # second fails; first's undo raises
+    saga.steps.pop(1)
+    with pytest.raises(type(error)):
+        await engine.start(saga, "o1", Order(order_id="o1"), run_local)  # write raises
+
+
+async def test_a_local_step_whose_statement_is_refused_fails_and_the_saga_compensates() -> None:
+    saga = make()
+    saga.steps[-1].local = _refused
+    instance = await started(saga)
+    instance = (await engine.reply(saga, instance, "1", True, {"charge_id": "c1"}, run_local)).instance
+    assert instance is not None
+    after = await engine.reply(saga, instance, "2", True, {}, run_local)
+    assert after.instance is not None and after.instance.status is Status.COMPENSATING
+    assert [(s.topic, s.kind) for s in after.sends] == [("inventory.release", "undo")]
+    assert "StatementError" in (after.instance.error or "")
+
+
+async def test_a_local_undo_whose_statement_is_refused_is_retried_like_any_failed_undo() -> None:
+    saga = make(local_fails=True)
+    saga.steps[2].undo_local = _refused
+    instance = await started(saga)
+    instance = (await engine.reply(saga, instance, "1", True, {"charge_id": "c1"}, run_local)).instance
+    assert instance is not None
+    after = await engine.reply(saga, instance, "2", True, {}, run_local)
+    assert after.instance is not None and after.instance.status is Status.COMPENSATING
+    assert [t.kind for t in after.timers] == ["retry"] and after.sends == []
+    assert [e.event for e in after.log][-1] == "undo failed"
+
+
+async def _refused(state: Order, tx: object) -> None:
+    raise errors.StatementError("CHECK constraint failed: positive_amount", "sqlite:SQLITE_CONSTRAINT")
+
+
 async def test_abort_undoes_the_waiting_step_too() -> None:
     saga = make()
     instance = await started(saga)

@@ -17,15 +17,18 @@ Failure rules:
 * a step's failure reply: the completed steps before it are undone;
 * a step's timeout, or an operator's abort while it waits: the completed steps
   *and this one* are undone (the participant may have acted late);
-* a local step that raises: the steps before it are undone (its own writes
-  were rolled back to a savepoint by the caller);
+* a local step that raises, a database refusing its statement included (a
+  :class:`~conveyor.errors.StatementError`: a CHECK or unique key used as a
+  business rule): the steps before it are undone (its own writes were rolled
+  back to a savepoint by the caller);
 * an undo that fails (failure reply, no reply in time, or a raising local
   undo) is retried with doubling backoff; after ``max_undo_attempts`` the saga
   is parked as ``failed`` until an operator retries it.
 
-Errors of the store (:class:`~conveyor.errors.StoreError`) raised by a local
-function are not the step's fault: they propagate, the transition is not
-saved, and the message that caused it is retried.
+Other errors of the store raised by a local function (an outage, a concurrency
+conflict: any :class:`~conveyor.errors.StoreError` but a ``StatementError``)
+are not the step's fault: they propagate, the transition is not saved, and the
+message that caused it is retried.
 """
 
 from __future__ import annotations
@@ -191,9 +194,9 @@ class _Run:
                 return
             try:
                 await self.run_local(step.local, self.state)
-            except errors.StoreError:
-                raise
             except Exception as exc:  # the step's own failure: undo what came before
+                if _not_the_steps_fault(exc):
+                    raise
                 self._log(step, "failed", _describe(exc))
                 await self.compensate(self.i.step - 1, f"step {step.name!r} failed: {_describe(exc)}")
                 return
@@ -214,9 +217,9 @@ class _Run:
             if step.undo_local is not None:
                 try:
                     await self.run_local(step.undo_local, self.state)
-                except errors.StoreError:
-                    raise
                 except Exception as exc:
+                    if _not_the_steps_fault(exc):
+                        raise
                     self.undo_failed(step, _describe(exc))
                     return
                 self._log(step, "undone")
@@ -247,6 +250,11 @@ class _Run:
         self.out.timers.append(Timer(token, delay, "retry"))
         self._set(waiting=token)
         self._log(step, "undo failed", f"{error}; retry {attempts + 1} in {delay:g}s", token)
+
+
+def _not_the_steps_fault(exc: Exception) -> bool:
+    """Whether a local function's error is the store's (an outage, a conflict): the transition is retried."""
+    return isinstance(exc, errors.StoreError) and not isinstance(exc, errors.StatementError)
 
 
 def _describe(exc: BaseException) -> str:

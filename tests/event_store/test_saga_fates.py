@@ -1,0 +1,104 @@
+"""How a saga learns a step's fate through the real runtime, on SQLite and PostgreSQL.
+
+A local step whose own write breaks a constraint fails the step (the saga
+compensates in the same transaction, after the savepoint rolled the write back).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+import pytest
+import sqlalchemy as sa
+from conveyor import Context, Saga, on
+from conveyor.testing import unique
+from saga_pool import Harness
+
+from event_store import Database
+
+
+class Order(pydantic.BaseModel):
+    order_id: str
+    amount: int
+
+
+@pytest.fixture
+async def ledger(db: Database) -> Database:
+    """``saga_ledger``: one row per order (a unique key), a positive amount (a CHECK used as a business rule)."""
+    async with db.transaction() as session:
+        await session.execute(
+            sa.text(
+                "CREATE TABLE saga_ledger (order_id VARCHAR(64) PRIMARY KEY, amount INTEGER NOT NULL "
+                "CONSTRAINT positive_amount CHECK (amount > 0))"
+            )
+        )
+        await session.execute(sa.text("CREATE TABLE saga_notes (order_id VARCHAR(64), note VARCHAR(64))"))
+    return db
+
+
+def booking_saga(prefix: str, effects: list[str]) -> tuple[Saga[Order], list[Any]]:
+    """charge (undo: refund), then a local step writing the order to the ledger."""
+    saga = Saga(f"{prefix}.book", Order, id=lambda s: s.order_id)
+
+    @saga.step(send=f"{prefix}.charge", undo=f"{prefix}.refund", timeout=30)
+    def charge(s: Order) -> dict[str, Any]:
+        return s.model_dump()
+
+    @saga.step()
+    async def enter(s: Order, tx: Any) -> None:
+        await tx.session.execute(
+            sa.text("INSERT INTO saga_notes (order_id, note) VALUES (:o, 'entering')"), {"o": s.order_id}
+        )
+        await tx.session.execute(
+            sa.text("INSERT INTO saga_ledger (order_id, amount) VALUES (:o, :a)"), {"o": s.order_id, "a": s.amount}
+        )
+
+    @on(f"{prefix}.charge", name=f"{prefix}.charge")
+    async def charge_card(cmd: dict[str, Any], ctx: Context) -> None:
+        effects.append(f"charge {cmd['order_id']}")
+        ctx.reply()
+
+    @on(f"{prefix}.refund", name=f"{prefix}.refund")
+    async def refund(cmd: dict[str, Any], ctx: Context) -> None:
+        effects.append(f"refund {cmd['order_id']}")
+        ctx.reply()
+
+    return saga, [charge_card, refund]
+
+
+async def rows(db: Database, table: str, order: str) -> int:
+    async with db.transaction(readonly=True) as session:
+        query = sa.text(f"SELECT count(*) FROM {table} WHERE order_id = :o")
+        return int((await session.execute(query, {"o": order})).scalar_one())
+
+
+@pytest.mark.parametrize("rule", ["check", "unique"])
+async def test_a_local_step_whose_write_breaks_a_constraint_compensates_the_saga(ledger: Database, rule: str) -> None:
+    prefix = unique("fate")
+    effects: list[str] = []
+    saga, participants = booking_saga(prefix, effects)
+    order = Order(order_id=f"{prefix}-1", amount=-5 if rule == "check" else 7)
+    if rule == "unique":  # the order is in the ledger already
+        async with ledger.transaction() as session:
+            await session.execute(sa.text("INSERT INTO saga_ledger VALUES (:o, 1)"), {"o": order.order_id})
+    harness = Harness(ledger, saga, *participants)
+    async with ledger.transaction() as session:
+        await harness.stores.outbox.add(session, saga.topic, saga.start_event(order))
+
+    async def finished() -> bool:
+        return await harness.status(saga.name, order.order_id) in ("compensated", "completed", "failed")
+
+    try:
+        await harness.run_until(finished, "the saga to finish")
+    finally:
+        await harness.close()
+    assert await harness.status(saga.name, order.order_id) == "compensated"
+    assert effects == [f"charge {order.order_id}", f"refund {order.order_id}"]
+    assert harness.nacks() == 0  # the step's own failure, decided at once: the reply was not retried
+    history = await harness.history(saga.name, order.order_id)
+    assert history[history.index("replied") :] == ["replied", "failed", "compensating", "undo sent", "undone",
+                                                   "compensated"]  # fmt: skip
+    # the step's writes were rolled back to its savepoint; the compensation committed after it
+    assert await rows(ledger, "saga_notes", order.order_id) == 0
+    assert await rows(ledger, "saga_ledger", order.order_id) == (0 if rule == "check" else 1)
