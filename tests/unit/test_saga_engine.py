@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pydantic
@@ -203,6 +204,24 @@ async def _refused(state: Order, tx: object) -> None:
     raise errors.StatementError("CHECK constraint failed: positive_amount", "sqlite:SQLITE_CONSTRAINT")
 
 
+async def test_a_step_without_a_timeout_times_out_after_the_sagas_default() -> None:
+    saga = make()  # reserve declares no timeout
+    instance = (await engine.reply(saga, await started(saga), "1", True, {"charge_id": "c1"}, run_local)).instance
+    assert instance is not None and instance.waiting == "2"
+    assert engine.DEFAULT_STEP_TIMEOUT == 300
+    fired = await engine.timer(saga, instance, "2", "timeout", run_local)
+    assert fired.instance is not None and fired.instance.status is Status.COMPENSATING
+    assert "within 300s" in (fired.instance.error or "")
+    shorter = definition.Saga("shop.short", Order, step_timeout=timedelta(seconds=45))
+    shorter.step(send="a.b", name="b")(lambda s: {})
+    shorter.step(send="a.c", timeout=7, name="c")(lambda s: {})
+    first = await engine.start(shorter, "o1", Order(order_id="o1"), run_local)
+    assert [(t.kind, t.delay) for t in first.timers] == [("timeout", 45)]
+    assert first.instance is not None
+    second = await engine.reply(shorter, first.instance, "1", True, {}, run_local)
+    assert [(t.kind, t.delay) for t in second.timers] == [("timeout", 7)]
+
+
 async def test_abort_undoes_the_waiting_step_too() -> None:
     saga = make()
     instance = await started(saga)
@@ -219,6 +238,7 @@ async def test_abort_undoes_the_waiting_step_too() -> None:
         lambda s: s.step(timeout=5)(_local),  # a timeout on a local step
         lambda s: s.step(send="Bad Topic")(lambda state: {}),
         lambda s: s.step(send="a.b", timeout=0)(lambda state: {}),
+        lambda s: definition.Saga("shop.bad", Order, step_timeout=timedelta(0)),
     ],
 )
 def test_invalid_steps_are_refused_at_declaration(declare: Any) -> None:

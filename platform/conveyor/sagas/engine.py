@@ -45,8 +45,7 @@ import pydantic
 from conveyor import errors
 from conveyor.sagas import definition
 
-UNDO_REPLY_TIMEOUT = 300.0
-"""Seconds to wait for an undo's reply when its step declares no timeout."""
+DEFAULT_STEP_TIMEOUT = definition.DEFAULT_STEP_TIMEOUT
 UNDO_BACKOFF_CAP = 600.0
 
 
@@ -187,8 +186,7 @@ class _Run:
                 assert step.send is not None and step.build is not None
                 token = self._token()
                 self.out.sends.append(Send(step.send, step.build(self.state), token, step.name, "do"))
-                if step.timeout is not None:
-                    self.out.timers.append(Timer(token, step.timeout, "timeout"))
+                self.out.timers.append(Timer(token, _timeout(self.saga, step), "timeout"))
                 self._set(waiting=token)
                 self._log(step, "sent", step.send, token)
                 return
@@ -230,7 +228,7 @@ class _Run:
             assert build is not None
             token = self._token()
             self.out.sends.append(Send(step.undo_topic, build(self.state), token, step.name, "undo"))
-            self.out.timers.append(Timer(token, step.timeout or UNDO_REPLY_TIMEOUT, "timeout"))
+            self.out.timers.append(Timer(token, _timeout(self.saga, step), "timeout"))
             self._set(waiting=token)
             self._log(step, "undo sent", step.undo_topic, token)
             return
@@ -250,6 +248,11 @@ class _Run:
         self.out.timers.append(Timer(token, delay, "retry"))
         self._set(waiting=token)
         self._log(step, "undo failed", f"{error}; retry {attempts + 1} in {delay:g}s", token)
+
+
+def _timeout(saga: definition.Saga[Any], step: definition.Step) -> float:
+    """Seconds a step's command (or its undo's) waits for its reply."""
+    return step.timeout if step.timeout is not None else saga.step_timeout
 
 
 def _not_the_steps_fault(exc: Exception) -> bool:
@@ -317,11 +320,11 @@ async def timer(
     if kind == "retry":
         await run.undo_next()
     elif instance.status is Status.RUNNING:
-        reason = f"step {step.name!r} got no reply within {step.timeout:g}s"
+        reason = f"step {step.name!r} got no reply within {_timeout(saga, step):g}s"
         run._log(step, "timed out", reason, token)
         await run.compensate(instance.step, reason)
     else:
-        run.undo_failed(step, f"no reply to the undo within {step.timeout or UNDO_REPLY_TIMEOUT:g}s")
+        run.undo_failed(step, f"no reply to the undo within {_timeout(saga, step):g}s")
     return run.done()
 
 
