@@ -2,10 +2,14 @@
 
 A local step whose own write breaks a constraint fails the step (the saga
 compensates in the same transaction, after the savepoint rolled the write back).
+An undo that gets no reply in time is re-sent as the same message, which the
+participant's inbox absorbs. A command the participant's worker dead-letters
+fails its step at once.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pydantic
@@ -102,3 +106,77 @@ async def test_a_local_step_whose_write_breaks_a_constraint_compensates_the_saga
     # the step's writes were rolled back to its savepoint; the compensation committed after it
     assert await rows(ledger, "saga_notes", order.order_id) == 0
     assert await rows(ledger, "saga_ledger", order.order_id) == (0 if rule == "check" else 1)
+
+
+@pytest.fixture
+async def effects_table(db: Database) -> Database:
+    """``saga_effects``: what transactional participants did, one row per effect."""
+    async with db.transaction() as session:
+        await session.execute(sa.text("CREATE TABLE saga_effects (effect VARCHAR(16), order_id VARCHAR(64))"))
+    return db
+
+
+def participant(topic: str, effect: str, *, fail: str | None = None) -> Any:
+    """A transactional participant recording ``effect`` and replying; ``fail``: it replies a failure instead."""
+
+    async def act(cmd: dict[str, Any], ctx: Context) -> None:
+        async with ctx.transaction() as tx:
+            if fail is not None:
+                ctx.reply(failed=True, reason=fail)
+                return
+            await tx.session.execute(
+                sa.text("INSERT INTO saga_effects (effect, order_id) VALUES (:e, :o)"),
+                {"e": effect, "o": cmd["order_id"]},
+            )
+            ctx.reply()
+
+    act.__name__ = act.__qualname__ = f"act_{effect}"
+    return on(topic, name=topic)(act)
+
+
+async def effects_of(db: Database, order: str) -> list[str]:
+    async with db.transaction(readonly=True) as session:
+        query = sa.text("SELECT effect FROM saga_effects WHERE order_id = :o ORDER BY effect")
+        return [row[0] for row in await session.execute(query, {"o": order})]
+
+
+async def test_an_undo_re_sent_after_its_timeout_is_absorbed_by_the_participants_inbox(
+    effects_table: Database,
+) -> None:
+    db = effects_table
+    prefix = unique("resend")
+    saga = Saga(f"{prefix}.order", Order, id=lambda s: s.order_id, undo_backoff=timedelta(milliseconds=50))
+
+    @saga.step(send=f"{prefix}.charge", undo=f"{prefix}.refund", timeout=0.3)
+    def charge(s: Order) -> dict[str, Any]:
+        return s.model_dump()
+
+    @saga.step(send=f"{prefix}.book")
+    def book(s: Order) -> dict[str, Any]:
+        return s.model_dump()
+
+    participants = [participant(f"{prefix}.charge", "charge"), participant(f"{prefix}.refund", "refund"),
+                    participant(f"{prefix}.book", "book", fail="no courier")]  # fmt: skip
+    harness = Harness(db, saga, *participants)
+    order = Order(order_id=f"{prefix}-1", amount=3)
+    async with db.transaction() as session:
+        await harness.stores.outbox.add(session, saga.topic, saga.start_event(order))
+    harness.held.add(f"{prefix}.refund")  # the refund is slow: its reply misses the step's timeout
+
+    async def resent() -> bool:
+        return len(harness.pending(f"{prefix}.refund")) >= 2
+
+    async def finished() -> bool:
+        return await harness.status(saga.name, order.order_id) == "compensated"
+
+    try:
+        await harness.run_until(resent, "the unanswered refund to be re-sent")
+        first, again = harness.pending(f"{prefix}.refund")[:2]
+        assert again.message_id == first.message_id  # the same message: the participant's inbox absorbs it
+        harness.held.clear()
+        await harness.run_until(finished, "the saga to take the first refund's late reply")
+    finally:
+        await harness.close()
+    assert await effects_of(db, order.order_id) == ["charge", "refund"]  # refunded once
+    history = await harness.history(saga.name, order.order_id)
+    assert history.count("undone") == 1 and "undo re-sent" in history

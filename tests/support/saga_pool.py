@@ -45,7 +45,8 @@ class Harness:
     """Runs a saga and its participants on ``db``: the relay publishes to a :class:`Pool`, the test delivers.
 
     A nacked delivery is delivered again at once with the next attempt number;
-    messages of topics no handler takes (dead letters) are kept in ``dead``.
+    messages of topics no handler takes (dead letters) are kept in ``dead``;
+    messages of the topics in ``held`` stay pending until the test removes the topic.
     """
 
     def __init__(self, db: Database, *handlers: Any) -> None:
@@ -58,14 +59,16 @@ class Harness:
         self.relay = Relay(self.stores.relay_store(), self.pool)
         self.dead: list[tuple[str, envelope.WireMessage]] = []
         self.settled: list[tuple[str, str | None]] = []
+        self.held: set[str] = set()
         self.db = db
 
     async def deliver_one(self) -> bool:
         """Publish what is due, then deliver the oldest pending message; False if nothing was pending."""
         await self.relay.run_once()
-        if not self.pool.pending:
+        ready = [n for n, (topic, _) in enumerate(self.pool.pending) if topic not in self.held]
+        if not ready:
             return False
-        topic, message = self.pool.pending.pop(0)
+        topic, message = self.pool.pending.pop(ready[0])
         runner = self.runners.get(topic)
         if runner is None:
             self.dead.append((topic, message))
@@ -86,6 +89,10 @@ class Harness:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}")
             if not await self.deliver_one():
                 await asyncio.sleep(0.02)  # a delayed message (a timer) is not due yet
+
+    def pending(self, topic: str) -> list[envelope.WireMessage]:
+        """Messages of ``topic`` waiting for delivery."""
+        return [message for t, message in self.pool.pending if t == topic]
 
     def nacks(self) -> int:
         """Deliveries settled by a nack (a retry)."""

@@ -222,6 +222,65 @@ async def test_a_step_without_a_timeout_times_out_after_the_sagas_default() -> N
     assert [(t.kind, t.delay) for t in second.timers] == [("timeout", 7)]
 
 
+async def compensating(saga: definition.Saga[Order]) -> engine.Instance:
+    """charge replied, reserve failed: the refund (token 3) is awaited."""
+    instance = (await engine.reply(saga, await started(saga), "1", True, {"charge_id": "c1"}, run_local)).instance
+    assert instance is not None
+    undoing = (await engine.reply(saga, instance, "2", False, {"reason": "no stock"}, run_local)).instance
+    assert undoing is not None and (undoing.status, undoing.waiting) == (Status.COMPENSATING, "3")
+    return undoing
+
+
+async def test_an_unanswered_undo_is_re_sent_with_its_token_and_a_late_reply_to_it_is_taken() -> None:
+    saga = make()
+    undoing = await compensating(saga)
+    unanswered = await engine.timer(saga, undoing, "3", "timeout", run_local)
+    assert unanswered.instance is not None and unanswered.instance.waiting == "3"  # still the refund's reply
+    assert unanswered.sends == [] and [(t.token, t.kind) for t in unanswered.timers] == [("3", "resend")]
+    late = await engine.reply(saga, unanswered.instance, "3", True, {}, run_local)  # during the backoff
+    assert late.instance is not None and late.instance.status is Status.COMPENSATED
+    resent = await engine.timer(saga, unanswered.instance, "3", "resend", run_local)
+    assert resent.instance is not None
+    assert [(s.topic, s.token, s.kind, s.resend) for s in resent.sends] == [("billing.refund", "3", "undo", True)]
+    assert [(t.token, t.kind) for t in resent.timers] == [("3", "timeout")]
+    answered = await engine.reply(saga, resent.instance, "3", True, {}, run_local)
+    assert answered.instance is not None and answered.instance.status is Status.COMPENSATED
+
+
+async def test_a_failure_reply_to_an_undo_starts_a_new_try_under_a_new_token() -> None:
+    saga = make()
+    undoing = await compensating(saga)
+    failed = await engine.reply(saga, undoing, "3", False, {"reason": "bank down"}, run_local)
+    assert failed.instance is not None and [(t.token, t.kind) for t in failed.timers] == [("4", "retry")]
+    stale = await engine.timer(saga, failed.instance, "3", "timeout", run_local)  # the first try's timer
+    assert not stale.changed
+    retried = await engine.timer(saga, failed.instance, "4", "retry", run_local)
+    assert [(s.token, s.resend) for s in retried.sends] == [("5", False)]
+
+
+async def test_a_saga_parked_on_an_unanswered_undo_takes_its_late_reply_and_a_retry_re_sends_it() -> None:
+    saga = make(max_undo_attempts=1)
+    undoing = await compensating(saga)
+    parked = await engine.timer(saga, undoing, "3", "timeout", run_local)
+    assert parked.instance is not None and (parked.instance.status, parked.instance.waiting) == (Status.FAILED, "3")
+    resumed = await engine.resume(saga, parked.instance, run_local)
+    assert [(s.token, s.resend) for s in resumed.sends] == [("3", True)]
+    late = await engine.reply(saga, parked.instance, "3", True, {}, run_local)
+    assert late.instance is not None and late.instance.status is Status.COMPENSATED
+
+
+async def test_a_dead_lettered_command_fails_its_step_as_a_timeout_does() -> None:
+    saga = make()
+    instance = await started(saga)
+    lost = await engine.reply(saga, instance, "1", False, {"reason": "Rejected: no"}, run_local, dead_lettered=True)
+    assert lost.instance is not None and lost.instance.status is Status.COMPENSATING
+    assert [(s.topic, s.kind) for s in lost.sends] == [("billing.refund", "undo")]  # the charge is undone too
+    assert "dead-lettered" in (lost.instance.error or "")
+    undo_lost = await engine.reply(saga, lost.instance, lost.instance.waiting or "", False, {}, run_local,
+                                   dead_lettered=True)  # fmt: skip
+    assert not undo_lost.changed and undo_lost.log[0].event == "undo dead-lettered"  # its timeout re-sends it
+
+
 async def test_abort_undoes_the_waiting_step_too() -> None:
     saga = make()
     instance = await started(saga)
