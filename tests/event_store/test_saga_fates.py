@@ -15,7 +15,7 @@ from typing import Any
 import pydantic
 import pytest
 import sqlalchemy as sa
-from conveyor import Context, Saga, on
+from conveyor import Context, Reject, Saga, on
 from conveyor.testing import unique
 from saga_pool import Harness
 
@@ -23,6 +23,11 @@ from event_store import Database
 
 
 class Order(pydantic.BaseModel):
+    order_id: str
+    amount: int
+
+
+class Booking(pydantic.BaseModel):
     order_id: str
     amount: int
 
@@ -180,3 +185,44 @@ async def test_an_undo_re_sent_after_its_timeout_is_absorbed_by_the_participants
     assert await effects_of(db, order.order_id) == ["charge", "refund"]  # refunded once
     history = await harness.history(saga.name, order.order_id)
     assert history.count("undone") == 1 and "undo re-sent" in history
+
+
+@pytest.mark.parametrize("failure", ["rejected", "poison"])
+async def test_a_command_the_participants_worker_dead_letters_fails_its_step_at_once(
+    effects_table: Database, failure: str
+) -> None:
+    db = effects_table
+    prefix = unique("dead")
+    saga = Saga(f"{prefix}.order", Order, id=lambda s: s.order_id)  # steps wait 5 minutes for a reply
+
+    @saga.step(send=f"{prefix}.charge", undo=f"{prefix}.refund")
+    def charge(s: Order) -> dict[str, Any]:
+        return s.model_dump()
+
+    @saga.step(send=f"{prefix}.book", undo=f"{prefix}.unbook")
+    def book(s: Order) -> dict[str, Any]:
+        return s.model_dump() if failure == "rejected" else {"order_id": s.order_id}  # poison: no amount
+
+    @on(f"{prefix}.book", name=f"{prefix}.book")
+    async def no_courier_service(cmd: Booking, ctx: Context) -> None:
+        raise Reject("the courier service refuses this address")  # never replies: the worker dead-letters
+
+    participants = [participant(f"{prefix}.charge", "charge"), participant(f"{prefix}.refund", "refund"),
+                    participant(f"{prefix}.unbook", "unbook"), no_courier_service]  # fmt: skip
+    harness = Harness(db, saga, *participants)
+    order = Order(order_id=f"{prefix}-1", amount=3)
+    async with db.transaction() as session:
+        await harness.stores.outbox.add(session, saga.topic, saga.start_event(order))
+
+    async def finished() -> bool:
+        return await harness.status(saga.name, order.order_id) == "compensated"
+
+    try:
+        await harness.run_until(finished, "the saga to learn its command was dead-lettered")
+    finally:
+        await harness.close()
+    assert [topic for topic, _ in harness.dead] == [f"{prefix}.book.dlq"]  # the dead letter is kept as well
+    # the booking may still happen if the dead letter is replayed: it is undone too, as on a timeout
+    assert await effects_of(db, order.order_id) == ["charge", "refund", "unbook"]
+    history = await harness.history(saga.name, order.order_id)
+    assert history[: history.index("compensating")] == ["started", "sent", "replied", "sent", "dead-lettered"]

@@ -33,6 +33,7 @@ from opentelemetry import trace
 from conveyor import context, crash, deadlines, envelope, errors, persistence, plain, ports, registry, telemetry
 from conveyor.runtime import threads
 from conveyor.runtime.failures import HandlerExit, dead_letter_headers, dead_letter_topic
+from conveyor.sagas import dead_letters as saga_dead_letters
 from conveyor.transaction import AlreadyHandled
 
 log = logging.getLogger("conveyor.worker")
@@ -420,6 +421,7 @@ class HandlerRunner:
                     await delivery.nack(self.handler.retry.delay(attempt))
                     return
             break
+        await saga_dead_letters.tell_saga(self._transport, original, self.handler.name, self._source, f"{kind}: {text}")
         await delivery.ack()
         self._outcomes["dead_lettered"].inc()
         log.error(
