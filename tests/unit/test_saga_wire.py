@@ -69,3 +69,23 @@ def test_a_dead_lettered_saga_command_gives_one_notice_to_its_saga_and_other_mes
     plain = envelope.WireMessage(body=b"not a cloudevent", headers={})
     for other in (envelope.to_binary(reply, "ce_"), plain, envelope.to_binary(event("orders.placed"), "ce_")):
         assert dead_letters.notice(other, "h", "t", "Rejected") is None
+
+
+async def test_a_notice_the_broker_refuses_is_logged_and_never_stops_the_dead_letter(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from conveyor.sagas import dead_letters
+
+    class Refusing:
+        binary_prefix = "ce_"
+        tries = 0
+
+        async def publish(self, topic: str, message: envelope.WireMessage) -> None:
+            self.tries += 1
+            raise errors.TransportError("no such topic")
+
+    command = envelope.create("billing.charge", {}, source="shop", extensions=wire.command("o1", "3", "sagas.s"))
+    transport = Refusing()
+    await dead_letters.tell_saga(transport, envelope.to_binary(command, "ce_"), "h", "t", "Rejected")  # type: ignore[arg-type]
+    assert transport.tries == 1  # a refusal is not retried; an outage would be
+    assert "could not tell the saga" in caplog.text

@@ -29,6 +29,7 @@ from conveyor.persistence import Persistence, UnitOfWork
 from conveyor.sagas import definition, engine, wire
 
 log = logging.getLogger("conveyor.sagas")
+_WARNINGS = frozenset({"parked", "failed", "timed out", "undo failed", "dead-lettered", "undo dead-lettered"})
 
 TRANSITIONS = Counter(
     "conveyor_saga_transitions", "Saga transitions saved, by saga and the status they led to.", ["saga", "status"]
@@ -198,7 +199,7 @@ async def _record(saga: definition.Saga[Any], instance: str, transition: engine.
         extensions = {wire.INSTANCE: instance, wire.TOKEN: timer.token, wire.TIMER_KIND: timer.kind}
         ctx.publish(saga.topic, None, key=instance, type=wire.TIMER, extensions=extensions, delay=timer.delay)
     for entry in transition.log:
-        level = logging.WARNING if entry.event in ("parked", "failed", "timed out", "undo failed") else logging.INFO
+        level = logging.WARNING if entry.event in _WARNINGS else logging.INFO
         step = f" step {entry.step}" if entry.step else ""
         ctx.logger.log(level, "saga %s %s%s: %s%s", saga.name, instance, step, entry.event,
                        f" ({entry.detail})" if entry.detail else "")  # fmt: skip
