@@ -272,7 +272,7 @@ async def reply(
 async def timer(
     saga: definition.Saga[Any], instance: Instance, token: str, kind: str, run_local: RunLocal
 ) -> Transition:
-    """A timer the instance set: a reply ``timeout`` or an undo ``retry``."""
+    """A timer the instance set: a reply ``timeout``, an undo ``retry`` (a new try) or ``resend`` (the same command)."""
     compensating = instance.status is Status.COMPENSATING
     if instance.waiting != token or not ((instance.status is Status.RUNNING and kind == "timeout") or compensating):
         return _ignored(instance, f"a {kind} timer", token)
