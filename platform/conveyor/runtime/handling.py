@@ -115,7 +115,7 @@ class HandlerRunner:
         if probes is None:
             probes = Probes(getattr(transactions, "check", None), transport.check)
         limits = fate.Limits(handler.retry, hold_limit=hold_limit)
-        self.settler = settling.Settler(handler, transport, probes, limits, self.count, dead_letters)
+        self.settler = settling.Settler(handler, transport, probes, limits, self.count, dead_letters, source)
         """Carries out the fate of failed messages: nacks, dead letters, holds."""
 
     def took(self) -> int:

@@ -21,6 +21,7 @@ from conveyor import envelope, errors, fate, ports, registry, telemetry
 from conveyor.persistence import DeadLetterStore
 from conveyor.runtime.failures import dead_letter_headers, dead_letter_topic
 from conveyor.runtime.probes import Probes
+from conveyor.sagas import dead_letters as saga_dead_letters
 
 log = logging.getLogger("conveyor.worker")
 
@@ -37,6 +38,7 @@ class Settler:
         limits: the bounds of holds and retries.
         count: counts an outcome (``retried``, ``dead_lettered``).
         held: keeps dead letters the broker refuses for good; None without a database.
+        source: CloudEvents ``source`` of what the worker publishes (a saga's dead-letter notice).
     """
 
     def __init__(
@@ -47,8 +49,10 @@ class Settler:
         limits: fate.Limits,
         count: Count,
         held: DeadLetterStore | None,
+        source: str,
     ) -> None:
         self._handler = handler
+        self._source = source
         self._transport = transport
         self._probes = probes
         self.limits = limits
@@ -118,6 +122,8 @@ class Settler:
                     await delivery.nack(self._handler.retry.delay(attempt))
                     return
             break
+        reason = f"{kind}: {text}"
+        await saga_dead_letters.tell_saga(self._transport, original, self._handler.name, self._source, reason)
         await delivery.ack()
         self._count("dead_lettered")
         log.error(
