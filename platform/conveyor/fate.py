@@ -159,6 +159,20 @@ def blamed(phase: Phase, error: BaseException) -> Dependency | None:
     return Dependency.DATABASE if phase is Phase.COMMIT else Dependency.BROKER
 
 
+def not_the_callers_fault(error: BaseException) -> bool:
+    """Whether ``error``, raised by user code running inside a Conveyor transaction, is our infrastructure's.
+
+    An outage (:func:`blamed` in the handler's phase) or a store failure that
+    is no refused statement (a conflict, an unknown store error): the whole
+    transition is retried through :func:`decide`. A saga's local step uses it
+    to tell these from the step's own failure (its exception, a refused
+    statement), which compensates instead.
+    """
+    if blamed(Phase.HANDLER, error) is not None:
+        return True
+    return isinstance(error, errors.StoreError) and not isinstance(error, errors.StatementError)
+
+
 def kind_of(error: BaseException) -> str:
     """The error type recorded in logs and dead-letter headers."""
     if isinstance(error, errors.Retry):

@@ -172,3 +172,20 @@ async def test_probes_share_one_check_and_time_out() -> None:
     results = await asyncio.gather(*(probes.healthy(fate.Dependency.DATABASE) for _ in range(20)))
     assert (results, len(calls)) == ([False] * 20, 1)
     assert await probes.healthy(fate.Dependency.BROKER) is None  # no probe: nothing is proven
+
+
+@pytest.mark.parametrize(
+    ("error", "ours"),
+    [
+        (errors.StoreUnavailable("down"), True),
+        (errors.TransientTransportError("down"), True),
+        (errors.ConcurrencyConflict("40001"), True),
+        (errors.StoreError("unknown"), True),
+        (errors.StatementError("CHECK failed", "23514"), False),
+        (ValueError("the step's own"), False),
+        (OSError("the step's HTTP call"), False),
+        (TimeoutError(), False),
+    ],
+)
+def test_not_the_callers_fault_spares_refused_statements_and_user_errors(error: Exception, ours: bool) -> None:
+    assert fate.not_the_callers_fault(error) is ours

@@ -47,7 +47,7 @@ from typing import Any
 
 import pydantic
 
-from conveyor import errors
+from conveyor import errors, fate
 from conveyor.sagas import definition
 from conveyor.sagas.instances import Entry, Instance, Send, Status, Timer, Transition
 
@@ -110,7 +110,7 @@ class _Run:
             try:
                 await self.run_local(step.local, self.state)
             except Exception as exc:  # the step's own failure: undo what came before
-                if _not_the_steps_fault(exc):
+                if fate.not_the_callers_fault(exc):
                     raise
                 self._log(step, "failed", _describe(exc))
                 await self.compensate(self.i.step - 1, f"step {step.name!r} failed: {_describe(exc)}")
@@ -133,7 +133,7 @@ class _Run:
                 try:
                     await self.run_local(step.undo_local, self.state)
                 except Exception as exc:
-                    if _not_the_steps_fault(exc):
+                    if fate.not_the_callers_fault(exc):
                         raise
                     self.undo_failed(step, _describe(exc))
                     return
@@ -188,11 +188,6 @@ class _Run:
 def _timeout(saga: definition.Saga[Any], step: definition.Step) -> float:
     """Seconds a step's command (or its undo's) waits for its reply."""
     return step.timeout if step.timeout is not None else saga.step_timeout
-
-
-def _not_the_steps_fault(exc: Exception) -> bool:
-    """Whether a local function's error is the store's (an outage, a conflict): the transition is retried."""
-    return isinstance(exc, errors.StoreError) and not isinstance(exc, errors.StatementError)
 
 
 def _describe(exc: BaseException) -> str:
