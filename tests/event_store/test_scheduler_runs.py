@@ -219,3 +219,39 @@ async def test_a_job_message_delivered_after_its_run_succeeded_is_acked_as_a_dup
         await transport.close()
     assert (len(ledger.runs), await the_run(db, schedule)) == (1, finished)
     assert (outcome(handler.name, "succeeded"), outcome(handler.name, "duplicate")) == (1, 1)
+
+
+async def test_a_delivery_waiting_for_a_run_whose_attempt_fails_retries_it_once_after(
+    db: Database, caplog_info: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger(caplog_info)
+    ended: dict[str, float] = {}
+
+    async def job(ctx: Context) -> None:
+        first = not ledger.runs
+        who = "failing" if first else "retry"
+        await ledger.run(who)
+        ended[who] = time.monotonic()
+        if first:
+            raise RuntimeError("the first attempt fails")
+
+    schedule = declare(job)
+    stores_ = app.stores_for(db, "t")
+    await scheduler.trigger_now(stores_, schedule, "t")
+    transport = MemoryTransport(f"memory://{unique('jobs')}")
+    await transport.connect()
+    (handler,) = scheduler.job_handlers([schedule], stores_)
+    worker = Worker([handler], transport, source="t", transactions=stores_.units)
+    await worker.start()
+    try:
+        wire = await job_wire(db, schedule, transport.binary_prefix)
+        await asyncio.gather(transport.publish(schedule.topic, wire), transport.publish(schedule.topic, wire))
+        await wait_for(lambda: settled(handler.name) == 2, 20, "both messages to be settled")
+        assert await worker.stop(5)
+    finally:
+        await transport.close()
+    run = await the_run(db, schedule)
+    assert (ledger.who(), run.status) == (["failing", "retry"], claims.SUCCEEDED)
+    (_, retried_at) = ledger.runs[1]
+    assert retried_at >= ended["failing"], "the retry ran while the failing attempt was still running"
+    assert (outcome(handler.name, "succeeded"), outcome(handler.name, "duplicate")) == (1, 1)
