@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -188,7 +189,7 @@ async def test_a_run_whose_worker_crashed_mid_job_runs_again_once_after_its_leas
     run = await the_run(db, schedule)
     assert (ledger.who(), run.status) == (["crashed", "taken over"], claims.SUCCEEDED)
     (_, crashed_at), (_, taken_at) = ledger.runs
-    assert taken_at - crashed_at >= 1.9, "the run was taken over before the crashed attempt's lease ran out"
+    assert taken_at - crashed_at >= 1.5, "the run was taken over before the crashed attempt's 2 s lease ran out"
 
 
 async def test_a_job_message_delivered_after_its_run_succeeded_is_acked_as_a_duplicate(
@@ -255,3 +256,33 @@ async def test_a_delivery_waiting_for_a_run_whose_attempt_fails_retries_it_once_
     (_, retried_at) = ledger.runs[1]
     assert retried_at >= ended["failing"], "the retry ran while the failing attempt was still running"
     assert (outcome(handler.name, "succeeded"), outcome(handler.name, "duplicate")) == (1, 1)
+
+
+async def test_a_sync_job_that_timed_out_holds_its_run_until_its_thread_ends(db: Database) -> None:
+    runs: dict[str, tuple[float, float]] = {}  # (start, end) of each run, by the monotonic clock
+
+    def job() -> None:
+        started = time.monotonic()
+        who = "retry" if "overrunning" in runs else "overrunning"
+        runs[who] = (started, math.inf)  # running
+        if who == "overrunning":
+            time.sleep(3.5)  # well past the 1.5 s timeout: a thread cannot be interrupted
+        runs[who] = (started, time.monotonic())
+
+    schedule = declare(job, timeout=1.5)
+    stores_ = app.stores_for(db, "t")
+    await scheduler.trigger_now(stores_, schedule, "t")
+    transport = MemoryTransport(f"memory://{unique('jobs')}")
+    await transport.connect()
+    (handler,) = scheduler.job_handlers([schedule], stores_)
+    worker = Worker([handler], transport, source="t", transactions=stores_.units)
+    await worker.start()
+    try:
+        await transport.publish(schedule.topic, await job_wire(db, schedule, transport.binary_prefix))
+        await wait_for(lambda: settled(handler.name) == 1, 20, "the retry to succeed")
+        assert await worker.stop(5)
+    finally:
+        await transport.close()
+    run = await the_run(db, schedule)
+    assert (sorted(runs), run.status) == (["overrunning", "retry"], claims.SUCCEEDED)
+    assert runs["retry"][0] >= runs["overrunning"][1], "the retry ran beside the timed-out attempt's thread"
