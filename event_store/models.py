@@ -176,10 +176,16 @@ schedule_claims = sa.Table(
     _time("started_at", nullable=True, default=False),
     _time("finished_at", nullable=True, default=False),
     sa.Column("error", sa.Text, nullable=True),
+    sa.Column("owner", sa.String(255), nullable=True),
+    _time("lease_until", nullable=True, default=False),
     sa.UniqueConstraint("schedule", "fire_time"),
     sqlite_autoincrement=True,
 )
-"""One row per fire of a schedule: the unique (schedule, UTC fire time) makes a fire happen once."""
+"""One row per fire of a schedule: the unique (schedule, UTC fire time) makes a fire happen once.
+
+``owner`` is the job attempt that started the run, ``lease_until`` (database
+time) how long it holds it: no other delivery runs the job before then.
+"""
 
 schedule_states = sa.Table(
     "schedule_states",
