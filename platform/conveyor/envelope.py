@@ -73,12 +73,17 @@ class WireMessage:
             it on every redelivery (NATS ``<stream>/<sequence>``, Kafka
             ``<topic>/<partition>/<offset>``): the id of a plain message
             (see :mod:`conveyor.plain`).
+        unreadable: on a received message, why the transport could not read it
+            as it was sent (a header name that is not UTF-8), if so; its
+            headers then hold what could be read, its body is intact, and the
+            runtime dead-letters it as invalid.
     """
 
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     key: str | None = None
     message_id: str | None = None
+    unreadable: str | None = None
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ from conveyor.testing import Collector, brokers, unique, wait_for
 from conveyor.transports import rabbit_wire
 from conveyor.transports.rabbit import RabbitTransport
 from pamqp.commands import Basic
+from rabbit_raw import publish_undecodable
 
 from event_store import Database, SqlOutboxStore
 
@@ -537,3 +538,28 @@ async def test_partitionkey_of_a_plain_clients_event_is_the_delivery_key(
     await transport.subscribe(subscription, collector)
     (got,) = await collector.wait(1, TIMEOUT)
     assert got.message.key == "order-7"
+
+
+# -- frames the AMQP client cannot decode ------------------------------------------------
+
+
+async def test_header_name_that_is_not_utf8_reaches_the_consumer_marked_unreadable(
+    open_rabbit: Open, raw_channel: aio_pika.abc.AbstractChannel
+) -> None:
+    transport = await open_rabbit()
+    topic = unique("rt")
+    subscription = sub(topic)
+    await transport.declare([topic], [subscription])
+    connection = await transport.wait_connected()
+    body = b'{"order_id": "o-1"}\x00\xff'
+    await publish_undecodable(raw_channel, topic, body)
+    await transport.publish(topic, WireMessage(b"after", message_id=unique("id")))
+    collector = Collector()
+    await transport.subscribe(subscription, collector)
+    bad, good = await collector.wait(2, TIMEOUT)
+    assert bad.message.body == body
+    assert bad.message.unreadable is not None and "bad-" in bad.message.unreadable, bad.message.unreadable
+    assert bad.message.headers["bad-\ufffd\ufffd-name"] == "v"
+    assert bad.message.headers["cloudEvents_id"] == "e-1"
+    assert (good.message.body, good.message.unreadable) == (b"after", None)
+    assert await transport.wait_connected() is connection  # the connection never dropped

@@ -66,7 +66,7 @@ from pamqp.commands import Basic
 
 from conveyor import errors, names, ports, transports
 from conveyor.envelope import AMQP_PREFIX, WireMessage
-from conveyor.transports import rabbit_backlog, rabbit_consume, rabbit_queues, rabbit_wire
+from conveyor.transports import rabbit_backlog, rabbit_consume, rabbit_frames, rabbit_queues, rabbit_wire
 
 log = logging.getLogger("conveyor.transports.rabbit")
 
@@ -147,7 +147,10 @@ class RabbitTransport:
     async def _open(self) -> None:
         try:
             connection = await aio_pika.connect(
-                self.url, timeout=self.timeout, client_properties={"connection_name": "conveyor"}
+                self.url,
+                timeout=self.timeout,
+                client_properties={"connection_name": "conveyor"},
+                connection_class=rabbit_frames.Connection,
             )
         except (TimeoutError, *rabbit_wire.DRIVER_ERRORS) as exc:
             raise rabbit_wire.transport_error(f"connection to {self._safe_url()}", exc) from exc

@@ -31,6 +31,7 @@ from pamqp.common import FieldTable
 
 from conveyor import errors
 from conveyor.envelope import WireMessage, binary_partition_key
+from conveyor.transports import rabbit_frames
 
 KEY_HEADER = "conveyor-key"
 ATTEMPT_HEADER = "conveyor-attempt"
@@ -120,6 +121,9 @@ def outgoing_properties(message: WireMessage) -> Basic.Properties:
 def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple[WireMessage, int, int | None]:
     """Read a delivery: the wire message, its attempt and its due time (epoch ms), if any.
 
+    A content header :mod:`~conveyor.transports.rabbit_frames` had to make
+    readable gives a message whose ``unreadable`` says why.
+
     Args:
         raw: the delivery.
         trusted: it came back through our delay tiers. A message routed by the
@@ -128,7 +132,7 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
     """
     props = raw.header.properties
     headers: dict[str, str] = {}
-    key = due = None
+    key = due = unreadable = None
     attempt, returns = 1, 0
     # The broker sets x-delivery-count only on a redelivery; on a first delivery the header is a producer's.
     redelivered = bool(raw.redelivered)
@@ -136,6 +140,9 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
         if value is None:
             continue  # an AMQP void is no value: a null attribute is a missing one
         if name not in _INTERNAL:
+            if name == rabbit_frames.UNREADABLE and (reason := rabbit_frames.unreadable_reason(value)) is not None:
+                unreadable = reason
+                continue
             headers[name] = _text(value)
         elif name == KEY_HEADER:
             key = _text(value)
@@ -151,7 +158,8 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
         key = binary_partition_key(headers)
     # message_id is the only id a RabbitMQ message keeps across redeliveries (copies keep it too);
     # a message published without one has none (see conveyor.plain).
-    return WireMessage(raw.body, headers, key, props.message_id or None), max(attempt, 1) + returns, due
+    message = WireMessage(raw.body, headers, key, props.message_id or None, unreadable)
+    return message, max(attempt, 1) + returns, due
 
 
 def copy_properties(raw: aiormq.abc.DeliveredMessage, attempt: int, due: int | None) -> Basic.Properties:
