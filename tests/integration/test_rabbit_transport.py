@@ -600,6 +600,9 @@ async def test_message_over_the_delivery_limit_is_dead_lettered_not_dropped(open
     await over_the_limit(rabbit_url, transport.queue_name(subscription), 2)
     (letter,) = await dead_letters_of(transport, topic, 1)
     assert (letter.body, letter.headers["x-kind"]) == (body, "over-limit")
+    assert letter.headers["conveyor-dlq-error-type"] == "DeliveryLimit"
+    assert transport.queue_name(subscription) in letter.headers["conveyor-dlq-error"]
+    assert letter.headers["conveyor-dlq-handler"] == subscription.name
 
 
 async def test_queue_of_an_earlier_version_without_a_dead_letter_target_is_replaced_its_messages_kept(

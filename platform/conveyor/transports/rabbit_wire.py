@@ -31,6 +31,7 @@ from pamqp.common import FieldTable
 
 from conveyor import errors
 from conveyor.envelope import WireMessage, binary_partition_key
+from conveyor.runtime.failures import DLQ_HEADER
 from conveyor.transports import rabbit_frames
 
 KEY_HEADER = "conveyor-key"
@@ -122,7 +123,10 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
     """Read a delivery: the wire message, its attempt and its due time (epoch ms), if any.
 
     A content header :mod:`~conveyor.transports.rabbit_frames` had to make
-    readable gives a message whose ``unreadable`` says why.
+    readable gives a message whose ``unreadable`` says why. A message RabbitMQ
+    dead-lettered past a queue's delivery limit (``x-first-death-reason``
+    ``delivery_limit``) gets the ``conveyor-dlq-*`` reason Conveyor would have
+    written (error type ``DeliveryLimit``, the handler), unless it has one.
 
     Args:
         raw: the delivery.
@@ -132,7 +136,7 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
     """
     props = raw.header.properties
     headers: dict[str, str] = {}
-    key = due = unreadable = None
+    key = due = unreadable = death = death_queue = None
     attempt, returns = 1, 0
     # The broker sets x-delivery-count only on a redelivery; on a first delivery the header is a producer's.
     redelivered = bool(raw.redelivered)
@@ -152,6 +156,12 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
             returns = _int(value, 0)
         elif name == DUE_HEADER and trusted:
             due = _int(value, 0)
+        elif name == "x-first-death-reason":
+            death = _text(value)
+        elif name == "x-first-death-queue":
+            death_queue = _text(value)
+    if death == "delivery_limit" and DLQ_HEADER + "error-type" not in headers:
+        headers |= _over_limit(death_queue or "?")
     if props.content_type:
         headers["content-type"] = props.content_type
     if key is None:
@@ -160,6 +170,21 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
     # a message published without one has none (see conveyor.plain).
     message = WireMessage(raw.body, headers, key, props.message_id or None, unreadable)
     return message, max(attempt, 1) + returns, due
+
+
+def _over_limit(queue: str) -> dict[str, str]:
+    """The ``conveyor-dlq-*`` reason of a message RabbitMQ dead-lettered past ``queue``'s delivery limit."""
+    head, _, subscription = queue.partition(".")
+    reason = {
+        DLQ_HEADER + "error-type": "DeliveryLimit",
+        DLQ_HEADER + "error": (
+            f"RabbitMQ dead-lettered it from queue {queue} past the queue's delivery limit (x-delivery-limit): "
+            "it was delivered that often without being settled"
+        ),
+    }
+    if head.endswith("-limited"):
+        reason[DLQ_HEADER + "handler"] = subscription
+    return reason
 
 
 def copy_properties(raw: aiormq.abc.DeliveredMessage, attempt: int, due: int | None) -> Basic.Properties:
