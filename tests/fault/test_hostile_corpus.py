@@ -33,6 +33,7 @@ from cli import Process, free_port
 from conveyor import transports
 from conveyor.runtime import dead_letters
 from conveyor.testing import unique
+from rabbit_raw import RawName
 
 BAD_BASE = 100_000
 MAX_BYTES = 512 * 1024
@@ -45,7 +46,7 @@ the handler's lanes, so nothing in the retry policy holds a good message back; t
 is dead-lettering the 900 kB body (a confirmed publish of it) and a few seconds of scheduling noise on a
 busy 2-core machine."""
 FEATURES = {
-    "rabbit": {corpus.TYPED, corpus.NAME_CRLF, corpus.DELIVERY_COUNT},
+    "rabbit": {corpus.TYPED, corpus.NAME_CRLF, corpus.DELIVERY_COUNT, corpus.RAW_NAME},
     "kafka": {corpus.TYPED, corpus.NAME_CRLF},
     "nats": {corpus.CONTROL},
 }
@@ -92,7 +93,9 @@ class Producer:
     async def _rabbit(self, body: bytes, headers: dict[str, corpus.Header]) -> None:
         content_type = headers.pop("content-type", None)
         # pamqp writes bytearray as an AMQP byte array ('x'); plain bytes it refuses.
-        table = {_renamed(k, "cloudEvents_"): bytearray(v) if isinstance(v, bytes) else v for k, v in headers.items()}
+        table = {
+            _raw(_renamed(k, "cloudEvents_")): bytearray(v) if isinstance(v, bytes) else v for k, v in headers.items()
+        }
         message = aio_pika.Message(body, headers=table, content_type=content_type)  # type: ignore[arg-type]
         await self._target.publish(message, routing_key=self.topic, mandatory=True)
 
@@ -116,6 +119,15 @@ class Producer:
 
 def _renamed(name: str, prefix: str) -> str:
     return prefix + name[3:] if name.startswith("ce-") else name
+
+
+def _raw(name: str) -> str:
+    """A header name as pamqp must write it: the bytes of a :data:`corpus.RAW_NAME` name, else the name."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return RawName(name.encode("utf-8", "surrogateescape"))
+    return name
 
 
 def _kafka_value(value: corpus.Header) -> bytes | None:

@@ -201,7 +201,8 @@ class HandlerRunner:
     async def admit(self, delivery: ports.Delivery) -> tuple[envelope.Envelope, Any] | None:
         """Decode a delivery for the handler, or dead-letter it and return None.
 
-        Dead-lettered here: a message over the size limit, one delivered more
+        Dead-lettered here: a message the transport could not read as sent
+        (``WireMessage.unreadable``), one over the size limit, one delivered more
         often than ``max_attempts`` (earlier attempts died with their worker),
         and poison (not a valid CloudEvent, or a payload the annotation refuses).
 
@@ -209,6 +210,10 @@ class HandlerRunner:
             TransportError: the dead letter could not be published nor the delivery settled.
         """
         handler = self.handler
+        if delivery.message.unreadable is not None:
+            text = f"the transport could not read the message as sent: {delivery.message.unreadable}"
+            await self.dead_letter(delivery, delivery.attempt, "InvalidMessage", text)
+            return None
         size = len(delivery.message.body)
         if size > self._max_bytes:
             await self.dead_letter(
