@@ -8,7 +8,9 @@ time; it goes to ``<topic>.dlq``.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 from conveyor import envelope
 
@@ -45,3 +47,23 @@ def dead_letter_headers(handler: str, topic: str, kind: str, text: str, attempts
         DLQ_HEADER + "attempts": str(attempts),
         DLQ_HEADER + "at": envelope.format_time(datetime.now(UTC)),
     }
+
+
+def taken_back(delivery: Any) -> bool:
+    """Whether a cancellation of the running attempt came from the transport taking ``delivery`` back.
+
+    A transport may cancel an attempt whose message is no longer this worker's
+    (the Kafka transport does once a revoked partition's grace is over): it sets
+    the delivery's ``taken_back``, and waits for its ``ended`` event (an
+    ``asyncio.Event``, set here). The attempt then ends quietly, unsettled, and
+    the task goes on: this withdraws that cancellation from the current task.
+    False (the cancellation stands) when the delivery was not taken back or
+    the task was cancelled for another reason too (a drain deadline).
+    """
+    if not getattr(delivery, "taken_back", False):
+        return False
+    ended = getattr(delivery, "ended", None)
+    if isinstance(ended, asyncio.Event):
+        ended.set()
+    task = asyncio.current_task()
+    return task is None or task.uncancel() == 0

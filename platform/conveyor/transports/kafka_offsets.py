@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka import errors as kafka_errors
@@ -65,10 +66,12 @@ class PartitionOffsets:
         tries: attempts known to have started and never settled, by offset
             (from the mark, and counted here during recovery).
         running: attempt of each delivery whose handler started and that is not settled, by offset.
+        claimed: the delivery of each attempt running now, by offset (cancelled when a
+            revocation's grace is over).
     """
 
-    __slots__ = ("draining", "loading", "marked", "out", "revoked", "running", "settled", "suspect", "taken", "tp",
-                 "tries")  # fmt: skip
+    __slots__ = ("claimed", "draining", "loading", "marked", "out", "revoked", "running", "settled", "suspect",
+                 "taken", "tp", "tries")  # fmt: skip
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
@@ -82,6 +85,7 @@ class PartitionOffsets:
         self.suspect = -1
         self.tries: dict[int, int] = {}
         self.running: dict[int, int] = {}
+        self.claimed: dict[int, Any] = {}
 
     def restore(self, committed: int | None, mark: kafka_marks.Mark) -> None:
         """Take over from the previous owner: recover if it died with records in hand."""
@@ -125,6 +129,7 @@ class PartitionOffsets:
         """The delivery of ``offset`` was acked or nacked: its attempt ended."""
         self.running.pop(offset, None)
         self.tries.pop(offset, None)
+        self.claimed.pop(offset, None)
 
     def settle(self, offset: int) -> int | None:
         """Mark ``offset`` done; return the offset to commit if the settled prefix grew."""
