@@ -1,27 +1,15 @@
-"""What a failed message becomes: its dead-letter topic and headers, and the failures handlers may cause.
-
-A dead letter is the original message, body and headers byte for byte, with
-``conveyor-dlq-*`` headers naming the handler, the topic, the error type, the
-error text (one line, at most 1,000 characters), the attempts spent and the
-time; it goes to ``<topic>.dlq``.
+"""What a failed message becomes: its dead-letter topic and headers (see :mod:`conveyor.dead_letter`), and the
+failures handlers may cause.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Any
 
-from conveyor import envelope
+from conveyor.dead_letter import DLQ_HEADER, DLQ_SUFFIX, dead_letter_headers, dead_letter_topic
 
-DLQ_SUFFIX = ".dlq"
-DLQ_HEADER = "conveyor-dlq-"
-_MAX_ERROR_TEXT = 1000
-
-
-def dead_letter_topic(topic: str) -> str:
-    """The dead-letter topic of ``topic``."""
-    return topic + DLQ_SUFFIX
+__all__ = ["DLQ_HEADER", "DLQ_SUFFIX", "HandlerExit", "dead_letter_headers", "dead_letter_topic", "taken_back"]
 
 
 class HandlerExit(Exception):
@@ -34,19 +22,6 @@ class HandlerExit(Exception):
 
     def __init__(self, raised: BaseException) -> None:
         super().__init__(f"the handler raised {type(raised).__name__}({raised})")
-
-
-def dead_letter_headers(handler: str, topic: str, kind: str, text: str, attempts: int) -> dict[str, str]:
-    """The ``conveyor-dlq-*`` headers that explain why a message was dead-lettered."""
-    clean = " ".join(text.split())[:_MAX_ERROR_TEXT]  # header values must be one line
-    return {
-        DLQ_HEADER + "handler": handler,
-        DLQ_HEADER + "topic": topic,
-        DLQ_HEADER + "error-type": kind,
-        DLQ_HEADER + "error": clean,
-        DLQ_HEADER + "attempts": str(attempts),
-        DLQ_HEADER + "at": envelope.format_time(datetime.now(UTC)),
-    }
 
 
 def taken_back(delivery: Any) -> bool:

@@ -296,6 +296,16 @@ class KafkaTransport:
             raise errors.TransportError(f"Kafka transport {self.url} is not connected (closed or never connected)")
         await producer.send(topic, message, extra)
 
+    async def _send_record(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes | None]]
+    ) -> None:
+        producer = self._producer
+        if producer is None:
+            raise errors.TransportError(f"Kafka transport {self.url} is not connected (closed or never connected)")
+        if topic not in self._topics:
+            await self._ensure_topics([topic])
+        await producer.send_record(topic, value, key, headers)
+
     async def subscribe(self, subscription: ports.Subscription, callback: ports.DeliveryCallback) -> ports.Consumer:
         """Declare the subscription and join its consumer group.
 
@@ -333,6 +343,7 @@ class KafkaTransport:
         consumer = kafka_consume.KafkaConsumer(
             kafka, subscription, retry_topic(subscription.name), callback, self._send, self._timeout, self._leave,
             revoke_grace=options.revoke_grace, marks=kafka_marks.MarkStore(kafka, shadow, self._timeout),
+            send_record=self._send_record,
         )  # fmt: skip
         await consumer.start()
         self._consumers.append(consumer)

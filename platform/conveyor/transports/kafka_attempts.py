@@ -119,6 +119,7 @@ class Attempts:
             for tp, records in batch.items():
                 if records and tp in partitions:
                     self._kafka.seek(tp, records[0].offset)
+                    partitions[tp].fetched = records[0].offset
             raise
         for tp, mark in marks.items():
             partitions[tp].marked = max(partitions[tp].marked, mark.through)
@@ -140,6 +141,7 @@ class Attempts:
             else:
                 del partition.tries[offset]
             self._kafka.seek(partition.tp, offset)
+            partition.fetched = offset
             raise
         return tries
 

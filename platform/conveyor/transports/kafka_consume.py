@@ -23,7 +23,14 @@ from aiokafka import errors as kafka_errors
 
 from conveyor import errors, ports
 from conveyor.envelope import WireMessage
-from conveyor.transports import kafka_attempts, kafka_delivery, kafka_marks, kafka_offsets, kafka_rebalance
+from conveyor.transports import (
+    kafka_attempts,
+    kafka_delivery,
+    kafka_marks,
+    kafka_offsets,
+    kafka_rebalance,
+    kafka_salvage,
+)
 
 log = logging.getLogger("conveyor.transports.kafka")
 
@@ -36,7 +43,7 @@ Send = kafka_delivery.Send
 Leave = Callable[[int, str, str], Awaitable[None]]
 
 
-class KafkaConsumer(kafka_rebalance.Rebalancing):
+class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
     """A running subscription: one group member fetching, holding and handing out records.
 
     Args:
@@ -52,6 +59,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
             revoked partitions to settle (and again, at most, for their commit).
         marks: where attempt marks are kept (see :mod:`conveyor.transports.kafka_marks`);
             None counts no attempts across crashes.
+        send_record: publishes a record as given, for dead letters of records the
+            client cannot decode (see :mod:`conveyor.transports.kafka_salvage`).
     """
 
     def __init__(
@@ -66,6 +75,7 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
         *,
         revoke_grace: float = 2.5,
         marks: kafka_marks.MarkStore | None = None,
+        send_record: kafka_salvage.SendRecord | None = None,
     ) -> None:
         self.subscription = subscription
         self.retry_topic = retry_topic
@@ -73,6 +83,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
         self.closed = False
         self._kafka = kafka
         self._callback = callback
+        self._send_record = send_record
+        self._request_timeout = commit_timeout
         self._prefetch = max(subscription.prefetch, 1)
         self._low_water = self._prefetch // 2  # once full, fetch again only below this: whole batches, not ones
         self._topping = False
@@ -259,7 +271,7 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
         timeout = _POLL_SECONDS
         if self._held:
             timeout = min(timeout, max(self._held[0].due - time.time(), 0.0))
-        batch = await self._kafka.getmany(timeout_ms=int(timeout * 1000), max_records=self._prefetch - self._unsettled)
+        batch = await self._getmany(timeout_ms=int(timeout * 1000), max_records=self._prefetch - self._unsettled)
         self._healthy = True
         await self._attempts.mark(batch, self._partitions)
         for tp, records in batch.items():
@@ -330,7 +342,7 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
         self._sync_pauses()
         if not kafka_attempts.recovering(self._partitions.values()):
             return
-        batch = await self._kafka.getmany(timeout_ms=int(_POLL_SECONDS * 1000), max_records=1)
+        batch = await self._getmany(timeout_ms=int(_POLL_SECONDS * 1000), max_records=1)
         self._healthy = True
         for tp, records in batch.items():
             partition = self._partitions.get(tp)
@@ -341,6 +353,9 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
             await self._accept(partition, records[0], count=partition.suspect >= records[0].offset)
 
     async def _accept(self, partition: kafka_offsets.PartitionOffsets, record: Any, *, count: bool = False) -> None:
+        if isinstance(record, kafka_salvage.RawRecord) and record.undecodable:
+            await self.quarantine(partition, record)
+            return
         message, attempt, not_before = kafka_delivery.from_record(record, trusted=record.topic == self.retry_topic)
         offset = record.offset
         if not_before and not_before / 1000 > time.time():  # not due: it cannot have run before either

@@ -68,10 +68,11 @@ class PartitionOffsets:
         running: attempt of each delivery whose handler started and that is not settled, by offset.
         claimed: the delivery of each attempt running now, by offset (cancelled when a
             revocation's grace is over).
+        fetched: offset of the next record the fetch loop expects (None: not known yet).
     """
 
-    __slots__ = ("claimed", "draining", "loading", "marked", "out", "revoked", "running", "settled", "suspect",
-                 "taken", "tp", "tries")  # fmt: skip
+    __slots__ = ("claimed", "draining", "fetched", "loading", "marked", "out", "revoked", "running", "settled",
+                 "suspect", "taken", "tp", "tries")  # fmt: skip
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
@@ -86,10 +87,12 @@ class PartitionOffsets:
         self.tries: dict[int, int] = {}
         self.running: dict[int, int] = {}
         self.claimed: dict[int, Any] = {}
+        self.fetched: int | None = None
 
     def restore(self, committed: int | None, mark: kafka_marks.Mark) -> None:
         """Take over from the previous owner: recover if it died with records in hand."""
         self.loading = False
+        self.fetched = committed
         if mark.through < (committed or 0):  # no commit yet: the group started at the log's start
             return  # nothing was handed out beyond what is committed: a clean handover
         self.suspect = self.marked = mark.through
