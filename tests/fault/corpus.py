@@ -47,6 +47,10 @@ CONTROL = "control"
 """Wire feature: NATS JetStream control headers (handled by the NATS adapter)."""
 DELIVERY_COUNT = "delivery-count"
 """Wire feature: RabbitMQ's ``x-delivery-count`` and ``x-death`` dead-lettering headers."""
+RAW_NAME = "raw-name"
+"""Wire feature: header names as raw bytes, not valid UTF-8 (Kafka: any client writing bytes can send one). Such a
+name is given as a ``str`` with surrogate escapes: ``name.encode("utf-8", "surrogateescape")`` is what goes on the
+wire. The client library may fail to decode the whole record (aiokafka does)."""
 
 
 @dataclass(slots=True)
@@ -191,6 +195,8 @@ def _kinds() -> list[Kind]:
     simple("attribute-name-with-space", "dlq", lambda n: (payload(n), {**binary(), "ce-bad name": "v"}), NAME_CRLF)
     simple("header-name-crlf", "effect", lambda n: (payload(n), {**binary(), "x-evil\r\ninjected": "v"}), NAME_CRLF)
     simple("header-value-crlf", "dlq", lambda n: (payload(n), binary(subject="a\r\nce-id: forged")), NAME_CRLF)
+    bad_name = b"x-bad-\xff\xfe-name".decode("utf-8", "surrogateescape")
+    simple("header-name-not-utf8", "dlq", lambda n: (payload(n), {**binary(), bad_name: "v"}), RAW_NAME)
 
     # -- binary-mode headers of other wire types
     simple("id-as-int", "either", lambda n: (payload(n), binary(id=uuid.uuid4().int % 10**15)), TYPED)

@@ -33,7 +33,8 @@ class RawName(str):
 
 
 @contextmanager
-def _python_builder() -> Iterator[None]:
+def raw_header_names() -> Iterator[None]:
+    """Within: aiokafka producers build record batches in Python, so :class:`RawName` names go out as their bytes."""
     modules: list[Any] = [message_accumulator, producer]
     original = [module.DefaultRecordBatchBuilder for module in modules]
     for module in modules:
@@ -58,7 +59,7 @@ async def send_raw_names(
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
     await producer.start()
     try:
-        with _python_builder():
+        with raw_header_names():
             sent = await producer.send_and_wait(
                 topic, value, key=key, partition=partition, headers=[(RawName(n), v) for n, v in headers]
             )
