@@ -37,7 +37,8 @@ log = logging.getLogger("conveyor.transports.kafka")
 _POLL_SECONDS = 1.0  # longest getmany wait; also how often a full consumer polls
 _BACKOFF_MAX = 5.0
 _STOP_SECONDS = 15.0  # longest wait for aiokafka to stop a consumer
-_MARK_LOOKAHEAD = 4  # attempt marks reach this many prefetches past the records handed out
+_MARK_LOOKAHEAD = 4  # attempt marks reach this many prefetches past the records handed out...
+_MARK_LOOKAHEAD_MAX = 128  # ...but no farther: after a crash, the records past those out are recovered one by one
 
 Send = kafka_delivery.Send
 Leave = Callable[[int, str, str], Awaitable[None]]
@@ -92,9 +93,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
         self._committer = kafka_offsets.Committer(kafka, subscription.name, commit_timeout)
         self._leave = leave
         self._revoke_grace = revoke_grace
-        self._attempts = kafka_attempts.Attempts(
-            kafka, marks, subscription.name, revoke_grace, lookahead=self._prefetch * _MARK_LOOKAHEAD
-        )
+        lookahead = min(self._prefetch * _MARK_LOOKAHEAD, _MARK_LOOKAHEAD_MAX)
+        self._attempts = kafka_attempts.Attempts(kafka, marks, subscription.name, revoke_grace, lookahead)
         self._partitions: dict[TopicPartition, kafka_offsets.PartitionOffsets] = {}
         self._held: list[kafka_delivery.Held] = []
         self._handing: kafka_delivery.KafkaDelivery | None = None  # being handed to the callback
@@ -364,7 +364,10 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
             heapq.heappush(self._held, held)
             return
         if count:
-            attempt = max(attempt, await self._attempts.count(partition, offset))
+            tries = await self._attempts.count(partition, offset)
+            if not tries:  # its partition is being revoked: the next owner counts and runs it
+                return
+            attempt = max(attempt, tries)
         partition.take(offset)
         await self._hand_out(kafka_delivery.KafkaDelivery(self, partition, offset, message, attempt))
 

@@ -14,10 +14,21 @@ and fetched as a standalone consumer would (generation -1). The committed
 "offset" is not an offset but a :class:`Mark` packed into 63 bits. Commit
 metadata would be the natural place, but Tansu (the broker of our tests) drops
 it (measured with Tansu 0.6.0: ``OffsetFetch`` returns ``""``), and offsets of
-a second group work on every Kafka-protocol broker. Marks are not fenced by
-the group generation: a member that lost its partitions without noticing can
-still write one; the worst outcome is a needless recovery pass or a miscounted
-attempt, never a lost record.
+a second group work on every Kafka-protocol broker.
+
+Fencing. The broker cannot fence these writes (a standalone commit carries no
+generation), and a mark read back cannot tell what it overwrote, so carrying
+the generation *in* the mark would let a reader detect nothing useful; the
+writer fences itself instead (:class:`~conveyor.transports.kafka_attempts.Attempts`):
+one write at a time, so a revocation's handover mark lands after the write in
+flight and before the revocation returns (the group waits for it: no new owner
+reads or writes the mark earlier); no write for a partition being revoked; and
+no write at all once the member's group generation differs from the one its
+partitions were assigned in (aiokafka resets it when the coordinator forgot the
+member: its session expired). What is left is a member cut off without knowing
+it, whose write was sent before the new owner's and arrives after it; the worst
+outcome is then a needless recovery pass or a miscounted attempt, never a lost
+record.
 """
 
 from __future__ import annotations
@@ -200,6 +211,12 @@ class MarkStore:
             return dict(await asyncio.wait_for(_coordinator(kafka).fetch_committed_offsets(tps), self._timeout))
         except (kafka_errors.KafkaError, OSError, TimeoutError) as exc:
             raise errors.TransientTransportError(f"reading Kafka {what} failed: {exc!r}") from exc
+
+
+def generation(kafka: AIOKafkaConsumer) -> int | None:
+    """The member's current group generation (-1 once the coordinator forgot the member); None: not known."""
+    value = getattr(getattr(kafka, "_coordinator", None), "generation", None)
+    return value if isinstance(value, int) else None
 
 
 def _coordinator(kafka: AIOKafkaConsumer) -> Any:

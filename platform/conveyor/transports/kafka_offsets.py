@@ -69,13 +69,16 @@ class PartitionOffsets:
         claimed: the delivery of each attempt running now, by offset (cancelled when a
             revocation's grace is over).
         fetched: offset of the next record the fetch loop expects (None: not known yet).
+        generation: the group generation the partition was assigned in (None: not known);
+            marks are written only while the member's generation is still this one.
     """
 
-    __slots__ = ("claimed", "draining", "fetched", "loading", "marked", "out", "revoked", "running", "settled",
-                 "suspect", "taken", "tp", "tries")  # fmt: skip
+    __slots__ = ("claimed", "draining", "fetched", "generation", "loading", "marked", "out", "revoked", "running",
+                 "settled", "suspect", "taken", "tp", "tries")  # fmt: skip
 
-    def __init__(self, tp: TopicPartition) -> None:
+    def __init__(self, tp: TopicPartition, generation: int | None = None) -> None:
         self.tp = tp
+        self.generation = generation
         self.taken: deque[int] = deque()
         self.settled: set[int] = set()
         self.out = 0

@@ -14,11 +14,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from conveyor import errors, ports
 from conveyor.envelope import WireMessage
-from conveyor.transports import kafka_attempts, kafka_delivery, kafka_offsets
+from conveyor.transports import kafka_attempts, kafka_delivery, kafka_marks, kafka_offsets
 
 if TYPE_CHECKING:
     from conveyor.transports.kafka_consume import KafkaConsumer
@@ -44,6 +44,7 @@ class Rebalancing:
 
     subscription: ports.Subscription
     closed: bool
+    _kafka: AIOKafkaConsumer
     _partitions: dict[TopicPartition, kafka_offsets.PartitionOffsets]
     _committer: kafka_offsets.Committer
     _attempts: kafka_attempts.Attempts
@@ -165,7 +166,8 @@ class Rebalancing:
         They stay paused until their committed offsets and attempt marks are
         read (aiokafka awaits this before the member rejoins the fetch).
         """
-        new = [kafka_offsets.PartitionOffsets(tp) for tp in assigned if tp not in self._partitions]
+        generation = kafka_marks.generation(self._kafka)
+        new = [kafka_offsets.PartitionOffsets(tp, generation) for tp in assigned if tp not in self._partitions]
         self._partitions.update((p.tp, p) for p in new)
         self._sync_pauses()
         log.debug("%s assigned %s", self.subscription.name, sorted(assigned))
