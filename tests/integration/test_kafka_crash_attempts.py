@@ -148,6 +148,18 @@ async def test_a_record_that_kills_its_worker_far_below_the_mark_is_dead_lettere
     assert [(d.error_type, d.attempts) for d in letters] == [("TooManyDeliveries", "3")]
 
 
+async def test_a_record_that_kills_its_worker_on_one_of_four_partitions_is_dead_lettered(
+    kafka_url: str, tmp_path: Path
+) -> None:
+    # Every partition had records out at the first crash: all four are recovered, one record at a time.
+    url = brokers.with_query(kafka_url, "?partitions=4&session_timeout_ms=2000&heartbeat_interval_ms=400")
+    ran, letters = await crash_until_dead_lettered(url, tmp_path, records=40, poison=3)
+    assert [a for n, a in ran if n == 3] == [1, 1, 2]  # max_attempts + 1 runs
+    assert {n for n, _ in ran} == set(range(40))
+    assert {a for n, a in ran if n != 3} == {1}
+    assert [(d.error_type, d.attempts) for d in letters] == [("TooManyDeliveries", "3")]
+
+
 async def test_records_after_a_clean_stop_and_restart_have_attempt_one(
     kafka_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

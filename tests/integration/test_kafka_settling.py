@@ -36,10 +36,11 @@ class FakeKafka:
     """A stand-in for ``AIOKafkaConsumer``: serves records put in ``records``, records commits.
 
     Attributes:
-        records: records not fetched yet, per partition.
+        records: the log of each partition (records are served from its position on, in order).
         commits: the offsets of every commit call, in order.
         commit_gate: when set, each commit waits for it first.
         commit_errors: raised by the next commit calls, one each (``None``: succeed).
+        paused: partitions not served.
     """
 
     def __init__(self) -> None:
@@ -47,7 +48,8 @@ class FakeKafka:
         self.commits: list[dict[TopicPartition, int]] = []
         self.commit_gate: asyncio.Event | None = None
         self.commit_errors: list[BaseException | None] = []
-        self.fetched: dict[TopicPartition, list[SimpleNamespace]] = {}
+        self.positions: dict[TopicPartition, int] = {}
+        self.paused: set[object] = set()
         self._coordinator = SimpleNamespace(generation=3)  # the group generation aiokafka's coordinator knows
 
     def add(self, tp: TopicPartition, offset: int, body: bytes) -> None:
@@ -60,20 +62,36 @@ class FakeKafka:
         self, *partitions: object, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[SimpleNamespace]]:
         await asyncio.sleep(0.005)  # a fetch round trip
-        batch, self.records = self.records, {}
-        self.fetched = batch
+        room = max_records if max_records is not None else 1 << 30
+        batch: dict[TopicPartition, list[SimpleNamespace]] = {}
+        for tp, log in self.records.items():
+            if tp in self.paused or (partitions and tp not in partitions) or room <= 0:
+                continue
+            position = self.positions.get(tp, 0)
+            served = [r for r in log if r.offset >= position][:room]
+            if served:
+                batch[tp] = served
+                room -= len(served)
+                self.positions[tp] = served[-1].offset + 1
         return batch
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
-        """Serve the last fetched records of ``tp`` from ``offset`` again."""
-        again = [r for r in self.fetched.get(tp, []) if r.offset >= offset]
-        self.records[tp] = again + self.records.get(tp, [])
+        self.positions[tp] = offset
 
-    def pause(self, *partitions: object) -> None: ...
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions.get(tp, 0)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        log = self.records.get(tp)
+        return log[-1].offset + 1 if log else None
+
+    def pause(self, *partitions: object) -> None:
+        self.paused.update(partitions)
+
+    def resume(self, *partitions: object) -> None:
+        self.paused.difference_update(partitions)
 
     async def stop(self) -> None: ...
-
-    def resume(self, *partitions: object) -> None: ...
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.commits.append(dict(offsets))
@@ -430,3 +448,35 @@ async def test_member_whose_generation_was_reset_writes_no_marks_and_hands_nothi
         await wait_for(lambda: "generation changed" in caplog.text, TIMEOUT, "the refused mark write")
         await run.consumer.revoked({TP0, TP1})
     assert events == []
+
+
+class RecoveringMarks(FailingMarks):
+    """Marks saying the previous owner of ``TP0`` died with offsets 0..5 in hand; ``TP1`` was left clean."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__(events)
+        self.failures = 0
+
+    async def load(self, tps: object) -> dict[TopicPartition, tuple[int | None, Mark]]:
+        return {TP0: (0, Mark(5)), TP1: (0, Mark())}
+
+
+async def test_partition_recovering_after_a_crash_holds_back_no_other_partition() -> None:
+    out: list[ports.Delivery] = []
+
+    async def handle(delivery: ports.Delivery) -> None:
+        out.append(delivery)
+        if delivery.message.body.startswith(b"p1"):
+            await delivery.ack()  # p0's recovered record stays out: a slow handler
+
+    events: list[str] = []
+    async with Running(handle, marks=RecoveringMarks(events)) as run:
+        for offset in range(2):
+            run.kafka.add(TP0, offset, f"p0-{offset}".encode())
+        for offset in range(3):
+            run.kafka.add(TP1, offset, f"p1-{offset}".encode())
+        await wait_for(lambda: len(out) >= 4, TIMEOUT, "the recovered record and the other partition's")
+        bodies = sorted(d.message.body for d in out)
+    assert bodies == [b"p0-0", b"p1-0", b"p1-1", b"p1-2"]  # p0 one at a time, p1 meanwhile
+    assert [d.attempt for d in out if d.message.body == b"p0-0"] == [1]
+    assert "marked 0:5" in events  # p0-0's attempt counted before it ran

@@ -13,13 +13,18 @@ of the partitions a member owns:
 * **Assignment**: the group's committed offset ``c`` and the mark ``s`` are
   read. ``s >= c`` means the previous owner died (or was fenced) with records
   of ``c..s`` possibly in hand: the partition is *recovered* up to ``s``. The consumer then
-  hands out one record at a time, nothing else out, and before each record
+  hands out its records one at a time, and before each record
   :meth:`Attempts.count` writes ``(s, record, tries)`` with tries one more than
   the mark knew of that record. The delivery's attempt is at least ``tries``.
   The recovery ends at offset ``s``, or earlier at the end of the log (the
   lookahead may reach past it).
   A record that kills the worker is so named by the mark, and its attempts grow
   by one per crash until the runtime dead-letters it (``TooManyDeliveries``).
+  Recovery is per partition: the member's other partitions go on meanwhile,
+  and of the partitions being recovered one record at a time is out. A crash
+  while a recovered record is out counts against it even when a record of
+  another partition caused it; that happens at most once per such record
+  (the partition it came from is recovered, one record at a time, from then on).
 * **Graceful handover** (revocation, close): the mark is reset to what the next
   owner must know: nothing, unless deliveries whose handler started are
   abandoned unsettled (they count as attempts, as on brokers with a delivery
@@ -46,11 +51,6 @@ from conveyor.transports import kafka_marks, kafka_offsets
 log = logging.getLogger("conveyor.transports.kafka")
 
 Batch = dict[TopicPartition, list[Any]]
-
-
-def recovering(partitions: Iterable[kafka_offsets.PartitionOffsets]) -> bool:
-    """Whether any of ``partitions`` (not being revoked) is being recovered."""
-    return any(p.suspect >= 0 and not p.draining for p in partitions)
 
 
 class Attempts:
@@ -185,7 +185,7 @@ class Attempts:
             )
 
     async def end_recoveries(self, partitions: Iterable[kafka_offsets.PartitionOffsets]) -> None:
-        """End the recovery of partitions read past their mark or to the end of the log (call with nothing out)."""
+        """End the recovery of partitions read past their mark or to the end of the log (pass those with none out)."""
         for partition in partitions:
             if partition.suspect < 0 or partition.draining:
                 continue

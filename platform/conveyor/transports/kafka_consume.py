@@ -222,6 +222,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
             self._room.set()
         if partition.draining and not partition.out:
             self._drained.set()
+        if partition.suspect >= 0 and not partition.out:  # the next recovered record may go out now
+            self._sync_pauses()
 
     def hold(
         self, partition: kafka_offsets.PartitionOffsets, offset: int, message: WireMessage, attempt: int, due: float
@@ -258,21 +260,20 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
                 backoff = 0.1
 
     async def _step(self) -> None:
-        if kafka_attempts.recovering(self._partitions.values()):
-            await self._recover_step()
-            return
         await self._release_due()
         if self._unsettled >= self._prefetch or (self._topping and self._unsettled > self._low_water):
             self._topping = True
             await self._wait_for_room()
             return
         self._full = self._topping = False
+        await self._attempts.end_recoveries(p for p in self._partitions.values() if not p.out)
         self._sync_pauses()
         timeout = _POLL_SECONDS
         if self._held:
             timeout = min(timeout, max(self._held[0].due - time.time(), 0.0))
         batch = await self._getmany(timeout_ms=int(timeout * 1000), max_records=self._prefetch - self._unsettled)
         self._healthy = True
+        batch = self._one_recovered(batch)
         await self._attempts.mark(batch, self._partitions)
         for tp, records in batch.items():
             partition = self._partitions.get(tp)
@@ -281,7 +282,24 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
             for record in records:
                 if partition.draining:  # being revoked: its next owner fetches the rest
                     break
-                await self._accept(partition, record)
+                await self._accept(partition, record, count=partition.suspect >= record.offset)
+
+    def _one_recovered(self, batch: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
+        """Keep one record of a partition being recovered (its first); the rest is fetched again later.
+
+        A partition read past its recovered records is recovered: its records take the normal path.
+        """
+        for tp, records in batch.items():
+            partition = self._partitions.get(tp)
+            if partition is None or partition.suspect < 0 or not records:
+                continue
+            if records[0].offset > partition.suspect:
+                partition.suspect = -1
+                log.info("%s: recovered %s[%d]", self.subscription.name, tp.topic, tp.partition)
+            elif len(records) > 1:
+                self._seek(tp, records[0].offset + 1)
+                batch[tp] = records[:1]
+        return batch
 
     async def _wait_for_room(self) -> None:
         """At the prefetch limit: wait for a settle, polling paused so the member stays alive.
@@ -309,8 +327,12 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
             wanted = {tp for tp in self._partitions if tp.topic == self.retry_topic} | self._draining
         else:
             wanted = set(self._draining)
-        if kafka_attempts.recovering(self._partitions.values()):  # read only those, one record at a time
-            wanted.update(tp for tp, p in self._partitions.items() if p.suspect < 0)
+        # Partitions being recovered hand out one record at a time, one partition at a time: at most one
+        # recovered record is out (others go on), so a crash is counted against that record.
+        recovering = [p for p in self._partitions.values() if p.suspect >= 0 and not p.loading and not p.draining]
+        if recovering:
+            current = None if any(p.out for p in recovering) else recovering[0].tp
+            wanted.update(p.tp for p in recovering if p.tp != current)
         wanted.update(tp for tp, p in self._partitions.items() if p.loading)
         if wanted == self._paused:
             return
@@ -319,38 +341,6 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
         if pause := wanted - self._paused:
             self._kafka.pause(*pause)
         self._paused = wanted
-
-    async def _recover_step(self) -> None:
-        """Recovery: hand out the previous owner's records one at a time, each counted.
-
-        Before each record its attempt is counted in the mark, durably; so a
-        record that kills the worker is named by the mark, and its attempts
-        grow by one per crash until the runtime dead-letters it. Nothing else
-        is out meanwhile (a crash must not be blamed on another record).
-        """
-        self._full = bool(self._unsettled)
-        if self._unsettled:  # wait for the record out to settle, polling (all paused) to stay in the group
-            self._room.clear()
-            try:
-                await asyncio.wait_for(self._room.wait(), _POLL_SECONDS)
-            except TimeoutError:
-                self._sync_pauses()
-                await self._kafka.getmany(timeout_ms=0)
-                self._healthy = True
-            return
-        await self._attempts.end_recoveries(self._partitions.values())
-        self._sync_pauses()
-        if not kafka_attempts.recovering(self._partitions.values()):
-            return
-        batch = await self._getmany(timeout_ms=int(_POLL_SECONDS * 1000), max_records=1)
-        self._healthy = True
-        for tp, records in batch.items():
-            partition = self._partitions.get(tp)
-            if partition is None or partition.draining or not records:
-                continue
-            if partition.suspect < records[0].offset:  # past the recovered records: the normal path
-                await self._attempts.mark(batch, self._partitions)
-            await self._accept(partition, records[0], count=partition.suspect >= records[0].offset)
 
     async def _accept(self, partition: kafka_offsets.PartitionOffsets, record: Any, *, count: bool = False) -> None:
         if isinstance(record, kafka_salvage.RawRecord) and record.undecodable:
