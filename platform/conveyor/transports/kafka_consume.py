@@ -222,8 +222,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
             self._room.set()
         if partition.draining and not partition.out:
             self._drained.set()
-        if partition.suspect >= 0 and not partition.out:  # the next recovered record may go out now
-            self._sync_pauses()
+        if partition.suspect >= 0 and not partition.out and not partition.revoked and not self._stopping:
+            self._sync_pauses()  # the next recovered record may go out now
 
     def hold(
         self, partition: kafka_offsets.PartitionOffsets, offset: int, message: WireMessage, attempt: int, due: float
