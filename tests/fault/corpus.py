@@ -48,9 +48,10 @@ CONTROL = "control"
 DELIVERY_COUNT = "delivery-count"
 """Wire feature: RabbitMQ's ``x-delivery-count`` and ``x-death`` dead-lettering headers."""
 RAW_NAME = "raw-name"
-"""Wire feature: header names that are not UTF-8 (an AMQP table's names are any bytes). Such a name is
-written here as the ``surrogateescape`` text of its bytes (``"bad-\\udcff-name"`` for ``b"bad-\\xff-name"``);
-the broker's producer sends the bytes."""
+"""Wire feature: header names that are not UTF-8 (an AMQP table's or a Kafka record's names are any bytes).
+Such a name is written here as the ``surrogateescape`` text of its bytes (``"bad-\\udcff-name"`` for
+``b"bad-\\xff-name"``); the broker's producer sends the bytes. The client library may fail to decode the
+whole record (aiokafka does) or frame (aiormq did)."""
 
 
 @dataclass(slots=True)

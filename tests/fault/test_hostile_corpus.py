@@ -24,6 +24,7 @@ import aio_pika
 import corpus
 import databases
 import httpx
+import kafka_raw
 import ledger
 import nats
 import orjson
@@ -47,7 +48,7 @@ is dead-lettering the 900 kB body (a confirmed publish of it) and a few seconds 
 busy 2-core machine."""
 FEATURES = {
     "rabbit": {corpus.TYPED, corpus.NAME_CRLF, corpus.DELIVERY_COUNT, corpus.RAW_NAME},
-    "kafka": {corpus.TYPED, corpus.NAME_CRLF},
+    "kafka": {corpus.TYPED, corpus.NAME_CRLF, corpus.RAW_NAME},
     "nats": {corpus.CONTROL},
 }
 
@@ -109,8 +110,12 @@ class Producer:
         self._last_seq = ack.seq
 
     async def _kafka(self, body: bytes, headers: dict[str, corpus.Header], key: bytes | None) -> None:
-        records = [(_renamed(k, "ce_"), _kafka_value(v)) for k, v in headers.items()]
-        await self._client.send_and_wait(self.topic, body, key=key, headers=records)
+        records = [(_kafka_name(_renamed(k, "ce_")), _kafka_value(v)) for k, v in headers.items()]
+        if any(isinstance(name, kafka_raw.RawName) for name, _ in records):
+            with kafka_raw.raw_header_names():
+                await self._client.send_and_wait(self.topic, body, key=key, headers=records)
+        else:
+            await self._client.send_and_wait(self.topic, body, key=key, headers=records)
 
     async def good(self, n: int) -> None:
         sample = corpus.Sample(orjson.dumps({"n": n}), corpus.binary(), "effect", n, kind="good")
@@ -127,6 +132,16 @@ def _raw(name: str) -> str:
         name.encode("utf-8")
     except UnicodeEncodeError:
         return RawName(name.encode("utf-8", "surrogateescape"))
+    return name
+
+
+def _kafka_name(name: str) -> str:
+    """A Kafka header name: a name with surrogate escapes goes on the wire as the bytes they stand for."""
+    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return kafka_raw.RawName(raw)
     return name
 
 

@@ -35,7 +35,7 @@ from opentelemetry import trace
 
 from conveyor import context, crash, deadlines, envelope, errors, fate, persistence, plain, ports, registry, telemetry
 from conveyor.runtime import settling, threads
-from conveyor.runtime.failures import HandlerExit
+from conveyor.runtime.failures import HandlerExit, taken_back
 from conveyor.runtime.probes import Probes
 from conveyor.transaction import AlreadyHandled
 
@@ -159,7 +159,10 @@ class HandlerRunner:
         try:
             await self._process(delivery)
         except asyncio.CancelledError:
-            raise  # drain deadline: leave the delivery unsettled for redelivery
+            if not taken_back(delivery):
+                raise  # drain deadline: leave the delivery unsettled for redelivery
+            log.warning("%s: an attempt was cancelled by the transport (the message is no longer this "
+                        "worker's: its partition went to another member)", self.handler.name)  # fmt: skip
         except errors.TransportError:
             # The broker refused the ack or nack itself: it redelivers the message.
             log.exception("could not settle a delivery of %s; the broker will redeliver it", self.handler.name)
