@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 from conveyor import asyncapi, envelope, errors, persistence, ports, registry, stores, transports
 from conveyor.console import auth as console_auth
-from conveyor.runtime import housekeeping, http, orphans, relay, scaling, scheduler, worker
+from conveyor.runtime import housekeeping, http, orphans, relay, revision, scaling, scheduler, worker
 from conveyor.sagas import runtime as saga_runtime
 from conveyor.settings import Settings
 
@@ -289,14 +289,17 @@ async def open_outbox_store(settings: Settings, stack: contextlib.AsyncExitStack
 
 
 def version_info(settings: Settings) -> dict[str, str | None]:
-    """The body of ``GET /version``: package version, git commit (``CONVEYOR_GIT_SHA``), broker and database kinds."""
+    """The body of ``GET /version``: package version, git commit, broker and database kinds.
+
+    The commit is read once, here (at start-up): see :func:`conveyor.runtime.revision.commit`.
+    """
     try:
         version: str | None = importlib.metadata.version("conveyor")
     except importlib.metadata.PackageNotFoundError:
         version = None
     return {
         "version": version,
-        "git_sha": os.environ.get("CONVEYOR_GIT_SHA") or None,
+        "git_sha": revision.commit(settings.app_dir),
         "broker": settings.broker_url.split(":", 1)[0],
         "database": settings.database_url.split(":", 1)[0].split("+", 1)[0],
     }
