@@ -173,8 +173,8 @@ def test_document_names_every_topic_dead_letter_job_and_saga_topic(document: dic
 def test_saga_commands_are_send_operations_on_their_topics(document: dict[str, Any]) -> None:
     sends = {
         pointer(document, op["channel"]["$ref"])["address"]
-        for op in document["operations"].values()
-        if op["action"] == "send"
+        for key, op in document["operations"].items()
+        if op["action"] == "send" and key.startswith(("send.command.", "send.undo."))
     }
     assert sends == {"inventory.reserve", "inventory.release", "billing.charge", "billing.refund", "shipping.book"}
 
@@ -265,3 +265,28 @@ def test_broker_bindings_name_the_wire_for_rabbitmq_and_kafka() -> None:
     assert binding["groupId"]["enum"] == [handler.name]
     nats = asyncapi.document(found, settings.Settings(service="shop", broker_url="nats://n:4222"))
     assert "bindings" not in nats["channels"]["orders.placed"]
+
+
+def test_a_handlers_declared_publishes_are_its_send_operations(document: dict[str, Any]) -> None:
+    operation = document["operations"]["send.shipping.create-shipment.shipments.created"]
+    message = resolved(document, operation["messages"][0])
+    assert (operation["action"], pointer(document, operation["channel"]["$ref"])["address"]) == (
+        "send",
+        "shipments.created",
+    )
+    assert message["payload"]["title"] == "ShipmentCreated"
+
+
+def test_saga_participants_send_their_replies_to_the_saga(document: dict[str, Any]) -> None:
+    replies = {
+        key: pointer(document, op["channel"]["$ref"])["address"]
+        for key, op in document["operations"].items()
+        if key.startswith("send.") and key.endswith(".sagas.shop.checkout")
+    }
+    assert replies == {
+        "send.inventory.reserve-stock.sagas.shop.checkout": "sagas.shop.checkout",
+        "send.inventory.release-stock.sagas.shop.checkout": "sagas.shop.checkout",
+        "send.billing.charge-order.sagas.shop.checkout": "sagas.shop.checkout",
+        "send.billing.refund-order.sagas.shop.checkout": "sagas.shop.checkout",
+        "send.shipping.create-shipment.sagas.shop.checkout": "sagas.shop.checkout",
+    }
