@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from browser import chromium, require_browser
+from selenium.common.exceptions import WebDriverException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from cli import ROOT, Process, free_port
@@ -201,3 +202,16 @@ def test_console_action_without_the_credential_is_refused(console: Console) -> N
     assert (response.status_code, forged.status_code) == (401, 401)
     assert response.json()["error"]["code"] == "unauthorized"
     assert "console action schedules.pause by unknown from 127.0.0.1 refused" in console.process.text()
+
+
+def test_docs_page_reads_without_internet(console: Console) -> None:
+    driver: Any = chromium(offline=True)
+    try:
+        with pytest.raises(WebDriverException, match="ERR_NAME_NOT_RESOLVED"):
+            driver.get("https://unpkg.com/")  # the rule holds: no site but this machine answers
+        driver.get(f"{console.base}/docs")
+        text = wait_until(lambda: driver.find_element("tag name", "body").text, "the docs page")
+    finally:
+        driver.quit()
+    assert "receive.ledger.record" in text
+    assert "send" in text.lower()
