@@ -2,7 +2,7 @@
 
 The application has a handler that succeeds (``ledger.record``), one that
 fails until a flag file exists (``billing.charge``, one attempt, so a failure
-is a dead letter at once), and an hourly schedule. The process runs with a
+is a dead letter at once), an hourly schedule and a saga whose step nobody answers. The process runs with a
 console token, as in production, so the browser logs in through the form.
 
 Screenshots of each page go to ``CONVEYOR_CONSOLE_SCREENSHOTS`` (default: the
@@ -36,7 +36,8 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from conveyor import Context, every, on
+from conveyor import Context, Saga, every, on
+from pydantic import BaseModel
 
 
 @on("orders.placed", name="ledger.record")
@@ -56,6 +57,19 @@ async def charge(payment: dict, ctx: Context) -> None:
 @every(timedelta(hours=1), name="reports.hourly")
 def hourly(ctx: Context) -> None:
     """A schedule to pause and resume."""
+
+
+class Basket(BaseModel):
+    basket_id: str
+
+
+checkout = Saga("shop.checkout-basket", Basket, id=lambda basket: basket.basket_id, start_on="baskets.checked-out")
+
+
+@checkout.step(send="stock.reserve-items", timeout=3600)
+def reserve(basket: Basket) -> dict:
+    """Nobody answers: the instance stays running."""
+    return {"basket_id": basket.basket_id}
 '''
 
 
@@ -215,3 +229,29 @@ def test_docs_page_reads_without_internet(console: Console) -> None:
         driver.quit()
     assert "receive.ledger.record" in text
     assert "send" in text.lower()
+
+
+def box(driver: Any, css: str) -> dict[str, float]:
+    found: dict[str, float] = driver.execute_script(
+        "const r = document.querySelector(arguments[0]).getBoundingClientRect();"
+        "return {left: r.left, right: r.right, width: r.width};",
+        css,
+    )
+    return found
+
+
+def test_console_overview_sagas_card_is_whole_at_1440_px(console: Console, browser: Any, shots: Path) -> None:
+    console.post("baskets.checked-out", {"basket_id": "b-1"})
+    browser.set_window_size(1440, 900)
+    try:
+        browser.get(f"{console.base}/console/")
+        card = "section[aria-labelledby=h-sagas]"
+        wait_until(lambda: browser.find_elements("css selector", f"{card} table"), "the saga counts")
+        viewport = browser.execute_script("return document.documentElement.clientWidth")
+        screenshot(browser, shots, "overview-1440")
+        outer, table = box(browser, card), box(browser, f"{card} table")
+    finally:
+        browser.set_window_size(1366, 900)
+    assert viewport >= 1400
+    assert outer["right"] <= viewport
+    assert table["right"] <= outer["right"]
