@@ -13,6 +13,7 @@ dead-letter ones are also copied to ``docs/console/`` for the README.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -255,3 +256,11 @@ def test_console_overview_sagas_card_is_whole_at_1440_px(console: Console, brows
     assert viewport >= 1400
     assert outer["right"] <= viewport
     assert table["right"] <= outer["right"]
+
+
+def test_console_times_show_one_format_per_cell_with_utc_on_hover(console: Console, browser: Any) -> None:
+    browser.get(f"{console.base}/console/schedules")
+    times = wait_until(lambda: browser.find_elements("css selector", "time[datetime]"), "times on the page")
+    shown = [(element.text, element.get_attribute("title")) for element in times]
+    assert [text for text, _ in shown if len(re.findall(r"\d{1,2}:\d{2}:\d{2}", text)) != 1] == []
+    assert all(title.endswith("UTC") for _, title in shown)
