@@ -264,3 +264,16 @@ def test_console_times_show_one_format_per_cell_with_utc_on_hover(console: Conso
     shown = [(element.text, element.get_attribute("title")) for element in times]
     assert [text for text, _ in shown if len(re.findall(r"\d{1,2}:\d{2}:\d{2}", text)) != 1] == []
     assert all(title.endswith("UTC") for _, title in shown)
+
+
+def test_console_workers_page_lists_this_process(console: Console, browser: Any, shots: Path) -> None:
+    pid = str(console.process.popen.pid)
+
+    def listed() -> Any:
+        browser.get(f"{console.base}/console/workers")
+        return browser.find_elements("css selector", f'#workers tr[data-pid="{pid}"]')
+
+    row = wait_until(listed, "this process in the workers list")[0]
+    screenshot(browser, shots, "workers")
+    assert "ledger.record" in row.text
+    assert "alive" in row.text
