@@ -70,11 +70,12 @@ def document(found: registry.Registry, config: settings.Settings) -> dict[str, A
     for saga in found.sagas:
         _add_saga(builder, saga)
         _add_replies(builder, saga, found.handlers)
-    for handler in found.handlers:
-        for topic, payload in handler.publishes:
-            summary = f"Published by `{handler.where}`."
-            key = builder.message(f"publish.{handler.name}.{topic}", _declared(payload), summary)
-            builder.send(f"send.{handler.name}.{topic}", topic, key, summary, "Topic this service publishes to.")
+    publishers = [(h.name, h) for h in found.handlers] + [(s.topic, s) for s in found.schedules]
+    for name, publisher in publishers:
+        for topic, payload in publisher.publishes:
+            summary = f"Published by `{publisher.where}`."
+            key = builder.message(f"publish.{name}.{topic}", _declared(payload), summary)
+            builder.send(f"send.{name}.{topic}", topic, key, summary, "Topic this service publishes to.")
     return {
         "asyncapi": VERSION,
         "info": {

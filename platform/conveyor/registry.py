@@ -141,7 +141,7 @@ def on(
         where = f"{func.__module__}.{func.__qualname__}"
         try:
             names.check("topic", topic)
-            published = _published(publishes)
+            published = names.published(publishes)
             handler_name = names.check("handler name", name or _default_name(func))
             policy = _policy(backoff, max_attempts)
             seconds = retry.seconds(timeout)
@@ -187,14 +187,6 @@ def on(
 
 
 MAX_BATCH = 10_000
-
-
-def _published(publishes: Iterable[str] | Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """``publishes`` as (topic, payload type or None) pairs, every topic checked."""
-    if isinstance(publishes, str | bytes):
-        raise errors.ConfigurationError(f"publishes takes a list of topics, not the string {publishes!r}")
-    pairs = list(publishes.items()) if isinstance(publishes, Mapping) else [(topic, None) for topic in publishes]
-    return tuple((names.check("published topic", topic), payload) for topic, payload in pairs)
 
 
 def _batch_element(

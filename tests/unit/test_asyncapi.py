@@ -336,3 +336,9 @@ async def test_docs_page_renders_every_operation_and_payload_field_as_html(docum
     text = " ".join((await docs_page(document)).text)
     assert all(key in text for key in document["operations"])
     assert all(field in text for field in ("amount_cents", "tracking_number", "ShipmentCreated"))
+
+
+def test_a_schedules_declared_publishes_are_its_send_operations(document: dict[str, Any]) -> None:
+    operation = document["operations"]["send.schedules.demo.place-order.orders.placed"]
+    assert pointer(document, operation["channel"]["$ref"])["address"] == "orders.placed"
+    assert resolved(document, operation["messages"][0])["payload"]["title"] == "OrderPlaced"
