@@ -248,5 +248,20 @@ held_dead_letters = sa.Table(
 )
 """Dead letters the broker refused for good, kept here instead (``conveyor dlq`` shows them too)."""
 
+worker_heartbeats = sa.Table(
+    "worker_heartbeats",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("service", sa.String(128), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("roles", sa.JSON, nullable=False),
+    sa.Column("handlers", sa.JSON, nullable=False),
+    sa.Column("in_flight", sa.Integer, nullable=False),
+    _time("started_at", default=False),
+    _time("beat_at"),
+)
+"""Each live process's latest heartbeat (:mod:`conveyor.heartbeats`), renewed every few seconds."""
+
 OUTBOX_CHANNEL = "conveyor_outbox"
 """PostgreSQL NOTIFY channel a trigger signals on every insert into the outbox."""

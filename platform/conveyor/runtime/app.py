@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 from conveyor import asyncapi, envelope, errors, persistence, ports, registry, stores, transports
 from conveyor.console import auth as console_auth
-from conveyor.runtime import housekeeping, http, orphans, relay, scaling, scheduler, worker
+from conveyor.runtime import heartbeat, housekeeping, http, orphans, relay, revision, scaling, scheduler, worker
 from conveyor.sagas import runtime as saga_runtime
 from conveyor.settings import Settings
 
@@ -144,6 +144,9 @@ async def serve(
             if parts.worker and handlers.sagas:
                 _background(stack, "saga metrics", lambda stop: saga_runtime.report(stores, handlers.sagas, stop))
             signal_source = await _start_worker(consumer, transport, checks, settings, stack) if parts.worker else None
+            roles = [role for role in ("worker", "relay", "scheduler", "ingest") if getattr(parts, role)]
+            snapshot = heartbeat.snapshot_of(settings.service, roles, consumer.load if parts.worker else None)
+            _background(stack, "heartbeat", heartbeat.Beater(stores.heartbeats, snapshot).run)
             if settings.http_port:
                 ingest = _ingest(settings, stores) if parts.ingest else None
                 document = asyncapi.document(handlers, settings)
@@ -289,14 +292,17 @@ async def open_outbox_store(settings: Settings, stack: contextlib.AsyncExitStack
 
 
 def version_info(settings: Settings) -> dict[str, str | None]:
-    """The body of ``GET /version``: package version, git commit (``CONVEYOR_GIT_SHA``), broker and database kinds."""
+    """The body of ``GET /version``: package version, git commit, broker and database kinds.
+
+    The commit is read once, here (at start-up): see :func:`conveyor.runtime.revision.commit`.
+    """
     try:
         version: str | None = importlib.metadata.version("conveyor")
     except importlib.metadata.PackageNotFoundError:
         version = None
     return {
         "version": version,
-        "git_sha": os.environ.get("CONVEYOR_GIT_SHA") or None,
+        "git_sha": revision.commit(settings.app_dir),
         "broker": settings.broker_url.split(":", 1)[0],
         "database": settings.database_url.split(":", 1)[0].split("+", 1)[0],
     }
