@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute
 
 if TYPE_CHECKING:
     from event_store.database import Database
+    from event_store.migrate import Revision, Upgraded
 
 from conveyor import asyncapi, envelope, errors, persistence, ports, registry, stores, transports
 from conveyor.console import auth as console_auth
@@ -253,8 +254,11 @@ async def open_database(settings: Settings, stack: contextlib.AsyncExitStack, co
     return database
 
 
-async def upgrade_database(url: str) -> None:
+async def upgrade_database(url: str) -> Upgraded:
     """Create or migrate the database's tables to the current version (``conveyor db upgrade``).
+
+    Returns:
+        The revisions before and after, and the tables created.
 
     Raises:
         ConfigurationError: invalid database URL.
@@ -262,7 +266,19 @@ async def upgrade_database(url: str) -> None:
     """
     from event_store import migrate
 
-    await migrate.upgrade(url)
+    return await migrate.upgrade(url)
+
+
+async def database_history(url: str) -> list[Revision]:
+    """Every migration, oldest first, marked as applied to the database or not (``conveyor db history``).
+
+    Raises:
+        ConfigurationError: invalid database URL, or a version table with several revisions.
+        StoreError: the database is unreachable.
+    """
+    from event_store import migrate
+
+    return await migrate.history(url)
 
 
 async def open_persistence(
