@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 _HERE = Path(__file__).parent / "migrations"
 VERSION_TABLE = "conveyor_alembic_version"
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0008"
 """The newest revision of ``migrations/versions``; update it with every new migration."""
 
 

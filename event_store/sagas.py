@@ -27,6 +27,7 @@ def _columns(instance: engine.Instance) -> dict[str, Any]:
         "status": instance.status.value, "step": instance.step, "waiting": instance.waiting,
         "sent": instance.sent, "undo_attempts": instance.undo_attempts, "error": instance.error,
         "state": instance.state, "version": instance.version, "deadline": instance.deadline,
+        "cause": instance.cause, "timer_id": instance.timer_id,
     }  # fmt: skip
 
 
@@ -34,7 +35,7 @@ def _record(row: Any) -> saga_store.SagaRecord:
     instance = engine.Instance(
         saga=row.saga, id=row.id, state=dict(row.state), status=engine.Status(row.status), step=row.step,
         waiting=row.waiting, sent=row.sent, undo_attempts=row.undo_attempts, error=row.error, version=row.version,
-        deadline=None if row.deadline is None else as_utc(row.deadline),
+        deadline=None if row.deadline is None else as_utc(row.deadline), cause=row.cause, timer_id=row.timer_id,
     )  # fmt: skip
     return saga_store.SagaRecord(instance, as_utc(row.created_at), as_utc(row.updated_at))
 
@@ -76,6 +77,11 @@ class SqlSagaStore:
     async def release_command(self, tx: AsyncSession, message_id: str) -> None:
         """Remove the outbox row of ``message_id``, if any, so the command can be added again under its id."""
         await tx.execute(sa.delete(models.outbox).where(models.outbox.c.message_id == message_id))
+
+    async def cancel_timer(self, tx: AsyncSession, message_id: str) -> None:
+        """Delete the outbox row of the timer ``message_id`` if it is still unsent (see the port)."""
+        outbox = models.outbox
+        await tx.execute(sa.delete(outbox).where(outbox.c.message_id == message_id, outbox.c.sent_at.is_(None)))
 
     async def log(self, tx: AsyncSession, saga: str, instance_id: str, entries: Sequence[engine.Entry]) -> None:
         """Append lines to the instance's step log."""

@@ -10,6 +10,7 @@ from typing import Any
 import prometheus_client
 import pydantic
 import pytest
+import sqlalchemy as sa
 from conveyor import Context, Saga, envelope, on, registry, sagas_cli
 from conveyor.runtime import app
 from conveyor.runtime.relay import Relay, RelayOptions
@@ -20,7 +21,7 @@ from conveyor.transports.memory import MemoryTransport
 from opentelemetry import trace
 from relay_helpers import Relays, wait_until
 
-from event_store import Database
+from event_store import Database, models
 
 
 class Order(pydantic.BaseModel):
@@ -130,6 +131,29 @@ async def test_a_second_start_with_the_same_id_changes_nothing(db: Database, run
     await start(db, stores, saga, Order(order_id="o3", amount=999))  # another start event, same instance id
     await wait_until_status(status, "o3", "completed")
     assert effects == ["charge o3", "reserve o3"]
+
+
+async def unsent_on(db: Database, topic: str) -> list[str]:
+    """The message ids of the unsent outbox rows to ``topic`` (a saga's pending timers, on its topic)."""
+    table = models.outbox
+    query = sa.select(table.c.message_id).where(table.c.topic == topic, table.c.sent_at.is_(None))
+    async with db.transaction(readonly=True) as session:
+        return list((await session.execute(query)).scalars())
+
+
+@pytest.mark.parametrize(("amount", "end"), [(10, "completed"), (500, "compensated")])
+async def test_a_finished_saga_leaves_no_timer_in_the_outbox_and_no_stale_timer_is_handled(
+    db: Database, running: Any, amount: int, end: str
+) -> None:
+    saga, _, (stores, _, status) = running
+    await start(db, stores, saga, Order(order_id="t1", amount=amount))
+    await wait_until_status(status, "t1", end)
+    # Every step (and undo) set a timeout timer (30 s, 5 min); each answered step deleted its
+    # timer's row in the transaction that took the reply: the relay has nothing to publish.
+    assert await unsent_on(db, saga.topic) == []
+    async with db.transaction(readonly=True) as session:
+        record = await stores.sagas.load(session, saga.name, "t1")
+    assert record.instance.timer_id is None
 
 
 async def wait_until_status(status: Any, instance: str, wanted: str) -> None:

@@ -75,6 +75,19 @@ class SagaStore(Protocol):
         """
         ...
 
+    async def cancel_timer(self, tx: Any, message_id: str) -> None:
+        """Delete the timer ``message_id`` from the outbox if it is still unsent; nothing if it was sent.
+
+        The transition that moves an instance on cancels the timer it waited
+        on, so an answered step's timeout is never published (no transaction,
+        no step log line). A timer the relay is publishing right now is not
+        deleted: it arrives, and its stale token makes it change nothing.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
     async def log(self, tx: Any, saga: str, instance_id: str, entries: Sequence[engine.Entry]) -> None:
         """Append lines to the instance's step log."""
         ...
