@@ -7,6 +7,7 @@ Every method joins the caller's transaction (``tx``, an ``AsyncSession``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,7 +16,7 @@ from conveyor.sagas import engine
 from conveyor.sagas import store as saga_store
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import database, models
+from event_store import claims, database, models
 from event_store.outbox import as_utc
 
 _SAGAS = models.sagas
@@ -118,6 +119,24 @@ class SqlSagaStore:
             saga_store.LogRecord(as_utc(row.at), engine.Entry(row.step, row.event, row.detail, row.token))
             for row in (await tx.execute(query)).all()
         ]
+
+    async def purge(self, tx: AsyncSession, older_than: timedelta, limit: int = 1000) -> int:
+        """Delete at most ``limit`` finished instances unchanged for ``older_than`` (database clock) and their logs."""
+        cutoff = await claims.database_now(tx) - older_than
+        finished = [status.value for status in engine.Status if status.finished]
+        chosen = (
+            sa.select(_SAGAS.c.saga, _SAGAS.c.id)
+            .where(_SAGAS.c.status.in_(finished), _SAGAS.c.updated_at < cutoff)
+            .order_by(_SAGAS.c.updated_at)
+            .limit(limit)
+        )
+        with database.translating():
+            keys = [(row[0], row[1]) for row in (await tx.execute(chosen)).all()]
+            if not keys:
+                return 0
+            await tx.execute(sa.delete(_LOG).where(sa.tuple_(_LOG.c.saga, _LOG.c.instance_id).in_(keys)))
+            await tx.execute(sa.delete(_SAGAS).where(sa.tuple_(_SAGAS.c.saga, _SAGAS.c.id).in_(keys)))
+        return len(keys)
 
     async def counts(self, tx: AsyncSession) -> dict[tuple[str, str], int]:
         """How many instances each ``(saga, status)`` has."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -11,7 +12,7 @@ import prometheus_client
 import pydantic
 import pytest
 import sqlalchemy as sa
-from conveyor import Context, Saga, envelope, on, registry, sagas_cli
+from conveyor import Context, Saga, envelope, on, registry, sagas_cli, settings
 from conveyor.runtime import app
 from conveyor.runtime.relay import Relay, RelayOptions
 from conveyor.runtime.worker import Worker
@@ -180,6 +181,33 @@ async def test_metrics_count_instances_by_status_and_time_each_step(db: Database
     assert sample("conveyor_sagas", status="failed") == 0
     assert sample("conveyor_saga_step_seconds_count", step="charge") == 2
     assert sample("conveyor_saga_transitions_total", status="compensated") == 1
+
+
+@pytest.mark.parametrize(("parts", "counts"), [(app.Parts(worker=True), False), (app.Parts(worker=False, relay=True), True)])
+async def test_saga_instances_are_counted_by_the_relay_process_only_not_by_every_worker(
+    db_url: str, parts: app.Parts, counts: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "conveyor")
+    saga, participants = checkout_saga(unique("gauge"), [])
+    config = settings.load(service="gauge", database_url=db_url, broker_url=f"memory://{unique('gauge')}",
+                           http_port=0, console=False, drain_timeout=0.5)  # fmt: skip
+    stop = asyncio.Event()
+    serving = asyncio.create_task(app.serve(config, registry.Registry.of(saga, *participants), parts, stop))
+
+    def running() -> set[str]:
+        return {task.get_name() for task in asyncio.all_tasks()}
+
+    async def ready() -> bool:
+        if serving.done():
+            serving.result()
+        return any(r.getMessage().startswith("service gauge ready") for r in caplog.records)
+
+    try:
+        await wait_until(ready, 30, "the process to be ready")  # every background task is started by then
+        assert ("saga metrics" in running()) is counts
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(serving, return_exceptions=True), 30)
 
 
 async def test_a_step_that_gets_no_reply_in_time_is_undone_and_its_late_reply_changes_nothing(

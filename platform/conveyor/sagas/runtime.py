@@ -37,9 +37,9 @@ TRANSITIONS = Counter(
 )
 INSTANCES = Gauge(
     "conveyor_sagas",
-    "Saga instances in the database by saga and status (refreshed every 15 s by worker processes).",
+    "Saga instances in the database by saga and status (counted every 15 s by the relay process).",
     ["saga", "status"],
-    multiprocess_mode="livemax",  # a database-wide count; a dead process's last reading is dropped
+    multiprocess_mode="livemax",  # a database-wide count (one relay, or replicas reading alike)
 )
 STEP_SECONDS = Histogram(
     "conveyor_saga_step_seconds",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from conveyor.sagas import engine
@@ -100,6 +100,17 @@ class SagaStore(Protocol):
 
     async def history(self, tx: Any, saga: str, instance_id: str, limit: int = 1000) -> list[LogRecord]:
         """The instance's step log, oldest first."""
+        ...
+
+    async def purge(self, tx: Any, older_than: timedelta, limit: int = 1000) -> int:
+        """Delete at most ``limit`` finished instances unchanged for ``older_than``, with their step logs.
+
+        Finished: ``completed`` or ``compensated`` (no signal changes them);
+        a parked (``failed``) instance waits for an operator and stays.
+
+        Raises:
+            StoreError: the database failed.
+        """
         ...
 
     async def counts(self, tx: Any) -> dict[tuple[str, str], int]:
