@@ -95,9 +95,9 @@ class SqlSagaStore:
             await tx.execute(sa.insert(_LOG), rows)
 
     async def find(
-        self, tx: AsyncSession, *, saga: str | None = None, status: str | None = None, limit: int = 100
+        self, tx: AsyncSession, *, saga: str | None = None, status: str | None = None, limit: int | None = 100
     ) -> list[saga_store.SagaRecord]:
-        """Instances, most recently changed first."""
+        """Instances, most recently changed first (``limit`` None: every one)."""
         query = sa.select(_SAGAS).order_by(_SAGAS.c.updated_at.desc(), _SAGAS.c.id).limit(limit)
         if saga is not None:
             query = query.where(_SAGAS.c.saga == saga)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from conftest import TOPIC, MakeConsole, client_for, dead_letter
 from conveyor import persistence
@@ -71,3 +73,20 @@ async def test_console_outbox_counts_every_topic_however_deep_the_backlog(
     table = page[page.index('id="outbox-topics"') : page.index("</table>", page.index('id="outbox-topics"'))]
     assert '>a.early</a></th><td class="num">5001</td>' in table, table
     assert '>b.late</a></th><td class="num">3</td>' in table, table
+
+
+async def test_console_outbox_shows_due_and_scheduled_rows_apart(
+    make_console: MakeConsole, stores: persistence.Persistence
+) -> None:
+    async with stores.database.transaction() as tx:
+        await stores.outbox.add(tx, "a.now", {"n": 0})
+        for n in range(3):  # saga timers, delayed messages: not a stuck relay
+            await stores.outbox.add(tx, "b.later", {"n": n}, delay=timedelta(minutes=5))
+    async with client_for(await make_console()) as client:
+        page = (await client.get("/console/outbox")).text
+    assert '<dt>Due now</dt><dd id="outbox-due">1</dd>' in page, page
+    assert '<dd id="outbox-scheduled">3</dd>' in page, page
+    table = page[page.index('id="outbox-topics"') : page.index("</table>", page.index('id="outbox-topics"'))]
+    assert '>b.later</a></th><td class="num">3</td><td class="num">0</td><td class="num">3</td>' in table, table
+    listing = page[page.index('id="outbox"') :]
+    assert listing.count(">scheduled<") == 3 and listing.count(">due<") == 1, listing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 from conveyor import errors
@@ -131,6 +132,22 @@ async def test_outbox_topics_counts_every_unsent_and_parked_row_per_topic(store:
     topics = await store.topics()
     assert [(t.topic, t.unsent, t.parked) for t in topics] == [("relay.other", 4, 0), (TOPIC, 5, 2)]
     assert [t.topic for t in await store.topics(limit=1)] == ["relay.other"]
+
+
+async def test_outbox_stats_counts_due_and_scheduled_rows_apart(store: SqlOutboxStore) -> None:
+    await _park(store, 1)
+    await add(store.db, 2)
+    await add(store.db, 3, delay=timedelta(minutes=5))  # saga timers, delayed messages: not yet due
+    stats = await store.stats()
+    assert (stats.backlog, stats.due, stats.scheduled, stats.parked) == (6, 2, 3, 1)
+
+
+async def test_outbox_topics_counts_due_and_scheduled_rows_apart(store: SqlOutboxStore) -> None:
+    await _park(store, 1)
+    await add(store.db, 2)
+    await add(store.db, 3, delay=timedelta(minutes=5))
+    [topic] = await store.topics()
+    assert (topic.unsent, topic.due, topic.scheduled, topic.parked) == (6, 2, 3, 1)
 
 
 async def test_relay_refresh_metrics_sets_parked_gauge(store: SqlOutboxStore, broker: Broker) -> None:

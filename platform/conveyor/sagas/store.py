@@ -93,9 +93,9 @@ class SagaStore(Protocol):
         ...
 
     async def find(
-        self, tx: Any, *, saga: str | None = None, status: str | None = None, limit: int = 100
+        self, tx: Any, *, saga: str | None = None, status: str | None = None, limit: int | None = 100
     ) -> list[SagaRecord]:
-        """Instances, most recently changed first, optionally of one saga and status."""
+        """Instances, most recently changed first, optionally of one saga and status; ``limit`` None: all."""
         ...
 
     async def history(self, tx: Any, saga: str, instance_id: str, limit: int = 1000) -> list[LogRecord]:
