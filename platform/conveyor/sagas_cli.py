@@ -31,9 +31,7 @@ async def _open(config: settings.Settings, stack: contextlib.AsyncExitStack) -> 
     return await app.open_persistence(config, stack)
 
 
-async def find(
-    config: settings.Settings, saga: str | None, status: str | None, limit: int | None
-) -> list[SagaRecord]:
+async def find(config: settings.Settings, saga: str | None, status: str | None, limit: int | None) -> list[SagaRecord]:
     """Instances, most recently changed first (``limit`` None: all)."""
     async with contextlib.AsyncExitStack() as stack:
         stores = await _open(config, stack)
@@ -121,9 +119,7 @@ async def request(
     return record
 
 
-async def request_all(
-    stores: persistence.Persistence, saga: str | None, action: str, source: str
-) -> list[SagaRecord]:
+async def request_all(stores: persistence.Persistence, saga: str | None, action: str, source: str) -> list[SagaRecord]:
     """Write ``retry`` for every failed instance (``abort``: every running one), of ``saga`` if given.
 
     One transaction: every signal is written, or none. Returns the instances signalled.
@@ -205,7 +201,7 @@ def _command(func: cli_options.F) -> cli_options.F:
 @click.option("--saga", help="Only instances of this saga.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
               help="Most instances listed; if there are more, stderr says so.")  # fmt: skip
-@click.option("--json", "json_out", is_flag=True, help="Print a JSON array of objects (every field) instead of a table.")
+@click.option("--json", "json_out", is_flag=True, help="Print a JSON array of objects instead of a table.")
 @_command
 def sagas_list(status: str | None, saga: str | None, limit: int, json_out: bool, **flags: Any) -> None:
     """List saga instances, most recently changed first.

@@ -183,7 +183,9 @@ async def test_metrics_count_instances_by_status_and_time_each_step(db: Database
     assert sample("conveyor_saga_transitions_total", status="compensated") == 1
 
 
-@pytest.mark.parametrize(("parts", "counts"), [(app.Parts(worker=True), False), (app.Parts(worker=False, relay=True), True)])
+@pytest.mark.parametrize(
+    ("parts", "counts"), [(app.Parts(worker=True), False), (app.Parts(worker=False, relay=True), True)]
+)
 async def test_saga_instances_are_counted_by_the_relay_process_only_not_by_every_worker(
     db_url: str, parts: app.Parts, counts: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
