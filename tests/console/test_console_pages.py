@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from conftest import TOPIC, MakeConsole, client_for, dead_letter
 from conveyor import persistence
+from conveyor.sagas import engine
 
 
 @pytest.mark.parametrize(
@@ -90,3 +91,22 @@ async def test_console_outbox_shows_due_and_scheduled_rows_apart(
     assert '>b.later</a></th><td class="num">3</td><td class="num">0</td><td class="num">3</td>' in table, table
     listing = page[page.index('id="outbox"') :]
     assert listing.count(">scheduled<") == 3 and listing.count(">due<") == 1, listing
+
+
+async def test_console_sagas_says_when_more_instances_than_shown_exist_and_explains_the_step(
+    make_console: MakeConsole, stores: persistence.Persistence
+) -> None:
+    async with stores.database.transaction() as tx:
+        why = "step 'pay' failed: declined"
+        for n in range(3):
+            done = engine.Status.COMPENSATED
+            instance = engine.Instance("shop.order", f"o{n}", {}, done, step=-1, error=why, cause=why)
+            await stores.sagas.create(tx, instance)
+    async with client_for(await make_console()) as client:
+        cut = (await client.get("/console/sagas", params={"limit": 2})).text
+        whole = (await client.get("/console/sagas")).text
+        shown = (await client.get("/console/sagas/show", params={"saga": "shop.order", "id": "o1"})).text
+    assert "Showing the first 2 instances; there are more" in cut, cut
+    assert "there are more" not in whole
+    assert "-1 once compensated" in whole, whole
+    assert "<dt>Cause</dt><dd>step &#39;pay&#39; failed: declined</dd>" in shown, shown
