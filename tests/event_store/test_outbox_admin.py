@@ -154,3 +154,10 @@ async def test_relay_refresh_metrics_sets_parked_gauge(store: SqlOutboxStore, br
     await _park(store, 2)
     await relay.Relay(store, broker.transport).refresh_metrics()
     assert relay.OUTBOX_PARKED._value.get() == 2
+
+
+async def test_relay_refresh_metrics_sets_due_and_scheduled_gauges(store: SqlOutboxStore, broker: Broker) -> None:
+    await add(store.db, 1)
+    await add(store.db, 2, delay=timedelta(minutes=5))
+    await relay.Relay(store, broker.transport).refresh_metrics()
+    assert (relay.OUTBOX_DUE._value.get(), relay.OUTBOX_SCHEDULED._value.get()) == (1, 2)
