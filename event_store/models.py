@@ -208,12 +208,15 @@ sagas = sa.Table(
     sa.Column("sent", sa.Integer, nullable=False),
     sa.Column("undo_attempts", sa.Integer, nullable=False),
     sa.Column("error", sa.Text, nullable=True),
+    sa.Column("cause", sa.Text, nullable=True),
+    sa.Column("timer_id", sa.String(200), nullable=True),
     sa.Column("state", sa.JSON, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     _time("deadline", nullable=True, default=False),
     _time("created_at"),
     _time("updated_at"),
     sa.Index("ix_sagas_status_updated_at", "status", "updated_at"),
+    sa.Index("ix_sagas_saga_status", "saga", "status"),
 )
 """Saga instances: state, position, the token awaited, and a version for optimistic concurrency."""
 

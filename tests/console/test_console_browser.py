@@ -55,6 +55,12 @@ async def charge(payment: dict, ctx: Context) -> None:
         done.write(payment["payment_id"] + "\\n")
 
 
+@on("reminders.set", name="reminders.set")
+async def remind(reminder: dict, ctx: Context) -> None:
+    """Schedules a reminder an hour ahead: an outbox row that is not due yet."""
+    ctx.publish("reminders.due", reminder, delay=timedelta(hours=1))
+
+
 @every(timedelta(hours=1), name="reports.hourly")
 def hourly(ctx: Context) -> None:
     """A schedule to pause and resume."""
@@ -203,6 +209,19 @@ def test_console_other_pages_render(console: Console, browser: Any, shots: Path)
         browser.get(f"{console.base}/console/{name}")
         assert browser.find_element("css selector", "h1").text.lower().startswith(name)
         screenshot(browser, shots, name)
+
+
+def test_console_outbox_shows_a_delayed_message_as_scheduled_not_due(console: Console, browser: Any) -> None:
+    console.post("reminders.set", {"reminder_id": "r-1"})
+
+    def scheduled() -> str:
+        browser.get(f"{console.base}/console/outbox")
+        return str(browser.find_element("id", "outbox-scheduled").text == "1")
+
+    wait_until(lambda: scheduled() == "True", "the delayed message counted as scheduled")
+    assert browser.find_element("id", "outbox-due").text == "0"
+    assert browser.find_element("id", "outbox-oldest").text == "-"
+    assert "scheduled" in browser.find_element("id", "outbox").text
 
 
 def test_console_action_without_the_credential_is_refused(console: Console) -> None:

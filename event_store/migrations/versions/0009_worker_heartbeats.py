@@ -1,7 +1,7 @@
 """Worker heartbeats: one row per live process (host, pid, roles, handlers, in flight, last beat).
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-07 19:00:00
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 from event_store.models import utcnow
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -136,14 +136,19 @@ async def serve(
                 _background(stack, "relay", publisher.run)
                 checks.append(http.Check("relay", publisher.progress))
                 checks.append(http.Check("outbox", publisher.health, critical=False))
-                _background(stack, "housekeeping", lambda stop: housekeeping.run(stores, retention, stop))
+                saga_retention = timedelta(seconds=settings.saga_retention)
+                _background(
+                    stack,
+                    "housekeeping",
+                    lambda stop: housekeeping.run(stores, retention, stop, saga_retention=saga_retention),
+                )
+                if handlers.sagas:  # one process counts the instances, not every worker
+                    _background(stack, "saga metrics", lambda stop: saga_runtime.report(stores, handlers.sagas, stop))
             if parts.scheduler:
                 pacing = scheduler.SchedulerOptions(stall_after=settings.stall_after)
                 cron = scheduler.Scheduler(handlers.schedules, stores, source=settings.service, options=pacing)
                 _background(stack, "scheduler", cron.run)
                 checks.append(http.Check("scheduler", cron.health))
-            if parts.worker and handlers.sagas:
-                _background(stack, "saga metrics", lambda stop: saga_runtime.report(stores, handlers.sagas, stop))
             signal_source = await _start_worker(consumer, transport, checks, settings, stack) if parts.worker else None
             roles = [role for role in ("worker", "relay", "scheduler", "ingest") if getattr(parts, role)]
             snapshot = heartbeat.snapshot_of(settings.service, roles, consumer.load if parts.worker else None)
