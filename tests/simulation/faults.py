@@ -23,7 +23,7 @@ from conveyor.transports.memory import MemoryDelivery, MemoryTransport
 
 OUTAGE_MARK = "[outage]"
 """Ends the text of every injected outage error: a dead letter naming one was spent by an outage."""
-HANG = 120.0
+HANG = 30.0
 """How long a hanging call hangs (virtual seconds) before it fails as a timed-out connection."""
 
 INFRA = "infra"
@@ -102,6 +102,8 @@ class DatabaseFaults:
         """Maps an injected error to what the adapter reports (a broken variant misclassifies here)."""
 
     async def __call__(self, operation: str, tx: MemoryTx | None) -> None:
+        if tx is not None:  # a statement in a transaction lets other tasks run, as a real driver's round trip does
+            await asyncio.sleep(0)
         try:
             await self._fault(operation, tx)
         except errors.StoreError as exc:
@@ -161,8 +163,8 @@ class FaultyDelivery:
         now = asyncio.get_running_loop().time()
         if plan.down("broker", now) or plan.chance(plan.broker_rate, now):
             plan.count(f"broker lost {what}")
-            self._inner.abandon()  # the broker never got it: it delivers the message again
-            self._inner._consumer.settled(self._inner)  # and the consumer's prefetch slot is free again
+            # The broker never got it: once the connection is back (a moment later) it delivers the message again.
+            await self._inner.nack(plan.rng.uniform(0.5, 5.0))
             return True
         return False
 

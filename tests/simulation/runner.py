@@ -18,8 +18,9 @@ import looptime
 from conveyor.transports import memory
 
 from tests.simulation import invariants
+from tests.simulation.instruments import instrumented
 from tests.simulation.variants import Variant
-from tests.simulation.world import World, instrumented
+from tests.simulation.world import World
 
 SETTLE = 900.0
 """Virtual seconds after the chaos phase within which the system must reach quiescence."""
@@ -60,6 +61,7 @@ async def _simulate(world: World) -> bool:
     monkey = asyncio.create_task(world.chaos_monkey())
     await world.produce()
     await asyncio.gather(monkey)
+    world.cron_stop.set()
     for process in world.processes:  # whatever the monkey left down comes back
         if not process.up:
             await process.start()

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from datetime import UTC, datetime
 from typing import Any
 
-from conveyor import errors, ports, stores
+from conveyor import errors, persistence, ports, stores
 from conveyor.memory_persistence.handling import INBOX, MemoryInbox
+from conveyor.memory_persistence.records import RUNS, MemoryScheduleStore
 from conveyor.memory_persistence.tables import MemoryTx
 from conveyor.runtime import handling, relay_waves
 
@@ -145,3 +147,26 @@ def inbox_unlocked(world: World) -> AbstractContextManager[None]:
         return True
 
     return patched(MemoryInbox, "claim", claim)
+
+
+@variant("cron-claim-not-unique")
+def cron_claim_not_unique(world: World) -> AbstractContextManager[None]:
+    """A schedule fire claimed without its unique key: schedulers racing for one fire both run it."""
+
+    async def claim(
+        self: MemoryScheduleStore,
+        tx: MemoryTx,
+        schedule: str,
+        fire_time: datetime,
+        *,
+        status: persistence.RunStatus,
+        claimed_by: str,
+    ) -> int | None:
+        run_id = next(self.db.ids)
+        at = fire_time.astimezone(UTC)
+        await tx.put(
+            RUNS, run_id, persistence.Run(run_id, schedule, at, status, claimed_by, self.db.now(), None, None, None)
+        )
+        return run_id
+
+    return patched(MemoryScheduleStore, "claim", claim)

@@ -1,38 +1,45 @@
-"""One simulated system: the real worker and relay on the memory transport and the in-memory persistence.
+"""One simulated system: the real worker, relay, scheduler and saga runtime on the memory transport and persistence.
 
-Three handlers, wired as a small pipeline:
+The pipeline:
 
-* ``sim.apply`` (async, ``ctx.transaction()``) counts its effect in the
+* ``sim.apply`` (async, ``ctx.transaction()``) records its effect in the
   ledger table ``effects`` and publishes to ``sim.out`` through the outbox;
 * ``sim.mirror`` (sync, no database) publishes to ``sim.out`` directly;
-* ``sim.forward`` (async, ``transactional=True``) counts its effect for every
-  message of ``sim.out``.
+* ``sim.forward`` (async, ``transactional=True``) records its effect for every
+  message of ``sim.out``;
+* the schedule ``sim.tick`` (every 15 s, ``misfire="all"``) records each fire's run;
+* the saga ``sim.trip`` (:mod:`tests.simulation.trips`) books a hotel and a
+  car and pays, compensating last step first when the payment is declined or
+  a step times out.
 
-Each attempt behaves as its seed says (succeed, raise, ``Retry``, ``Reject``,
-run slow, overrun its timeout); a sync handler's thread is simulated on the
-virtual clock, so a seed replays exactly. Processes (a worker and a relay on
-their own transport connection and stores) crash and restart: a crash cancels
-their tasks and drops their broker connection; only the database and the
-broker keep anything.
+Each attempt behaves as its seed says (succeed, raise, ``Retry``, ``Reject``
+for poison messages, run slow, overrun its timeout); a sync handler's thread
+runs on the virtual clock, so a seed replays exactly. Processes (a worker, a
+relay and a scheduler on their own broker connection and stores) crash and
+restart: a crash cancels their tasks and drops their broker connection; only
+the database and the broker keep anything.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from conveyor import Context, envelope, errors, ports, retry
 from conveyor.memory_persistence import MemoryDatabase, MemoryTx, memory_persistence
 from conveyor.registry import Registry, on
-from conveyor.runtime import dispatch, handling, relay, threads, worker
+from conveyor.runtime import relay, scheduler, worker
+from conveyor.scheduling.schedules import every
 from conveyor.transports import memory
 
+from tests.simulation import trips
 from tests.simulation.faults import DatabaseFaults, FaultPlan, FaultyTransport
 
 EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
@@ -40,6 +47,8 @@ MAX_ATTEMPTS = 3
 TIMEOUT = 5.0
 BACKOFF = retry.RetryPolicy(initial_delay=0.5, max_delay=8.0)
 HANDLERS = ("sim.apply", "sim.mirror", "sim.forward")
+TICK = timedelta(seconds=15)
+"""The interval of the simulated schedule ``sim.tick``."""
 
 BEHAVIOURS = [("ok", 72), ("raise", 8), ("retry", 5), ("slow", 10), ("overrun", 5)]
 POISON = 0.03
@@ -106,6 +115,7 @@ class Process:
         self.worker: worker.Worker | None = None
         self.transport: Recording | None = None
         self.relay_task: asyncio.Task[None] | None = None
+        self.cron_task: asyncio.Task[None] | None = None
         self.up = False
 
     async def start(self) -> None:
@@ -114,8 +124,9 @@ class Process:
         stores = memory_persistence("sim", db=world.db)
         self.transport = Recording(memory.MemoryTransport(world.url), world.plan, world.ledger)
         await self.transport.connect()
+        jobs = scheduler.job_handlers(world.schedules, stores)
         self.worker = worker.Worker(
-            world.handlers, self.transport, source="sim", concurrency=4,
+            [*world.handlers, *jobs], self.transport, source="sim", concurrency=4,
             transactions=stores.units, dead_letters=stores.dead_letters,
         )  # fmt: skip
         await self.worker.start()
@@ -124,14 +135,19 @@ class Process:
         )
         publisher = relay.Relay(stores.relay_store(), self.transport, options=options)
         self.relay_task = asyncio.create_task(publisher.run(asyncio.Event()), name=f"sim-relay-{self.number}")
+        cron = scheduler.Scheduler(
+            world.schedules, stores, source="sim", options=scheduler.SchedulerOptions(max_sleep=TICK.total_seconds())
+        )
+        self.cron_task = asyncio.create_task(cron.run(world.cron_stop), name=f"sim-scheduler-{self.number}")
         self.up = True
 
     async def crash(self) -> None:
         """Die: every task cancelled, the broker connection dropped (its unsettled deliveries come back)."""
         self.up = False
-        if self.relay_task is not None:
-            self.relay_task.cancel()
-            await asyncio.gather(self.relay_task, return_exceptions=True)
+        for task in (self.cron_task, self.relay_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.worker is not None:
             await self.worker.stop(0)
         if self.transport is not None:
@@ -160,6 +176,10 @@ class World:
         self.messages = messages
         self.processes = [Process(self, i) for i in range(self.rng.choice([1, 1, 2]))]
         self.sent: dict[str, str | None] = {}  # message number -> key
+        self.trips: list[str] = []
+        self.numbers = itertools.count()
+        self.cron_stop = asyncio.Event()
+        """Set when the chaos phase ends: no fire after it is claimed, so the run can settle."""
         self.notes: list[str] = []
         """Findings that break no invariant (a copy dead-lettered after another copy was applied)."""
         for n in range(messages):
@@ -168,7 +188,15 @@ class World:
                 self.plan.cursed[str(n)] = "constraint"
             elif roll < 0.03 and profile == "full":
                 self.plan.cursed[str(n)] = "hang"
-        self.handlers = Registry.of(*self._handler_functions()).handlers
+
+        def behave(handler: str, trip: str, attempt: int) -> Awaitable[None]:
+            return misbehave(behaviour(seed, handler, trip, attempt))
+
+        registry = Registry.of(
+            *self._handler_functions(), self._job(), trips.saga(), *trips.participants(seed, behave, self.numbers)
+        )
+        self.handlers = registry.handlers
+        self.schedules = registry.schedules
 
     def now(self) -> datetime:
         """The database clock: the virtual clock of the loop."""
@@ -218,6 +246,23 @@ class World:
 
         return [apply, mirror, forward]
 
+    def _job(self) -> Callable[..., Any]:
+        seed, ledger = self.seed, self.ledger
+
+        @every(TICK, name="sim.tick", misfire="all", overlap="allow", timeout=TIMEOUT, max_attempts=MAX_ATTEMPTS)
+        async def tick(ctx: Context) -> None:
+            fire = str(orjson.loads(ctx.message.data)["fire_time"])
+            async with ctx.transaction() as tx:
+                session: MemoryTx = tx.session  # type: ignore[assignment]
+                session.labels["message"], session.labels["attempt"] = fire, ctx.message.attempt
+                ledger.runs.setdefault(("sim.tick", fire), []).append(session)
+                ledger.ids["sim.tick", fire] = ctx.message.id
+                await session.insert("effects", ("sim.tick", fire, len(ledger.runs["sim.tick", fire])), 1)
+            await misbehave(behaviour(seed, "sim.tick", fire, ctx.message.attempt))
+            session.labels["returned"] = True
+
+        return tick
+
     # -- the producer, the crashes -------------------------------------------------------
 
     async def produce(self) -> None:
@@ -233,6 +278,11 @@ class World:
             event = envelope.create("sim.in", {"n": n, "key": key}, source="producer", key=key)
             await producer.publish("sim.in", envelope.to_binary(event, producer.binary_prefix))
             self.ledger.copies["sim.in", event.id] += 1
+            if n % 4 == 0:
+                trip = f"t{n}"
+                self.trips.append(trip)
+                start = envelope.create("sim.trips", {"trip": trip}, source="producer", key=trip)
+                await producer.publish("sim.trips", envelope.to_binary(start, producer.binary_prefix))
 
     async def chaos_monkey(self) -> None:
         """Crash a process now and then during the chaos phase; restart it after a while."""
@@ -251,8 +301,9 @@ class World:
             await process.start()
 
     def subscriptions(self) -> list[ports.Subscription]:
-        """The handlers' subscriptions (not the dead-letter keepers)."""
-        return [ports.Subscription(name=h.name, topic=h.topic) for h in self.handlers]
+        """The handlers' and jobs' subscriptions (not the dead-letter keepers)."""
+        jobs = [ports.Subscription(name=s.topic, topic=s.topic) for s in self.schedules]
+        return [ports.Subscription(name=h.name, topic=h.topic) for h in self.handlers] + jobs
 
     def unsettled(self) -> int:
         """Deliveries queued or in hand on the broker, plus unsent outbox rows."""
@@ -262,7 +313,9 @@ class World:
             backlog = broker.backlog(subscription.name)
             total += backlog.pending + (backlog.in_flight or 0)
         rows: dict[int, Any] = self.db.table("outbox")
-        return total + sum(1 for row in rows.values() if row.sent_at is None) + self.ledger.processing
+        sagas: dict[Any, Any] = self.db.table("sagas")
+        running = sum(1 for record in sagas.values() if record.instance.status.value in ("running", "compensating"))
+        return total + sum(1 for row in rows.values() if row.sent_at is None) + self.ledger.processing + running
 
 
 def raise_for(kind: str) -> None:
@@ -282,108 +335,3 @@ async def misbehave(kind: str) -> None:
         await asyncio.sleep(TIMEOUT / 2)
     elif kind == "overrun":
         await asyncio.sleep(TIMEOUT * 3)
-
-
-def virtual_thread(func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-    """``threads.run`` on the virtual clock: the function runs at once, its thread "takes" what it returns.
-
-    A simulated sync handler returns how many seconds its thread runs; the
-    future resolves (or fails) that much later, so timeouts and the wait for a
-    timed-out thread happen as with a real thread, deterministically.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def finish(error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
-
-    try:
-        seconds = float(func(*args))
-    except BaseException as exc:  # handed to the future, as a thread's error is
-        loop.call_later(0.01, finish, exc)
-    else:
-        loop.call_later(seconds, finish, None)
-    return future
-
-
-class OrderedSet(dict[Any, None]):
-    """A set that iterates in insertion order: the runtime's sets of tasks and deliveries, made replayable."""
-
-    def add(self, item: Any) -> None:
-        """Add ``item``."""
-        self[item] = None
-
-    def discard(self, item: Any) -> None:
-        """Remove ``item`` if present."""
-        self.pop(item, None)
-
-
-def _ordered(cls: type, attribute: str) -> tuple[type, Any]:
-    """Patch ``cls.__init__`` so that its set ``attribute`` is an :class:`OrderedSet`; return what to restore."""
-    original = vars(cls)["__init__"]
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        setattr(self, attribute, OrderedSet())
-
-    setattr(cls, "__init__", init)  # noqa: B010 - mypy refuses a plain assignment to __init__
-    return cls, original
-
-
-@contextlib.contextmanager
-def instrumented(world: World) -> Iterator[None]:
-    """Swap in the virtual thread, and watch each delivery's holds (where the runtime has ``hold``)."""
-    original_run, original_process = threads.run, handling.HandlerRunner.process
-    original_hold = getattr(handling.HandlerRunner, "hold", None)
-    current: dict[int, int] = {}  # task id -> delivery token
-
-    async def process(self: handling.HandlerRunner, delivery: ports.Delivery) -> None:
-        task = id(asyncio.current_task())
-        token = len(world.ledger.hold_owner)
-        current[task] = token
-        world.ledger.hold_owner[token] = f"{self.handler.name} attempt {delivery.attempt}"
-        world.ledger.processing += 1
-        try:
-            await original_process(self, delivery)
-        finally:
-            world.ledger.processing -= 1
-            current.pop(task, None)
-
-    async def hold(self: handling.HandlerRunner, exc: errors.ConveyorError, pause: float) -> float:
-        loop = asyncio.get_running_loop()
-        what = "database" if isinstance(exc, errors.StoreError) else "broker"
-        started = loop.time()
-        healthy = world.plan.healthy(what, started)
-        assert original_hold is not None
-        try:
-            return float(await original_hold(self, exc, pause))
-        finally:
-            if healthy:
-                token = current.get(id(asyncio.current_task()))
-                if token is not None:
-                    world.ledger.holds[token] = world.ledger.holds.get(token, 0.0) + loop.time() - started
-
-    # Sets of tasks, claims and deliveries iterate by address: in insertion order instead, so a crash replays.
-    restore = [
-        _ordered(dispatch.Dispatcher, "_runners"),
-        _ordered(relay.Relay, "_open"),
-        _ordered(memory.MemoryConsumer, "_unsettled"),
-    ]
-    threads.run = virtual_thread
-    handling.HandlerRunner.process = process  # type: ignore[method-assign]
-    if original_hold is not None:
-        handling.HandlerRunner.hold = hold  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for cls, init in restore:
-            setattr(cls, "__init__", init)  # noqa: B010
-        threads.run = original_run
-        handling.HandlerRunner.process = original_process  # type: ignore[method-assign]
-        if original_hold is not None:
-            handling.HandlerRunner.hold = original_hold  # type: ignore[method-assign]

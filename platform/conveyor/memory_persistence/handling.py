@@ -57,7 +57,7 @@ class MemoryInbox:
             StoreError: an injected fault.
         """
         names.check("handler name", handler)
-        await self.db.hook("inbox.claim")
+        await self.db.hook("inbox.claim", tx)
         await self.db.lock(tx, INBOX, (handler, message_id))
         if tx.get(INBOX, (handler, message_id)) is not None:
             return False
@@ -141,7 +141,7 @@ class MemoryOutbox:
             raise errors.ConfigurationError(f"at must be an aware datetime, got {at!r}")
         seconds = _delay_seconds(delay)
         event = self.build(topic, data, key)
-        await self.db.hook("outbox.add")
+        await self.db.hook("outbox.add", tx)
         due = at if at is not None else self.db.now() + timedelta(seconds=seconds)
         await self._insert(tx, topic, event, due)
         return event
@@ -149,7 +149,7 @@ class MemoryOutbox:
     async def add_once(self, tx: MemoryTx, topic: str, event: envelope.Envelope, /) -> persistence.AddOutcome:
         """Store ``event`` unless its id is stored; see :meth:`conveyor.persistence.OutboxWriter.add_once`."""
         event = self.build(topic, event)
-        await self.db.hook("outbox.add")
+        await self.db.hook("outbox.add", tx)
         await self.db.lock(tx, OUTBOX_IDS, event.scoped_id)
         row_id = tx.get(OUTBOX_IDS, event.scoped_id)
         if row_id is None:
@@ -183,7 +183,7 @@ class MemoryEvents:
         if tx is None:
             async with self.db.transaction() as own:
                 return await self.append(stream_id, events, expected_version=expected_version, tx=own)
-        await self.db.hook("events.append")
+        await self.db.hook("events.append", tx)
         await self.db.lock(tx, STREAMS, stream_id)
         version: int = tx.get(STREAMS, stream_id, 0)
         if expected_version is not None and expected_version != version:

@@ -12,7 +12,8 @@ deadlock) fails the transaction that closes it with
 :class:`~conveyor.errors.ConcurrencyConflict`.
 
 ``fault`` is a test hook: an async callable given the name of every
-operation (``"begin"``, ``"commit"``, ``"commit.after"``, ``"write"``,
+operation, and its transaction when it has one (a test finds its own labels
+in :attr:`MemoryTx.labels`), (``"begin"``, ``"commit"``, ``"commit.after"``, ``"write"``,
 ``"read"``, ``"inbox.claim"``, ...) before it runs; what it raises is what the
 operation raises, and a hook that sleeps makes the operation hang.
 """
@@ -28,8 +29,8 @@ from typing import Any
 
 from conveyor import errors
 
-Fault = Callable[[str], Awaitable[None]]
-"""A fault hook: awaited with an operation's name before the operation runs."""
+Fault = Callable[[str, "MemoryTx | None"], Awaitable[None]]
+"""A fault hook: awaited with an operation's name (and its transaction, if any) before the operation runs."""
 
 DELETED: Any = object()
 """A buffered delete."""
@@ -71,8 +72,8 @@ class MemoryDatabase:
         """Call ``callback(tx)`` after every commit (the outbox signals its relays so)."""
         self._after_commit.append(callback)
 
-    async def hook(self, operation: str) -> None:
-        """Run the fault hook for ``operation``, if any.
+    async def hook(self, operation: str, tx: MemoryTx | None = None) -> None:
+        """Run the fault hook for ``operation`` (in ``tx``), if any.
 
         Raises:
             StoreError: whatever the hook raises (the injected fault).
@@ -80,7 +81,7 @@ class MemoryDatabase:
         if self.closed:
             raise errors.StoreUnavailable("the memory database is closed")
         if self.fault is not None:
-            await self.fault(operation)
+            await self.fault(operation, tx)
 
     def begin(self) -> MemoryTx:
         """A new open transaction (no fault hook: see :meth:`transaction`)."""
@@ -177,6 +178,7 @@ class MemoryTx:
         locks: the rows it has locked.
         before_commit: callbacks run at commit, before the writes apply (they may add writes).
         open: False once committed or rolled back.
+        labels: free-form labels a caller puts on the transaction (a test's fault hook reads them).
     """
 
     def __init__(self, db: MemoryDatabase) -> None:
@@ -186,6 +188,7 @@ class MemoryTx:
         self.ended = asyncio.Event()
         self.before_commit: list[Callable[[MemoryTx], None]] = []
         self.open = True
+        self.labels: dict[str, Any] = {}
 
     def _check_open(self) -> None:
         if not self.open:
@@ -218,7 +221,7 @@ class MemoryTx:
             StoreError: an injected fault.
         """
         self._check_open()
-        await self.db.hook("read")
+        await self.db.hook("read", self)
         return self.get(table, key, default)
 
     async def put(self, table: str, key: Any, value: Any) -> None:
@@ -228,7 +231,7 @@ class MemoryTx:
             StoreError: an injected fault, or a deadlock (ConcurrencyConflict).
         """
         self._check_open()
-        await self.db.hook("write")
+        await self.db.hook("write", self)
         await self.db.lock(self, table, key)
         self.writes.setdefault(table, {})[key] = value
 
@@ -240,7 +243,7 @@ class MemoryTx:
             StoreError: an injected fault, or a deadlock.
         """
         self._check_open()
-        await self.db.hook("write")
+        await self.db.hook("write", self)
         await self.db.lock(self, table, key)
         if self.get(table, key) is not None:
             raise errors.StatementError(f"duplicate key {key!r} in {table}", sqlstate="23505")
@@ -253,7 +256,7 @@ class MemoryTx:
             StoreError: an injected fault, or a deadlock.
         """
         self._check_open()
-        await self.db.hook("write")
+        await self.db.hook("write", self)
         await self.db.lock(self, table, key)
         self.writes.setdefault(table, {})[key] = DELETED
 
@@ -276,7 +279,7 @@ class MemoryTx:
         """
         self._check_open()
         try:
-            await self.db.hook("commit")
+            await self.db.hook("commit", self)
             for callback in self.before_commit:
                 callback(self)
         except BaseException:
@@ -285,7 +288,7 @@ class MemoryTx:
         self.open = False
         self.db.apply(self)
         self.db.release(self)
-        await self.db.hook("commit.after")
+        await self.db.hook("commit.after", self)
 
     def rollback(self) -> None:
         """Drop the writes and end the transaction; idempotent."""

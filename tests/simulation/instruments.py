@@ -1,0 +1,119 @@
+"""What the simulation swaps into the runtime: a virtual thread, ordered sets, and watchers of each delivery's holds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from conveyor import errors, ports
+from conveyor.runtime import dispatch, handling, relay, threads
+from conveyor.transports import memory
+
+from tests.simulation.world import World
+
+
+def virtual_thread(func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """``threads.run`` on the virtual clock: the function runs at once, its thread "takes" what it returns.
+
+    A simulated sync handler returns how many seconds its thread runs; the
+    future resolves (or fails) that much later, so timeouts and the wait for a
+    timed-out thread happen as with a real thread, deterministically.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def finish(error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    try:
+        seconds = float(func(*args))
+    except BaseException as exc:  # handed to the future, as a thread's error is
+        loop.call_later(0.01, finish, exc)
+    else:
+        loop.call_later(seconds, finish, None)
+    return future
+
+
+class OrderedSet(dict[Any, None]):
+    """A set that iterates in insertion order: the runtime's sets of tasks and deliveries, made replayable."""
+
+    def add(self, item: Any) -> None:
+        """Add ``item``."""
+        self[item] = None
+
+    def discard(self, item: Any) -> None:
+        """Remove ``item`` if present."""
+        self.pop(item, None)
+
+
+def _ordered(cls: type, attribute: str) -> tuple[type, Any]:
+    """Patch ``cls.__init__`` so that its set ``attribute`` is an :class:`OrderedSet`; return what to restore."""
+    original = vars(cls)["__init__"]
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        setattr(self, attribute, OrderedSet())
+
+    setattr(cls, "__init__", init)  # noqa: B010 - mypy refuses a plain assignment to __init__
+    return cls, original
+
+
+@contextlib.contextmanager
+def instrumented(world: World) -> Iterator[None]:
+    """Swap in the virtual thread, and watch each delivery's holds (where the runtime has ``hold``)."""
+    original_run, original_process = threads.run, handling.HandlerRunner.process
+    original_hold = getattr(handling.HandlerRunner, "hold", None)
+    current: dict[int, int] = {}  # task id -> delivery token
+
+    async def process(self: handling.HandlerRunner, delivery: ports.Delivery) -> None:
+        task = id(asyncio.current_task())
+        token = len(world.ledger.hold_owner)
+        current[task] = token
+        world.ledger.hold_owner[token] = f"{self.handler.name} attempt {delivery.attempt}"
+        world.ledger.processing += 1
+        try:
+            await original_process(self, delivery)
+        finally:
+            world.ledger.processing -= 1
+            current.pop(task, None)
+
+    async def hold(self: handling.HandlerRunner, exc: errors.ConveyorError, pause: float) -> float:
+        loop = asyncio.get_running_loop()
+        what = "database" if isinstance(exc, errors.StoreError) else "broker"
+        started = loop.time()
+        healthy = world.plan.healthy(what, started)
+        assert original_hold is not None
+        try:
+            return float(await original_hold(self, exc, pause))
+        finally:
+            if healthy:
+                token = current.get(id(asyncio.current_task()))
+                if token is not None:
+                    world.ledger.holds[token] = world.ledger.holds.get(token, 0.0) + loop.time() - started
+
+    # Sets of tasks, claims and deliveries iterate by address: in insertion order instead, so a crash replays.
+    restore = [
+        _ordered(dispatch.Dispatcher, "_runners"),
+        _ordered(relay.Relay, "_open"),
+        _ordered(memory.MemoryConsumer, "_unsettled"),
+    ]
+    threads.run = virtual_thread
+    handling.HandlerRunner.process = process  # type: ignore[method-assign]
+    if original_hold is not None:
+        handling.HandlerRunner.hold = hold  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for cls, init in restore:
+            setattr(cls, "__init__", init)  # noqa: B010
+        threads.run = original_run
+        handling.HandlerRunner.process = original_process  # type: ignore[method-assign]
+        if original_hold is not None:
+            handling.HandlerRunner.hold = original_hold  # type: ignore[method-assign]
