@@ -7,6 +7,13 @@ message, and only the one whose insert took effect enqueues the job. A row
 then records the run: ``claimed`` -> ``started`` -> ``succeeded``/``failed``,
 or ``skipped`` (misfire policy or overlap).
 
+A run is started by one job attempt at a time: :func:`start` is a conditional
+update that takes the run for an ``owner`` with a lease (``lease_until``, by
+the database clock), which the attempt renews while the job runs
+(:func:`renew`). Another delivery of the job message may start the run only
+once it failed or the lease ran out (the attempt's worker died), and only the
+owner records the outcome (:func:`finish`).
+
 Pause state lives in ``schedule_states``; every replica reads it each tick.
 All times are aware UTC; the database clock (:func:`database_now`) is the one
 that decides what is due, so a host with a skewed clock neither fires early
@@ -25,6 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from event_store import database, models
 
 CLAIMED, STARTED, SUCCEEDED, FAILED, SKIPPED = "claimed", "started", "succeeded", "failed", "skipped"
+DEFAULT_LEASE = timedelta(seconds=30)
+"""How long a run started without an explicit lease is held (and a run started before leases existed)."""
 
 
 def _utc(value: datetime) -> datetime:
@@ -89,18 +98,55 @@ async def mark(session: AsyncSession, run_id: int, status: str, error: str | Non
         await session.execute(sa.update(table).where(table.c.id == run_id).values(**values))
 
 
-async def start(session: AsyncSession, run_id: int) -> bool:
-    """Mark a run started unless it already succeeded or was skipped; return whether it may run.
+async def start(
+    session: AsyncSession, run_id: int, *, owner: str | None = None, lease: timedelta = DEFAULT_LEASE
+) -> bool:
+    """Start a run for ``owner`` with a lease; return whether this caller may run the job.
 
-    Claimed, failed (a retry) and started (a redelivery after a crash) runs
-    may start; a succeeded or skipped run is final, so a duplicate delivery of
-    its job finds nothing to do.
+    One conditional update, so of concurrent callers exactly one starts the
+    run. A claimed or failed (a retry) run may start; a started run only once
+    its lease ran out (its attempt died); a succeeded or skipped run is final.
+
+    Args:
+        session: the caller's transaction.
+        run_id: the run.
+        owner: who runs the job (one attempt); only the owner renews the lease and finishes the run.
+        lease: how long the run is held without a renewal.
+
+    Raises:
+        StoreError: the database failed.
     """
     table = models.schedule_claims
+    now = await database_now(session)
+    expired = sa.or_(
+        table.c.lease_until < now,
+        sa.and_(table.c.lease_until.is_(None), table.c.started_at < now - DEFAULT_LEASE),
+    )
     statement = (
         sa.update(table)
-        .where(table.c.id == run_id, table.c.status.in_((CLAIMED, STARTED, FAILED)))
-        .values(status=STARTED, started_at=models.utcnow(), error=None)
+        .where(
+            table.c.id == run_id,
+            sa.or_(table.c.status.in_((CLAIMED, FAILED)), sa.and_(table.c.status == STARTED, expired)),
+        )
+        .values(status=STARTED, started_at=models.utcnow(), owner=owner, lease_until=now + lease, error=None)
+    )
+    with database.translating():
+        result = await session.execute(statement)
+    return int(result.rowcount or 0) == 1  # type: ignore[attr-defined]
+
+
+async def renew(session: AsyncSession, run_id: int, owner: str, lease: timedelta) -> bool:
+    """Extend ``owner``'s lease on a started run to ``lease`` from now; False if the run is not its any more.
+
+    Raises:
+        StoreError: the database failed.
+    """
+    table = models.schedule_claims
+    now = await database_now(session)
+    statement = (
+        sa.update(table)
+        .where(table.c.id == run_id, table.c.status == STARTED, table.c.owner == owner)
+        .values(lease_until=now + lease)
     )
     with database.translating():
         result = await session.execute(statement)
@@ -108,17 +154,34 @@ async def start(session: AsyncSession, run_id: int) -> bool:
 
 
 async def finish(
-    session: AsyncSession, run_id: int, status: Literal["succeeded", "failed"], error: str | None = None
-) -> None:
-    """Record a run's outcome; a run that already succeeded (or was skipped) keeps its status."""
+    session: AsyncSession,
+    run_id: int,
+    status: Literal["succeeded", "failed"],
+    error: str | None = None,
+    *,
+    owner: str | None = None,
+) -> bool:
+    """Record a run's outcome; return whether it was recorded.
+
+    A run that already succeeded (or was skipped) keeps its status. With
+    ``owner``, only a run that owner started and still holds is finished: an
+    attempt whose lease ran out and was taken over records nothing.
+
+    Raises:
+        StoreError: the database failed.
+    """
     table = models.schedule_claims
+    condition: sa.ColumnElement[bool] = table.c.status.in_((CLAIMED, STARTED, FAILED))
+    if owner is not None:
+        condition = sa.and_(table.c.status == STARTED, table.c.owner == owner)
     statement = (
         sa.update(table)
-        .where(table.c.id == run_id, table.c.status.in_((CLAIMED, STARTED, FAILED)))
+        .where(table.c.id == run_id, condition)
         .values(status=status, finished_at=models.utcnow(), error=error)
     )
     with database.translating():
-        await session.execute(statement)
+        result = await session.execute(statement)
+    return int(result.rowcount or 0) == 1  # type: ignore[attr-defined]
 
 
 async def running_since(session: AsyncSession, schedule: str, started_after: datetime) -> bool:
@@ -133,26 +196,37 @@ async def running_since(session: AsyncSession, schedule: str, started_after: dat
         return int((await session.execute(statement)).scalar_one()) > 0
 
 
+def _run(row: sa.RowMapping) -> Run:
+    return Run(
+        id=row["id"],
+        schedule=row["schedule"],
+        fire_time=_utc(row["fire_time"]),
+        status=row["status"],
+        claimed_by=row["claimed_by"],
+        claimed_at=_utc(row["claimed_at"]),
+        started_at=row["started_at"] and _utc(row["started_at"]),
+        finished_at=row["finished_at"] and _utc(row["finished_at"]),
+        error=row["error"],
+        owner=row["owner"],
+        lease_until=row["lease_until"] and _utc(row["lease_until"]),
+    )
+
+
 async def history(session: AsyncSession, schedule: str, limit: int = 10) -> list[Run]:
     """The latest runs of ``schedule``, newest first."""
     table = models.schedule_claims
     statement = sa.select(table).where(table.c.schedule == schedule).order_by(table.c.fire_time.desc()).limit(limit)
     with database.translating():
         rows = (await session.execute(statement)).mappings().all()
-    return [
-        Run(
-            id=row["id"],
-            schedule=row["schedule"],
-            fire_time=_utc(row["fire_time"]),
-            status=row["status"],
-            claimed_by=row["claimed_by"],
-            claimed_at=_utc(row["claimed_at"]),
-            started_at=row["started_at"] and _utc(row["started_at"]),
-            finished_at=row["finished_at"] and _utc(row["finished_at"]),
-            error=row["error"],
-        )
-        for row in rows
-    ]
+    return [_run(row) for row in rows]
+
+
+async def run(session: AsyncSession, run_id: int) -> Run | None:
+    """One run by id, or None if there is none (never claimed, or purged)."""
+    table = models.schedule_claims
+    with database.translating():
+        row = (await session.execute(sa.select(table).where(table.c.id == run_id))).mappings().one_or_none()
+    return None if row is None else _run(row)
 
 
 async def purge(session: AsyncSession, older_than: timedelta, now: datetime) -> int:
@@ -215,15 +289,31 @@ class SqlScheduleStore:
         """Claim a fire; the run id, or None if it was claimed already."""
         return await claim(tx, schedule, fire_time, status=status, claimed_by=claimed_by)
 
-    async def start(self, tx: AsyncSession, run_id: int) -> bool:
-        """Mark a run started unless it is final; return whether it may run."""
-        return await start(tx, run_id)
+    async def start(
+        self, tx: AsyncSession, run_id: int, *, owner: str | None = None, lease: timedelta = DEFAULT_LEASE
+    ) -> bool:
+        """Start a run for ``owner`` unless it is final or held by a live lease; return whether it may run."""
+        return await start(tx, run_id, owner=owner, lease=lease)
+
+    async def renew(self, tx: AsyncSession, run_id: int, owner: str, lease: timedelta) -> bool:
+        """Extend ``owner``'s lease on a started run; False if the run is not its any more."""
+        return await renew(tx, run_id, owner, lease)
 
     async def finish(
-        self, tx: AsyncSession, run_id: int, status: Literal["succeeded", "failed"], error: str | None = None
-    ) -> None:
-        """Record a run's outcome, never undoing a success."""
-        await finish(tx, run_id, status, error)
+        self,
+        tx: AsyncSession,
+        run_id: int,
+        status: Literal["succeeded", "failed"],
+        error: str | None = None,
+        *,
+        owner: str | None = None,
+    ) -> bool:
+        """Record a run's outcome, never undoing a success; with ``owner``, only if it holds the run."""
+        return await finish(tx, run_id, status, error, owner=owner)
+
+    async def run(self, tx: AsyncSession, run_id: int) -> persistence.Run | None:
+        """One run by id, or None."""
+        return await run(tx, run_id)
 
     async def last_fire(self, tx: AsyncSession, schedule: str) -> datetime | None:
         """The latest claimed fire time of ``schedule``, or None."""

@@ -254,15 +254,100 @@ def translating() -> Iterator[None]:
         raise translate(error) from error
 
 
-async def discard(session: AsyncSession) -> None:
-    """Close a session (rolling back what it left open); a broken connection is dropped quietly."""
+ROLLBACK_TIMEOUT = 5.0
+"""Seconds a rollback may take before its connection is dropped instead (a frozen network never answers)."""
+
+
+async def discard(session: AsyncSession, *, drop: bool = False) -> None:
+    """Close a session, rolling back what it left open; a broken or doubtful connection is dropped.
+
+    Args:
+        session: the session.
+        drop: drop the connection instead of rolling back on it: its statement
+            was cancelled or timed out, so its state is unknown (asyncpg would
+            otherwise run the next transaction on it as a savepoint of one that
+            nobody commits). Closing the connection rolls back on the server.
+    """
+    if not drop:
+        try:
+            async with asyncio.timeout(ROLLBACK_TIMEOUT):
+                await session.close()
+            return
+        except TimeoutError:
+            log.warning("a rollback took over %.0fs; dropping its connection", ROLLBACK_TIMEOUT)
+        except Exception as error:
+            if not isinstance(error, exc.SQLAlchemyError | OSError | ConnectionError) and not is_driver_error(error):
+                raise
+    with contextlib.suppress(exc.SQLAlchemyError, OSError, ConnectionError):
+        await session.invalidate()
+
+
+def doubtful(error: BaseException | None) -> bool:
+    """Whether a connection on which ``error`` happened is in an unknown state and must be dropped.
+
+    A statement cancelled or timed out (the handler's deadline, a drain) may
+    have reached the server or not; an outage-class error means the connection
+    itself failed. Only a statement the database refused leaves it usable.
+    """
+    if error is None:
+        return False
+    if not isinstance(error, Exception) or isinstance(error, TimeoutError | OSError | errors.StoreUnavailable):
+        return True
+    if isinstance(error, exc.SQLAlchemyError) or is_driver_error(error):
+        return isinstance(translate(error), StoreUnavailable)
+    return False
+
+
+def _driver_of(connection: Any) -> Any:
+    """The driver's own connection under a DBAPI (adapter) connection."""
+    return getattr(connection, "driver_connection", None) or getattr(connection, "_connection", None)
+
+
+def in_transaction(driver: Any) -> bool:
+    """Whether a driver connection is inside a transaction, as the driver knows it (no I/O).
+
+    asyncpg: the server's transaction status from its last ReadyForQuery, or a
+    transaction block asyncpg still tracks (``_top_xact``: one whose ``BEGIN``
+    was cancelled stays there, and every later transaction on the connection
+    would be a savepoint of it). aiosqlite/sqlite3: ``in_transaction``.
+    """
+    probe = getattr(driver, "is_in_transaction", None)
+    if callable(probe):
+        return bool(probe()) or getattr(driver, "_top_xact", None) is not None
     try:
-        await session.close()
-    except Exception as error:
-        if not isinstance(error, exc.SQLAlchemyError | OSError | ConnectionError) and not is_driver_error(error):
-            raise
-        with contextlib.suppress(exc.SQLAlchemyError, OSError, ConnectionError):
-            await session.invalidate()
+        return bool(getattr(driver, "in_transaction", False))
+    except ValueError:  # aiosqlite: the connection is closed (the pool let an overflow connection go)
+        return False
+
+
+def _refuse_unclean(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Pool checkout guard: a connection left inside a transaction is never handed out again."""
+    if in_transaction(_driver_of(dbapi_connection)):
+        log.warning("dropping a pooled database connection left inside a transaction")
+        raise exc.DisconnectionError("connection left inside a transaction")
+
+
+async def commit(session: AsyncSession) -> None:
+    """Commit the session's transaction and prove it: afterwards the driver must be out of any transaction.
+
+    A "commit" that only released a savepoint (a connection reused in an
+    unknown state) leaves the driver inside a transaction: that is an outage,
+    never a success, and the connection is dropped (which rolls it back).
+
+    Raises:
+        StoreError: the commit failed (translated); :class:`StoreUnavailable`
+            when it cannot be proven.
+    """
+    with translating():
+        connection = await session.connection()
+        driver = _driver_of(connection.sync_connection.connection.dbapi_connection)  # type: ignore[union-attr]
+        await session.commit()
+    if driver is not None and in_transaction(driver):
+        with contextlib.suppress(Exception):
+            terminate = getattr(driver, "terminate", None)
+            if callable(terminate):
+                terminate()
+        raise StoreUnavailable("the commit could not be proven: the connection is still inside a transaction")
 
 
 DEFAULT_POOL_SIZE = 5
@@ -352,6 +437,7 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             configure_sqlite(self.engine.sync_engine, busy_timeout)
+        event.listen(self.engine.sync_engine.pool, "checkout", _refuse_unclean)
         # A Session class of our own, so commit hooks apply to our sessions only.
         session_class = type("ConveyorSession", (Session,), {})
         event.listen(session_class, "after_commit", self._after_commit)
@@ -404,6 +490,7 @@ class Database:
         """
         factory = self._readonly_sessions if readonly else self.sessions
         session = factory()
+        failure: BaseException | None = None
         try:
             with translating():
                 await session.begin()
@@ -411,19 +498,26 @@ class Database:
                 yield session
             except exc.SQLAlchemyError as error:
                 raise translate(error) from error
-            with translating():
-                await session.commit()
+            await commit(session)
+        except BaseException as error:
+            failure = error
+            raise
         finally:
-            await discard(session)
+            await discard(session, drop=doubtful(failure))
 
-    async def check(self) -> None:
-        """Verify the database answers now (for readiness).
+    async def check(self, *, write: bool = False) -> None:
+        """Verify the database answers now (for readiness, and the probe that proves an outage).
+
+        Args:
+            write: the database must take a write now: on SQLite the probe
+                takes the write lock (a lock held elsewhere is an outage for a
+                writer even though reads still answer).
 
         Raises:
             StoreUnavailable: it does not, with the reason.
         """
         try:
-            async with self.transaction(readonly=True) as session:
+            async with self.transaction(readonly=not write) as session:
                 await session.execute(sa.text("SELECT 1"))
         except errors.StoreError as error:
             raise StoreUnavailable(f"database {self.display_url()} is not reachable: {error}") from error

@@ -176,10 +176,16 @@ schedule_claims = sa.Table(
     _time("started_at", nullable=True, default=False),
     _time("finished_at", nullable=True, default=False),
     sa.Column("error", sa.Text, nullable=True),
+    sa.Column("owner", sa.String(255), nullable=True),
+    _time("lease_until", nullable=True, default=False),
     sa.UniqueConstraint("schedule", "fire_time"),
     sqlite_autoincrement=True,
 )
-"""One row per fire of a schedule: the unique (schedule, UTC fire time) makes a fire happen once."""
+"""One row per fire of a schedule: the unique (schedule, UTC fire time) makes a fire happen once.
+
+``owner`` is the job attempt that started the run, ``lease_until`` (database
+time) how long it holds it: no other delivery runs the job before then.
+"""
 
 schedule_states = sa.Table(
     "schedule_states",
@@ -241,6 +247,21 @@ held_dead_letters = sa.Table(
     sqlite_autoincrement=True,
 )
 """Dead letters the broker refused for good, kept here instead (``conveyor dlq`` shows them too)."""
+
+worker_heartbeats = sa.Table(
+    "worker_heartbeats",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("service", sa.String(128), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("roles", sa.JSON, nullable=False),
+    sa.Column("handlers", sa.JSON, nullable=False),
+    sa.Column("in_flight", sa.Integer, nullable=False),
+    _time("started_at", default=False),
+    _time("beat_at"),
+)
+"""Each live process's latest heartbeat (:mod:`conveyor.heartbeats`), renewed every few seconds."""
 
 OUTBOX_CHANNEL = "conveyor_outbox"
 """PostgreSQL NOTIFY channel a trigger signals on every insert into the outbox."""

@@ -73,6 +73,10 @@ class SqlSagaStore:
                 "a concurrent transition was saved first; the message that caused this one is retried"
             )
 
+    async def release_command(self, tx: AsyncSession, message_id: str) -> None:
+        """Remove the outbox row of ``message_id``, if any, so the command can be added again under its id."""
+        await tx.execute(sa.delete(models.outbox).where(models.outbox.c.message_id == message_id))
+
     async def log(self, tx: AsyncSession, saga: str, instance_id: str, entries: Sequence[engine.Entry]) -> None:
         """Append lines to the instance's step log."""
         if entries:

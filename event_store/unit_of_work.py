@@ -17,7 +17,7 @@ from conveyor import errors, names, persistence, stores
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import claims, database, direct, held, outbox_store
+from event_store import claims, database, direct, heartbeats, held, outbox_store
 from event_store.inbox import Inbox
 from event_store.outbox import Outbox
 from event_store.sagas import SqlSagaStore
@@ -80,10 +80,9 @@ class SqlUnitOfWork:
                 rows = []
                 await self._outbox.add(session, message.topic, message.envelope, delay=message.delay, at=message.at)
             await direct.insert_outbox(session, rows)
-            with database.translating():
-                await session.commit()  # returns the connection to the pool; nothing is left to close
-        except BaseException:
-            await database.discard(session)
+            await database.commit(session)  # proven; returns the connection to the pool
+        except BaseException as error:
+            await database.discard(session, drop=database.doubtful(error))
             raise
 
     async def rollback(self, error: BaseException | None = None) -> errors.StoreError | None:
@@ -95,7 +94,7 @@ class SqlUnitOfWork:
         if self._open:
             self._open = False
             try:
-                await database.discard(self.tx)
+                await database.discard(self.tx, drop=database.doubtful(error))
             except Exception:  # the rollback itself failed: the connection is gone, and so is the transaction
                 log.warning("rolling back a handler transaction failed", exc_info=True)
         if isinstance(error, sa_exc.SQLAlchemyError):
@@ -132,13 +131,17 @@ class SqlUnits:
         session = self._db.sessions()
         try:
             claimed = await direct.claim_inbox(session, handler, message_id)
-        except BaseException:
-            await database.discard(session)
+        except BaseException as error:
+            await database.discard(session, drop=database.doubtful(error))
             raise
         if not claimed:
             await database.discard(session)
             return None
         return SqlUnitOfWork(session, self)
+
+    async def check(self) -> None:
+        """Verify the database takes a write now (see :meth:`Database.check`)."""
+        await self._db.check(write=True)
 
 
 class SessionEvents:
@@ -178,4 +181,5 @@ def sql_persistence(db: database.Database, source: str, **relay: Any) -> persist
         dead_letters=held.SqlDeadLetterStore(db),
         sagas=units.sagas,
         relay_store=lambda: outbox_store.SqlOutboxStore(db, **relay),
+        heartbeats=heartbeats.SqlHeartbeatStore(db),
     )

@@ -1,6 +1,9 @@
 """CloudEvents attributes as producer input: every name and value is validated before it is used.
 
-Names are 1-64 lower-case ASCII letters and digits; values are at most 4096 characters
+Names are 1-64 lower-case ASCII letters and digits, as written (``MyExt`` is refused, not
+read as ``myext``). CloudEvents 1.0 requires ``[a-z0-9]`` and says a name SHOULD NOT exceed
+20 characters: a recommendation, so a longer name is still a valid event and is accepted up to
+64 (our own bound on producer input). Values are at most 4096 characters
 (``id`` 128, ``partitionkey`` 255: the outbox and inbox column widths) without control
 characters; in structured mode context attributes must be JSON strings, extensions strings,
 numbers or booleans (kept as their JSON text); ``time`` is RFC 3339 with a zone; ``attempt``

@@ -11,7 +11,8 @@ forms of the CloudEvents protocol bindings:
   type is ``application/cloudevents+json``.
 
 :func:`decode` detects the mode the way the bindings prescribe (a CloudEvents
-content type means structured, anything else binary) and accepts the header
+content type means structured, anything else binary; only the JSON event format
+is supported) and accepts the header
 prefixes of every binding, so a service publishing with any CloudEvents SDK,
 over any broker, is understood. A message that is not a valid CloudEvent raises
 :class:`~conveyor.errors.InvalidMessage` with the reason.
@@ -41,6 +42,7 @@ from conveyor import attributes, errors, jsontext
 SPEC_VERSION = attributes.SPEC_VERSION
 JSON = "application/json"
 STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
 OCTET_STREAM = "application/octet-stream"
 
 KAFKA_PREFIX = "ce_"
@@ -71,12 +73,17 @@ class WireMessage:
             it on every redelivery (NATS ``<stream>/<sequence>``, Kafka
             ``<topic>/<partition>/<offset>``): the id of a plain message
             (see :mod:`conveyor.plain`).
+        unreadable: on a received message, why the transport could not read it
+            as it was sent (a header name that is not UTF-8), if so; its
+            headers then hold what could be read, its body is intact, and the
+            runtime dead-letters it as invalid.
     """
 
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     key: str | None = None
     message_id: str | None = None
+    unreadable: str | None = None
 
 
 @dataclass(slots=True)
@@ -314,10 +321,11 @@ def decode(message: WireMessage) -> Envelope:
         else:
             plain[name] = value
     if content_type is not None and content_type.lower().startswith("application/cloudevents"):
+        _check_event_format(content_type)
         return _decode_structured(message, plain)
-    if not attrs and _looks_structured(message.body):
+    if not attrs and looks_structured(message.body, content_type):
         # Structured mode without a content type: the NATS binding's baseline,
-        # and what many hand-written producers send.
+        # and (labelled JSON) what many hand-written producers send.
         return _decode_structured(message, plain)
     if not attrs:
         raise errors.InvalidMessage(
@@ -334,12 +342,16 @@ _HEADER_ATTRIBUTES: dict[str, tuple[str, str]] = {}
 
 
 def _header_attribute(name: str) -> tuple[str, str]:
+    # The prefix is compared lower-cased (the bindings spell it ``ce_``, ``ce-``,
+    # ``cloudEvents_``); the attribute name is kept as written, so an upper-case
+    # one is refused by :func:`conveyor.attributes.check` as CloudEvents requires.
+    # (HTTP header names are case-insensitive: the HTTP layer lower-cases them.)
     lower = name.lower()
     head = lower[:3]
     if head == "ce_" or head == "ce-":
-        found = (_ATTRIBUTE, lower[3:])
+        found = (_ATTRIBUTE, name[3:])
     elif lower.startswith("cloudevents") and lower[11:12] in ("_", ":"):
-        found = (_ATTRIBUTE, lower[12:])
+        found = (_ATTRIBUTE, name[12:])
     elif lower == "content-type":
         found = (_CONTENT_TYPE, "")
     else:
@@ -349,9 +361,35 @@ def _header_attribute(name: str) -> tuple[str, str]:
     return found
 
 
-def _looks_structured(body: bytes) -> bool:
+def looks_structured(body: bytes, content_type: str | None) -> bool:
+    """Whether a message without CloudEvents attribute headers is a structured event all the same.
+
+    True for a body that looks like one (a JSON object naming ``specversion``)
+    labelled with no content type (the NATS binding's baseline) or a JSON one
+    (``application/json``, ``*+json``: what hand-written producers send). A body
+    labelled anything else (``text/plain``, ``application/msgpack``) is what its
+    label says, not an event.
+    """
+    if content_type is not None and content_type.strip() and not is_json(content_type):
+        return False
     head = body[:512].lstrip()
     return head.startswith(b"{") and b'"specversion"' in body
+
+
+def _check_event_format(content_type: str) -> None:
+    """Refuse a CloudEvents content type other than the JSON event format (parameters allowed).
+
+    Raises:
+        InvalidMessage: a batch, or another event format (Avro, Protobuf, ...).
+    """
+    base = content_type.split(";", 1)[0].strip().lower()
+    if base == STRUCTURED:
+        return
+    if base == BATCH:
+        reason = "batched content mode is not supported: send one event per message"
+    else:
+        reason = f"event format {_show(base)} is not supported"
+    raise errors.InvalidMessage(f"{reason}; structured mode takes {STRUCTURED}", "content-type")
 
 
 def _decode_structured(message: WireMessage, plain: dict[str, str]) -> Envelope:
@@ -381,10 +419,7 @@ def _decode_structured(message: WireMessage, plain: dict[str, str]) -> Envelope:
     for name, value in event.items():
         if value is None:
             continue
-        lower = name.lower()
-        if lower in attrs:
-            raise errors.InvalidMessage(f"duplicate member {_show(name)} in structured CloudEvent", lower)
-        attrs[lower] = attributes.text(lower, value)
+        attrs[name] = attributes.text(name, value)  # names as written: JSON is case-sensitive
     attrs["datacontenttype"] = content_type
     return _from_attributes(attrs, data, plain, message.key)
 

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from conveyor import envelope, stores
+from conveyor.heartbeats import HeartbeatStore
 from conveyor.sagas.store import SagaStore
 
 AddOutcome = Literal["added", "duplicate", "conflict"]
@@ -158,6 +159,14 @@ class UnitOfWorkFactory(Protocol):
         """
         ...
 
+    async def check(self) -> None:
+        """Verify the database answers now: the probe that proves an outage before a message is held.
+
+        Raises:
+            StoreError: it does not, with the reason.
+        """
+        ...
+
 
 class OutboxWriter(Protocol):
     """Adds messages to the transactional outbox inside the caller's transaction."""
@@ -207,7 +216,9 @@ class ScheduleStore(Protocol):
     the number of replicas racing for it. A run's status only moves forward:
     ``claimed`` -> ``started`` -> ``succeeded`` | ``failed``; ``failed`` ->
     ``started`` (a retry); ``started`` -> ``started`` (a redelivery after a
-    crash); ``succeeded`` and ``skipped`` are final.
+    crash, once the crashed attempt's lease ran out); ``succeeded`` and
+    ``skipped`` are final. A started run is held by one owner (a job attempt)
+    until its lease, by the database clock, runs out.
     """
 
     async def now(self, tx: Any) -> datetime:
@@ -220,14 +231,39 @@ class ScheduleStore(Protocol):
         """Claim a fire in ``tx``; return the run id, or None if it was claimed already."""
         ...
 
-    async def start(self, tx: Any, run_id: int) -> bool:
-        """Mark a run started unless it already succeeded or was skipped; return whether it may run."""
+    async def start(
+        self, tx: Any, run_id: int, *, owner: str | None = None, lease: timedelta = timedelta(seconds=30)
+    ) -> bool:
+        """Start a run for ``owner``, held for ``lease``; return whether the caller may run the job.
+
+        Concurrency: of concurrent callers at most one starts the run. A
+        claimed or failed run starts; a started run only once its lease ran
+        out; a succeeded or skipped run never does.
+        """
+        ...
+
+    async def renew(self, tx: Any, run_id: int, owner: str, lease: timedelta) -> bool:
+        """Extend ``owner``'s lease to ``lease`` from now; False if the run is no longer started by ``owner``."""
         ...
 
     async def finish(
-        self, tx: Any, run_id: int, status: Literal["succeeded", "failed"], error: str | None = None
-    ) -> None:
-        """Record a run's outcome; a run that already succeeded stays succeeded."""
+        self,
+        tx: Any,
+        run_id: int,
+        status: Literal["succeeded", "failed"],
+        error: str | None = None,
+        *,
+        owner: str | None = None,
+    ) -> bool:
+        """Record a run's outcome; return whether it was recorded.
+
+        A run that already succeeded stays succeeded. With ``owner``, only a run
+        started by ``owner`` and not taken over since is finished.
+        """
+        ...
+
+    async def run(self, tx: Any, run_id: int) -> Run | None:
+        """One run by id, or None (never claimed, or purged)."""
         ...
 
     async def last_fire(self, tx: Any, schedule: str) -> datetime | None:
@@ -265,7 +301,11 @@ class ScheduleState:
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """One fire of a schedule and what became of it."""
+    """One fire of a schedule and what became of it.
+
+    ``owner`` is the job attempt that last started it, ``lease_until`` until
+    when that attempt holds it (database clock).
+    """
 
     id: int
     schedule: str
@@ -276,6 +316,8 @@ class Run:
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    owner: str | None = None
+    lease_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +376,7 @@ class Persistence:
         dead_letters: dead letters the broker refused, held in the database.
         sagas: saga instances and step logs (its methods take ``tx``).
         relay_store: builds the relay's side of the outbox (one per relay).
+        heartbeats: the live processes' heartbeats (the console's workers page).
     """
 
     database: Database
@@ -345,3 +388,4 @@ class Persistence:
     dead_letters: DeadLetterStore
     sagas: SagaStore
     relay_store: Callable[[], stores.OutboxStore]
+    heartbeats: HeartbeatStore

@@ -11,7 +11,7 @@ about the message.
 Only a message that is not a CloudEvent at all is synthesised: one with a
 CloudEvents attribute header (any binding's prefix), a CloudEvents content
 type, or a body that looks like a structured CloudEvent (a JSON object with
-``specversion``) is decoded as one, and stays a dead letter if it is invalid.
+``specversion``, labelled JSON or not at all) is decoded as one, and stays a dead letter if it is invalid.
 
 The synthesised id is the broker's id of the message (``WireMessage.message_id``,
 filled by each transport), so every redelivery of the message has the same id
@@ -46,15 +46,19 @@ def is_cloudevent(message: envelope.WireMessage) -> bool:
 
     True with any CloudEvents attribute header, a CloudEvents content type, or
     a body that looks like a structured CloudEvent (a JSON object naming
-    ``specversion``), the same rules :func:`conveyor.envelope.decode` uses.
+    ``specversion``) labelled with no content type or a JSON one, the same
+    rules :func:`conveyor.envelope.decode` uses.
     """
+    content_type: str | None = None
     for name, value in message.headers.items():
         lower = name.lower()
         if lower.startswith(_CE_PREFIXES):
             return True
-        if lower == "content-type" and value.lower().startswith("application/cloudevents"):
-            return True
-    return message.body[:512].lstrip().startswith(b"{") and b'"specversion"' in message.body
+        if lower == "content-type":
+            if value.lower().startswith("application/cloudevents"):
+                return True
+            content_type = value
+    return envelope.looks_structured(message.body, content_type)
 
 
 def synthesise(message: envelope.WireMessage, topic: str, broker: str) -> envelope.Envelope:

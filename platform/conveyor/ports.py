@@ -61,7 +61,8 @@ class Subscription:
             messages of a worker that died wait for another worker.
         max_deliveries: broker-side backstop against redelivery loops, where the
             broker has one (RabbitMQ ``x-delivery-limit``, NATS ``max_deliver``):
-            past it the broker drops the message. ``None`` means no broker-side
+            past it RabbitMQ dead-letters the message into the keeper of the
+            topic's dead-letter topic, NATS stops delivering it. ``None`` means no broker-side
             limit: a message is delivered again however often it comes back
             unsettled. Keepers of dead letters use it, as every ``conveyor dlq
             list`` is one more delivery. Brokers without such a limit (Kafka,

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
             a handler has had in hand this long (longer than twice its timeout,
             if that is more), a due outbox message unsent this long with no
             publish meanwhile, a schedule fire overdue this long.
+        hold_limit: seconds one message may be held through outages of the
+            database or the broker (no attempt spent, confirmed by a probe of
+            the dependency) before its failures spend attempts again.
+        commit_timeout: seconds Conveyor's commit of a handler's unit of work
+            may take, apart from the handler's own timeout; a commit past it
+            blames the database (held while its probe fails).
         plain_messages: every handler also accepts messages that are not
             CloudEvents (a plain body, as ``@on(..., plain=True)`` does for one
             handler); CloudEvents are still validated.
@@ -89,6 +95,8 @@ class Settings(BaseSettings):
     retention: float = pydantic.Field(default=7 * 24 * 3600, ge=60)
     relay_max_attempts: int = pydantic.Field(default=10, ge=1, le=1000)
     stall_after: float = pydantic.Field(default=60.0, gt=0)
+    hold_limit: float = pydantic.Field(default=900.0, ge=0)
+    commit_timeout: float = pydantic.Field(default=30.0, gt=0)
     plain_messages: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

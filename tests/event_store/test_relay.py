@@ -177,6 +177,9 @@ class _DownTransport(PublishEach):
         self.calls += 1
         raise errors.TransientTransportError("broker unreachable")
 
+    async def check(self) -> None:
+        raise errors.TransientTransportError("broker unreachable")
+
 
 async def test_relay_broker_down_backs_off_without_spending_attempts(db: Database, broker: Broker) -> None:
     await _add(db, 1)
@@ -192,6 +195,58 @@ async def test_relay_broker_down_backs_off_without_spending_attempts(db: Databas
         row = (await session.execute(sa.select(models.outbox))).one()
     assert 2 <= transport.calls <= 10  # retried, but no hot loop
     assert (row.attempts, row.parked_at, row.sent_at, "broker unreachable" in row.last_error) == (0, None, None, True)
+
+
+class _FlakyAnswering(_DownTransport):
+    """Fails every publish as if unreachable, yet answers its probe: not an outage, the row's own failure."""
+
+    async def check(self) -> None:
+        return None
+
+
+async def test_relay_transient_failures_while_the_broker_answers_spend_attempts_and_park(
+    db: Database, broker: Broker
+) -> None:
+    await _add(db, 1)
+    transport = _FlakyAnswering(broker.url)
+    options = RelayOptions(retry_base=0.01, retry_max=0.02, max_backoff=0.05, max_attempts=3, poll_interval=0.05)
+    relay = Relay(SqlOutboxStore(db, listen=False), transport, options=options)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await wait_for(lambda: transport.calls >= 6, 10, "three attempts, each tried once more after the probe")
+        await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await task
+    async with db.transaction(readonly=True) as session:
+        row = (await session.execute(sa.select(models.outbox))).one()
+    assert (transport.calls, row.attempts, row.parked_at is not None) == (6, 3, True)
+
+
+async def test_relay_holds_a_row_through_an_outage_only_up_to_the_hold_limit(db: Database, broker: Broker) -> None:
+    await _add(db, 1)
+    transport = _DownTransport(broker.url)  # down for good, and its probe says so
+    options = RelayOptions(
+        retry_base=0.01, retry_max=0.02, max_backoff=0.05, max_attempts=2, poll_interval=0.05, hold_limit=0.5
+    )
+    relay = Relay(SqlOutboxStore(db, listen=False), transport, options=options)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+
+    async def parked() -> bool:
+        async with db.transaction(readonly=True) as session:
+            return (await session.execute(sa.select(models.outbox.c.parked_at))).scalar_one() is not None
+
+    try:
+        deadline = asyncio.get_running_loop().time() + 15
+        while not await parked():
+            assert asyncio.get_running_loop().time() < deadline, "the row was held past the hold limit"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+    assert transport.calls > 2  # held without spending attempts first, then two attempts
 
 
 class _HangAfterPublish(PublishEach):

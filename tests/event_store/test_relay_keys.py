@@ -142,7 +142,12 @@ async def test_relay_broker_outage_spends_no_attempts_and_parks_nothing(
     ids = await add(db, 3, key="k") + await add(db, 3, start=3)
     outage = {"on": True}
     transport = await connected(
-        Flaky(broker.url, lambda _: outage["on"], lambda: errors.TransientTransportError("broker unreachable"))
+        Flaky(
+            broker.url,
+            lambda _: outage["on"],
+            lambda: errors.TransientTransportError("broker unreachable"),
+            down=lambda: outage["on"],
+        )
     )
     options = RelayOptions(poll_interval=0.1, retry_base=0.01, max_backoff=0.05, max_attempts=2)
     relays.start(Relay(SqlOutboxStore(db), transport, options=options))

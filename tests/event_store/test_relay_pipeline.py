@@ -183,6 +183,10 @@ async def test_relay_broker_outage_while_next_batch_claimed_spends_no_attempts(
                 raise errors.TransientTransportError("broker unreachable")
             await super().publish(topic, message)
 
+        async def check(self) -> None:
+            if down["on"]:
+                raise errors.TransientTransportError("broker unreachable")
+
     options = RelayOptions(batch_size=10, max_backoff=0.05, max_attempts=2)
     store = RecordingStore(db)
     relays.start(Relay(store, await connected(Down(broker.url)), options=options))

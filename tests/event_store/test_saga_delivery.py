@@ -24,7 +24,7 @@ from conveyor.runtime.relay import Relay
 from conveyor.testing import unique
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from relay_helpers import PublishEach
+from saga_pool import Delivery, Pool
 
 from event_store import Database
 
@@ -34,29 +34,6 @@ FAILING = 500  # an order of this amount cannot be booked: the saga compensates
 class Order(pydantic.BaseModel):
     order_id: str
     amount: int
-
-
-class Pool(PublishEach):
-    """A broker that keeps what is published for the test to deliver."""
-
-    def __init__(self) -> None:
-        super().__init__("memory://pool")
-        self.pending: list[tuple[str, envelope.WireMessage]] = []
-
-    async def publish(self, topic: str, message: envelope.WireMessage) -> None:
-        self.pending.append((topic, message))
-
-
-class Delivery:
-    def __init__(self, topic: str, message: envelope.WireMessage, attempt: int) -> None:
-        self.topic, self.message, self.attempt = topic, message, attempt
-        self.settled: str | None = None
-
-    async def ack(self) -> None:
-        self.settled = "ack"
-
-    async def nack(self, delay: float) -> None:
-        self.settled = "nack"
 
 
 class Crashing:

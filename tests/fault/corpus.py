@@ -47,6 +47,11 @@ CONTROL = "control"
 """Wire feature: NATS JetStream control headers (handled by the NATS adapter)."""
 DELIVERY_COUNT = "delivery-count"
 """Wire feature: RabbitMQ's ``x-delivery-count`` and ``x-death`` dead-lettering headers."""
+RAW_NAME = "raw-name"
+"""Wire feature: header names that are not UTF-8 (an AMQP table's or a Kafka record's names are any bytes).
+Such a name is written here as the ``surrogateescape`` text of its bytes (``"bad-\\udcff-name"`` for
+``b"bad-\\xff-name"``); the broker's producer sends the bytes. The client library may fail to decode the
+whole record (aiokafka does) or frame (aiormq did)."""
 
 
 @dataclass(slots=True)
@@ -191,6 +196,8 @@ def _kinds() -> list[Kind]:
     simple("attribute-name-with-space", "dlq", lambda n: (payload(n), {**binary(), "ce-bad name": "v"}), NAME_CRLF)
     simple("header-name-crlf", "effect", lambda n: (payload(n), {**binary(), "x-evil\r\ninjected": "v"}), NAME_CRLF)
     simple("header-value-crlf", "dlq", lambda n: (payload(n), binary(subject="a\r\nce-id: forged")), NAME_CRLF)
+    # The client library cannot decode the name (aiormq used to drop the connection at every redelivery).
+    simple("header-name-not-utf8", "dlq", lambda n: (payload(n), {**binary(), "bad-\udcff\udcfe-name": "v"}), RAW_NAME)
 
     # -- binary-mode headers of other wire types
     simple("id-as-int", "either", lambda n: (payload(n), binary(id=uuid.uuid4().int % 10**15)), TYPED)

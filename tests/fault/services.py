@@ -154,8 +154,12 @@ class ThreadedProxy:
         """Close every connection and refuse new ones (see :meth:`FaultProxy.cut`)."""
         self._loop.call_soon_threadsafe(self._proxy.cut)
 
+    def freeze(self) -> None:
+        """Forward nothing and close nothing (see :meth:`FaultProxy.freeze`)."""
+        self._loop.call_soon_threadsafe(self._proxy.freeze)
+
     def restore(self) -> None:
-        """Forward new connections again."""
+        """Forward again (see :meth:`FaultProxy.restore`)."""
         self._loop.call_soon_threadsafe(self._proxy.restore)
 
     def close(self) -> None:

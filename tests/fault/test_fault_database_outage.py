@@ -2,7 +2,9 @@
 
 The worker reaches PostgreSQL through a :class:`services.ThreadedProxy`; the
 test reads the ledger directly. Once about a third of the messages have their
-effect the proxy cuts every connection and refuses new ones for
+effect the proxy either cuts every connection and refuses new ones (the host
+went away) or freezes them, forwarding nothing and closing nothing (a network
+partition or a failover: statements time out mid-flight), for
 :data:`OUTAGE_S` seconds. The worker must hold the messages it has (spending
 no attempts, dead-lettering nothing), report ``/readyz`` unhealthy meanwhile,
 and resume within the outage backoff once the database is back. A commit whose
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import ledger
+import pytest
 import services
 import workload
 from conveyor.runtime.handling import OUTAGE_BACKOFF
@@ -49,12 +52,15 @@ def readiness(port: int, stop: threading.Event, seen: list[tuple[float, int]]) -
         stop.wait(0.2)
 
 
-def test_database_outage_holds_messages_and_loses_doubles_nothing(rabbit_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["cut", "freeze"])
+def test_database_outage_holds_messages_and_loses_doubles_nothing(rabbit_url: str, tmp_path: Path, mode: str) -> None:
     with workload.Scenario(tmp_path, rabbit_url) as scenario:
         real = make_url(scenario.database_url)
         with services.ThreadedProxy(real.host or "127.0.0.1", real.port or 5432) as proxy:
             proxied = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-            worker, port = scenario.worker("worker", CONVEYOR_DATABASE_URL=proxied)
+            # Frozen, statements hang: a 2 s timeout makes attempts time out mid-statement again and again.
+            timeout = {"FAULT_TIMEOUT": "2"} if mode == "freeze" else {}
+            worker, port = scenario.worker("worker", CONVEYOR_DATABASE_URL=proxied, **timeout)
             publisher = threading.Thread(
                 target=workload.publish, args=(rabbit_url, scenario.topic, range(COUNT)), daemon=True
             )
@@ -64,7 +70,7 @@ def test_database_outage_holds_messages_and_loses_doubles_nothing(rabbit_url: st
             stop = threading.Event()
             poller = threading.Thread(target=readiness, args=(port, stop, seen), daemon=True)
             cut_at = time.time()
-            proxy.cut()
+            proxy.cut() if mode == "cut" else proxy.freeze()
             poller.start()
             at_cut = scenario.handled()
             time.sleep(OUTAGE_S)  # the outage itself: held on purpose
@@ -85,7 +91,8 @@ def test_database_outage_holds_messages_and_loses_doubles_nothing(rabbit_url: st
     holds = workload.metric(metrics, "conveyor_outage_waits_total", handler=scenario.handler, dependency="database")
     result = ledger.report(
         ledger.Result(
-            scenario="database unreachable 20 s", broker="rabbit", load=COUNT, faults=1, bad_inputs=0,
+            scenario=f"database {'unreachable' if mode == 'cut' else 'frozen'} 20 s", broker="rabbit", load=COUNT,
+            faults=1, bad_inputs=0,
             lost=counts.lost, doubled=counts.doubled, stalled_s=workload.stall(rows, restored_at, gave_up),
             limit_s=limit(outage),
         )

@@ -24,6 +24,7 @@ import aio_pika
 import corpus
 import databases
 import httpx
+import kafka_raw
 import ledger
 import nats
 import orjson
@@ -33,6 +34,7 @@ from cli import Process, free_port
 from conveyor import transports
 from conveyor.runtime import dead_letters
 from conveyor.testing import unique
+from raw_names import RawName
 
 BAD_BASE = 100_000
 MAX_BYTES = 512 * 1024
@@ -45,8 +47,8 @@ the handler's lanes, so nothing in the retry policy holds a good message back; t
 is dead-lettering the 900 kB body (a confirmed publish of it) and a few seconds of scheduling noise on a
 busy 2-core machine."""
 FEATURES = {
-    "rabbit": {corpus.TYPED, corpus.NAME_CRLF, corpus.DELIVERY_COUNT},
-    "kafka": {corpus.TYPED, corpus.NAME_CRLF},
+    "rabbit": {corpus.TYPED, corpus.NAME_CRLF, corpus.DELIVERY_COUNT, corpus.RAW_NAME},
+    "kafka": {corpus.TYPED, corpus.NAME_CRLF, corpus.RAW_NAME},
     "nats": {corpus.CONTROL},
 }
 
@@ -92,7 +94,9 @@ class Producer:
     async def _rabbit(self, body: bytes, headers: dict[str, corpus.Header]) -> None:
         content_type = headers.pop("content-type", None)
         # pamqp writes bytearray as an AMQP byte array ('x'); plain bytes it refuses.
-        table = {_renamed(k, "cloudEvents_"): bytearray(v) if isinstance(v, bytes) else v for k, v in headers.items()}
+        table = {
+            _raw(_renamed(k, "cloudEvents_")): bytearray(v) if isinstance(v, bytes) else v for k, v in headers.items()
+        }
         message = aio_pika.Message(body, headers=table, content_type=content_type)  # type: ignore[arg-type]
         await self._target.publish(message, routing_key=self.topic, mandatory=True)
 
@@ -106,8 +110,12 @@ class Producer:
         self._last_seq = ack.seq
 
     async def _kafka(self, body: bytes, headers: dict[str, corpus.Header], key: bytes | None) -> None:
-        records = [(_renamed(k, "ce_"), _kafka_value(v)) for k, v in headers.items()]
-        await self._client.send_and_wait(self.topic, body, key=key, headers=records)
+        records = [(_kafka_name(_renamed(k, "ce_")), _kafka_value(v)) for k, v in headers.items()]
+        if any(isinstance(name, RawName) for name, _ in records):
+            with kafka_raw.raw_header_names():
+                await self._client.send_and_wait(self.topic, body, key=key, headers=records)
+        else:
+            await self._client.send_and_wait(self.topic, body, key=key, headers=records)
 
     async def good(self, n: int) -> None:
         sample = corpus.Sample(orjson.dumps({"n": n}), corpus.binary(), "effect", n, kind="good")
@@ -116,6 +124,25 @@ class Producer:
 
 def _renamed(name: str, prefix: str) -> str:
     return prefix + name[3:] if name.startswith("ce-") else name
+
+
+def _raw(name: str) -> str:
+    """A header name as pamqp must write it: the bytes of a :data:`corpus.RAW_NAME` name, else the name."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return RawName(name.encode("utf-8", "surrogateescape"))
+    return name
+
+
+def _kafka_name(name: str) -> str:
+    """A Kafka header name: a name with surrogate escapes goes on the wire as the bytes they stand for."""
+    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return RawName(raw)
+    return name
 
 
 def _kafka_value(value: corpus.Header) -> bytes | None:

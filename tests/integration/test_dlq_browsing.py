@@ -35,7 +35,7 @@ LISTINGS = 60  # more than the delivery limit (50) keepers used to have
 # listing), and NATS gives a closed consumer's deliveries back after 1.5 s; its keeper's unlimited
 # max_deliver is asserted directly instead (and the update test below checks old keepers).
 FEWER = {"kafka": 3, "nats": 5}
-QUEUE_PREFIXES = ("conveyor.", "conveyor-kept.", "conveyor-binding.")
+QUEUE_PREFIXES = ("conveyor.", "conveyor-limited.", "conveyor-kept.", "conveyor-binding.")
 
 
 async def delete_queues(rabbit_url: str, queues: list[str]) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import aio_pika
 import orjson
 import prometheus_client
 import pytest
@@ -117,3 +118,37 @@ async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_after
         await transport.close()  # ... and goes back to the broker, one delivery more
     listed = await peek_until(open_transport, topic)
     assert (len(runs), [d.error_type for d in listed]) == (2, ["TooManyDeliveries"])
+
+
+async def test_header_name_that_is_not_utf8_is_dead_lettered_byte_for_byte_on_rabbitmq(rabbit_url: str) -> None:
+    from conveyor.transports.rabbit import RabbitTransport
+    from rabbit_raw import publish_undecodable
+
+    topic = unique("hostile")
+    good: list[int] = []
+
+    @on(topic, name=unique("hostile"), max_attempts=2)
+    async def handle(payload: dict) -> None:
+        good.append(payload["n"])
+
+    async def open_rabbit() -> ports.Transport:
+        transport = RabbitTransport(rabbit_url, reconnect_max=1.0)
+        await transport.connect()
+        return transport
+
+    transport = await open_rabbit()
+    worker = Worker(registry.Registry.of(handle).handlers, transport, source="t")
+    await worker.start()
+    body = b'{"n": -1}\xff'
+    async with await aio_pika.connect(rabbit_url) as client:
+        await publish_undecodable(await client.channel(), topic, body)
+    for n in range(3):
+        await transport.publish(topic, envelope.to_binary(envelope.create(topic, {"n": n}, source="t"), "ce_"))
+    await wait_for(lambda: len(good) == 3, 30, f"the good messages (handled {len(good)})")
+    (letter,) = await peek_until(open_rabbit, topic, 1, idle=1.5)
+    assert await worker.stop(5)
+    await transport.close()
+    assert (letter.message.body, letter.error_type) == (body, "InvalidMessage")
+    assert "bad-" in letter.error and "UTF-8" in letter.error, letter.error
+    assert letter.message.headers["bad-\ufffd\ufffd-name"] == "v"
+    assert sorted(good) == [0, 1, 2]

@@ -40,14 +40,16 @@ WORKER = textwrap.dedent(
     from conveyor.runtime.worker import Worker
 
     url, topic, name, ledger = sys.argv[1:5]
+    concurrency, crash_after, work = (sys.argv[5:8] if len(sys.argv) > 5 else ("4", "0", "0.2"))
 
-    @on(topic, name=name, max_attempts=2, concurrency=4)
+    @on(topic, name=name, max_attempts=2, concurrency=int(concurrency))
     async def handle(payload: dict, ctx: Context) -> None:
         with open(ledger, "a") as out:
             out.write(json.dumps({"n": payload["n"], "attempt": ctx.message.attempt}) + "\\n")
         if payload.get("poison"):
+            await asyncio.sleep(float(crash_after))
             os.kill(os.getpid(), signal.SIGKILL)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(float(work))
 
     async def main() -> None:
         transport = transports.create(url)
@@ -81,27 +83,35 @@ async def dead_lettered(url: str, topic: str) -> list[dead_letters.DeadLetter]:
         await peeker.close()
 
 
-async def test_a_record_that_kills_its_worker_is_dead_lettered_and_its_batch_is_handled_once_more(
-    kafka_url: str, tmp_path: Path
-) -> None:
-    url = brokers.with_query(kafka_url, ONE_PARTITION)
+async def crash_until_dead_lettered(
+    url: str, tmp_path: Path, records: int, poison: int, worker_args: tuple[str, ...] = ()
+) -> tuple[list[tuple[int, int]], list[dead_letters.DeadLetter]]:
+    """Publish ``records`` (``poison`` kills its worker), run worker lives until it is dead-lettered (at most 6).
+
+    Returns:
+        Every handler run, (n, attempt), and the dead letters.
+    """
     topic, name, ledger = unique("crash"), unique("crash"), tmp_path / "ledger.jsonl"
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     publisher = await open_transport(url)
     await publisher.declare([topic], [])
-    for n in range(10):  # one partition; the worker takes 8 (prefetch) at once, the poison among them
-        data = {"n": n, "poison": n == 3}
-        await publisher.publish(topic, envelope.to_binary(envelope.create(topic, data, source="t"), "ce_"))
+    wires = []
+    for n in range(records):
+        data = {"n": n, "poison": n == poison}
+        event = envelope.create(topic, data, source="t", key=f"k{n % 50}")
+        wires.append((topic, envelope.to_binary(event, "ce_")))
+    assert not any(await publisher.publish_many(wires))
     await publisher.close()
     letters: list[dead_letters.DeadLetter] = []
     for _life in range(6):
-        worker = await asyncio.create_subprocess_exec(sys.executable, str(script), url, topic, name, str(ledger))
+        args = (sys.executable, str(script), url, topic, name, str(ledger), *worker_args)
+        worker = await asyncio.create_subprocess_exec(*args)
         try:
             while worker.returncode is None and not letters:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(worker.wait(), 0.5)
-                if {n for n, _ in runs(ledger)} == set(range(10)):
+                if {n for n, _ in runs(ledger)} == set(range(records)):
                     letters = await dead_lettered(url, topic)
         finally:
             if worker.returncode is None:
@@ -109,10 +119,44 @@ async def test_a_record_that_kills_its_worker_is_dead_lettered_and_its_batch_is_
             await worker.wait()
         if letters:
             break
-    innocent = [(n, a) for n, a in runs(ledger) if n != 3]
-    assert [a for n, a in runs(ledger) if n == 3] == [1, 1, 2]  # max_attempts + 1 runs
+    return runs(ledger), letters
+
+
+async def test_a_record_that_kills_its_worker_is_dead_lettered_and_its_batch_is_handled_once_more(
+    kafka_url: str, tmp_path: Path
+) -> None:
+    url = brokers.with_query(kafka_url, ONE_PARTITION)
+    # One partition; the worker takes 8 (prefetch) at once, the poison among them.
+    ran, letters = await crash_until_dead_lettered(url, tmp_path, records=10, poison=3)
+    innocent = [(n, a) for n, a in ran if n != 3]
+    assert [a for n, a in ran if n == 3] == [1, 1, 2]  # max_attempts + 1 runs
     assert {n for n, _ in innocent} == set(range(10)) - {3}  # none lost
     assert {a for _, a in innocent} == {1}  # none charged for the poison's crashes
+    assert [(d.error_type, d.attempts) for d in letters] == [("TooManyDeliveries", "3")]
+
+
+async def test_a_record_that_kills_its_worker_far_below_the_mark_is_dead_lettered(
+    kafka_url: str, tmp_path: Path
+) -> None:
+    # The poison takes 3 s to crash while 1,500 later records of other keys run and settle
+    # (its offset holds the commit back): when it is recovered, the mark lies more than
+    # 1,023 offsets above it, farther than the mark's first layout could count a try.
+    url = brokers.with_query(kafka_url, ONE_PARTITION)
+    ran, letters = await crash_until_dead_lettered(url, tmp_path, records=1600, poison=3, worker_args=("64", "3", "0"))
+    assert [a for n, a in ran if n == 3] == [1, 1, 2]  # max_attempts + 1 runs
+    assert {n for n, _ in ran} == set(range(1600))
+    assert [(d.error_type, d.attempts) for d in letters] == [("TooManyDeliveries", "3")]
+
+
+async def test_a_record_that_kills_its_worker_on_one_of_four_partitions_is_dead_lettered(
+    kafka_url: str, tmp_path: Path
+) -> None:
+    # Every partition had records out at the first crash: all four are recovered, one record at a time.
+    url = brokers.with_query(kafka_url, "?partitions=4&session_timeout_ms=2000&heartbeat_interval_ms=400")
+    ran, letters = await crash_until_dead_lettered(url, tmp_path, records=40, poison=3)
+    assert [a for n, a in ran if n == 3] == [1, 1, 2]  # max_attempts + 1 runs
+    assert {n for n, _ in ran} == set(range(40))
+    assert {a for n, a in ran if n != 3} == {1}
     assert [(d.error_type, d.attempts) for d in letters] == [("TooManyDeliveries", "3")]
 
 

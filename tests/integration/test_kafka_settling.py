@@ -36,10 +36,11 @@ class FakeKafka:
     """A stand-in for ``AIOKafkaConsumer``: serves records put in ``records``, records commits.
 
     Attributes:
-        records: records not fetched yet, per partition.
+        records: the log of each partition (records are served from its position on, in order).
         commits: the offsets of every commit call, in order.
         commit_gate: when set, each commit waits for it first.
         commit_errors: raised by the next commit calls, one each (``None``: succeed).
+        paused: partitions not served.
     """
 
     def __init__(self) -> None:
@@ -47,7 +48,9 @@ class FakeKafka:
         self.commits: list[dict[TopicPartition, int]] = []
         self.commit_gate: asyncio.Event | None = None
         self.commit_errors: list[BaseException | None] = []
-        self.fetched: dict[TopicPartition, list[SimpleNamespace]] = {}
+        self.positions: dict[TopicPartition, int] = {}
+        self.paused: set[object] = set()
+        self._coordinator = SimpleNamespace(generation=3)  # the group generation aiokafka's coordinator knows
 
     def add(self, tp: TopicPartition, offset: int, body: bytes) -> None:
         record = SimpleNamespace(
@@ -59,20 +62,36 @@ class FakeKafka:
         self, *partitions: object, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[SimpleNamespace]]:
         await asyncio.sleep(0.005)  # a fetch round trip
-        batch, self.records = self.records, {}
-        self.fetched = batch
+        room = max_records if max_records is not None else 1 << 30
+        batch: dict[TopicPartition, list[SimpleNamespace]] = {}
+        for tp, log in self.records.items():
+            if tp in self.paused or (partitions and tp not in partitions) or room <= 0:
+                continue
+            position = self.positions.get(tp, 0)
+            served = [r for r in log if r.offset >= position][:room]
+            if served:
+                batch[tp] = served
+                room -= len(served)
+                self.positions[tp] = served[-1].offset + 1
         return batch
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
-        """Serve the last fetched records of ``tp`` from ``offset`` again."""
-        again = [r for r in self.fetched.get(tp, []) if r.offset >= offset]
-        self.records[tp] = again + self.records.get(tp, [])
+        self.positions[tp] = offset
 
-    def pause(self, *partitions: object) -> None: ...
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions.get(tp, 0)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        log = self.records.get(tp)
+        return log[-1].offset + 1 if log else None
+
+    def pause(self, *partitions: object) -> None:
+        self.paused.update(partitions)
+
+    def resume(self, *partitions: object) -> None:
+        self.paused.difference_update(partitions)
 
     async def stop(self) -> None: ...
-
-    def resume(self, *partitions: object) -> None: ...
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.commits.append(dict(offsets))
@@ -89,11 +108,13 @@ async def refuse(*args: object) -> None:
 class Running:
     """A :class:`KafkaConsumer` on a :class:`FakeKafka`, with its fetch loop running."""
 
-    def __init__(self, callback: Callback, send: kafka_consume.Send = refuse, marks: object = None) -> None:
+    def __init__(
+        self, callback: Callback, send: kafka_consume.Send = refuse, marks: object = None, prefetch: int = 64
+    ) -> None:
         self.kafka = FakeKafka()
         self.consumer = kafka_consume.KafkaConsumer(
             self.kafka,  # type: ignore[arg-type]
-            ports.Subscription("s", TOPIC),
+            ports.Subscription("s", TOPIC, prefetch=prefetch),
             "_conveyor.retry.s",
             callback,
             send,
@@ -356,5 +377,106 @@ async def test_records_are_handed_out_only_after_their_mark_was_written() -> Non
         for offset in range(3):
             run.kafka.add(TP0, offset, f"r{offset}".encode())
         await wait_for(lambda: len(events) >= 5, TIMEOUT, "the records")
-    lookahead = 4 * ports.Subscription("s", TOPIC).prefetch
-    assert events == ["mark failed", f"marked 0:{2 + lookahead}", "r0", "r1", "r2"]
+    assert events == ["mark failed", "marked 0:130", "r0", "r1", "r2"]  # 128 past the records
+
+
+async def test_mark_of_a_large_prefetch_reaches_at_most_128_records_past_those_handed_out() -> None:
+    # What a crash leaves to recover one record at a time: the records out, and the lookahead.
+    events: list[str] = []
+
+    async def log(delivery: ports.Delivery) -> None:
+        events.append(delivery.message.body.decode())
+        await delivery.ack()
+
+    marks = FailingMarks(events)
+    marks.failures = 0
+    async with Running(log, marks=marks, prefetch=1000) as run:
+        for offset in range(10):
+            run.kafka.add(TP0, offset, f"r{offset}".encode())
+        await wait_for(lambda: len(events) >= 11, TIMEOUT, "the records")
+    assert events[0] == "marked 0:137"
+
+
+class SlowMarks(FailingMarks):
+    """Marks whose first write is held until ``gate`` opens; later ones land at once (another connection)."""
+
+    def __init__(self, events: list[str], gate: asyncio.Event) -> None:
+        super().__init__(events)
+        self.failures = 0
+        self.gate = gate
+        self.writing = asyncio.Event()
+
+    async def save(self, marks: dict[TopicPartition, Mark]) -> None:
+        if not self.writing.is_set():
+            self.writing.set()
+            await self.gate.wait()
+        await super().save(marks)
+
+
+async def test_revocation_waits_for_a_mark_write_in_flight_so_no_stale_mark_lands_after_it() -> None:
+    events: list[str] = []
+    gate = asyncio.Event()
+    marks = SlowMarks(events, gate)
+
+    async def revoke(run: Running) -> None:
+        await run.consumer.revoked({TP0, TP1})
+        events.append("revoked")
+
+    async with Running(keep, marks=marks) as run:
+        run.kafka.add(TP0, 0, b"r0")
+        await asyncio.wait_for(marks.writing.wait(), TIMEOUT)  # the fetch loop's mark write is in flight
+        revoking = asyncio.get_running_loop().create_task(revoke(run))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wait_for(revoking, TIMEOUT)
+    # The handover marks (nothing started: clean) land after the write in flight, before the revocation ends.
+    assert events[0] == "marked 0:128" and events[-1] == "revoked"
+    assert sorted(events[1:3]) == ["marked 0:-1", "marked 1:-1"]
+
+
+async def test_member_whose_generation_was_reset_writes_no_marks_and_hands_nothing_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its session expired (aiokafka resets the generation to -1): the partitions may be another
+    # member's already, whose marks a write from here would overwrite.
+    events: list[str] = []
+    marks = FailingMarks(events)
+    marks.failures = 0
+    async with Running(keep, marks=marks) as run:
+        run.kafka._coordinator.generation = -1
+        run.kafka.add(TP0, 0, b"r0")
+        await wait_for(lambda: "generation changed" in caplog.text, TIMEOUT, "the refused mark write")
+        await run.consumer.revoked({TP0, TP1})
+    assert events == []
+
+
+class RecoveringMarks(FailingMarks):
+    """Marks saying the previous owner of ``TP0`` died with offsets 0..5 in hand; ``TP1`` was left clean."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__(events)
+        self.failures = 0
+
+    async def load(self, tps: object) -> dict[TopicPartition, tuple[int | None, Mark]]:
+        return {TP0: (0, Mark(5)), TP1: (0, Mark())}
+
+
+async def test_partition_recovering_after_a_crash_holds_back_no_other_partition() -> None:
+    out: list[ports.Delivery] = []
+
+    async def handle(delivery: ports.Delivery) -> None:
+        out.append(delivery)
+        if delivery.message.body.startswith(b"p1"):
+            await delivery.ack()  # p0's recovered record stays out: a slow handler
+
+    events: list[str] = []
+    async with Running(handle, marks=RecoveringMarks(events)) as run:
+        for offset in range(2):
+            run.kafka.add(TP0, offset, f"p0-{offset}".encode())
+        for offset in range(3):
+            run.kafka.add(TP1, offset, f"p1-{offset}".encode())
+        await wait_for(lambda: len(out) >= 4, TIMEOUT, "the recovered record and the other partition's")
+        bodies = sorted(d.message.body for d in out)
+    assert bodies == [b"p0-0", b"p1-0", b"p1-1", b"p1-2"]  # p0 one at a time, p1 meanwhile
+    assert [d.attempt for d in out if d.message.body == b"p0-0"] == [1]
+    assert "marked 0:5" in events  # p0-0's attempt counted before it ran

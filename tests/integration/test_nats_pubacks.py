@@ -88,3 +88,29 @@ async def test_publish_cancelled_while_waiting_leaves_no_future(small_stream: Na
     assert _pending(transport) == 0
     await transport.publish(topic, WireMessage(b"after"))  # late PubAcks of the cancelled ones are ignored
     assert _pending(transport) == 0
+
+
+@pytest.fixture
+async def error_stream(nats_url: str, raw_js: JetStreamContext) -> AsyncIterator[NatsTransport]:
+    """A transport on a stream named ``error``: every PubAck holds ``"stream":"error"``."""
+    prefix = unique("perr").replace(".", "_")
+    transport = NatsTransport(nats_url, stream="error", subject_prefix=prefix)
+    await transport.connect()
+    yield transport
+    await transport.close()
+    await raw_js.delete_stream("error")
+
+
+async def test_stream_named_error_acknowledges_publishes(error_stream: NatsTransport, raw_js: JetStreamContext) -> None:
+    transport = error_stream
+    topic = unique("pa")
+    await transport.declare([topic], [])
+    await transport.publish(topic, WireMessage(b"one", message_id=unique("id")))
+    results = await transport.publish_many(
+        [(topic, WireMessage(f"m{n}".encode(), message_id=unique("id"))) for n in range(20)]
+    )
+    assert results == [None] * 20
+    duplicate = WireMessage(b"again", message_id="same-id")
+    assert await transport.publish_many([(topic, duplicate), (topic, duplicate)]) == [None, None]
+    assert (await raw_js.stream_info("error")).state.messages == 22
+    assert _pending(transport) == 0

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import aio_pika
+import aiormq
 import orjson
 import pytest
 import relay_helpers
@@ -31,6 +32,7 @@ from conveyor.testing import Collector, brokers, unique, wait_for
 from conveyor.transports import rabbit_wire
 from conveyor.transports.rabbit import RabbitTransport
 from pamqp.commands import Basic
+from rabbit_raw import publish_undecodable
 
 from event_store import Database, SqlOutboxStore
 
@@ -162,7 +164,7 @@ async def test_changed_delivery_limit_raises_transport_error_naming_the_argument
     changed = ports.Subscription(name=first.name, topic=topic, max_deliveries=20)
     with pytest.raises(errors.TransportError, match="x-delivery-limit") as raised:
         await transport.declare([topic], [changed])
-    assert f"delete_queue conveyor.{first.name}" in str(raised.value)
+    assert f"delete_queue conveyor-limited.{first.name}" in str(raised.value)
     await transport.declare([topic], [first])  # the transport is still usable
 
 
@@ -518,7 +520,7 @@ async def test_declare_only_provisions_schedule_job_queues_too(rabbit_url: str) 
     connection = await aio_pika.connect(rabbit_url)
     try:
         channel = await connection.channel()
-        queue = await channel.declare_queue(f"conveyor.{schedule.topic}", passive=True)
+        queue = await channel.declare_queue(f"conveyor-limited.{schedule.topic}", passive=True)
         await queue.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
@@ -537,3 +539,115 @@ async def test_partitionkey_of_a_plain_clients_event_is_the_delivery_key(
     await transport.subscribe(subscription, collector)
     (got,) = await collector.wait(1, TIMEOUT)
     assert got.message.key == "order-7"
+
+
+# -- frames the AMQP client cannot decode ------------------------------------------------
+
+
+async def test_header_name_that_is_not_utf8_reaches_the_consumer_marked_unreadable(
+    open_rabbit: Open, raw_channel: aio_pika.abc.AbstractChannel
+) -> None:
+    transport = await open_rabbit()
+    topic = unique("rt")
+    subscription = sub(topic)
+    await transport.declare([topic], [subscription])
+    connection = await transport.wait_connected()
+    body = b'{"order_id": "o-1"}\x00\xff'
+    await publish_undecodable(raw_channel, topic, body)
+    await transport.publish(topic, WireMessage(b"after", message_id=unique("id")))
+    collector = Collector()
+    await transport.subscribe(subscription, collector)
+    bad, good = await collector.wait(2, TIMEOUT)
+    assert bad.message.body == body
+    assert bad.message.unreadable is not None and "bad-" in bad.message.unreadable, bad.message.unreadable
+    assert bad.message.headers["bad-\ufffd\ufffd-name"] == "v"
+    assert bad.message.headers["cloudEvents_id"] == "e-1"
+    assert (good.message.body, good.message.unreadable) == (b"after", None)
+    assert await transport.wait_connected() is connection  # the connection never dropped
+
+
+# -- the broker's delivery limit dead-letters ---------------------------------------------
+
+
+async def over_the_limit(rabbit_url: str, queue: str, limit: int) -> None:
+    """Deliver the queue's one message and give it back more often than ``limit``, with a raw client."""
+    async with await aio_pika.connect(rabbit_url) as connection:
+        channel = await connection.channel()
+        raw = await channel.get_underlay_channel()
+        for _ in range(limit + 1):
+            got = await raw.basic_get(queue, no_ack=False, timeout=TIMEOUT)
+            assert isinstance(got.delivery, Basic.GetOk), f"the message left {queue} before its limit"
+            await raw.basic_reject(got.delivery_tag or 0, requeue=True)
+
+
+async def dead_letters_of(transport: RabbitTransport, topic: str, count: int) -> list[WireMessage]:
+    keeper = ports.Subscription(name=f"{topic}.dlq", topic=f"{topic}.dlq", max_deliveries=None)
+    collector = Collector()
+    consumer = await transport.subscribe(keeper, collector)
+    try:
+        return [r.message for r in await collector.wait(count, TIMEOUT)]
+    finally:
+        await consumer.stop()
+
+
+async def test_message_over_the_delivery_limit_is_dead_lettered_not_dropped(open_rabbit: Open, rabbit_url: str) -> None:
+    transport = await open_rabbit()
+    topic = unique("rt")
+    subscription = sub(topic, max_deliveries=2)
+    await transport.declare([topic], [subscription])
+    body = b"\x00poison\xff"
+    await transport.publish(topic, WireMessage(body, {"x-kind": "over-limit"}, message_id=unique("id")))
+    await over_the_limit(rabbit_url, transport.queue_name(subscription), 2)
+    (letter,) = await dead_letters_of(transport, topic, 1)
+    assert (letter.body, letter.headers["x-kind"]) == (body, "over-limit")
+    assert letter.headers["conveyor-dlq-error-type"] == "DeliveryLimit"
+    assert transport.queue_name(subscription) in letter.headers["conveyor-dlq-error"]
+    assert letter.headers["conveyor-dlq-handler"] == subscription.name
+
+
+async def test_queue_of_an_earlier_version_without_a_dead_letter_target_is_replaced_its_messages_kept(
+    open_rabbit: Open, rabbit_url: str
+) -> None:
+    topic = unique("rt")
+    subscription = sub(topic, max_deliveries=2)
+    old = f"conveyor.{subscription.name}"
+    async with await aio_pika.connect(rabbit_url) as connection:  # the queue as earlier versions declared it
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("conveyor", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(
+            old, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 2}
+        )
+        await queue.bind(exchange, routing_key=topic)
+        await exchange.publish(aio_pika.Message(b"waiting", headers={"x-kind": "old"}), routing_key=topic)
+    transport = await open_rabbit()
+    try:
+        await transport.declare([topic], [subscription])
+        await over_the_limit(rabbit_url, transport.queue_name(subscription), 2)
+        (letter,) = await dead_letters_of(transport, topic, 1)
+        assert (letter.body, letter.headers["x-kind"]) == (b"waiting", "old")
+        async with await aio_pika.connect(rabbit_url) as connection:
+            channel = await connection.channel()
+            with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+                await channel.declare_queue(old, passive=True)
+    finally:
+        await brokers.delete_rabbit_queues(rabbit_url, [old])
+
+
+async def test_subscription_moved_to_another_topic_dead_letters_over_the_limit_to_the_new_topic(
+    open_rabbit: Open, rabbit_url: str
+) -> None:
+    transport = await open_rabbit()
+    old, new = unique("rt"), unique("rt")
+    before = sub(old, max_deliveries=2)
+    await transport.declare([old], [before])
+    moved = ports.Subscription(name=before.name, topic=new, max_deliveries=2)
+    await transport.declare([new], [moved])
+    await transport.publish(new, WireMessage(b"moved", message_id=unique("id")))
+    await over_the_limit(rabbit_url, transport.queue_name(moved), 2)
+    (letter,) = await dead_letters_of(transport, new, 1)
+    assert letter.body == b"moved"
+    async with await aio_pika.connect(rabbit_url) as connection:
+        channel = await connection.channel()
+        old_keeper = await channel.declare_queue(f"conveyor-kept.{old}.dlq", passive=True)
+        assert old_keeper.declaration_result.message_count == 0
+    await brokers.delete_rabbit_queues(rabbit_url, [f"conveyor-kept.{old}.dlq", f"conveyor-kept.{new}.dlq"])

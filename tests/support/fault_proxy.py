@@ -1,8 +1,11 @@
-"""A TCP proxy for fault tests: forwards to a server until told to cut it off, like a network outage.
+"""A TCP proxy for fault tests: forwards to a server until told to cut it off or freeze, like a network outage.
 
 While cut, every open connection is closed and new ones are accepted and closed
 at once (what a client sees when the database host goes away and comes back).
-It listens on 127.0.0.1 only.
+While frozen, nothing is forwarded and nothing is closed: bytes wait on both
+sides and new connections wait for their upstream, as in a network partition or
+a failover, where packets are dropped and TCP retransmits them once the network
+heals. It listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class FaultProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self.cut_off = False
         self.port = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         """Listen on a free local port (see :attr:`port`)."""
@@ -37,9 +42,14 @@ class FaultProxy:
         for writer in list(self._writers):
             writer.close()
 
+    def freeze(self) -> None:
+        """Stop forwarding without closing anything (a blackhole) until :meth:`restore`."""
+        self._flowing.clear()
+
     def restore(self) -> None:
-        """Forward new connections again."""
+        """Forward again: new connections after a cut, and what waited during a freeze."""
         self.cut_off = False
+        self._flowing.set()
 
     async def close(self) -> None:
         """Stop listening and close every connection."""
@@ -52,6 +62,7 @@ class FaultProxy:
         if self.cut_off:
             writer.close()
             return
+        await self._flowing.wait()
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
         except OSError:
@@ -65,10 +76,10 @@ class FaultProxy:
                 self._writers.discard(each)
                 each.close()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         writer.close()

@@ -130,13 +130,28 @@ class Refusing(PublishEach):
 
 
 class Flaky(PublishEach):
-    """Raises ``error()`` instead of publishing while ``failing(message)`` is true; counts publish calls."""
+    """Raises ``error()`` instead of publishing while ``failing(message)`` is true; counts publish calls.
 
-    def __init__(self, url: str, failing: Callable[[envelope.WireMessage], bool], error: Callable[[], Exception]):
+    With ``down``, the broker's probe (``check``) fails while ``down()`` is true: an outage, not a refusal.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        failing: Callable[[envelope.WireMessage], bool],
+        error: Callable[[], Exception],
+        down: Callable[[], bool] | None = None,
+    ):
         super().__init__(url)
         self.failing = failing
         self.error = error
+        self.down = down
         self.calls = 0
+
+    async def check(self) -> None:
+        if self.down is not None and self.down():
+            raise errors.TransientTransportError("the broker is unreachable (test)")
+        await super().check()
 
     async def publish(self, topic: str, message: envelope.WireMessage) -> None:
         self.calls += 1

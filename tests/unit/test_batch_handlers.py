@@ -7,6 +7,7 @@ import asyncio
 import pydantic
 import pytest
 from conveyor import Reject, Retry, envelope, errors, on, ports, registry
+from conveyor.runtime.probes import Check, Probes
 from conveyor.runtime.worker import Worker
 from conveyor.testing import Collector, remains, unique, wait_for
 from conveyor.transports.memory import MemoryTransport
@@ -16,10 +17,15 @@ class Order(pydantic.BaseModel):
     n: int
 
 
-async def _start(*handlers: object, concurrency: int = 4) -> tuple[MemoryTransport, Worker]:
+async def _start(
+    *handlers: object, concurrency: int = 4, database: Check | None = None
+) -> tuple[MemoryTransport, Worker]:
     transport = MemoryTransport(f"memory://{unique('batch')}")
     await transport.connect()
-    worker = Worker(registry.Registry.of(*handlers).handlers, transport, source="test", concurrency=concurrency)
+    probes = Probes(database, transport.check, ttl=0)
+    worker = Worker(
+        registry.Registry.of(*handlers).handlers, transport, source="test", concurrency=concurrency, probes=probes
+    )
     await worker.declare()
     return transport, worker
 
@@ -106,7 +112,11 @@ async def test_a_raising_batch_handler_fails_every_message_and_an_outage_spends_
         if len(calls) == 4:
             raise Retry(delay=0.01)
 
-    transport, worker = await _start(handle)
+    async def database() -> None:  # the probe agrees: the database is down while the handler says so
+        if len(calls) <= 3:
+            raise errors.StoreUnavailable("database down")
+
+    transport, worker = await _start(handle, database=database)
     dead = await _dead_letters(transport, topic)
     await worker.start()
     await _publish(transport, topic, [{"n": n} for n in range(4)])

@@ -370,3 +370,55 @@ def test_structured_data_base64_that_is_not_a_string_is_invalid() -> None:
 def test_check_json_refuses_deep_nesting() -> None:
     with pytest.raises(errors.InvalidMessage, match="nested too deeply"):
         envelope.check_json(b"[" * 10_000 + b"]" * 10_000)
+
+
+# Structured mode is the JSON event format only; attribute names are lower case as written.
+
+_EVENT = b'{"specversion":"1.0","id":"e-1","source":"s","type":"t","data":{"n":1}}'
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/msgpack", "application/octet-stream"])
+def test_structured_body_labelled_another_media_type_is_not_a_cloudevent(content_type: str) -> None:
+    with pytest.raises(errors.InvalidMessage, match="not a CloudEvent"):
+        envelope.decode(WireMessage(_EVENT, {"content-type": content_type}))
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/cloudevents+msgpack",
+        "application/cloudevents+avro",
+        "application/cloudevents",
+        "application/cloudevents-batch+json",
+    ],
+)
+def test_cloudevents_content_type_other_than_the_json_format_is_invalid(content_type: str) -> None:
+    with pytest.raises(errors.InvalidMessage, match="application/cloudevents\\+json") as caught:
+        envelope.decode(WireMessage(_EVENT, {"content-type": content_type}))
+    assert caught.value.field == "content-type"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/cloudevents+json; charset=utf-8", "Application/CloudEvents+JSON", "application/json", None],
+)
+def test_structured_event_with_the_json_format_or_plain_json_or_no_type_decodes(content_type: str | None) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    assert envelope.decode(WireMessage(_EVENT, headers)).json() == {"n": 1}
+
+
+@pytest.mark.parametrize("prefix", ["ce-", "ce_", "cloudEvents_", "cloudEvents:"])
+def test_binary_extension_name_with_upper_case_is_invalid(prefix: str) -> None:
+    headers = {prefix + name: value for name, value in (("id", "e-1"), ("specversion", "1.0"), ("type", "t"))}
+    headers |= {prefix + "source": "s", prefix + "MyExt": "v"}
+    with pytest.raises(errors.InvalidMessage, match="lower-case") as caught:
+        envelope.decode(WireMessage(b"{}", headers))
+    assert caught.value.field == "MyExt"
+
+
+@pytest.mark.parametrize("name", ["MyExt", "ID"])
+def test_structured_attribute_name_with_upper_case_is_invalid(name: str) -> None:
+    wire = structured_event('{"specversion":"1.0","id":"e-1","source":"s","type":"t","' + name + '":"v"}')
+    with pytest.raises(errors.InvalidMessage, match="lower-case") as caught:
+        envelope.decode(wire)
+    assert caught.value.field == name

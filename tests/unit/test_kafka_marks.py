@@ -12,15 +12,24 @@ TP = TopicPartition("t", 0)
 
 @pytest.mark.parametrize(
     "mark",
-    [CLEAN, Mark(0), Mark(0, 0, 1), Mark(41, 7, 3), Mark(2**46, 2**46 - 1023, 63)],
+    [CLEAN, Mark(0), Mark(0, 0, 1), Mark(41, 7, 3), Mark(2**46 - 2, 2**46 - 1025, 63), Mark(2**47 - 1)],
 )
 def test_mark_survives_encoding(mark: Mark) -> None:
     value = mark.encode()
     assert (Mark.decode(value), 0 <= value < 2**63) == (mark, True)
 
 
-def test_mark_drops_a_record_too_far_before_its_through_offset() -> None:
-    assert Mark.decode(Mark(5000, 10, 2).encode()) == Mark(5000)
+@pytest.mark.parametrize("distance", [1024, 1628, 3999, 4000, 10**6, 10**9, 3 * 10**10])
+def test_mark_keeps_the_tries_of_a_record_far_before_its_through_offset(distance: int) -> None:
+    mark = Mark(10 + distance, 10, 2)
+    value = mark.encode()
+    got = Mark.decode(value)
+    assert (got.offset, got.tries, 0 <= value < 2**63) == (10, 2, True)
+    assert mark.through <= got.through <= mark.through + distance // 8  # never shortened, at most an eighth more
+
+
+def test_mark_of_the_old_layout_still_reads() -> None:
+    assert Mark.decode(((41 + 1) << 16) | (34 << 6) | 3) == Mark(41, 7, 3)
 
 
 def test_mark_saturates_tries_at_63() -> None:

@@ -174,3 +174,10 @@ def test_kafka_broker_id_without_our_header_is_the_record_position() -> None:
     record = SimpleNamespace(topic="orders", partition=2, offset=17, key=None, value=BODY, headers=[])
     message, _, _ = kafka_delivery.from_record(record, trusted=False)
     assert message.message_id == "orders/2/17"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/msgpack"])
+def test_cloudevent_looking_body_labelled_another_media_type_is_plain(content_type: str) -> None:
+    message = envelope.WireMessage(b'{"specversion": "1.0", "id": "e-1"}', {"content-type": content_type}, None, "m-1")
+    assert not plain.is_cloudevent(message)
+    assert plain.read(message, "t", "kafka").data == message.body

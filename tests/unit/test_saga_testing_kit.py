@@ -97,3 +97,18 @@ async def test_replying_to_a_command_that_is_not_awaited_is_a_test_error() -> No
     await test.start(Checkout(order_id="o4", amount=10))
     with pytest.raises(AssertionError, match=r"does not wait for a reply from 'shipping\.book'"):
         await test.reply("shipping.book")
+
+
+async def test_a_dead_lettered_command_and_an_unanswered_undo_play_out_as_in_production() -> None:
+    test = SagaTest(checkout())
+    await test.start(Checkout(order_id="o5", amount=10))
+    await test.reply("billing.charge", {"charge_id": "c5"})
+    test.sent()
+    await test.dead_letter("shipping.book", "Rejected: no courier")
+    assert test.status == "compensating" and "dead-lettered" in (test.error or "")
+    assert test.sent() == [("billing.refund", {"charge_id": "c5"})]
+    await test.advance(30)  # no reply to the refund: it is re-sent, the same message, after the backoff
+    await test.advance(1)
+    assert test.sent() == [("billing.refund", {"charge_id": "c5"})]
+    await test.reply("billing.refund")
+    assert test.status == "compensated"

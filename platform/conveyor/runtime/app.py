@@ -23,10 +23,11 @@ from starlette.routing import BaseRoute
 
 if TYPE_CHECKING:
     from event_store.database import Database
+    from event_store.migrate import Revision, Upgraded
 
 from conveyor import asyncapi, envelope, errors, persistence, ports, registry, stores, transports
 from conveyor.console import auth as console_auth
-from conveyor.runtime import housekeeping, http, orphans, relay, scaling, scheduler, worker
+from conveyor.runtime import heartbeat, housekeeping, http, orphans, relay, revision, scaling, scheduler, worker
 from conveyor.sagas import runtime as saga_runtime
 from conveyor.settings import Settings
 
@@ -117,6 +118,8 @@ async def serve(
                 dead_letters=stores.dead_letters,
                 plain_messages=settings.plain_messages,
                 stall_after=settings.stall_after,
+                hold_limit=settings.hold_limit,
+                commit_timeout=settings.commit_timeout,
             )
             if parts.relay:
                 # Queues must exist before the relay publishes, or a broker that drops
@@ -126,8 +129,9 @@ async def serve(
                 stack.push_async_callback(store.close)
                 retention = timedelta(seconds=settings.retention)
                 options = relay.RelayOptions(
-                    retention=retention, max_attempts=settings.relay_max_attempts, stall_after=settings.stall_after
-                )
+                    retention=retention, max_attempts=settings.relay_max_attempts, stall_after=settings.stall_after,
+                    hold_limit=settings.hold_limit,
+                )  # fmt: skip
                 publisher = relay.Relay(store, transport, options=options)
                 _background(stack, "relay", publisher.run)
                 checks.append(http.Check("relay", publisher.progress))
@@ -141,6 +145,9 @@ async def serve(
             if parts.worker and handlers.sagas:
                 _background(stack, "saga metrics", lambda stop: saga_runtime.report(stores, handlers.sagas, stop))
             signal_source = await _start_worker(consumer, transport, checks, settings, stack) if parts.worker else None
+            roles = [role for role in ("worker", "relay", "scheduler", "ingest") if getattr(parts, role)]
+            snapshot = heartbeat.snapshot_of(settings.service, roles, consumer.load if parts.worker else None)
+            _background(stack, "heartbeat", heartbeat.Beater(stores.heartbeats, snapshot).run)
             if settings.http_port:
                 ingest = _ingest(settings, stores) if parts.ingest else None
                 document = asyncapi.document(handlers, settings)
@@ -197,7 +204,7 @@ async def _serve_without_database(
     consumer = worker.Worker(
         handlers.handlers, transport, source=settings.service, concurrency=settings.concurrency,
         max_message_bytes=settings.max_message_bytes, plain_messages=settings.plain_messages,
-        stall_after=settings.stall_after,
+        stall_after=settings.stall_after, hold_limit=settings.hold_limit,
     )  # fmt: skip
     signal_source = await _start_worker(consumer, transport, checks, settings, stack) if parts.worker else None
     if settings.http_port:
@@ -247,8 +254,11 @@ async def open_database(settings: Settings, stack: contextlib.AsyncExitStack, co
     return database
 
 
-async def upgrade_database(url: str) -> None:
+async def upgrade_database(url: str) -> Upgraded:
     """Create or migrate the database's tables to the current version (``conveyor db upgrade``).
+
+    Returns:
+        The revisions before and after, and the tables created.
 
     Raises:
         ConfigurationError: invalid database URL.
@@ -256,7 +266,19 @@ async def upgrade_database(url: str) -> None:
     """
     from event_store import migrate
 
-    await migrate.upgrade(url)
+    return await migrate.upgrade(url)
+
+
+async def database_history(url: str) -> list[Revision]:
+    """Every migration, oldest first, marked as applied to the database or not (``conveyor db history``).
+
+    Raises:
+        ConfigurationError: invalid database URL, or a version table with several revisions.
+        StoreError: the database is unreachable.
+    """
+    from event_store import migrate
+
+    return await migrate.history(url)
 
 
 async def open_persistence(
@@ -286,14 +308,17 @@ async def open_outbox_store(settings: Settings, stack: contextlib.AsyncExitStack
 
 
 def version_info(settings: Settings) -> dict[str, str | None]:
-    """The body of ``GET /version``: package version, git commit (``CONVEYOR_GIT_SHA``), broker and database kinds."""
+    """The body of ``GET /version``: package version, git commit, broker and database kinds.
+
+    The commit is read once, here (at start-up): see :func:`conveyor.runtime.revision.commit`.
+    """
     try:
         version: str | None = importlib.metadata.version("conveyor")
     except importlib.metadata.PackageNotFoundError:
         version = None
     return {
         "version": version,
-        "git_sha": os.environ.get("CONVEYOR_GIT_SHA") or None,
+        "git_sha": revision.commit(settings.app_dir),
         "broker": settings.broker_url.split(":", 1)[0],
         "database": settings.database_url.split(":", 1)[0].split("+", 1)[0],
     }

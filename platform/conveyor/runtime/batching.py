@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from conveyor import envelope, errors, ports
+from conveyor import envelope, errors, fate, ports
 from conveyor.runtime import failures, handling
 
 log = logging.getLogger("conveyor.worker")
@@ -165,7 +165,7 @@ async def process_batch(runner: handling.HandlerRunner, deliveries: list[ports.D
 async def _run(runner: handling.HandlerRunner, batch: list[Admitted], settled: set[int]) -> None:
     handler = runner.handler
     payloads = [payload for _, _, payload in batch]
-    pause = handling.OUTAGE_BACKOFF[0]
+    tries = fate.Tries(min(message.attempt for _, message, _ in batch))
     while True:
         started = time.perf_counter()
         deadline = runner.deadlines.start()
@@ -181,12 +181,13 @@ async def _run(runner: handling.HandlerRunner, batch: list[Admitted], settled: s
             finally:
                 runner.deadlines.finish(deadline)
                 runner.observe(time.perf_counter() - started)
-        except (errors.StoreUnavailable, errors.TransientTransportError) as exc:
-            pause = await runner.hold(exc, pause)
-            continue
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            outcome = await runner.settler.decide(fate.Phase.HANDLER, exc, tries)
+            if isinstance(outcome, fate.Hold):  # an outage its probe confirms, or a conflict: the whole batch waits
+                tries = await runner.settler.hold(outcome, tries)
+                continue
             await _settle(runner, batch, dict.fromkeys(range(len(batch)), exc), settled)
             return
         break

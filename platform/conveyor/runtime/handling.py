@@ -13,8 +13,12 @@ all, see :mod:`conveyor.plain`), run the handler under its timeout, then
 A dead-lettered copy goes to ``<topic>.dlq`` with the original body and
 headers plus ``conveyor-dlq-*`` headers (handler, error type, error, attempts,
 time); only after the broker confirmed it is the original acked. Nothing is
-dropped, and nothing a handler does crashes the worker. An outage of the
-database or the broker holds the message instead (no attempt is spent).
+dropped, and nothing a handler does crashes the worker. What a failure leads
+to is decided by :func:`conveyor.fate.decide` alone (an outage of the database
+or the broker that its probe confirms holds the message, spending no attempt,
+for at most ``hold_limit`` seconds) and carried out by
+:class:`~conveyor.runtime.settling.Settler`. The handler runs under its
+timeout; Conveyor's commit of its unit of work under a deadline of its own.
 """
 
 from __future__ import annotations
@@ -23,24 +27,35 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import trace
 
-from conveyor import context, crash, deadlines, envelope, errors, persistence, plain, ports, registry, telemetry
-from conveyor.runtime import threads
-from conveyor.runtime.failures import HandlerExit, dead_letter_headers, dead_letter_topic
+from conveyor import context, crash, deadlines, envelope, errors, fate, persistence, plain, ports, registry, telemetry
+from conveyor.runtime import settling, threads
+from conveyor.runtime.failures import HandlerExit, taken_back
+from conveyor.runtime.probes import Probes
 from conveyor.transaction import AlreadyHandled
 
 log = logging.getLogger("conveyor.worker")
 
 SYNC_GRACE = 30.0
 """Least time a timed-out sync handler's thread is waited for before its message is settled anyway."""
-OUTAGE_BACKOFF = (0.5, 30.0)
+OUTAGE_BACKOFF = fate.HOLD_PAUSES
 """First and longest pause (seconds) while a message is held through a database or broker outage."""
+COMMIT_TIMEOUT = 30.0
+"""Default seconds Conveyor's commit of a handler's unit of work may take (apart from the handler's timeout)."""
+
+
+class Failed(Exception):
+    """An attempt failed in ``phase`` with ``error`` (the attempt's own exception, carried to the decision)."""
+
+    def __init__(self, phase: fate.Phase, error: BaseException) -> None:
+        super().__init__(f"{phase}: {type(error).__name__}: {error}")
+        self.phase = phase
+        self.error = error
 
 
 class HandlerRunner:
@@ -57,6 +72,12 @@ class HandlerRunner:
             without a database (they are then redelivered until accepted).
         plain_messages: accept messages that are not CloudEvents even if the
             handler does not say ``plain=True`` (``CONVEYOR_PLAIN_MESSAGES``).
+        probes: probes of the database and the broker, which a hold needs;
+            by default the broker's ``check`` and the units' ``check``.
+        hold_limit: seconds one message may be held through outages before its
+            attempts count again (``CONVEYOR_HOLD_LIMIT``).
+        commit_timeout: seconds Conveyor's commit of the unit of work may take
+            (``CONVEYOR_COMMIT_TIMEOUT``); the handler's own timeout does not include it.
     """
 
     def __init__(
@@ -69,16 +90,18 @@ class HandlerRunner:
         transactions: persistence.UnitOfWorkFactory | None = None,
         dead_letters: persistence.DeadLetterStore | None = None,
         plain_messages: bool = False,
+        probes: Probes | None = None,
+        hold_limit: float = fate.HOLD_LIMIT,
+        commit_timeout: float = COMMIT_TIMEOUT,
     ) -> None:
         self.handler = handler
         self._plain = plain_messages or handler.plain
         self._transport = transport
         self._units = transactions
-        self._held = dead_letters
         self._source = source
         self._max_bytes = max_message_bytes
         self._prefix = transport.binary_prefix
-        self._dlq_topic = dead_letter_topic(handler.topic)
+        self._commit_timeout = commit_timeout
         self._system = telemetry.messaging_system(transport)
         self._seconds = telemetry.HANDLER_SECONDS.labels(handler.name)
         self.deadlines = deadlines.Deadlines(handler.timeout)
@@ -89,6 +112,11 @@ class HandlerRunner:
         }
         self._in_hand: dict[int, float] = {}  # token -> monotonic start, oldest first
         self._tokens = itertools.count()
+        if probes is None:
+            probes = Probes(getattr(transactions, "check", None), transport.check)
+        limits = fate.Limits(handler.retry, hold_limit=hold_limit)
+        self.settler = settling.Settler(handler, transport, probes, limits, self.count, dead_letters, source)
+        """Carries out the fate of failed messages: nacks, dead letters, holds."""
 
     def took(self) -> int:
         """A message (or batch) is in hand from now until :meth:`let_go`; returns its token."""
@@ -131,7 +159,10 @@ class HandlerRunner:
         try:
             await self._process(delivery)
         except asyncio.CancelledError:
-            raise  # drain deadline: leave the delivery unsettled for redelivery
+            if not taken_back(delivery):
+                raise  # drain deadline: leave the delivery unsettled for redelivery
+            log.warning("%s: an attempt was cancelled by the transport (the message is no longer this "
+                        "worker's: its partition went to another member)", self.handler.name)  # fmt: skip
         except errors.TransportError:
             # The broker refused the ack or nack itself: it redelivers the message.
             log.exception("could not settle a delivery of %s; the broker will redeliver it", self.handler.name)
@@ -153,6 +184,10 @@ class HandlerRunner:
             with contextlib.suppress(Exception):
                 await delivery.nack(self.handler.retry.max_delay)
 
+    async def dead_letter(self, delivery: ports.Delivery, attempt: int, kind: str, text: str) -> None:
+        """Publish a copy to the dead-letter topic with the reason, then ack (see :class:`settling.Settler`)."""
+        await self.settler.dead_letter(delivery, attempt, kind, text)
+
     async def _process(self, delivery: ports.Delivery) -> None:
         admitted = await self.admit(delivery)
         if admitted is None:
@@ -169,7 +204,8 @@ class HandlerRunner:
     async def admit(self, delivery: ports.Delivery) -> tuple[envelope.Envelope, Any] | None:
         """Decode a delivery for the handler, or dead-letter it and return None.
 
-        Dead-lettered here: a message over the size limit, one delivered more
+        Dead-lettered here: a message the transport could not read as sent
+        (``WireMessage.unreadable``), one over the size limit, one delivered more
         often than ``max_attempts`` (earlier attempts died with their worker),
         and poison (not a valid CloudEvent, or a payload the annotation refuses).
 
@@ -177,6 +213,10 @@ class HandlerRunner:
             TransportError: the dead letter could not be published nor the delivery settled.
         """
         handler = self.handler
+        if delivery.message.unreadable is not None:
+            text = f"the transport could not read the message as sent: {delivery.message.unreadable}"
+            await self.dead_letter(delivery, delivery.attempt, "InvalidMessage", text)
+            return None
         size = len(delivery.message.body)
         if size > self._max_bytes:
             await self.dead_letter(
@@ -212,14 +252,14 @@ class HandlerRunner:
     async def _run(self, delivery: ports.Delivery, message: envelope.Envelope, payload: Any) -> str | None:
         """Run the attempt and settle the delivery; return the failure text, if any.
 
-        An outage of the service's own infrastructure (the database or the
-        broker unreachable) is not the message's fault: the delivery is held
-        and the attempt run again after a capped backoff, without spending one
-        of the message's attempts, until the outage ends or the worker drains.
+        A failure is decided by :func:`conveyor.fate.decide`: a hold (an
+        outage its probe confirms, a conflict) runs the attempt again in place
+        without spending one of the message's attempts; a retry nacks; a dead
+        letter is published before the ack.
         """
         handler = self.handler
         attempt = message.attempt
-        pause = OUTAGE_BACKOFF[0]
+        tries = fate.Tries(attempt)
         while True:
             ctx = context.Context(message, handler.name, self._source, self._units)
             started = time.perf_counter()
@@ -228,9 +268,6 @@ class HandlerRunner:
                     await self._attempt(payload, ctx)
                 finally:  # every outcome, so slow failures and timeouts show in the histogram too
                     self._seconds.observe(time.perf_counter() - started)
-            except (errors.StoreUnavailable, errors.TransientTransportError) as exc:
-                pause = await self.hold(exc, pause)
-                continue
             except AlreadyHandled:
                 log.debug("%s skipped duplicate message %s", handler.name, message.id)
                 await delivery.ack()
@@ -238,59 +275,35 @@ class HandlerRunner:
                 return None
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Retry, Reject, a timeout or the handler's own error
-                return await self.settle_failure(delivery, attempt, exc)
+            except Failed as failed:
+                outcome = await self.settler.decide(failed.phase, failed.error, tries)
+                if isinstance(outcome, fate.Hold):
+                    tries = await self.settler.hold(outcome, tries)
+                    continue
+                return await self.settler.settle(delivery, attempt, outcome)
             break
         while ctx.unit is None and ctx.outgoing:
             try:
                 await self._send(ctx.outgoing)
                 break
-            except errors.TransientTransportError as exc:
-                pause = await self.hold(exc, pause)
             except errors.TransportError as exc:
-                text = f"could not publish the handler's messages: {exc}"
-                await self.failed(delivery, attempt, handler.retry.delay(attempt), "TransportError", text)
-                return text
+                outcome = await self.settler.decide(fate.Phase.PUBLISH, exc, tries)
+                if isinstance(outcome, fate.Hold):
+                    tries = await self.settler.hold(outcome, tries)
+                    continue
+                return await self.settler.settle(delivery, attempt, outcome)
         await delivery.ack()
         self._outcomes["succeeded"].inc()
         return None
 
     async def settle_failure(self, delivery: ports.Delivery, attempt: int, exc: BaseException) -> str:
-        """Settle a failed attempt by what it raised; return the failure text.
+        """Settle a message the handler failed (a batch handler's, per message); return the failure text.
 
         ``Retry`` retries after its delay (or the backoff), ``Reject``
         dead-letters at once, anything else (a timeout included) retries with
         backoff; a retry is a dead letter once the message's attempts are spent.
         """
-        retry = self.handler.retry
-        if isinstance(exc, errors.Retry):
-            delay = exc.delay if exc.delay is not None else retry.delay(attempt)
-            await self.failed(delivery, attempt, delay, "Retry", exc.reason)
-            return f"Retry: {exc.reason}"
-        if isinstance(exc, errors.Reject):
-            await self.dead_letter(delivery, attempt, "Rejected", exc.reason)
-            return f"Rejected: {exc.reason}"
-        if isinstance(exc, TimeoutError):
-            reason = f"attempt exceeded the handler timeout of {self.handler.timeout}s"
-            await self.failed(delivery, attempt, retry.delay(attempt), "TimeoutError", reason)
-            return reason
-        await self.failed(delivery, attempt, retry.delay(attempt), type(exc).__name__, str(exc))
-        return f"{type(exc).__name__}: {exc}"
-
-    async def _keep_refused(self, copy: envelope.WireMessage, refusal: errors.TransportError) -> bool:
-        """Keep a dead letter the broker refused for good in the database; return whether it is kept."""
-        if self._held is None:
-            return False
-        try:
-            await self._held.hold(self._dlq_topic, copy)
-        except errors.StoreError as exc:
-            log.error("%s: could not hold a refused dead letter in the database either: %s", self.handler.name, exc)
-            return False
-        log.error(
-            "%s: the broker refused a dead letter for %s (%s); it is held in the database (conveyor dlq list %s)",
-            self.handler.name, self._dlq_topic, refusal, self.handler.topic,
-        )  # fmt: skip
-        return True
+        return await self.settler.settle(delivery, attempt, fate.fault(exc, attempt, self.handler.retry))
 
     async def _outlive(self, running: asyncio.Future[Any]) -> None:
         """Wait (bounded) for a timed-out sync handler's thread, which cannot be interrupted.
@@ -315,19 +328,8 @@ class HandlerRunner:
             with telemetry.producer_span(message.topic, message.envelope, self._system):
                 await self._transport.publish(message.topic, envelope.to_binary(message.envelope, self._prefix))
 
-    async def hold(self, exc: errors.ConveyorError, pause: float) -> float:
-        """Wait out an infrastructure outage before the next try; return the next pause."""
-        what = "database" if isinstance(exc, errors.StoreError) else "broker"
-        log.warning(
-            "%s: the %s is unavailable (%s); holding the message for %.1fs without spending an attempt",
-            self.handler.name, what, exc, pause,
-        )  # fmt: skip
-        telemetry.OUTAGE_WAITS.labels(self.handler.name, what).inc()
-        await asyncio.sleep(pause * random.uniform(0.8, 1.0))
-        return min(pause * 2, OUTAGE_BACKOFF[1])
-
     async def _attempt(self, payload: Any, ctx: context.Context) -> None:
-        """Call the handler and commit its unit of work, all under the handler's timeout.
+        """Call the handler under its timeout, then commit its unit of work under the commit's own deadline.
 
         The unit of work (opened by ``ctx.transaction()``, by
         ``transactional=True`` or for a delayed publish) commits only here,
@@ -335,11 +337,13 @@ class HandlerRunner:
 
         Raises:
             AlreadyHandled: the inbox has the message (a duplicate delivery).
-            Exception: whatever the handler or the commit raised.
+            Failed: the attempt failed: where (the handler's code, or
+                Conveyor's own inbox claim or commit) and with what.
         """
         handler = self.handler
         args = (payload, ctx) if handler.takes_context else (payload,)
         running: asyncio.Future[Any] | None = None
+        phase = fate.Phase.HANDLER
         deadline = self.deadlines.start()
         try:
             try:
@@ -352,14 +356,6 @@ class HandlerRunner:
                     await asyncio.shield(running)
                 if ctx.duplicate:  # the handler caught AlreadyHandled: it still is a duplicate
                     raise AlreadyHandled(f"{handler.name} already handled message {ctx.message.id}")
-                if ctx.unit is None and ctx.needs_outbox:
-                    await ctx.open_transaction()
-                if ctx.unit is not None:
-                    crash.maybe_crash("handler.before-commit")
-                    ctx.in_database = True
-                    await ctx.unit.commit(ctx.outgoing)
-                    ctx.in_database = False
-                    crash.maybe_crash("handler.after-commit")
             except asyncio.CancelledError:
                 if self.deadlines.finish(deadline):
                     raise TimeoutError(f"{handler.name} exceeded its timeout of {handler.timeout}s") from None
@@ -368,65 +364,34 @@ class HandlerRunner:
                 raise HandlerExit(exc) from exc
             finally:
                 self.deadlines.finish(deadline)
+            phase = fate.Phase.COMMIT  # the handler's code is done: what remains is Conveyor's
+            if ctx.unit is None and ctx.needs_outbox:
+                await self._within_commit_deadline(ctx.open_transaction())
+            if ctx.unit is not None:
+                crash.maybe_crash("handler.before-commit")
+                await self._within_commit_deadline(ctx.unit.commit(ctx.outgoing))
+                crash.maybe_crash("handler.after-commit")
+        except AlreadyHandled:
+            if ctx.unit is not None:
+                await ctx.unit.rollback(None)
+            raise
         except BaseException as exc:
             if running is not None and not running.done() and isinstance(exc, TimeoutError):
                 await self._outlive(running)
+            if phase is fate.Phase.HANDLER and ctx.in_database:  # the inbox claim itself failed or hung
+                phase = fate.Phase.COMMIT
+            error: BaseException = exc
             if ctx.unit is not None:
                 translated = await ctx.unit.rollback(exc)
                 if translated is not None:  # the database failed a statement of the handler's
-                    raise translated from exc
-            if isinstance(exc, TimeoutError) and ctx.in_database:  # the database hangs: not the message's fault
-                raise errors.StoreUnavailable(
-                    f"the database did not answer Conveyor's inbox claim or commit within the handler timeout "
-                    f"of {handler.timeout}s"
-                ) from exc
-            raise
+                    error = translated
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if not isinstance(exc, Exception):  # GeneratorExit and the like: not ours to keep
+                raise
+            raise Failed(phase, error) from exc
 
-    async def failed(self, delivery: ports.Delivery, attempt: int, delay: float, kind: str, text: str) -> None:
-        """An attempt failed: nack for a retry after ``delay``, or dead-letter once attempts are spent."""
-        if self.handler.retry.exhausted(attempt):
-            await self.dead_letter(delivery, attempt, kind, text)
-            return
-        log.warning(
-            "%s failed attempt %d/%d (%s: %s); retrying in %.2fs",
-            self.handler.name,
-            attempt,
-            self.handler.retry.max_attempts,
-            kind,
-            text,
-            delay,
-        )
-        await delivery.nack(delay)
-        self._outcomes["retried"].inc()
-
-    async def dead_letter(self, delivery: ports.Delivery, attempt: int, kind: str, text: str) -> None:
-        """Publish a copy to the dead-letter topic with the reason, then ack (nack if the copy is refused)."""
-        original = delivery.message
-        headers = dict(original.headers)
-        headers.update(dead_letter_headers(self.handler.name, delivery.topic, kind, text, attempt))
-        copy = envelope.WireMessage(body=original.body, headers=headers, key=original.key, message_id=envelope.new_id())
-        pause = OUTAGE_BACKOFF[0]
-        while True:
-            try:
-                with telemetry.send_span(self._dlq_topic, copy.message_id, self._system):
-                    await self._transport.publish(self._dlq_topic, copy)
-            except errors.TransientTransportError as exc:  # an outage: held, no attempt spent, the reason kept
-                pause = await self.hold(exc, pause)
-                continue
-            except errors.TransportError as exc:
-                if exc.retryable or not await self._keep_refused(copy, exc):
-                    log.error("could not dead-letter a message of %s (%s); it will be redelivered",
-                              self.handler.name, exc)  # fmt: skip
-                    await delivery.nack(self.handler.retry.delay(attempt))
-                    return
-            break
-        await delivery.ack()
-        self._outcomes["dead_lettered"].inc()
-        log.error(
-            "%s dead-lettered a message to %s after %d attempt(s): %s: %s",
-            self.handler.name,
-            self._dlq_topic,
-            attempt,
-            kind,
-            text,
-        )
+    async def _within_commit_deadline(self, step: Any) -> None:
+        """Await one of Conveyor's own database steps under the commit's deadline (a timeout blames the database)."""
+        async with asyncio.timeout(self._commit_timeout):
+            await step

@@ -4,9 +4,11 @@ A wave holds every keyless row and the next row of each key; it is sent
 pipelined (``Transport.publish_many``, at most ``max_in_flight`` at once). A
 key's next row joins the next wave only once the broker confirmed the row
 before it, so a refused row stops its key for the batch and per-key order
-holds whatever the broker does with the rest of the wave. An outage (a
-transient error) ends the batch after the wave. :mod:`conveyor.runtime.relay`
-claims the batches, runs this and paces itself.
+holds whatever the broker does with the rest of the wave. A failed publish's
+fate is :func:`conveyor.fate.decide`'s: an outage that the broker's probe
+confirms spends no attempt (for at most ``hold_limit`` seconds per row) and
+ends the batch after the wave; a refusal spends one; the last one parks the
+row. :mod:`conveyor.runtime.relay` claims the batches, runs this and paces itself.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import collections
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 from prometheus_client import Counter
 
-from conveyor import envelope, errors, ports, stores, telemetry
+from conveyor import envelope, errors, fate, ports, retry, stores, telemetry
 from conveyor.crash import maybe_crash
+from conveyor.runtime.probes import Probes
 
 log = logging.getLogger("conveyor.relay")
 
@@ -32,6 +36,7 @@ RELAY_FAILURES = Counter(
 )
 
 _STORED_PREFIX = envelope.HTTP_PREFIX
+_MAX_TRACKED_HOLDS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,8 @@ class RelayOptions:
         purge_interval: seconds between purges.
         metrics_interval: seconds between backlog gauge refreshes.
         stall_after: a due row unsent this long makes readiness degraded (seconds).
+        hold_limit: seconds one row may be held through broker outages (no
+            attempt spent) before its failed publishes spend attempts.
     """
 
     batch_size: int = 1000
@@ -67,6 +74,7 @@ class RelayOptions:
     purge_interval: float = 300.0
     metrics_interval: float = 5.0
     stall_after: float = 60.0
+    hold_limit: float = fate.HOLD_LIMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +124,11 @@ class WavePublisher:
         self.options = options
         self._prefix = transport.binary_prefix
         self._system = telemetry.messaging_system(transport)
+        self._probes = Probes(None, transport.check)
+        policy = retry.RetryPolicy(max_attempts=options.max_attempts, initial_delay=options.retry_base,
+                                   max_delay=options.retry_max, jitter=0)  # fmt: skip
+        self._limits = fate.Limits(policy, hold_limit=options.hold_limit)
+        self._held: dict[int, tuple[float, bool]] = {}  # row id -> (when its first hold began, rechecked)
 
     def retry_delay(self, attempts: int) -> float:
         """Backoff before a row that failed ``attempts + 1`` times is due again (with jitter)."""
@@ -155,18 +168,22 @@ class WavePublisher:
                 if result is None:
                     maybe_crash("relay.after-publish")
                     batch.sent(message)
+                    if self._held:
+                        self._held.pop(message.id, None)
                     published += 1
                     lane = lanes.get(message.key) if message.key is not None else None
                     if lane:
                         following.append(lane.popleft())
-                elif isinstance(result, errors.TransientTransportError):
-                    outage = True
-                    RELAY_FAILURES.inc()
-                    batch.interrupted(message, f"{type(result).__name__}: {result}")
-                    interrupted += 1
                 elif isinstance(result, errors.TransportError):
-                    failed += 1
-                    parked += self._refused(batch, message, result)  # later rows of the key wait
+                    RELAY_FAILURES.inc()
+                    outcome = await self._decide(message, result)
+                    if isinstance(outcome, fate.Hold):  # the broker is down: no attempt spent
+                        outage = True
+                        batch.interrupted(message, f"{type(result).__name__}: {result}")
+                        interrupted += 1
+                    else:
+                        failed += 1
+                        parked += self._refused(batch, message, result, outcome)  # later rows of the key wait
                 else:  # pragma: no cover - publish_many returns transport errors only
                     raise result
             RELAY_PUBLISHED.inc(sum(1 for result in results if result is None))
@@ -200,12 +217,32 @@ class WavePublisher:
                 wire.headers[self._prefix + "tracestate"] = state
         return wire
 
-    def _refused(self, batch: stores.OutboxBatch, message: stores.OutboxMessage, exc: errors.TransportError) -> int:
-        """Record a refused publish: a failed attempt, or the last one (park). Return 1 if parked."""
-        RELAY_FAILURES.inc()
+    async def _decide(self, message: stores.OutboxMessage, error: errors.TransportError) -> fate.Outcome:
+        """A failed publish's fate (:func:`conveyor.fate.decide`), with the row's holds bounded by ``hold_limit``."""
+        now = time.monotonic()
+        since, rechecked = self._held.get(message.id, (now, False))
+        tries = fate.Tries(message.attempts + 1, held_for=now - since, rechecked=rechecked)
+        healthy = await self._probes.healthy(fate.blamed(fate.Phase.PUBLISH, error))
+        outcome = fate.decide(fate.Phase.PUBLISH, error, tries, self._limits, healthy)
+        if isinstance(outcome, fate.Hold):
+            if len(self._held) >= _MAX_TRACKED_HOLDS:  # rows another relay took since: start afresh
+                self._held.clear()
+            self._held[message.id] = (since, rechecked or outcome.recheck)
+        else:
+            self._held.pop(message.id, None)
+        return outcome
+
+    def _refused(
+        self,
+        batch: stores.OutboxBatch,
+        message: stores.OutboxMessage,
+        exc: errors.TransportError,
+        outcome: fate.Retry | fate.DeadLetter,
+    ) -> int:
+        """Record a failed publish that spends an attempt: a retry, or the last one (park). Return 1 if parked."""
         error = f"{type(exc).__name__}: {exc}"
         attempt = message.attempts + 1
-        if attempt >= self.options.max_attempts:
+        if isinstance(outcome, fate.DeadLetter):
             batch.parked(message, error)
             waiting = "" if message.key is None else f"; later messages with key {message.key!r} wait"
             log.error(

@@ -8,6 +8,9 @@ outbox message in one transaction. The unique claim means that of N replicas
 racing for a fire exactly one enqueues it; the relay then publishes the job to
 ``schedules.<name>``, where a worker runs it as a handler (retries, dead
 letters, traces) and records started/succeeded/failed on the claim row.
+One delivery of the job message runs the job (:mod:`conveyor.runtime.scheduler_jobs`):
+it takes the run with a lease, renewed while the job runs, and any other
+delivery waits until that attempt finished or its lease ran out.
 
 The host clock is used only to decide how long to sleep; what is due is decided
 by the database clock, so a skewed host neither fires early nor twice.
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import random
@@ -28,8 +30,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from conveyor import context, envelope, errors, payloads, persistence, ports, registry, retry, telemetry
-from conveyor.runtime import threads
+from conveyor import envelope, errors, persistence, ports, telemetry
+from conveyor.runtime.scheduler_jobs import job_handlers as job_handlers
 from conveyor.scheduling import schedules as scheduling
 
 log = logging.getLogger("conveyor.scheduler")
@@ -226,68 +228,3 @@ async def trigger_now(stores: persistence.Persistence, schedule: scheduling.Sche
             raise errors.ConcurrencyConflict(f"{schedule.name} was triggered at the same instant; try again")
         await enqueue(stores, tx, schedule, now, run_id, "manual", source)
         return run_id
-
-
-def job_handlers(
-    schedules: Sequence[scheduling.Schedule], stores: persistence.Persistence | None
-) -> list[registry.Handler]:
-    """Handlers that run schedules' jobs on a worker and record each run's outcome.
-
-    Args:
-        schedules: the schedules.
-        stores: the service's persistence; None builds handlers only to
-            declare their topology (``conveyor worker --declare-only``).
-    """
-    return [_job_handler(schedule, stores) for schedule in schedules]
-
-
-def _job_handler(schedule: scheduling.Schedule, stores: persistence.Persistence | None) -> registry.Handler:
-    """A handler that runs ``schedule``'s job once per fire.
-
-    A fire that already succeeded is never run again (a duplicate job
-    message is acknowledged), and the success is recorded in the job's own
-    unit of work, with its inbox row and whatever the job wrote in
-    ``ctx.transaction()``, so a job's database effects apply once per fire.
-    """
-    takes_context = bool(inspect.signature(schedule.func).parameters)
-    is_async = inspect.iscoroutinefunction(schedule.func)
-
-    async def run_job(job: dict[str, Any], ctx: context.Context) -> None:
-        if stores is None:
-            raise errors.ConfigurationError(f"{schedule.name}: job handlers declared without a database cannot run")
-        database, claims = stores.database, stores.schedules
-        run_id = int(job["run_id"])
-        async with database.transaction() as tx:
-            may_run = await claims.start(tx, run_id)
-        if not may_run:
-            log.info("%s: run %d already finished; duplicate job message acknowledged", schedule.name, run_id)
-            return
-        args = (ctx,) if takes_context else ()
-        try:
-            if is_async:
-                await schedule.func(*args)
-            else:
-                await threads.run(schedule.func, *args)
-        except BaseException as exc:
-            text = f"{type(exc).__name__}: {exc}"
-            if ctx.unit is not None:  # release the attempt's locks first (SQLite: its write lock) or the mark waits
-                await ctx.unit.rollback(exc)
-            with contextlib.suppress(errors.StoreError):
-                async with database.transaction() as tx:
-                    await claims.finish(tx, run_id, "failed", error=text[:2000])
-            raise
-        async with ctx.transaction() as job_tx:  # joins the job's own transaction, if it opened one
-            await claims.finish(job_tx.session, run_id, "succeeded")
-
-    run_job.__qualname__ = f"job[{schedule.where}]"
-    return registry.Handler(
-        name=schedule.topic,
-        topic=schedule.topic,
-        func=run_job,
-        decode=payloads.decoder_for(dict[str, Any], schedule.where),
-        takes_context=True,
-        is_async=True,
-        retry=retry.RetryPolicy(max_attempts=schedule.max_attempts),
-        timeout=schedule.timeout,
-        concurrency=None,
-    )

@@ -14,10 +14,11 @@ import functools
 import logging
 from collections.abc import Sequence
 
-from conveyor import errors, persistence, ports, registry, telemetry
+from conveyor import errors, fate, persistence, ports, registry, telemetry
 from conveyor.runtime import batching, dispatch
 from conveyor.runtime.failures import DLQ_HEADER, DLQ_SUFFIX, dead_letter_headers, dead_letter_topic
-from conveyor.runtime.handling import HandlerRunner
+from conveyor.runtime.handling import COMMIT_TIMEOUT, HandlerRunner
+from conveyor.runtime.probes import Probes
 
 ACK_WAIT = 15.0
 """Seconds before a broker with an ack timer (NATS) redelivers what a worker holds without a sign of life.
@@ -58,6 +59,12 @@ class Worker:
         stall_after: seconds a handler may have one message in hand (twice its
             timeout, if that is longer) before :meth:`stalled` names it
             (``CONVEYOR_STALL_AFTER``).
+        hold_limit: seconds one message may be held through outages before
+            its attempts count again (``CONVEYOR_HOLD_LIMIT``).
+        commit_timeout: seconds Conveyor's commit of a unit of work may take
+            (``CONVEYOR_COMMIT_TIMEOUT``).
+        probes: the probes that prove an outage before a message is held; by
+            default the transport's and the units' ``check``.
     """
 
     def __init__(
@@ -72,8 +79,14 @@ class Worker:
         dead_letters: persistence.DeadLetterStore | None = None,
         plain_messages: bool = False,
         stall_after: float = 60.0,
+        hold_limit: float = fate.HOLD_LIMIT,
+        commit_timeout: float = COMMIT_TIMEOUT,
+        probes: Probes | None = None,
     ) -> None:
         self._plain = plain_messages
+        self._probes = probes or Probes(getattr(transactions, "check", None), transport.check)
+        self._hold_limit = hold_limit
+        self._commit_timeout = commit_timeout
         self._stall_after = stall_after
         self._runners: list[HandlerRunner] = []
         self._transactions = transactions
@@ -137,6 +150,9 @@ class Worker:
                 transactions=self._transactions,
                 dead_letters=self._held,
                 plain_messages=self._plain,
+                hold_limit=self._hold_limit,
+                commit_timeout=self._commit_timeout,
+                probes=self._probes,
             )
             self._runners.append(runner)
             dispatcher: dispatch.Dispatcher | batching.BatchDispatcher

@@ -38,6 +38,8 @@ from conveyor.sagas import wire
 
 S = TypeVar("S", bound=pydantic.BaseModel)
 TOPIC_PREFIX = "sagas."
+DEFAULT_STEP_TIMEOUT = 300.0
+"""Seconds a participant step (or an undo) waits for its reply when neither it nor its saga says otherwise."""
 
 Build = Callable[[Any], Any]
 """Builds a command payload from the state."""
@@ -76,7 +78,9 @@ class Step:
         undo_topic: the topic of the undo command, if any.
         undo_build: the undo payload builder (default: ``build``).
         undo_local: a local undo function, if any.
-        timeout: seconds to wait for the reply before failing the step.
+        timeout: seconds to wait for the reply before failing the step (participant
+            steps: the step's ``timeout=``, else the saga's ``step_timeout``), and
+            for the reply to its undo command.
         on_reply: applies a successful reply to the state.
     """
 
@@ -123,9 +127,14 @@ class Saga(Generic[S]):
         max_undo_attempts: attempts of one undo before the saga is parked (``failed``).
         undo_backoff: delay before the first retry of a failed undo; doubles, capped at 10 minutes.
         start_on: a topic whose events start instances (their payload validated as ``state``).
+        step_timeout: how long a participant step without ``timeout=`` waits for
+            its reply, and an undo command for its own (5 minutes by default):
+            no step waits for ever, so a command that is lost or never answered
+            fails its step.
 
     Raises:
-        ConfigurationError: invalid name or topic, or a state type that is not a pydantic model.
+        ConfigurationError: invalid name or topic, a state type that is not a
+            pydantic model, or a step timeout that is not positive.
     """
 
     def __init__(
@@ -137,6 +146,7 @@ class Saga(Generic[S]):
         max_undo_attempts: int = 10,
         undo_backoff: timedelta = timedelta(seconds=1),
         start_on: str | None = None,
+        step_timeout: timedelta | float = DEFAULT_STEP_TIMEOUT,
     ) -> None:
         names.check("saga name", name)
         if not (isinstance(state, type) and issubclass(state, pydantic.BaseModel)):
@@ -145,12 +155,16 @@ class Saga(Generic[S]):
             raise errors.ConfigurationError(f"saga {name!r}: max_undo_attempts must be >= 1")
         if start_on is not None:
             names.check("topic", start_on)
+        step_seconds = step_timeout.total_seconds() if isinstance(step_timeout, timedelta) else float(step_timeout)
+        if step_seconds <= 0:
+            raise errors.ConfigurationError(f"saga {name!r}: step_timeout must be positive")
         self.name = name
         self.state = state
         self.id_of = id
         self.max_undo_attempts = max_undo_attempts
         self.undo_backoff = undo_backoff.total_seconds()
         self.start_on = start_on
+        self.step_timeout = step_seconds
         self.steps: list[Step] = []
 
     @property
@@ -173,9 +187,11 @@ class Saga(Generic[S]):
                 decorated ``async def (state, tx)`` is a local step.
             undo: an undo topic (the payload as for ``send``, or from
                 ``@step.undo_payload``), or an ``async def (state, tx)`` run locally.
-            timeout: how long to wait for the reply (participant steps); on
-                expiry the step fails and the completed steps are undone,
-                this one included (the participant may have acted late).
+            timeout: how long to wait for the reply (participant steps; default:
+                the saga's ``step_timeout``, 5 minutes); on expiry the step
+                fails and the completed steps are undone, this one included
+                (the participant may have acted late). Its undo command waits
+                as long for its reply.
             name: the step's name (default: the function's name).
 
         Returns:
@@ -210,7 +226,7 @@ class Saga(Generic[S]):
                 build=func if send is not None else None, local=func if send is None else None,
                 undo_topic=undo if isinstance(undo, str) else None,
                 undo_local=undo if undo is not None and not isinstance(undo, str) else None,
-                timeout=seconds,
+                timeout=seconds if seconds is not None else (self.step_timeout if send is not None else None),
             )  # fmt: skip
             self.steps.append(step)
             return step

@@ -15,130 +15,49 @@ nothing beyond a log entry.
 Failure rules:
 
 * a step's failure reply: the completed steps before it are undone;
-* a step's timeout, or an operator's abort while it waits: the completed steps
-  *and this one* are undone (the participant may have acted late);
-* a local step that raises: the steps before it are undone (its own writes
-  were rolled back to a savepoint by the caller);
-* an undo that fails (failure reply, no reply in time, or a raising local
-  undo) is retried with doubling backoff; after ``max_undo_attempts`` the saga
-  is parked as ``failed`` until an operator retries it.
+* a step's timeout, its command dead-lettered by the participant's worker, or
+  an operator's abort while it waits: the completed steps *and this one* are
+  undone (the participant may have acted late, or act when the dead letter is
+  replayed);
+* a local step that raises, a database refusing its statement included (a
+  :class:`~conveyor.errors.StatementError`: a CHECK or unique key used as a
+  business rule): the steps before it are undone (its own writes were rolled
+  back to a savepoint by the caller);
+* an undo that fails (a failure reply, a raising local undo) is tried again
+  with doubling backoff as a new command (a new token: the participant handled
+  the first one); an undo that gets no reply in time is *re-sent*: the same
+  command, token and message id, so a participant's inbox absorbs it if the
+  first arrived, and a late reply to it is taken while the saga waits for the
+  backoff, for the re-sent command, or is parked. A dead-lettered undo changes
+  nothing until its timeout re-sends it. After ``max_undo_attempts`` failures
+  or timeouts the saga is parked as ``failed`` until an operator retries it.
 
-Errors of the store (:class:`~conveyor.errors.StoreError`) raised by a local
-function are not the step's fault: they propagate, the transition is not
-saved, and the message that caused it is retried.
+Other errors of the store raised by a local function (an outage, a concurrency
+conflict: any :class:`~conveyor.errors.StoreError` but a ``StatementError``)
+are not the step's fault: they propagate, the transition is not saved, and the
+message that caused it is retried.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pydantic
 
-from conveyor import errors
+from conveyor import errors, fate
 from conveyor.sagas import definition
+from conveyor.sagas.instances import Entry, Instance, Send, Status, Timer, Transition
 
-UNDO_REPLY_TIMEOUT = 300.0
-"""Seconds to wait for an undo's reply when its step declares no timeout."""
+__all__ = [
+    "DEFAULT_STEP_TIMEOUT", "Entry", "Instance", "RunLocal", "Send", "Status", "Timer", "Transition",
+    "abort", "reply", "resume", "start", "timer",
+]  # fmt: skip
+
+DEFAULT_STEP_TIMEOUT = definition.DEFAULT_STEP_TIMEOUT
 UNDO_BACKOFF_CAP = 600.0
-
-
-class Status(enum.StrEnum):
-    """Where an instance is."""
-
-    RUNNING = "running"
-    COMPENSATING = "compensating"
-    COMPLETED = "completed"
-    COMPENSATED = "compensated"
-    FAILED = "failed"
-    """Parked: an undo kept failing; ``conveyor sagas retry`` resumes it."""
-
-    @property
-    def finished(self) -> bool:
-        """Completed or compensated: no signal changes it any more."""
-        return self in (Status.COMPLETED, Status.COMPENSATED)
-
-
-@dataclass(frozen=True, slots=True)
-class Instance:
-    """A saga instance as persisted.
-
-    Attributes:
-        saga: the saga's name.
-        id: the instance id (also the correlation id of its messages).
-        state: the state, as JSON-compatible data.
-        status: where it is.
-        step: the index of the step running or being undone.
-        waiting: the token of the reply or timer it waits for, if any.
-        sent: how many tokens it has issued (the next token is ``sent + 1``).
-        undo_attempts: failed attempts of the current undo.
-        error: why it is compensating or parked.
-        version: bumped by every saved transition.
-        deadline: when the awaited reply times out or the next undo retry is due
-            (aware UTC), if a timer is set; for operators (the timer itself is a
-            delayed message).
-    """
-
-    saga: str
-    id: str
-    state: dict[str, Any]
-    status: Status = Status.RUNNING
-    step: int = 0
-    waiting: str | None = None
-    sent: int = 0
-    undo_attempts: int = 0
-    error: str | None = None
-    version: int = 0
-    deadline: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """A command to publish: a step's (``kind="do"``) or its undo's (``"undo"``)."""
-
-    topic: str
-    payload: Any
-    token: str
-    step: str
-    kind: str
-
-
-@dataclass(frozen=True, slots=True)
-class Timer:
-    """A message to the saga itself after ``delay`` seconds: a reply ``timeout`` or an undo ``retry``."""
-
-    token: str
-    delay: float
-    kind: str
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One line of an instance's step log."""
-
-    step: str
-    event: str
-    detail: str | None = None
-    token: str | None = None
-
-
-@dataclass(slots=True)
-class Transition:
-    """What one signal did: ``instance`` is ``None`` when nothing changed."""
-
-    instance: Instance | None
-    sends: list[Send] = field(default_factory=list)
-    timers: list[Timer] = field(default_factory=list)
-    log: list[Entry] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        """Whether there is something to save."""
-        return self.instance is not None
 
 
 RunLocal = Callable[[definition.Local, pydantic.BaseModel], Awaitable[None]]
@@ -184,16 +103,15 @@ class _Run:
                 assert step.send is not None and step.build is not None
                 token = self._token()
                 self.out.sends.append(Send(step.send, step.build(self.state), token, step.name, "do"))
-                if step.timeout is not None:
-                    self.out.timers.append(Timer(token, step.timeout, "timeout"))
+                self.out.timers.append(Timer(token, _timeout(self.saga, step), "timeout"))
                 self._set(waiting=token)
                 self._log(step, "sent", step.send, token)
                 return
             try:
                 await self.run_local(step.local, self.state)
-            except errors.StoreError:
-                raise
             except Exception as exc:  # the step's own failure: undo what came before
+                if fate.not_the_callers_fault(exc):
+                    raise
                 self._log(step, "failed", _describe(exc))
                 await self.compensate(self.i.step - 1, f"step {step.name!r} failed: {_describe(exc)}")
                 return
@@ -214,25 +132,43 @@ class _Run:
             if step.undo_local is not None:
                 try:
                     await self.run_local(step.undo_local, self.state)
-                except errors.StoreError:
-                    raise
                 except Exception as exc:
+                    if fate.not_the_callers_fault(exc):
+                        raise
                     self.undo_failed(step, _describe(exc))
                     return
                 self._log(step, "undone")
                 self._set(step=self.i.step - 1, undo_attempts=0)
                 continue
-            assert step.undo_topic is not None
-            build = step.undo_build or step.build
-            assert build is not None
-            token = self._token()
-            self.out.sends.append(Send(step.undo_topic, build(self.state), token, step.name, "undo"))
-            self.out.timers.append(Timer(token, step.timeout or UNDO_REPLY_TIMEOUT, "timeout"))
-            self._set(waiting=token)
-            self._log(step, "undo sent", step.undo_topic, token)
+            self.send_undo(step, self._token())
             return
         self._set(status=Status.COMPENSATED, waiting=None)
         self._log(None, "compensated")
+
+    def send_undo(self, step: definition.Step, token: str, *, resend: bool = False) -> None:
+        assert step.undo_topic is not None
+        build = step.undo_build or step.build
+        assert build is not None
+        self.out.sends.append(Send(step.undo_topic, build(self.state), token, step.name, "undo", resend))
+        self.out.timers.append(Timer(token, _timeout(self.saga, step), "timeout"))
+        self._set(waiting=token)
+        self._log(step, "undo re-sent" if resend else "undo sent", step.undo_topic, token)
+
+    def undo_unanswered(self, step: definition.Step, token: str, error: str) -> None:
+        """No reply to the undo command of ``token``: re-send it after the backoff, still waiting for its reply."""
+        attempts = self.i.undo_attempts + 1
+        self._set(undo_attempts=attempts)
+        if attempts >= self.saga.max_undo_attempts:
+            reason = f"the undo of step {step.name!r} failed {attempts} times; last error: {error}"
+            self._set(status=Status.FAILED, error=reason)  # still waiting: a late reply resumes it
+            self._log(step, "parked", reason, token)
+            return
+        delay = self._backoff(attempts)
+        self.out.timers.append(Timer(token, delay, "resend"))
+        self._log(step, "undo failed", f"{error}; re-sent in {delay:g}s (attempt {attempts + 1})", token)
+
+    def _backoff(self, attempts: int) -> float:
+        return float(min(self.saga.undo_backoff * 2 ** (attempts - 1), UNDO_BACKOFF_CAP))
 
     def undo_failed(self, step: definition.Step, error: str) -> None:
         attempts = self.i.undo_attempts + 1
@@ -242,11 +178,16 @@ class _Run:
             self._set(status=Status.FAILED, error=reason)
             self._log(step, "parked", reason)
             return
-        delay = min(self.saga.undo_backoff * 2 ** (attempts - 1), UNDO_BACKOFF_CAP)
+        delay = self._backoff(attempts)
         token = self._token()
         self.out.timers.append(Timer(token, delay, "retry"))
         self._set(waiting=token)
         self._log(step, "undo failed", f"{error}; retry {attempts + 1} in {delay:g}s", token)
+
+
+def _timeout(saga: definition.Saga[Any], step: definition.Step) -> float:
+    """Seconds a step's command (or its undo's) waits for its reply."""
+    return step.timeout if step.timeout is not None else saga.step_timeout
 
 
 def _describe(exc: BaseException) -> str:
@@ -270,14 +211,40 @@ async def start(
 
 
 async def reply(
-    saga: definition.Saga[Any], instance: Instance, token: str, ok: bool, payload: Any, run_local: RunLocal
+    saga: definition.Saga[Any],
+    instance: Instance,
+    token: str,
+    ok: bool,
+    payload: Any,
+    run_local: RunLocal,
+    *,
+    dead_lettered: bool = False,
 ) -> Transition:
-    """A participant's reply to the command that carried ``token``."""
-    if instance.waiting != token or instance.status not in (Status.RUNNING, Status.COMPENSATING):
-        return _ignored(instance, f"{'a success' if ok else 'a failure'} reply", token)
+    """A participant's reply to the command that carried ``token``.
+
+    ``dead_lettered``: the participant's worker dead-lettered the command (a
+    failure it could not reply to); the step fails as on a timeout.
+    """
+    what = "a dead-letter notice" if dead_lettered else "a success reply" if ok else "a failure reply"
+    if instance.waiting != token or instance.status.finished or (instance.status is Status.FAILED and dead_lettered):
+        return _ignored(instance, what, token)
     run = _Run(saga, instance, run_local)
     step = saga.steps[instance.step]
+    if dead_lettered:
+        if instance.status is Status.COMPENSATING:  # its timeout re-sends it (same id): nothing to do until then
+            return Transition(None, log=[Entry(step.name, "undo dead-lettered", _reason(payload), token)])
+        run._set(waiting=None)
+        run._log(step, "dead-lettered", _reason(payload), token)
+        await run.compensate(instance.step, f"the command of step {step.name!r} was dead-lettered: {_reason(payload)}")
+        return run.done()
     run._set(waiting=None)
+    if instance.status is Status.FAILED:  # parked on an unanswered undo: its late reply
+        if ok:
+            run._set(status=Status.COMPENSATING)
+        else:
+            run._set(error=f"the undo of step {step.name!r} failed: {_reason(payload)}")
+            run._log(step, "undo failed", f"{_reason(payload)}; still parked", token)
+            return run.done()
     if instance.status is Status.RUNNING:
         if ok:
             if step.on_reply is not None:
@@ -300,20 +267,24 @@ async def reply(
 async def timer(
     saga: definition.Saga[Any], instance: Instance, token: str, kind: str, run_local: RunLocal
 ) -> Transition:
-    """A timer the instance set: a reply ``timeout`` or an undo ``retry``."""
-    if instance.waiting != token or instance.status not in (Status.RUNNING, Status.COMPENSATING):
+    """A timer the instance set: a reply ``timeout``, an undo ``retry`` (a new try) or ``resend`` (the same command)."""
+    compensating = instance.status is Status.COMPENSATING
+    if instance.waiting != token or not ((instance.status is Status.RUNNING and kind == "timeout") or compensating):
         return _ignored(instance, f"a {kind} timer", token)
     run = _Run(saga, instance, run_local)
     step = saga.steps[instance.step]
-    run._set(waiting=None)
     if kind == "retry":
+        run._set(waiting=None)
         await run.undo_next()
+    elif kind == "resend":
+        run.send_undo(step, token, resend=True)
     elif instance.status is Status.RUNNING:
-        reason = f"step {step.name!r} got no reply within {step.timeout:g}s"
+        run._set(waiting=None)
+        reason = f"step {step.name!r} got no reply within {_timeout(saga, step):g}s"
         run._log(step, "timed out", reason, token)
         await run.compensate(instance.step, reason)
     else:
-        run.undo_failed(step, f"no reply to the undo within {step.timeout or UNDO_REPLY_TIMEOUT:g}s")
+        run.undo_unanswered(step, token, f"no reply to the undo within {_timeout(saga, step):g}s")
     return run.done()
 
 
@@ -328,7 +299,10 @@ async def resume(saga: definition.Saga[Any], instance: Instance, run_local: RunL
     run = _Run(saga, instance, run_local)
     run._set(status=Status.COMPENSATING, undo_attempts=0)
     run._log(None, "retried", "by an operator")
-    await run.undo_next()
+    if instance.waiting is not None:  # parked on an unanswered undo: the same command again
+        run.send_undo(saga.steps[instance.step], instance.waiting, resend=True)
+    else:
+        await run.undo_next()
     return run.done()
 
 

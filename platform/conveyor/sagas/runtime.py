@@ -29,6 +29,7 @@ from conveyor.persistence import Persistence, UnitOfWork
 from conveyor.sagas import definition, engine, wire
 
 log = logging.getLogger("conveyor.sagas")
+_WARNINGS = frozenset({"parked", "failed", "timed out", "undo failed", "dead-lettered", "undo dead-lettered"})
 
 TRANSITIONS = Counter(
     "conveyor_saga_transitions", "Saga transitions saved, by saga and the status they led to.", ["saga", "status"]
@@ -137,7 +138,8 @@ async def _apply(saga: definition.Saga[Any], signal: wire.Signal, message: Envel
     if signal.kind == "reply":
         assert signal.token is not None
         payload = _reply_payload(saga, current, message, signal.ok) if current.waiting == signal.token else None
-        transition = await engine.reply(saga, current, signal.token, signal.ok, payload, run_local)
+        lost = signal.detail == wire.DEAD_LETTERED
+        transition = await engine.reply(saga, current, signal.token, signal.ok, payload, run_local, dead_lettered=lost)
         if transition.changed and current.status is engine.Status.RUNNING:
             step = saga.steps[current.step].name
             STEP_SECONDS.labels(saga.name, step).observe(max(0.0, time.time() - record.updated_at.timestamp()))
@@ -188,12 +190,16 @@ async def _record(saga: definition.Saga[Any], instance: str, transition: engine.
     unit = _unit(ctx)
     await unit.sagas.log(unit.tx, saga.name, instance, transition.log)
     for send in transition.sends:
-        ctx.publish(send.topic, send.payload, key=instance, extensions=wire.command(instance, send.token, saga.topic))
+        command = ctx.publish(send.topic, send.payload, key=instance,
+                              extensions=wire.command(instance, send.token, saga.topic))  # fmt: skip
+        command.id = wire.command_id(saga.name, instance, send.step, send.kind, send.token)
+        if send.resend:  # the same message again: the outbox forgets it was sent
+            await unit.sagas.release_command(unit.tx, command.scoped_id)
     for timer in transition.timers:
         extensions = {wire.INSTANCE: instance, wire.TOKEN: timer.token, wire.TIMER_KIND: timer.kind}
         ctx.publish(saga.topic, None, key=instance, type=wire.TIMER, extensions=extensions, delay=timer.delay)
     for entry in transition.log:
-        level = logging.WARNING if entry.event in ("parked", "failed", "timed out", "undo failed") else logging.INFO
+        level = logging.WARNING if entry.event in _WARNINGS else logging.INFO
         step = f" step {entry.step}" if entry.step else ""
         ctx.logger.log(level, "saga %s %s%s: %s%s", saga.name, instance, step, entry.event,
                        f" ({entry.detail})" if entry.detail else "")  # fmt: skip

@@ -63,6 +63,18 @@ class SagaStore(Protocol):
         """
         ...
 
+    async def release_command(self, tx: Any, message_id: str) -> None:
+        """Let a command be added to the outbox again under its id: remove the row an earlier send left.
+
+        A saga re-sends an unanswered undo as the same message (the same id);
+        the outbox keeps a sent message's id for its retention period, so the
+        earlier row (sent, waiting or parked) is removed first.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
     async def log(self, tx: Any, saga: str, instance_id: str, entries: Sequence[engine.Entry]) -> None:
         """Append lines to the instance's step log."""
         ...

@@ -9,13 +9,17 @@ type                       meaning, extensions
 ``conveyor.saga.start``    start an instance; data = the initial state; ``sagaid``
 ``conveyor.saga.reply``    a participant's reply; ``sagaid``, ``sagatoken``,
                            ``sagaresult`` = ``ok`` | ``failed`` (data ``{"reason": ...}``)
+                           | ``deadlettered`` (sent by the participant's Conveyor worker
+                           when it dead-letters the command, data ``{"reason": ...}``)
 ``conveyor.saga.timer``    a timer it set; ``sagaid``, ``sagatoken``, ``sagatimer`` =
-                           ``timeout`` | ``retry``
+                           ``timeout`` | ``retry`` | ``resend``
 ``conveyor.saga.control``  an operator's action; ``sagaid``, ``sagaaction`` = ``retry`` | ``abort``
 =========================  ==============================================================
 
 A command sent to a participant carries ``sagaid``, ``sagatoken`` and
-``sagareply`` (the saga's topic); :meth:`conveyor.Context.reply` answers it. A
+``sagareply`` (the saga's topic); :meth:`conveyor.Context.reply` answers it.
+Its message id is :func:`command_id`: an unanswered undo re-sent under the
+same token is the same message, which the participant's inbox absorbs. A
 participant in another language replies by publishing a ``conveyor.saga.reply``
 event to the ``sagareply`` topic with the same ``sagaid`` and ``sagatoken``.
 
@@ -25,6 +29,7 @@ Every value is checked here: a signal that cannot be read is rejected (dead-lett
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 
 from conveyor import envelope, errors, names
@@ -40,6 +45,10 @@ REPLY_TO = "sagareply"
 RESULT = "sagaresult"
 TIMER_KIND = "sagatimer"
 ACTION = "sagaaction"
+DEAD_LETTERED = "deadlettered"
+"""The ``sagaresult`` of the notice a participant's worker sends when it dead-letters a saga command."""
+TIMER_KINDS = ("timeout", "retry", "resend")
+_IDS = uuid.UUID("5b0f3c0e-8f61-4d7a-9d2e-2f6c1a7e4b93")
 
 _TOKEN = re.compile(r"[0-9]{1,18}")
 MAX_ID = 200
@@ -54,7 +63,9 @@ class Signal:
         instance: the instance id.
         token: the token a reply or timer answers.
         ok: a reply's outcome.
-        detail: the timer kind (``timeout``/``retry``) or the action (``retry``/``abort``).
+        detail: the timer kind (``timeout``/``retry``/``resend``), the action
+            (``retry``/``abort``), or ``deadlettered`` for a reply that tells the
+            command was dead-lettered.
     """
 
     kind: str
@@ -102,18 +113,27 @@ def signal(message: envelope.Envelope) -> Signal:
         raise errors.Reject(f"{message.type} with {TOKEN}={token!r}: expected the token of the command it answers")
     if kind == "timer":
         timer = ext.get(TIMER_KIND)
-        if timer not in ("timeout", "retry"):
-            raise errors.Reject(f"{TIMER} with {TIMER_KIND}={timer!r}: expected timeout or retry")
+        if timer not in TIMER_KINDS:
+            raise errors.Reject(f"{TIMER} with {TIMER_KIND}={timer!r}: expected {', '.join(TIMER_KINDS)}")
         return Signal(kind, instance, token, detail=timer)
     result = ext.get(RESULT)
-    if result not in ("ok", "failed"):
-        raise errors.Reject(f"{REPLY} with {RESULT}={result!r}: expected ok or failed")
-    return Signal(kind, instance, token, ok=result == "ok")
+    if result not in ("ok", "failed", DEAD_LETTERED):
+        raise errors.Reject(f"{REPLY} with {RESULT}={result!r}: expected ok, failed or {DEAD_LETTERED}")
+    return Signal(kind, instance, token, ok=result == "ok", detail=DEAD_LETTERED if result == DEAD_LETTERED else None)
 
 
 def command(instance: str, token: str, saga_topic: str) -> dict[str, str]:
     """The extensions of a command sent to a participant."""
     return {INSTANCE: instance, TOKEN: token, REPLY_TO: saga_topic}
+
+
+def command_id(saga: str, instance: str, step: str, kind: str, token: str) -> str:
+    """The message id of a saga's command: the same for the same saga, instance, step, ``do``/``undo`` and token.
+
+    A command sent again under its token (an unanswered undo) is therefore the
+    same message: a participant whose handler uses the inbox handles it once.
+    """
+    return str(uuid.uuid5(_IDS, f"{saga}\n{instance}\n{step}\n{kind}\n{token}"))
 
 
 def reply_to(message: envelope.Envelope, *, failed: bool) -> tuple[str, dict[str, str]]:

@@ -144,8 +144,8 @@ def require_service(name: str, host: str, port: int) -> None:
 # -- RabbitMQ queues left by tests -------------------------------------------------------
 
 
-def rabbit_queue_names(timeout: float = 20.0) -> list[str] | None:
-    """Names of every queue of the local RabbitMQ node (``rabbitmqctl list_queues``).
+def rabbit_queue_names(timeout: float = 20.0, *, what: str = "queues") -> list[str] | None:
+    """Names of every queue (or, with ``what="exchanges"``, exchange) of the local RabbitMQ node (``rabbitmqctl``).
 
     Without the management plugin, ``rabbitmqctl`` is the only way to list
     queues; AMQP cannot.
@@ -156,7 +156,7 @@ def rabbit_queue_names(timeout: float = 20.0) -> list[str] | None:
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
         return None
-    command = [ctl, "-q", "list_queues", "name", "--no-table-headers", "--timeout", str(max(int(timeout), 1))]
+    command = [ctl, "-q", f"list_{what}", "name", "--no-table-headers", "--timeout", str(max(int(timeout), 1))]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout + 10, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -203,8 +203,9 @@ async def delete_test_queues(url: str, timeout: float = 20.0) -> list[str]:
     """Delete the local RabbitMQ node's queues named after this process's :func:`~conveyor.testing.unique` names.
 
     Subscription queues, binding records and dead-letter keepers of every
-    shape (``conveyor.<name>``, ``conveyor-binding.<name>``, ``conveyor-kept.<name>``,
-    ``conveyor.<topic>.dlq`` ...) contain the unique name they were made from;
+    shape (``conveyor-limited.<name>``, ``conveyor-binding.<name>``, ``conveyor-kept.<name>``,
+    ``conveyor.<name>`` of earlier versions ...) and the over-limit exchanges
+    (``conveyor-over-limit.<name>``, deleted too) contain the unique name they were made from;
     the shared delay tiers (``conveyor-delay-quorum.<ms>ms``) do not, and stay.
     Queues of other test sessions on the same node are left alone: their tokens
     were issued by other processes. A remote broker (``url`` not on this host)
@@ -220,6 +221,24 @@ async def delete_test_queues(url: str, timeout: float = 20.0) -> list[str]:
     if urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
         return []
     names = await asyncio.to_thread(rabbit_queue_names, timeout)
+    deleted = await delete_rabbit_queues(url, [name for name in names or [] if issued_here(name)], timeout)
+    exchanges = await asyncio.to_thread(rabbit_queue_names, timeout, what="exchanges")
+    await delete_rabbit_exchanges(url, [name for name in exchanges or [] if issued_here(name)], timeout)
+    return deleted
+
+
+async def delete_rabbit_exchanges(url: str, names: list[str], timeout: float = 10.0) -> None:
+    """Delete the named exchanges (a missing one is no error): the over-limit exchanges subscriptions leave."""
     if not names:
-        return []
-    return await delete_rabbit_queues(url, [name for name in names if issued_here(name)], timeout)
+        return
+    import aio_pika
+
+    connection = await aio_pika.connect(url, timeout=timeout)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            try:
+                await asyncio.wait_for(channel.exchange_delete(name), timeout)
+            except Exception:  # a channel error closes the channel: go on with a new one
+                if channel.is_closed:
+                    channel = await connection.channel()

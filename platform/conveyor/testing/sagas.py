@@ -110,6 +110,13 @@ class SagaTest:
         """Answer the awaited command sent to ``topic`` with a failure."""
         await self._reply(self._awaited(topic), False, {"reason": reason})
 
+    async def dead_letter(self, topic: str, reason: str = "Rejected") -> None:
+        """The participant's worker dead-lettered the awaited command sent to ``topic`` (it never replies)."""
+        token = self._awaited(topic)
+        payload = {"reason": reason}
+        self._apply(await engine.reply(self.saga, self._current(), token, False, payload, self._run_local,
+                                       dead_lettered=True))  # fmt: skip
+
     async def reply_to_token(self, token: str, ok: bool, payload: Any = None) -> None:
         """Deliver a reply with any token: a duplicate, stale or late one changes nothing."""
         await self._reply(token, ok, payload)

@@ -232,6 +232,39 @@ class StoreContracts:
             started = await persistence.schedules.start(tx, run_id)
         assert started is True
 
+    async def test_schedule_start_concurrent_callers_only_one_starts(self, persistence: Persistence) -> None:
+        """ScheduleStore.start: of callers racing to start one run, exactly one may run it (it holds a lease)."""
+        _, run_id = await self._claimed_run(persistence)
+
+        async def start() -> bool:
+            async with persistence.database.transaction() as tx:
+                return await persistence.schedules.start(tx, run_id)
+
+        started = await asyncio.gather(*(start() for _ in range(5)))
+        assert sorted(started) == [False, False, False, False, True]
+
+    async def test_schedule_start_run_whose_lease_ran_out_is_taken_over(self, persistence: Persistence) -> None:
+        """ScheduleStore.start: a run whose lease ran out starts again; its old owner can no longer finish it."""
+        schedule, run_id = await self._claimed_run(persistence)
+        lease = timedelta(seconds=0.3)
+
+        async def start(owner: str) -> bool:
+            async with persistence.database.transaction() as tx:
+                return await persistence.schedules.start(tx, run_id, owner=owner, lease=lease)
+
+        assert await start("crashed")
+        deadline = time.monotonic() + 10
+        while not await start("next"):
+            assert time.monotonic() < deadline, "the run was never taken over"
+            await asyncio.sleep(0.05)
+        async with persistence.database.transaction() as tx:
+            renewed = await persistence.schedules.renew(tx, run_id, "crashed", lease)
+            stale = await persistence.schedules.finish(tx, run_id, "failed", "late", owner="crashed")
+            finished = await persistence.schedules.finish(tx, run_id, "succeeded", owner="next")
+        async with persistence.database.transaction(readonly=True) as tx:
+            (run,) = await persistence.schedules.history(tx, schedule)
+        assert (renewed, stale, finished, run.status, run.owner) == (False, False, True, "succeeded", "next")
+
     async def test_schedule_finish_failed_after_succeeded_keeps_succeeded(self, persistence: Persistence) -> None:
         """ScheduleStore.finish: a run that succeeded stays succeeded."""
         schedule, run_id = await self._claimed_run(persistence)

@@ -48,29 +48,40 @@ Guarantees and how they are kept:
   (:mod:`conveyor.transports.kafka_attempts`), so a record that kills its
   worker every time ends as a ``TooManyDeliveries`` dead letter instead of
   blocking its partition. Before handing out records beyond its mark, a member
-  raises the mark to four prefetches past the highest of them, in the
+  raises the mark to four prefetches (at most 128 records) past the highest of them, in the
   committed offsets of the shadow group ``_conveyor.attempts.<subscription name>`` (never joined; the
   "offset" packs a mark: offset ``s`` up to which records may be out, and one record ``r``
   with its count ``t`` of attempts that started and never settled; see
   :mod:`conveyor.transports.kafka_marks`; with ACLs, grant the principal
   ``READ`` on that group too). A new owner finding ``s`` at or past
-  the group's committed offset recovers the records up to ``s`` one at a time,
-  nothing else out, counting each attempt durably before it starts; the
-  delivery's attempt is at least that count. A record that crashes the worker
+  the group's committed offset recovers the records up to ``s`` one at a time
+  (one recovered record out in the member; its other partitions go on),
+  counting each attempt durably before it starts; the delivery's attempt is
+  at least that count. Marks are fenced by their writer: one write at a time,
+  a revocation's mark after the write in flight, none once the member's group
+  generation changed. A record that crashes the worker
   runs at most ``max_attempts + 1`` times (the first crash, with a whole batch
   out, is blamed on no record); the others of its batch run again with their
   attempt unchanged. A graceful handover (revocation, close) resets the mark:
   only deliveries whose handler had started and that are abandoned unsettled
   count as an attempt, as on brokers with a delivery count. Costs: one small
-  commit per four prefetches of records of a partition, and after a crash a
-  serial pass over the records between the committed offset and the mark
-  (at most about five prefetches, fewer at the end of the log; more when a
-  slow record held the commit back).
+  commit per four prefetches (at most 128 records) of a partition, and after a
+  crash a serial pass over the records between the committed offset and the
+  mark (the records out plus at most 128, fewer at the end of the log; more
+  when a slow record held the commit back).
+* **Records the client cannot decode** (a header name that is not UTF-8:
+  aiokafka fails the whole fetch) are found by a raw fetch and dead-lettered to
+  ``<topic>.dlq`` with key, value and header values byte for byte, such names
+  decoded as Latin-1 and ``conveyor-dlq-error-type: UndecodableRecord``; the
+  offset is committed past them (see :mod:`~conveyor.transports.kafka_salvage`).
 * **Rebalances**: before rejoining, a member stops handing out records of its
   revoked partitions (held ones are dropped), waits up to ``revoke_grace_ms``
   for the deliveries out to settle, commits, and drops the rest: their ack or
   nack raises ``TransportError``, commits and publishes nothing, and the new
-  owner redelivers them (a handler running past the grace may overlap it).
+  owner redelivers them. Attempts still running after the grace are
+  cancelled, and the member rejoins only once they ended (up to the grace
+  again), so they do not overlap the new owner (a sync handler's thread cannot
+  be interrupted and may).
   Deliveries still queued in the runtime (a key's lane, the dispatcher's
   buffer) never start: ``KafkaDelivery.claim()``, called by the runtime right
   before the handler, returns False once the partition is being revoked.
@@ -296,6 +307,16 @@ class KafkaTransport:
             raise errors.TransportError(f"Kafka transport {self.url} is not connected (closed or never connected)")
         await producer.send(topic, message, extra)
 
+    async def _send_record(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes | None]]
+    ) -> None:
+        producer = self._producer
+        if producer is None:
+            raise errors.TransportError(f"Kafka transport {self.url} is not connected (closed or never connected)")
+        if topic not in self._topics:
+            await self._ensure_topics([topic])
+        await producer.send_record(topic, value, key, headers)
+
     async def subscribe(self, subscription: ports.Subscription, callback: ports.DeliveryCallback) -> ports.Consumer:
         """Declare the subscription and join its consumer group.
 
@@ -333,6 +354,7 @@ class KafkaTransport:
         consumer = kafka_consume.KafkaConsumer(
             kafka, subscription, retry_topic(subscription.name), callback, self._send, self._timeout, self._leave,
             revoke_grace=options.revoke_grace, marks=kafka_marks.MarkStore(kafka, shadow, self._timeout),
+            send_record=self._send_record,
         )  # fmt: skip
         await consumer.start()
         self._consumers.append(consumer)

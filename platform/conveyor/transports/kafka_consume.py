@@ -23,20 +23,28 @@ from aiokafka import errors as kafka_errors
 
 from conveyor import errors, ports
 from conveyor.envelope import WireMessage
-from conveyor.transports import kafka_attempts, kafka_delivery, kafka_marks, kafka_offsets, kafka_rebalance
+from conveyor.transports import (
+    kafka_attempts,
+    kafka_delivery,
+    kafka_marks,
+    kafka_offsets,
+    kafka_rebalance,
+    kafka_salvage,
+)
 
 log = logging.getLogger("conveyor.transports.kafka")
 
 _POLL_SECONDS = 1.0  # longest getmany wait; also how often a full consumer polls
 _BACKOFF_MAX = 5.0
 _STOP_SECONDS = 15.0  # longest wait for aiokafka to stop a consumer
-_MARK_LOOKAHEAD = 4  # attempt marks reach this many prefetches past the records handed out
+_MARK_LOOKAHEAD = 4  # attempt marks reach this many prefetches past the records handed out...
+_MARK_LOOKAHEAD_MAX = 128  # ...but no farther: after a crash, the records past those out are recovered one by one
 
 Send = kafka_delivery.Send
 Leave = Callable[[int, str, str], Awaitable[None]]
 
 
-class KafkaConsumer(kafka_rebalance.Rebalancing):
+class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
     """A running subscription: one group member fetching, holding and handing out records.
 
     Args:
@@ -52,6 +60,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
             revoked partitions to settle (and again, at most, for their commit).
         marks: where attempt marks are kept (see :mod:`conveyor.transports.kafka_marks`);
             None counts no attempts across crashes.
+        send_record: publishes a record as given, for dead letters of records the
+            client cannot decode (see :mod:`conveyor.transports.kafka_salvage`).
     """
 
     def __init__(
@@ -66,6 +76,7 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
         *,
         revoke_grace: float = 2.5,
         marks: kafka_marks.MarkStore | None = None,
+        send_record: kafka_salvage.SendRecord | None = None,
     ) -> None:
         self.subscription = subscription
         self.retry_topic = retry_topic
@@ -73,6 +84,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
         self.closed = False
         self._kafka = kafka
         self._callback = callback
+        self._send_record = send_record
+        self._request_timeout = commit_timeout
         self._prefetch = max(subscription.prefetch, 1)
         self._low_water = self._prefetch // 2  # once full, fetch again only below this: whole batches, not ones
         self._topping = False
@@ -80,9 +93,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
         self._committer = kafka_offsets.Committer(kafka, subscription.name, commit_timeout)
         self._leave = leave
         self._revoke_grace = revoke_grace
-        self._attempts = kafka_attempts.Attempts(
-            kafka, marks, subscription.name, revoke_grace, lookahead=self._prefetch * _MARK_LOOKAHEAD
-        )
+        lookahead = min(self._prefetch * _MARK_LOOKAHEAD, _MARK_LOOKAHEAD_MAX)
+        self._attempts = kafka_attempts.Attempts(kafka, marks, subscription.name, revoke_grace, lookahead)
         self._partitions: dict[TopicPartition, kafka_offsets.PartitionOffsets] = {}
         self._held: list[kafka_delivery.Held] = []
         self._handing: kafka_delivery.KafkaDelivery | None = None  # being handed to the callback
@@ -210,6 +222,8 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
             self._room.set()
         if partition.draining and not partition.out:
             self._drained.set()
+        if partition.suspect >= 0 and not partition.out and not partition.revoked and not self._stopping:
+            self._sync_pauses()  # the next recovered record may go out now
 
     def hold(
         self, partition: kafka_offsets.PartitionOffsets, offset: int, message: WireMessage, attempt: int, due: float
@@ -246,21 +260,20 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
                 backoff = 0.1
 
     async def _step(self) -> None:
-        if kafka_attempts.recovering(self._partitions.values()):
-            await self._recover_step()
-            return
         await self._release_due()
         if self._unsettled >= self._prefetch or (self._topping and self._unsettled > self._low_water):
             self._topping = True
             await self._wait_for_room()
             return
         self._full = self._topping = False
+        await self._attempts.end_recoveries(p for p in self._partitions.values() if not p.out)
         self._sync_pauses()
         timeout = _POLL_SECONDS
         if self._held:
             timeout = min(timeout, max(self._held[0].due - time.time(), 0.0))
-        batch = await self._kafka.getmany(timeout_ms=int(timeout * 1000), max_records=self._prefetch - self._unsettled)
+        batch = await self._getmany(timeout_ms=int(timeout * 1000), max_records=self._prefetch - self._unsettled)
         self._healthy = True
+        batch = self._one_recovered(batch)
         await self._attempts.mark(batch, self._partitions)
         for tp, records in batch.items():
             partition = self._partitions.get(tp)
@@ -269,7 +282,24 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
             for record in records:
                 if partition.draining:  # being revoked: its next owner fetches the rest
                     break
-                await self._accept(partition, record)
+                await self._accept(partition, record, count=partition.suspect >= record.offset)
+
+    def _one_recovered(self, batch: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
+        """Keep one record of a partition being recovered (its first); the rest is fetched again later.
+
+        A partition read past its recovered records is recovered: its records take the normal path.
+        """
+        for tp, records in batch.items():
+            partition = self._partitions.get(tp)
+            if partition is None or partition.suspect < 0 or not records:
+                continue
+            if records[0].offset > partition.suspect:
+                partition.suspect = -1
+                log.info("%s: recovered %s[%d]", self.subscription.name, tp.topic, tp.partition)
+            elif len(records) > 1:
+                self._seek(tp, records[0].offset + 1)
+                batch[tp] = records[:1]
+        return batch
 
     async def _wait_for_room(self) -> None:
         """At the prefetch limit: wait for a settle, polling paused so the member stays alive.
@@ -297,8 +327,12 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
             wanted = {tp for tp in self._partitions if tp.topic == self.retry_topic} | self._draining
         else:
             wanted = set(self._draining)
-        if kafka_attempts.recovering(self._partitions.values()):  # read only those, one record at a time
-            wanted.update(tp for tp, p in self._partitions.items() if p.suspect < 0)
+        # Partitions being recovered hand out one record at a time, one partition at a time: at most one
+        # recovered record is out (others go on), so a crash is counted against that record.
+        recovering = [p for p in self._partitions.values() if p.suspect >= 0 and not p.loading and not p.draining]
+        if recovering:
+            current = None if any(p.out for p in recovering) else recovering[0].tp
+            wanted.update(p.tp for p in recovering if p.tp != current)
         wanted.update(tp for tp, p in self._partitions.items() if p.loading)
         if wanted == self._paused:
             return
@@ -308,39 +342,10 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
             self._kafka.pause(*pause)
         self._paused = wanted
 
-    async def _recover_step(self) -> None:
-        """Recovery: hand out the previous owner's records one at a time, each counted.
-
-        Before each record its attempt is counted in the mark, durably; so a
-        record that kills the worker is named by the mark, and its attempts
-        grow by one per crash until the runtime dead-letters it. Nothing else
-        is out meanwhile (a crash must not be blamed on another record).
-        """
-        self._full = bool(self._unsettled)
-        if self._unsettled:  # wait for the record out to settle, polling (all paused) to stay in the group
-            self._room.clear()
-            try:
-                await asyncio.wait_for(self._room.wait(), _POLL_SECONDS)
-            except TimeoutError:
-                self._sync_pauses()
-                await self._kafka.getmany(timeout_ms=0)
-                self._healthy = True
-            return
-        await self._attempts.end_recoveries(self._partitions.values())
-        self._sync_pauses()
-        if not kafka_attempts.recovering(self._partitions.values()):
-            return
-        batch = await self._kafka.getmany(timeout_ms=int(_POLL_SECONDS * 1000), max_records=1)
-        self._healthy = True
-        for tp, records in batch.items():
-            partition = self._partitions.get(tp)
-            if partition is None or partition.draining or not records:
-                continue
-            if partition.suspect < records[0].offset:  # past the recovered records: the normal path
-                await self._attempts.mark(batch, self._partitions)
-            await self._accept(partition, records[0], count=partition.suspect >= records[0].offset)
-
     async def _accept(self, partition: kafka_offsets.PartitionOffsets, record: Any, *, count: bool = False) -> None:
+        if isinstance(record, kafka_salvage.RawRecord) and record.undecodable:
+            await self.quarantine(partition, record)
+            return
         message, attempt, not_before = kafka_delivery.from_record(record, trusted=record.topic == self.retry_topic)
         offset = record.offset
         if not_before and not_before / 1000 > time.time():  # not due: it cannot have run before either
@@ -349,7 +354,10 @@ class KafkaConsumer(kafka_rebalance.Rebalancing):
             heapq.heappush(self._held, held)
             return
         if count:
-            attempt = max(attempt, await self._attempts.count(partition, offset))
+            tries = await self._attempts.count(partition, offset)
+            if not tries:  # its partition is being revoked: the next owner counts and runs it
+                return
+            attempt = max(attempt, tries)
         partition.take(offset)
         await self._hand_out(kafka_delivery.KafkaDelivery(self, partition, offset, message, attempt))
 

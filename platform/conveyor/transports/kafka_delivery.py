@@ -8,6 +8,7 @@ not-before time of a retry copy). A :class:`KafkaDelivery` settles through its
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -88,7 +89,8 @@ class Held:
 class KafkaDelivery:
     """One delivery of a Kafka record to a subscription."""
 
-    __slots__ = ("_consumer", "_offset", "_partition", "_settled", "attempt", "message", "topic")
+    __slots__ = ("_consumer", "_offset", "_partition", "_settled", "_task", "attempt", "ended", "message", "taken_back",
+                 "topic")  # fmt: skip
 
     def __init__(
         self,
@@ -102,9 +104,14 @@ class KafkaDelivery:
         self._partition = partition
         self._offset = offset
         self._settled = False
+        self._task: asyncio.Task[object] | None = None
         self.topic = consumer.subscription.topic
         self.message = message
         self.attempt = attempt
+        self.taken_back = False
+        """True once the consumer cancelled the attempt: it is no longer this member's to settle."""
+        self.ended = asyncio.Event()
+        """Set once a taken-back attempt ended (by the runtime, or when its task is done)."""
 
     def claim(self) -> bool:
         """Called by the runtime right before the handler starts; False: skip the delivery.
@@ -112,9 +119,11 @@ class KafkaDelivery:
         False once the record's partition is being revoked or was revoked, or
         the consumer closed: its next owner runs it, so the delivery is
         released without being settled (acking or nacking it afterwards raises
-        ``TransportError``). True otherwise; the attempt is then *running*: if
-        the member lets the partition go before it settles, the attempt counts
-        (see :mod:`conveyor.transports.kafka_attempts`).
+        ``TransportError``). True otherwise; the attempt is then *running* in
+        the calling task: if the member lets the partition go before it settles,
+        the attempt counts (see :mod:`conveyor.transports.kafka_attempts`), and
+        once the revocation grace is over the task is cancelled and
+        :attr:`taken_back` set (see :meth:`take_back`).
         """
         partition = self._partition
         if self._settled or partition.draining or partition.revoked or self._consumer.closed:
@@ -123,7 +132,34 @@ class KafkaDelivery:
                 self._consumer.release(partition)
             return False
         partition.running[self._offset] = self.attempt
+        partition.claimed[self._offset] = self
+        self._task = asyncio.current_task()
         return True
+
+    @property
+    def task(self) -> asyncio.Task[object] | None:
+        """The task running the attempt (set by :meth:`claim`)."""
+        return self._task
+
+    def take_back(self) -> None:
+        """Stop a running attempt: release the delivery unsettled and cancel its task.
+
+        Its ack or nack then raises ``TransportError`` and commits and publishes
+        nothing; the runtime sees :attr:`taken_back` and ends the attempt
+        quietly. A delivery already settled is left alone.
+        """
+        if self._settled:
+            self.ended.set()
+            return
+        self._settled = self.taken_back = True
+        self._partition.claimed.pop(self._offset, None)
+        self._consumer.release(self._partition)
+        task = self._task
+        if task is None or task.done():
+            self.ended.set()
+            return
+        task.add_done_callback(lambda _: self.ended.set())
+        task.cancel()
 
     async def ack(self) -> None:
         """Settle the record; returns at once, its offset is committed in the background.

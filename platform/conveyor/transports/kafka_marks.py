@@ -14,10 +14,21 @@ and fetched as a standalone consumer would (generation -1). The committed
 "offset" is not an offset but a :class:`Mark` packed into 63 bits. Commit
 metadata would be the natural place, but Tansu (the broker of our tests) drops
 it (measured with Tansu 0.6.0: ``OffsetFetch`` returns ``""``), and offsets of
-a second group work on every Kafka-protocol broker. Marks are not fenced by
-the group generation: a member that lost its partitions without noticing can
-still write one; the worst outcome is a needless recovery pass or a miscounted
-attempt, never a lost record.
+a second group work on every Kafka-protocol broker.
+
+Fencing. The broker cannot fence these writes (a standalone commit carries no
+generation), and a mark read back cannot tell what it overwrote, so carrying
+the generation *in* the mark would let a reader detect nothing useful; the
+writer fences itself instead (:class:`~conveyor.transports.kafka_attempts.Attempts`):
+one write at a time, so a revocation's handover mark lands after the write in
+flight and before the revocation returns (the group waits for it: no new owner
+reads or writes the mark earlier); no write for a partition being revoked; and
+no write at all once the member's group generation differs from the one its
+partitions were assigned in (aiokafka resets it when the coordinator forgot the
+member: its session expired). What is left is a member cut off without knowing
+it, whose write was sent before the new owner's and arrives after it; the worst
+outcome is then a needless recovery pass or a miscounted attempt, never a lost
+record.
 """
 
 from __future__ import annotations
@@ -37,16 +48,46 @@ from conveyor import errors
 log = logging.getLogger("conveyor.transports.kafka")
 
 SHADOW_PREFIX = "_conveyor.attempts."
+# The near form (the only one before far counts existed, so old marks still read):
+#   (through + 1) << 16 | distance << 6 | tries, with distance = through - offset <= 1023.
 _TRIES_BITS = 6  # attempts counted up to 63
-_DISTANCE_BITS = 10  # the counted record lies at most 1023 offsets before `through`
+_DISTANCE_BITS = 10
 _MAX_TRIES = (1 << _TRIES_BITS) - 1
 _MAX_DISTANCE = (1 << _DISTANCE_BITS) - 1
 _SHIFT = _TRIES_BITS + _DISTANCE_BITS
+_NEAR_THROUGH = (1 << (62 - _SHIFT)) - 1  # through + 1 below 2**46: bit 62 stays clear
+# The far form, for a counted record more than 1023 offsets below `through`, or a `through`
+# of 2**46 - 1 or more (bit 62 set):
+#   1 << 62 | code << 53 | tries << 47 | offset, where `code` is through - offset rounded
+#   *up* to mantissa << exponent (4-bit mantissa, 5-bit exponent): the count is exact for
+#   any offset, and the recovery range is never shortened (at most an eighth longer) for
+#   distances up to 15 << 31 (32 billion offsets).
+_FAR = 1 << 62
+_OFFSET_BITS = 47
+_MAX_OFFSET = (1 << _OFFSET_BITS) - 1
+_MANTISSA_BITS = 4
+_MAX_EXPONENT = 31
 
 
 def shadow_group(subscription: str) -> str:
     """The consumer group whose committed offsets hold the marks of ``subscription``."""
     return SHADOW_PREFIX + subscription
+
+
+def _round_up(distance: int) -> int:
+    """``distance`` as the code of the smallest ``mantissa << exponent`` at least as large."""
+    exponent = max(distance.bit_length() - _MANTISSA_BITS, 0)
+    mantissa = (distance + (1 << exponent) - 1) >> exponent
+    if mantissa >> _MANTISSA_BITS:  # rounding carried into a fifth bit
+        exponent += 1
+        mantissa = (distance + (1 << exponent) - 1) >> exponent
+    if exponent > _MAX_EXPONENT:  # over 32 billion offsets: unreachable in practice
+        exponent, mantissa = _MAX_EXPONENT, (1 << _MANTISSA_BITS) - 1
+    return exponent << _MANTISSA_BITS | mantissa
+
+
+def _distance(code: int) -> int:
+    return (code & ((1 << _MANTISSA_BITS) - 1)) << (code >> _MANTISSA_BITS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,21 +106,32 @@ class Mark:
     tries: int = 0
 
     def encode(self) -> int:
-        """The mark as a non-negative 63-bit integer (0 = nothing handed out)."""
+        """The mark as a non-negative 63-bit integer (0 = nothing handed out).
+
+        A counted record's attempts survive at any distance below ``through``;
+        far below it, ``through`` reads back rounded up (see the module's layout).
+        """
         if self.through < 0:
             return 0
-        distance = self.through - self.offset
-        if self.offset < 0 or self.tries <= 0 or not 0 <= distance <= _MAX_DISTANCE:
-            distance, tries = 0, 0
-        else:
-            tries = min(self.tries, _MAX_TRIES)
-        return ((self.through + 1) << _SHIFT) | (distance << _TRIES_BITS) | tries
+        counted = 0 <= self.offset <= self.through and self.tries > 0
+        tries = min(self.tries, _MAX_TRIES) if counted else 0
+        offset = self.offset if counted else self.through
+        distance = self.through - offset
+        if self.through < _NEAR_THROUGH and distance <= _MAX_DISTANCE:
+            return ((self.through + 1) << _SHIFT) | (distance << _TRIES_BITS) | tries
+        code = _round_up(distance)
+        return _FAR | code << (_TRIES_BITS + _OFFSET_BITS) | tries << _OFFSET_BITS | min(offset, _MAX_OFFSET)
 
     @classmethod
     def decode(cls, value: int) -> Mark:
         """The mark an :meth:`encode` result stands for (anything <= 0: no mark)."""
         if value <= 0:
             return CLEAN
+        if value & _FAR:
+            offset = value & _MAX_OFFSET
+            tries = (value >> _OFFSET_BITS) & _MAX_TRIES
+            code = (value >> (_OFFSET_BITS + _TRIES_BITS)) & ((1 << 9) - 1)
+            return cls(offset + _distance(code), offset, tries) if tries else cls(offset + _distance(code))
         through = (value >> _SHIFT) - 1
         tries = value & _MAX_TRIES
         if through < 0:
@@ -159,6 +211,12 @@ class MarkStore:
             return dict(await asyncio.wait_for(_coordinator(kafka).fetch_committed_offsets(tps), self._timeout))
         except (kafka_errors.KafkaError, OSError, TimeoutError) as exc:
             raise errors.TransientTransportError(f"reading Kafka {what} failed: {exc!r}") from exc
+
+
+def generation(kafka: AIOKafkaConsumer) -> int | None:
+    """The member's current group generation (-1 once the coordinator forgot the member); None: not known."""
+    value = getattr(getattr(kafka, "_coordinator", None), "generation", None)
+    return value if isinstance(value, int) else None
 
 
 def _coordinator(kafka: AIOKafkaConsumer) -> Any:

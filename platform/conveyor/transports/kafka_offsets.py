@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka import errors as kafka_errors
@@ -65,13 +66,19 @@ class PartitionOffsets:
         tries: attempts known to have started and never settled, by offset
             (from the mark, and counted here during recovery).
         running: attempt of each delivery whose handler started and that is not settled, by offset.
+        claimed: the delivery of each attempt running now, by offset (cancelled when a
+            revocation's grace is over).
+        fetched: offset of the next record the fetch loop expects (None: not known yet).
+        generation: the group generation the partition was assigned in (None: not known);
+            marks are written only while the member's generation is still this one.
     """
 
-    __slots__ = ("draining", "loading", "marked", "out", "revoked", "running", "settled", "suspect", "taken", "tp",
-                 "tries")  # fmt: skip
+    __slots__ = ("claimed", "draining", "fetched", "generation", "loading", "marked", "out", "revoked", "running",
+                 "settled", "suspect", "taken", "tp", "tries")  # fmt: skip
 
-    def __init__(self, tp: TopicPartition) -> None:
+    def __init__(self, tp: TopicPartition, generation: int | None = None) -> None:
         self.tp = tp
+        self.generation = generation
         self.taken: deque[int] = deque()
         self.settled: set[int] = set()
         self.out = 0
@@ -82,10 +89,13 @@ class PartitionOffsets:
         self.suspect = -1
         self.tries: dict[int, int] = {}
         self.running: dict[int, int] = {}
+        self.claimed: dict[int, Any] = {}
+        self.fetched: int | None = None
 
     def restore(self, committed: int | None, mark: kafka_marks.Mark) -> None:
         """Take over from the previous owner: recover if it died with records in hand."""
         self.loading = False
+        self.fetched = committed
         if mark.through < (committed or 0):  # no commit yet: the group started at the log's start
             return  # nothing was handed out beyond what is committed: a clean handover
         self.suspect = self.marked = mark.through
@@ -125,6 +135,7 @@ class PartitionOffsets:
         """The delivery of ``offset`` was acked or nacked: its attempt ended."""
         self.running.pop(offset, None)
         self.tries.pop(offset, None)
+        self.claimed.pop(offset, None)
 
     def settle(self, offset: int) -> int | None:
         """Mark ``offset`` done; return the offset to commit if the settled prefix grew."""

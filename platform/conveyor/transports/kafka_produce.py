@@ -78,10 +78,22 @@ class Producer:
             TransportError: the broker refused the record.
             TransientTransportError: the broker is unreachable or did not answer in time.
         """
+        key = message.key.encode() if message.key is not None else None
+        await self.send_record(topic, message.body, key, kafka_delivery.record_headers(message, extra))
+
+    async def send_record(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes | None]]
+    ) -> None:
+        """Send one record as given (key, value and header values byte for byte); return once acknowledged.
+
+        Raises:
+            TransportError: the broker refused the record.
+            TransientTransportError: the broker is unreachable or did not answer in time.
+        """
         self._enqueueing += 1
         try:
             async with self._turn:
-                delivered = await self._enqueue(topic, message, extra)
+                delivered = await self._enqueue_record(topic, value, key, headers)
         except _FAILURES as exc:
             raise _refused(topic, exc) from exc
         finally:
@@ -130,8 +142,12 @@ class Producer:
 
     async def _enqueue(self, topic: str, message: WireMessage, extra: dict[str, str]) -> asyncio.Future[Any]:
         key = message.key.encode() if message.key is not None else None
-        headers = kafka_delivery.record_headers(message, extra)
-        future: asyncio.Future[Any] = await self.producer.send(topic, message.body, key=key, headers=headers)
+        return await self._enqueue_record(topic, message.body, key, kafka_delivery.record_headers(message, extra))
+
+    async def _enqueue_record(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes | None]]
+    ) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = await self.producer.send(topic, value, key=key, headers=list(headers))
         return future
 
     def _seal_when_idle(self) -> None:

@@ -14,10 +14,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from conveyor import errors, ports
-from conveyor.transports import kafka_attempts, kafka_delivery, kafka_offsets
+from conveyor.envelope import WireMessage
+from conveyor.transports import kafka_attempts, kafka_delivery, kafka_marks, kafka_offsets
 
 if TYPE_CHECKING:
     from conveyor.transports.kafka_consume import KafkaConsumer
@@ -43,6 +44,7 @@ class Rebalancing:
 
     subscription: ports.Subscription
     closed: bool
+    _kafka: AIOKafkaConsumer
     _partitions: dict[TopicPartition, kafka_offsets.PartitionOffsets]
     _committer: kafka_offsets.Committer
     _attempts: kafka_attempts.Attempts
@@ -65,15 +67,18 @@ class Rebalancing:
         the wait for deliveries to settle and the final commit are bounded by
         ``revoke_grace`` each. Records held or not handed out yet are dropped;
         deliveries still unsettled after the grace are dropped too (their ack or
-        nack commits and publishes nothing, see :meth:`settle`). The partitions'
-        next owner redelivers everything not committed; the inbox absorbs the
-        duplicates of what was handled here but not committed.
+        nack commits and publishes nothing, see :meth:`settle`), and attempts of
+        them still running are cancelled; the revocation waits, up to the grace
+        again, for them to end, so they do not overlap the partitions' next
+        owner. The partitions' next owner redelivers everything not committed;
+        the inbox absorbs the duplicates of what was handled here but not committed.
         """
         partitions = [p for tp in revoked if (p := self._partitions.get(tp)) is not None]
         started = time.monotonic()
         try:
             self._stop_dispatch(partitions)
             await self._settle_out(partitions)
+            await self._take_back(partitions)
             try:
                 await asyncio.wait_for(self._committer.flush(), self._revoke_grace)
             except (errors.TransportError, TimeoutError) as exc:
@@ -118,13 +123,51 @@ class Rebalancing:
         except TimeoutError:
             pass
 
+    async def _take_back(self, partitions: list[kafka_offsets.PartitionOffsets]) -> None:
+        """Cancel the attempts of ``partitions`` still running; wait, up to the grace, for them to end.
+
+        A task also running deliveries of partitions kept here (a batch) loses
+        them too: they are redelivered from memory at once.
+        """
+        late = [delivery for partition in partitions for delivery in list(partition.claimed.values())]
+        tasks = {d.task for d in late if d.task is not None and not d.task.done()}
+        if not tasks:
+            return
+        for partition in self._partitions.values():
+            for delivery in list(partition.claimed.values()) if not partition.draining else ():
+                if delivery.task in tasks:
+                    delivery.take_back()
+                    self.hold(partition, delivery._offset, delivery.message, delivery.attempt, time.time())
+        for delivery in late:
+            delivery.take_back()
+        log.warning(
+            "%s: %d attempt(s) still running after the revocation grace of %.1fs; cancelled",
+            self.subscription.name, len(late), self._revoke_grace,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(self._revoke_grace):
+                for delivery in late:
+                    await delivery.ended.wait()
+        except TimeoutError:
+            stuck = sum(1 for d in late if not d.ended.is_set())
+            log.error(
+                "%s: %d cancelled attempt(s) still running (a handler ignoring cancellation); they may "
+                "overlap the partitions' new owner", self.subscription.name, stuck,
+            )  # fmt: skip
+
+    def hold(
+        self, partition: kafka_offsets.PartitionOffsets, offset: int, message: WireMessage, attempt: int, due: float
+    ) -> None:
+        raise NotImplementedError  # the consumer's
+
     async def assigned(self, assigned: set[TopicPartition]) -> None:
         """Start tracking newly assigned partitions, recovering those whose owner died.
 
         They stay paused until their committed offsets and attempt marks are
         read (aiokafka awaits this before the member rejoins the fetch).
         """
-        new = [kafka_offsets.PartitionOffsets(tp) for tp in assigned if tp not in self._partitions]
+        generation = kafka_marks.generation(self._kafka)
+        new = [kafka_offsets.PartitionOffsets(tp, generation) for tp in assigned if tp not in self._partitions]
         self._partitions.update((p.tp, p) for p in new)
         self._sync_pauses()
         log.debug("%s assigned %s", self.subscription.name, sorted(assigned))

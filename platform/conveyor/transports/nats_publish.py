@@ -85,29 +85,39 @@ class PubAcks:
         if future is None or future.done():
             return
         try:
-            if _is_refusal(msg):
-                future.set_exception(_refusal(msg))
-            else:
-                future.set_result(None)
+            refusal = refusal_of(msg)
         except Exception as exc:  # an answer we cannot read still settles its publish
             future.set_exception(nats.js.errors.Error(f"unreadable PubAck {msg.data[:200]!r}: {exc!r}"))
+            return
+        if refusal is None:
+            future.set_result(None)
+        else:
+            future.set_exception(refusal)
 
 
-def _is_refusal(msg: Msg) -> bool:
-    return bool(msg.headers and msg.headers.get(api.Header.STATUS) == _NO_RESPONDERS) or b'"error"' in msg.data
+def refusal_of(msg: Msg) -> Exception | None:
+    """None for a PubAck, else the exception of the reply that is not one: no stream, or the server's error.
 
+    The reply is parsed, never searched: a PubAck is ``{"stream": ..., "seq": ...}``
+    and a refusal ``{"error": {...}}``, and a stream (or domain) may well be
+    named ``error``. ``APIError.from_error`` *raises* the error it builds (so
+    nats-py's own ``publish_async`` leaves a refused publish waiting until it
+    times out).
 
-def _refusal(msg: Msg) -> Exception:
-    """The exception of a PubAck that is not one: no stream for the subject, or the server's error.
-
-    ``APIError.from_error`` *raises* the error it builds (so nats-py's own
-    ``publish_async`` leaves a refused publish waiting until it times out).
+    Raises:
+        orjson.JSONDecodeError: the reply is not JSON.
     """
     if msg.headers and msg.headers.get(api.Header.STATUS) == _NO_RESPONDERS:
         return nats.js.errors.NoStreamResponseError()
     reply: Any = orjson.loads(msg.data)
-    if not isinstance(reply, dict) or not isinstance(reply.get("error"), dict):
+    if not isinstance(reply, dict):
         return nats.js.errors.Error(f"unexpected PubAck {msg.data[:200]!r}")
+    if "error" not in reply:
+        if isinstance(reply.get("stream"), str) and isinstance(reply.get("seq"), int):
+            return None
+        return nats.js.errors.Error(f"unexpected PubAck {msg.data[:200]!r}")
+    if not isinstance(reply["error"], dict):
+        return nats.js.errors.Error(f"the server refused the message: {reply['error']!r}")
     try:
         nats.js.errors.APIError.from_error(reply["error"])
     except nats.js.errors.Error as exc:

@@ -4,12 +4,16 @@ Wire names, documented so that other services can publish without Conveyor:
 
 * a topic is a routing key on the durable topic exchange ``conveyor`` (the
   ``exchange`` argument);
-* a subscription is the durable quorum queue ``conveyor.<name>``, bound to its
-  topic, with ``x-delivery-limit`` = ``max_deliveries`` as a backstop against
-  redelivery loops; one without a delivery limit (``max_deliveries=None``: the
-  keepers of dead letters, ``<topic>.dlq``) is the durable classic queue
-  ``conveyor-kept.<name>``, and a declare moves what a keeper of an earlier
-  version holds in ``conveyor.<name>`` into it;
+* a subscription is the durable quorum queue ``conveyor-limited.<name>``, bound
+  to its topic, with ``x-delivery-limit`` = ``max_deliveries`` as a backstop
+  against redelivery loops; a message past the limit is dead-lettered (through
+  the fanout exchange ``conveyor-over-limit.<name>``) into the keeper of
+  ``<topic>.dlq``, never dropped. One without a delivery limit
+  (``max_deliveries=None``: the keepers of dead letters, ``<topic>.dlq``) is the
+  durable classic queue ``conveyor-kept.<name>``. Earlier versions used the
+  quorum queue ``conveyor.<name>`` for both, without a dead-letter target: a
+  declare moves what it holds into the current queue and deletes it
+  (see :mod:`conveyor.transports.rabbit_queues`);
 * CloudEvents binary mode (AMQP binding on 0-9-1): attributes in the headers
   table with the prefix ``cloudEvents_``, ``datacontenttype`` in the
   ``content_type`` property, the ordering key in the header ``conveyor-key``.
@@ -66,7 +70,7 @@ from pamqp.commands import Basic
 
 from conveyor import errors, names, ports, transports
 from conveyor.envelope import AMQP_PREFIX, WireMessage
-from conveyor.transports import rabbit_backlog, rabbit_consume, rabbit_queues, rabbit_wire
+from conveyor.transports import rabbit_backlog, rabbit_consume, rabbit_frames, rabbit_queues, rabbit_wire
 
 log = logging.getLogger("conveyor.transports.rabbit")
 
@@ -119,7 +123,7 @@ class RabbitTransport:
         self._publishing: dict[str, asyncio.Event] = {}  # message id -> its publish is done
 
     def queue_name(self, subscription: str | ports.Subscription) -> str:
-        """The queue of a subscription: ``<exchange>.<name>``, or ``<exchange>-kept.<name>`` without a delivery limit.
+        """The queue of a subscription: ``<exchange>-limited.<name>``, or ``<exchange>-kept.<name>`` without a limit.
 
         Given only a name, the queue this transport last declared for it.
         """
@@ -147,7 +151,10 @@ class RabbitTransport:
     async def _open(self) -> None:
         try:
             connection = await aio_pika.connect(
-                self.url, timeout=self.timeout, client_properties={"connection_name": "conveyor"}
+                self.url,
+                timeout=self.timeout,
+                client_properties={"connection_name": "conveyor"},
+                connection_class=rabbit_frames.Connection,
             )
         except (TimeoutError, *rabbit_wire.DRIVER_ERRORS) as exc:
             raise rabbit_wire.transport_error(f"connection to {self._safe_url()}", exc) from exc
@@ -351,8 +358,8 @@ class RabbitTransport:
     async def declare(self, topics: Sequence[str], subscriptions: Sequence[ports.Subscription]) -> None:
         """Declare the exchange and each subscription's queue, and reconcile its binding.
 
-        A subscription without a delivery limit (a keeper) also takes over what
-        its quorum queue of earlier versions holds (see :mod:`~conveyor.transports.rabbit_queues`).
+        Each subscription also takes over what its queue of earlier versions
+        (``<exchange>.<name>``) holds (see :mod:`~conveyor.transports.rabbit_queues`).
 
         Raises:
             ConfigurationError: a topic or subscription name is invalid.
@@ -374,15 +381,15 @@ class RabbitTransport:
                 if isinstance(exc.__cause__, aiormq.exceptions.ChannelPreconditionFailed):
                     queue = self.queue_name(subscription)
                     raise errors.TransportError(
-                        rabbit_queues.explain(subscription, queue, exc.__cause__)
+                        rabbit_queues.explain(self.exchange, subscription, queue, exc.__cause__)
                     ) from exc.__cause__
                 raise
             if subscription.max_deliveries is None:
                 self._kept.add(subscription.name)
-                connection = await self.wait_connected()
-                await rabbit_queues.move_old_keeper(connection, self.exchange, subscription, self.timeout)
             else:
                 self._kept.discard(subscription.name)
+            connection = await self.wait_connected()
+            await rabbit_queues.move_old_queue(connection, self.exchange, subscription, self.timeout)
 
     # -- consuming and health --------------------------------------------------------
 

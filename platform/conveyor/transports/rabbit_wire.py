@@ -31,6 +31,8 @@ from pamqp.common import FieldTable
 
 from conveyor import errors
 from conveyor.envelope import WireMessage, binary_partition_key
+from conveyor.runtime.failures import DLQ_HEADER
+from conveyor.transports import rabbit_frames
 
 KEY_HEADER = "conveyor-key"
 ATTEMPT_HEADER = "conveyor-attempt"
@@ -120,6 +122,12 @@ def outgoing_properties(message: WireMessage) -> Basic.Properties:
 def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple[WireMessage, int, int | None]:
     """Read a delivery: the wire message, its attempt and its due time (epoch ms), if any.
 
+    A content header :mod:`~conveyor.transports.rabbit_frames` had to make
+    readable gives a message whose ``unreadable`` says why. A message RabbitMQ
+    dead-lettered past a queue's delivery limit (``x-first-death-reason``
+    ``delivery_limit``) gets the ``conveyor-dlq-*`` reason Conveyor would have
+    written (error type ``DeliveryLimit``, the handler), unless it has one.
+
     Args:
         raw: the delivery.
         trusted: it came back through our delay tiers. A message routed by the
@@ -128,7 +136,7 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
     """
     props = raw.header.properties
     headers: dict[str, str] = {}
-    key = due = None
+    key = due = unreadable = death = death_queue = None
     attempt, returns = 1, 0
     # The broker sets x-delivery-count only on a redelivery; on a first delivery the header is a producer's.
     redelivered = bool(raw.redelivered)
@@ -136,6 +144,9 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
         if value is None:
             continue  # an AMQP void is no value: a null attribute is a missing one
         if name not in _INTERNAL:
+            if name == rabbit_frames.UNREADABLE and (reason := rabbit_frames.unreadable_reason(value)) is not None:
+                unreadable = reason
+                continue
             headers[name] = _text(value)
         elif name == KEY_HEADER:
             key = _text(value)
@@ -145,13 +156,35 @@ def incoming(raw: aiormq.abc.DeliveredMessage, *, trusted: bool = True) -> tuple
             returns = _int(value, 0)
         elif name == DUE_HEADER and trusted:
             due = _int(value, 0)
+        elif name == "x-first-death-reason":
+            death = _text(value)
+        elif name == "x-first-death-queue":
+            death_queue = _text(value)
+    if death == "delivery_limit" and DLQ_HEADER + "error-type" not in headers:
+        headers |= _over_limit(death_queue or "?")
     if props.content_type:
         headers["content-type"] = props.content_type
     if key is None:
         key = binary_partition_key(headers)
     # message_id is the only id a RabbitMQ message keeps across redeliveries (copies keep it too);
     # a message published without one has none (see conveyor.plain).
-    return WireMessage(raw.body, headers, key, props.message_id or None), max(attempt, 1) + returns, due
+    message = WireMessage(raw.body, headers, key, props.message_id or None, unreadable)
+    return message, max(attempt, 1) + returns, due
+
+
+def _over_limit(queue: str) -> dict[str, str]:
+    """The ``conveyor-dlq-*`` reason of a message RabbitMQ dead-lettered past ``queue``'s delivery limit."""
+    head, _, subscription = queue.partition(".")
+    reason = {
+        DLQ_HEADER + "error-type": "DeliveryLimit",
+        DLQ_HEADER + "error": (
+            f"RabbitMQ dead-lettered it from queue {queue} past the queue's delivery limit (x-delivery-limit): "
+            "it was delivered that often without being settled"
+        ),
+    }
+    if head.endswith("-limited"):
+        reason[DLQ_HEADER + "handler"] = subscription
+    return reason
 
 
 def copy_properties(raw: aiormq.abc.DeliveredMessage, attempt: int, due: int | None) -> Basic.Properties:

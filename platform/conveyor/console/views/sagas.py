@@ -24,6 +24,7 @@ _KINDS = {
     "sent": "command", "replied": "reply", "undo sent": "compensation", "undone": "compensation",
     "undo failed": "error", "compensating": "compensation", "compensated": "compensation",
     "failed": "error", "timed out": "error", "parked": "error", "completed": "done", "retried": "operator",
+    "undo re-sent": "compensation", "dead-lettered": "error", "undo dead-lettered": "error",
 }  # fmt: skip
 
 

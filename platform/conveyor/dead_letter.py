@@ -1,0 +1,37 @@
+"""Dead letters' names and headers: ``<topic>.dlq`` and the ``conveyor-dlq-*`` headers.
+
+A dead letter is the original message, body and headers byte for byte, with
+``conveyor-dlq-*`` headers naming the handler, the topic, the error type, the
+error text (one line, at most 1,000 characters), the attempts spent and the
+time; it goes to ``<topic>.dlq``. The runtime writes most of them; a transport
+writes one for a record its client library cannot even decode (see
+:mod:`conveyor.transports.kafka_salvage`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from conveyor import envelope
+
+DLQ_SUFFIX = ".dlq"
+DLQ_HEADER = "conveyor-dlq-"
+_MAX_ERROR_TEXT = 1000
+
+
+def dead_letter_topic(topic: str) -> str:
+    """The dead-letter topic of ``topic``."""
+    return topic + DLQ_SUFFIX
+
+
+def dead_letter_headers(handler: str, topic: str, kind: str, text: str, attempts: int) -> dict[str, str]:
+    """The ``conveyor-dlq-*`` headers that explain why a message was dead-lettered."""
+    clean = " ".join(text.split())[:_MAX_ERROR_TEXT]  # header values must be one line
+    return {
+        DLQ_HEADER + "handler": handler,
+        DLQ_HEADER + "topic": topic,
+        DLQ_HEADER + "error-type": kind,
+        DLQ_HEADER + "error": clean,
+        DLQ_HEADER + "attempts": str(attempts),
+        DLQ_HEADER + "at": envelope.format_time(datetime.now(UTC)),
+    }
