@@ -22,7 +22,10 @@ from conveyor.memory_persistence import MemoryTx
 from conveyor.transports.memory import MemoryDelivery, MemoryTransport
 
 OUTAGE_MARK = "[outage]"
-"""Ends the text of every injected outage error: a dead letter naming one was spent by an outage."""
+"""Ends the text of every error injected during an outage window: a dead letter naming one was spent by an outage.
+
+A connection error injected while the dependency answers its probe carries no
+mark: the runtime may charge it to the attempt (it passed the probe)."""
 HANG = 30.0
 """How long a hanging call hangs (virtual seconds) before it fails as a timed-out connection."""
 
@@ -126,7 +129,11 @@ class DatabaseFaults:
         if sticky == "hang" and operation == "commit":
             plan.count("sticky hang")
             await asyncio.sleep(HANG)
-            raise errors.StoreUnavailable("the connection timed out [outage]")
+            raise errors.StoreUnavailable("the connection timed out")
+        if operation == "check":  # the probe: it fails while the database is down, and only then
+            if plan.down("database", now):
+                raise errors.StoreUnavailable("connection refused [outage]")
+            return
         if plan.down("database", now) and operation != "commit.after":
             plan.count("db outage")
             raise errors.StoreUnavailable("connection refused [outage]")
@@ -134,18 +141,18 @@ class DatabaseFaults:
             return
         if operation == "commit.after":  # committed, but the answer was lost with the connection
             plan.count("db lost commit answer")
-            raise errors.StoreUnavailable("server closed the connection unexpectedly [outage]")
+            raise errors.StoreUnavailable("server closed the connection unexpectedly")
         kind = plan.rng.choice(["connection", "statement", "constraint", "hang"])
         plan.count(f"db {kind}")
         if kind == "connection":
-            raise errors.StoreUnavailable("server closed the connection unexpectedly [outage]")
+            raise errors.StoreUnavailable("server closed the connection unexpectedly")
         if kind == "statement" and operation in ("write", "read"):
             raise errors.StatementError("invalid input syntax", "22P02")
         if kind == "constraint" and operation == "write":
             raise errors.StatementError("duplicate key value violates unique constraint", "23505")
         if kind == "hang":
             await asyncio.sleep(plan.rng.uniform(1, HANG))
-            raise errors.StoreUnavailable("the connection timed out [outage]")
+            raise errors.StoreUnavailable("the connection timed out")
 
 
 class FaultyDelivery:
@@ -175,7 +182,7 @@ class FaultyDelivery:
             TransientTransportError: the ack was lost.
         """
         if await self._lost("ack"):
-            raise errors.TransientTransportError("channel closed before the ack [outage]")
+            raise errors.TransientTransportError("channel closed before the ack")
         await self._inner.ack()
 
     async def nack(self, delay: float) -> None:
@@ -185,7 +192,7 @@ class FaultyDelivery:
             TransientTransportError: the nack was lost.
         """
         if await self._lost("nack"):
-            raise errors.TransientTransportError("channel closed before the nack [outage]")
+            raise errors.TransientTransportError("channel closed before the nack")
         await self._inner.nack(delay)
 
 
@@ -217,7 +224,7 @@ class FaultyTransport:
             raise errors.TransportError("the broker refused the message")
         if kind == "hang":
             await asyncio.sleep(plan.rng.uniform(1, 60))
-        raise errors.TransientTransportError("the broker did not confirm in time [outage]")
+        raise errors.TransientTransportError("the broker did not confirm in time")
 
     def duplicated(self, delivery: ports.Delivery) -> None:
         """A delivery was duplicated (a subclass counts it)."""

@@ -7,8 +7,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from conveyor import errors, ports
-from conveyor.runtime import dispatch, handling, relay, threads
+from conveyor import fate, ports
+from conveyor.runtime import dispatch, handling, probes, relay, settling, threads
 from conveyor.transports import memory
 
 from tests.simulation.world import World
@@ -65,11 +65,30 @@ def _ordered(cls: type, attribute: str) -> tuple[type, Any]:
     return cls, original
 
 
+class LoopClock:
+    """A stand-in for the ``time`` module whose ``monotonic`` is the loop's (virtual) clock."""
+
+    @staticmethod
+    def monotonic() -> float:
+        """The running loop's time."""
+        return asyncio.get_running_loop().time()
+
+    @staticmethod
+    def perf_counter() -> float:
+        """The running loop's time."""
+        return asyncio.get_running_loop().time()
+
+
 @contextlib.contextmanager
 def instrumented(world: World) -> Iterator[None]:
-    """Swap in the virtual thread, and watch each delivery's holds (where the runtime has ``hold``)."""
-    original_run, original_process = threads.run, handling.HandlerRunner.process
-    original_hold = getattr(handling.HandlerRunner, "hold", None)
+    """Swap in the virtual thread, virtual clocks and ordered sets; watch each delivery's holds.
+
+    Holds are watched through ``Settler.hold`` (a hold the runtime decided,
+    blaming a dependency): the time each delivery spends held while the
+    blamed dependency was healthy is added up for the hold-bound invariant.
+    """
+    original_process = handling.HandlerRunner.process
+    original_hold = settling.Settler.hold
     current: dict[int, int] = {}  # task id -> delivery token
 
     async def process(self: handling.HandlerRunner, delivery: ports.Delivery) -> None:
@@ -84,36 +103,41 @@ def instrumented(world: World) -> Iterator[None]:
             world.ledger.processing -= 1
             current.pop(task, None)
 
-    async def hold(self: handling.HandlerRunner, exc: errors.ConveyorError, pause: float) -> float:
+    async def hold(self: settling.Settler, outcome: fate.Hold, tries: fate.Tries) -> fate.Tries:
         loop = asyncio.get_running_loop()
-        what = "database" if isinstance(exc, errors.StoreError) else "broker"
         started = loop.time()
-        healthy = world.plan.healthy(what, started)
-        assert original_hold is not None
+        blamed = outcome.dependency
+        healthy = blamed is not None and world.plan.healthy(blamed.value, started)
         try:
-            return float(await original_hold(self, exc, pause))
+            return await original_hold(self, outcome, tries)
         finally:
-            if healthy:
-                token = current.get(id(asyncio.current_task()))
-                if token is not None:
-                    world.ledger.holds[token] = world.ledger.holds.get(token, 0.0) + loop.time() - started
+            token = current.get(id(asyncio.current_task()))
+            if healthy and token is not None:
+                world.ledger.holds[token] = world.ledger.holds.get(token, 0.0) + loop.time() - started
 
-    # Sets of tasks, claims and deliveries iterate by address: in insertion order instead, so a crash replays.
-    restore = [
-        _ordered(dispatch.Dispatcher, "_runners"),
-        _ordered(relay.Relay, "_open"),
-        _ordered(memory.MemoryConsumer, "_unsettled"),
-    ]
-    threads.run = virtual_thread
-    handling.HandlerRunner.process = process  # type: ignore[method-assign]
-    if original_hold is not None:
-        handling.HandlerRunner.hold = hold  # type: ignore[method-assign]
+    with contextlib.ExitStack() as stack:
+        # Sets of tasks, claims and deliveries iterate by address: in insertion order instead, so a crash replays.
+        for cls, attribute in (
+            (dispatch.Dispatcher, "_runners"),
+            (relay.Relay, "_open"),
+            (memory.MemoryConsumer, "_unsettled"),
+        ):
+            owner, init = _ordered(cls, attribute)
+            stack.callback(setattr, owner, "__init__", init)
+        # The runtime's decisions measure holds and cache probes on the host's clock: the loop's here.
+        for module in (settling, probes):
+            stack.enter_context(_patched(module, "time", LoopClock))
+        stack.enter_context(_patched(threads, "run", virtual_thread))
+        stack.enter_context(_patched(handling.HandlerRunner, "process", process))
+        stack.enter_context(_patched(settling.Settler, "hold", hold))
+        yield
+
+
+@contextlib.contextmanager
+def _patched(owner: Any, attribute: str, value: Any) -> Iterator[None]:
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, value)
     try:
         yield
     finally:
-        for cls, init in restore:
-            setattr(cls, "__init__", init)  # noqa: B010
-        threads.run = original_run
-        handling.HandlerRunner.process = original_process  # type: ignore[method-assign]
-        if original_hold is not None:
-            handling.HandlerRunner.hold = original_hold  # type: ignore[method-assign]
+        setattr(owner, attribute, original)

@@ -49,11 +49,7 @@ def test_simulation_broken_variant_is_caught_within_a_few_seeds(name: str) -> No
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 19: today a hold never gives up; a message whose commit always hangs is held for ever "
-    "while the database answers its probe",
-)
 def test_simulation_commit_that_always_hangs_is_held_no_longer_than_the_bound() -> None:
+    # Before the fate rewrite (issue 19) this seed failed: the message was held for ever (hold-bound, no-unsettled).
     result = simulate("--seed", str(HANGING_COMMIT_SEED), "--profile", "full")
     assert result.returncode == 0, result.stdout

@@ -65,6 +65,7 @@ class Ledger:
         published: per topic, every message the broker confirmed (duplicates included).
         ids: per ``(handler, message)``, the message id.
         copies: per ``(topic, message id)``, how often the broker got the message (publishes and duplicates).
+        sent_at: per message id, when the broker confirmed it (virtual seconds).
         holds: per delivery, seconds spent holding while the dependency was healthy.
         processing: deliveries in hand now.
     """
@@ -73,6 +74,7 @@ class Ledger:
     sync_runs: Counter[str] = field(default_factory=Counter)
     ids: dict[tuple[str, str], str] = field(default_factory=dict)
     copies: Counter[tuple[str, str]] = field(default_factory=Counter)
+    sent_at: dict[str, float] = field(default_factory=dict)
     published: dict[str, list[envelope.WireMessage]] = field(default_factory=dict)
     holds: dict[int, float] = field(default_factory=dict)
     hold_owner: dict[int, str] = field(default_factory=dict)
@@ -99,6 +101,7 @@ class Recording(FaultyTransport):
         """Publish and record."""
         await super().publish(topic, message)
         self.ledger.published.setdefault(topic, []).append(message)
+        self.ledger.sent_at[message.message_id or ""] = asyncio.get_running_loop().time()
         self.ledger.copies[topic, message.message_id or ""] += 1
 
     def duplicated(self, delivery: ports.Delivery) -> None:

@@ -27,7 +27,12 @@ from conveyor.memory_persistence.handling import (
     MemoryUnits,
     OutboxRow,
 )
-from conveyor.memory_persistence.records import MemoryDeadLetterStore, MemorySagaStore, MemoryScheduleStore
+from conveyor.memory_persistence.records import (
+    MemoryDeadLetterStore,
+    MemoryHeartbeatStore,
+    MemorySagaStore,
+    MemoryScheduleStore,
+)
 from conveyor.memory_persistence.relay_store import InFlight, MemoryOutboxStore
 from conveyor.memory_persistence.tables import Fault, MemoryDatabase, MemoryTx, system_now
 
@@ -73,4 +78,5 @@ def memory_persistence(
         dead_letters=MemoryDeadLetterStore(database),
         sagas=sagas,
         relay_store=lambda: MemoryOutboxStore(database, flight),
+        heartbeats=MemoryHeartbeatStore(database),
     )

@@ -305,6 +305,14 @@ class MemoryUnits:
         self.events = events
         self.sagas = sagas
 
+    async def check(self) -> None:
+        """Verify the database answers now (the probe before a message is held).
+
+        Raises:
+            StoreError: it does not.
+        """
+        await self.db.check()
+
     async def begin(self, handler: str, message_id: str) -> MemoryUnitOfWork | None:
         """Open a transaction whose first write is the inbox row; None if the row is committed.
 

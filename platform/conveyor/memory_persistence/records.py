@@ -7,7 +7,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from conveyor import envelope, errors, persistence
+from conveyor import envelope, errors, heartbeats, persistence
+from conveyor.memory_persistence.handling import OUTBOX, OUTBOX_IDS
 from conveyor.memory_persistence.tables import MemoryDatabase, MemoryTx
 from conveyor.sagas import engine
 from conveyor.sagas import store as saga_store
@@ -18,6 +19,9 @@ PAUSED = "schedule_states"
 HELD = "held_dead_letters"
 SAGAS = "sagas"
 SAGA_LOG = "saga_log"
+HEARTBEATS = "heartbeats"
+DEFAULT_LEASE = timedelta(seconds=30)
+"""How long a started run is held without a renewal (as :meth:`conveyor.persistence.ScheduleStore.start`)."""
 
 
 class MemoryScheduleStore:
@@ -57,24 +61,67 @@ class MemoryScheduleStore:
         run: persistence.Run | None = tx.get(RUNS, run_id)
         return run
 
-    async def start(self, tx: MemoryTx, run_id: int) -> bool:
-        """Mark a run started unless it succeeded or was skipped; return whether it may run."""
-        await self.db.hook("schedules.start")
+    async def start(
+        self, tx: MemoryTx, run_id: int, *, owner: str | None = None, lease: timedelta = DEFAULT_LEASE
+    ) -> bool:
+        """Start a run for ``owner``, held for ``lease``; return whether the caller may run the job.
+
+        A claimed or failed run starts; a started run only once its lease ran
+        out; a succeeded or skipped run never does. The row lock makes one of
+        concurrent callers start it.
+        """
+        await self.db.hook("schedules.start", tx)
         run = await self._run(tx, run_id)
+        now = self.db.now()
         if run is None or run.status in ("succeeded", "skipped"):
             return False
-        await tx.put(RUNS, run_id, replace(run, status="started", started_at=self.db.now()))
+        if run.status == "started":
+            until = run.lease_until or ((run.started_at or now) + DEFAULT_LEASE)
+            if until >= now:
+                return False
+        started = replace(run, status="started", started_at=now, owner=owner, lease_until=now + lease, error=None)
+        await tx.put(RUNS, run_id, started)
+        return True
+
+    async def renew(self, tx: MemoryTx, run_id: int, owner: str, lease: timedelta) -> bool:
+        """Extend ``owner``'s lease to ``lease`` from now; False if the run is no longer started by ``owner``."""
+        await self.db.hook("schedules.renew", tx)
+        run = await self._run(tx, run_id)
+        if run is None or run.status != "started" or run.owner != owner:
+            return False
+        await tx.put(RUNS, run_id, replace(run, lease_until=self.db.now() + lease))
         return True
 
     async def finish(
-        self, tx: MemoryTx, run_id: int, status: Literal["succeeded", "failed"], error: str | None = None
-    ) -> None:
-        """Record a run's outcome; a succeeded run stays succeeded."""
-        await self.db.hook("schedules.finish")
+        self,
+        tx: MemoryTx,
+        run_id: int,
+        status: Literal["succeeded", "failed"],
+        error: str | None = None,
+        *,
+        owner: str | None = None,
+    ) -> bool:
+        """Record a run's outcome; return whether it was recorded.
+
+        A succeeded or skipped run keeps its status; with ``owner``, only a run
+        that owner started and still holds is finished.
+        """
+        await self.db.hook("schedules.finish", tx)
         run = await self._run(tx, run_id)
-        if run is None or run.status == "succeeded":
-            return
+        if run is None:
+            return False
+        if owner is not None and (run.status != "started" or run.owner != owner):
+            return False
+        if run.status not in ("claimed", "started", "failed"):
+            return False
         await tx.put(RUNS, run_id, replace(run, status=status, error=error, finished_at=self.db.now()))
+        return True
+
+    async def run(self, tx: MemoryTx, run_id: int) -> persistence.Run | None:
+        """One run by id, or None."""
+        await self.db.hook("schedules.read", tx)
+        found: persistence.Run | None = tx.get(RUNS, run_id)
+        return found
 
     def _runs(self, tx: MemoryTx, schedule: str) -> list[persistence.Run]:
         return [run for _, run in tx.rows(RUNS) if run.schedule == schedule]
@@ -111,14 +158,15 @@ class MemoryScheduleStore:
         return sorted(self._runs(tx, schedule), key=lambda r: r.fire_time, reverse=True)[:limit]
 
     async def purge(self, tx: MemoryTx, older_than: timedelta) -> int:
-        """Delete finished runs older than ``older_than``, keeping each schedule's latest."""
-        await self.db.hook("schedules.purge")
+        """Delete finished runs fired more than ``older_than`` ago, keeping each schedule's latest run."""
+        await self.db.hook("schedules.purge", tx)
         cutoff = self.db.now() - older_than
         runs = [run for _, run in tx.rows(RUNS)]
-        latest = {run.schedule: run for run in sorted(runs, key=lambda r: r.fire_time)}
+        latest = {run.schedule: run.id for run in sorted(runs, key=lambda r: r.id)}
         old = [
             run for run in runs
-            if run.finished_at is not None and run.finished_at < cutoff and latest[run.schedule] is not run
+            if run.fire_time < cutoff and run.status in ("succeeded", "failed", "skipped")
+            and latest[run.schedule] != run.id
         ]  # fmt: skip
         for run in old:
             await tx.delete(RUNS, run.id)
@@ -192,6 +240,14 @@ class MemorySagaStore:
             )
         tx.writes.setdefault(SAGAS, {})[key] = saga_store.SagaRecord(instance, stored.created_at, self.db.now())
 
+    async def release_command(self, tx: MemoryTx, message_id: str) -> None:
+        """Remove the outbox row an earlier send of ``message_id`` left, so the command can be added again."""
+        await self.db.hook("sagas.release", tx)
+        row_id = tx.get(OUTBOX_IDS, message_id)
+        if row_id is not None:
+            await tx.delete(OUTBOX, row_id)
+            await tx.delete(OUTBOX_IDS, message_id)
+
     async def log(self, tx: MemoryTx, saga: str, instance_id: str, entries: Sequence[engine.Entry]) -> None:
         """Append lines to the instance's step log."""
         if not entries:
@@ -229,3 +285,37 @@ class MemorySagaStore:
             key = (record.instance.saga, record.instance.status.value)
             found[key] = found.get(key, 0) + 1
         return found
+
+
+class MemoryHeartbeatStore:
+    """The processes' heartbeats (:class:`conveyor.heartbeats.HeartbeatStore`)."""
+
+    def __init__(self, db: MemoryDatabase) -> None:
+        self.db = db
+
+    async def beat(self, heartbeat: heartbeats.Heartbeat) -> None:
+        """Write ``heartbeat``, stamped with the database's time."""
+        async with self.db.transaction() as tx:
+            await tx.put(HEARTBEATS, heartbeat.id, (heartbeat, self.db.now()))
+
+    async def seen(self) -> list[heartbeats.Seen]:
+        """Every process's latest heartbeat, most recent first."""
+        await self.db.hook("heartbeats.read")
+        now = self.db.now()
+        rows: dict[str, tuple[heartbeats.Heartbeat, datetime]] = self.db.table(HEARTBEATS)
+        found = [heartbeats.Seen(beat, at, now - at) for beat, at in rows.values()]
+        return sorted(found, key=lambda s: s.beat_at, reverse=True)
+
+    async def leave(self, id: str) -> None:  # noqa: A002 - the heartbeat's id
+        """Delete a process's row; nothing when there is none."""
+        async with self.db.transaction() as tx:
+            await tx.delete(HEARTBEATS, id)
+
+    async def purge(self, older_than: timedelta) -> int:
+        """Delete the rows of processes silent for longer than ``older_than``; return how many."""
+        cutoff = self.db.now() - older_than
+        async with self.db.transaction() as tx:
+            old = [key for key, (_, at) in tx.rows(HEARTBEATS) if at < cutoff]
+            for key in old:
+                await tx.delete(HEARTBEATS, key)
+        return len(old)
