@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: run test fault bench
+.PHONY: run test fault bench simulate
 
 # Install and run the embedded default: in-memory broker, SQLite, http://127.0.0.1:8000.
 run:
@@ -30,6 +30,13 @@ test:
 fault:
 	bash compose/start-local-services.sh
 	$(VENV)/bin/python -m pytest -m fault
+
+# The seeded fault simulation (tests/simulation): seeds 0..SEEDS-1 under virtual time; each failing seed
+# prints the one-line command that replays it. PROFILE=ci leaves out the faults today's runtime is known to fail.
+SEEDS ?= 1000
+PROFILE ?= full
+simulate:
+	$(VENV)/bin/python -m tests.simulation --seeds $(SEEDS) --profile $(PROFILE)
 
 # Every performance row, Conveyor and the raw client interleaved (see README "Performance"); not a test.
 # It starts nothing: it checks the services `make test` started, and fails naming any that is not healthy.
