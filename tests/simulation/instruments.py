@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from conveyor import fate, ports
-from conveyor.runtime import dispatch, handling, probes, relay, settling, threads
+from conveyor.runtime import dispatch, handling, relay, settling, threads
 from conveyor.transports import memory
 
 from tests.simulation.world import World
@@ -65,20 +65,6 @@ def _ordered(cls: type, attribute: str) -> tuple[type, Any]:
     return cls, original
 
 
-class LoopClock:
-    """A stand-in for the ``time`` module whose ``monotonic`` is the loop's (virtual) clock."""
-
-    @staticmethod
-    def monotonic() -> float:
-        """The running loop's time."""
-        return asyncio.get_running_loop().time()
-
-    @staticmethod
-    def perf_counter() -> float:
-        """The running loop's time."""
-        return asyncio.get_running_loop().time()
-
-
 @contextlib.contextmanager
 def instrumented(world: World) -> Iterator[None]:
     """Swap in the virtual thread, virtual clocks and ordered sets; watch each delivery's holds.
@@ -124,9 +110,6 @@ def instrumented(world: World) -> Iterator[None]:
         ):
             owner, init = _ordered(cls, attribute)
             stack.callback(setattr, owner, "__init__", init)
-        # The runtime's decisions measure holds and cache probes on the host's clock: the loop's here.
-        for module in (settling, probes):
-            stack.enter_context(_patched(module, "time", LoopClock))
         stack.enter_context(_patched(threads, "run", virtual_thread))
         stack.enter_context(_patched(handling.HandlerRunner, "process", process))
         stack.enter_context(_patched(settling.Settler, "hold", hold))

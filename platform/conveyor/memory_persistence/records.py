@@ -248,6 +248,32 @@ class MemorySagaStore:
             await tx.delete(OUTBOX, row_id)
             await tx.delete(OUTBOX_IDS, message_id)
 
+    async def cancel_timer(self, tx: MemoryTx, message_id: str) -> None:
+        """Delete the timer ``message_id`` from the outbox while it is unsent and no relay holds it in a claim."""
+        await self.db.hook("sagas.cancel_timer", tx)
+        row_id = tx.get(OUTBOX_IDS, message_id)
+        if row_id is None:
+            return
+        row = tx.get(OUTBOX, row_id)
+        claims = self.db.shared.get("relay_claims")
+        if row is None or row.sent_at is not None or (claims is not None and row_id in claims.ids):
+            return
+        await tx.delete(OUTBOX, row_id)
+        await tx.delete(OUTBOX_IDS, message_id)
+
+    async def purge(self, tx: MemoryTx, older_than: timedelta, limit: int = 1000) -> int:
+        """Delete at most ``limit`` finished instances unchanged for ``older_than``, with their step logs."""
+        await self.db.hook("sagas.purge", tx)
+        cutoff = self.db.now() - older_than
+        finished = (engine.Status.COMPLETED, engine.Status.COMPENSATED)
+        old = [
+            key for key, r in tx.rows(SAGAS) if r.instance.status in finished and r.updated_at < cutoff
+        ][:limit]  # fmt: skip
+        for key in old:
+            await tx.delete(SAGAS, key)
+            await tx.delete(SAGA_LOG, key)
+        return len(old)
+
     async def log(self, tx: MemoryTx, saga: str, instance_id: str, entries: Sequence[engine.Entry]) -> None:
         """Append lines to the instance's step log."""
         if not entries:
@@ -260,7 +286,7 @@ class MemorySagaStore:
         tx.writes.setdefault(SAGA_LOG, {})[key] = (*lines, *(saga_store.LogRecord(now, e) for e in entries))
 
     async def find(
-        self, tx: MemoryTx, *, saga: str | None = None, status: str | None = None, limit: int = 100
+        self, tx: MemoryTx, *, saga: str | None = None, status: str | None = None, limit: int | None = 100
     ) -> list[saga_store.SagaRecord]:
         """Instances, most recently changed first."""
         await self.db.hook("sagas.find")
@@ -269,7 +295,7 @@ class MemorySagaStore:
             if (saga is None or r.instance.saga == saga) and (status is None or r.instance.status.value == status)
         ]  # fmt: skip
         records.sort(key=lambda r: (-r.updated_at.timestamp(), r.instance.id))
-        return records[:limit]
+        return records if limit is None else records[:limit]
 
     async def history(self, tx: MemoryTx, saga: str, instance_id: str, limit: int = 1000) -> list[saga_store.LogRecord]:
         """The instance's step log, oldest first."""

@@ -1,16 +1,19 @@
 """Probes of the dependencies an outage is blamed on: does the database, does the broker answer now?
 
 A hold (a message kept without spending an attempt, see :mod:`conveyor.fate`)
-needs proof that the dependency is down: its probe fails. Many messages held
-at once share one probe: a result is reused for ``ttl`` seconds and only one
-probe of a dependency runs at a time; a probe that does not answer within
-``timeout`` seconds failed (a frozen network never answers).
+needs proof that the dependency is down: its probe fails. The proof must be
+newer than the failure it judges: a caller passes ``since`` (the loop time of
+its failure), and only a probe started then or later answers it, so a result
+from just before an outage began never blames the message. Many messages that
+fail together share one probe (a probe started after each of their failures),
+and a result is reused for at most ``ttl`` seconds; a probe that does not
+answer within ``timeout`` seconds failed (a frozen network never answers).
+Times are the event loop's clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 
 from conveyor import fate
@@ -43,24 +46,39 @@ class Probes:
         self._checks = {fate.Dependency.DATABASE: database, fate.Dependency.BROKER: broker}
         self._timeout = timeout
         self._ttl = ttl
-        self._results: dict[fate.Dependency, tuple[float, bool]] = {}
-        self._running: dict[fate.Dependency, asyncio.Future[bool]] = {}
+        self._results: dict[fate.Dependency, tuple[float, bool]] = {}  # dependency -> (probe start, answered)
+        self._running: dict[fate.Dependency, tuple[float, asyncio.Future[bool]]] = {}
 
-    async def healthy(self, dependency: fate.Dependency | None) -> bool | None:
-        """True if the dependency answers its probe, False if not, None without a probe (or a dependency)."""
+    async def healthy(self, dependency: fate.Dependency | None, since: float | None = None) -> bool | None:
+        """True if the dependency answers its probe, False if not, None without a probe (or a dependency).
+
+        Args:
+            dependency: the dependency to probe.
+            since: loop time of the failure being judged: only a probe started
+                then or later answers (default: now, minus ``ttl``).
+        """
         if dependency is None or self._checks[dependency] is None:
             return None
+        now = asyncio.get_running_loop().time()
+        oldest = since if since is not None else now - self._ttl
+        oldest = max(oldest, now - self._ttl)
         cached = self._results.get(dependency)
-        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+        if cached is not None and cached[0] >= oldest:
             return cached[1]
         running = self._running.get(dependency)
-        if running is None:
-            running = asyncio.ensure_future(self._probe(dependency))
+        if running is None or running[0] < oldest:
+            future = asyncio.ensure_future(self._probe(dependency, now))
+            running = (now, future)
             self._running[dependency] = running
-            running.add_done_callback(lambda _: self._running.pop(dependency, None))
-        return await asyncio.shield(running)
+            future.add_done_callback(lambda done: self._forget(dependency, done))
+        return await asyncio.shield(running[1])
 
-    async def _probe(self, dependency: fate.Dependency) -> bool:
+    def _forget(self, dependency: fate.Dependency, done: asyncio.Future[bool]) -> None:
+        running = self._running.get(dependency)
+        if running is not None and running[1] is done:
+            del self._running[dependency]
+
+    async def _probe(self, dependency: fate.Dependency, started: float) -> bool:
         check = self._checks[dependency]
         assert check is not None
         try:
@@ -71,5 +89,7 @@ class Probes:
             raise
         except Exception:  # any failure of the probe is the answer "down"
             answered = False
-        self._results[dependency] = (time.monotonic(), answered)
+        latest = self._results.get(dependency)
+        if latest is None or latest[0] <= started:
+            self._results[dependency] = (started, answered)
         return answered

@@ -13,11 +13,11 @@ row. :mod:`conveyor.runtime.relay` claims the batches, runs this and paces itsel
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -219,10 +219,10 @@ class WavePublisher:
 
     async def _decide(self, message: stores.OutboxMessage, error: errors.TransportError) -> fate.Outcome:
         """A failed publish's fate (:func:`conveyor.fate.decide`), with the row's holds bounded by ``hold_limit``."""
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         since, rechecked = self._held.get(message.id, (now, False))
         tries = fate.Tries(message.attempts + 1, held_for=now - since, rechecked=rechecked)
-        healthy = await self._probes.healthy(fate.blamed(fate.Phase.PUBLISH, error))
+        healthy = await self._probes.healthy(fate.blamed(fate.Phase.PUBLISH, error), since=now)
         outcome = fate.decide(fate.Phase.PUBLISH, error, tries, self._limits, healthy)
         if isinstance(outcome, fate.Hold):
             if len(self._held) >= _MAX_TRACKED_HOLDS:  # rows another relay took since: start afresh

@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import logging
 import random
-import time
 from collections.abc import Callable
 
 from conveyor import envelope, errors, fate, ports, registry, telemetry
@@ -62,8 +61,9 @@ class Settler:
         self._system = telemetry.messaging_system(transport)
 
     async def decide(self, phase: fate.Phase, error: BaseException, tries: fate.Tries) -> fate.Outcome:
-        """Probe the dependency ``error`` blames (if any) and decide the message's fate."""
-        healthy = await self._probes.healthy(fate.blamed(phase, error))
+        """Probe the dependency ``error`` blames (if any), after the failure, and decide the message's fate."""
+        failed_at = asyncio.get_running_loop().time()
+        healthy = await self._probes.healthy(fate.blamed(phase, error), since=failed_at)
         return fate.decide(phase, error, tries, self.limits, healthy)
 
     async def hold(self, outcome: fate.Hold, tries: fate.Tries) -> fate.Tries:
@@ -78,9 +78,10 @@ class Settler:
                 handler, outcome.reason, outcome.pause, tries.held_for,
             )  # fmt: skip
             telemetry.OUTAGE_WAITS.labels(handler, what).inc()
-        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         await asyncio.sleep(outcome.pause * random.uniform(0.8, 1.0))
-        spent = time.monotonic() - started
+        spent = loop.time() - started
         if outcome.dependency is None:
             return dataclasses.replace(tries, conflicts=tries.conflicts + 1)
         return dataclasses.replace(
