@@ -25,7 +25,6 @@ from conveyor.console import inputs
 from conveyor.console.site import PREFIX, Caller, Done, Page, Site
 from conveyor.console.sources import Sources
 from conveyor.runtime import dead_letters
-from conveyor.runtime.worker import dead_letter_topic
 
 log = logging.getLogger("conveyor.console")
 
@@ -53,21 +52,10 @@ def pretty(body: bytes) -> str:
 
 async def waiting(sources: Sources) -> dict[str, int | None]:
     """Dead letters waiting per topic, from the keepers' backlogs (None where the broker cannot tell)."""
-    transport = sources.transport
     topics = sources.dead_letter_topics()
-    if transport is None:
+    if sources.transport is None:
         return dict.fromkeys(topics)
-
-    async def one(topic: str) -> int | None:
-        kept = dead_letter_topic(topic)
-        try:
-            backlog = await ports.backlog_of(transport, ports.Subscription(name=kept, topic=kept))
-        except Exception as exc:  # a keeper not declared yet, an outage: unknown
-            log.debug("console: no dead-letter count for %s: %s", topic, exc)
-            return None
-        return None if backlog is None else backlog.pending + (backlog.in_flight or 0)
-
-    return dict(zip(topics, await asyncio.gather(*(one(t) for t in topics)), strict=True))
+    return await dead_letters.waiting(sources.transport, topics)
 
 
 class Letters:
