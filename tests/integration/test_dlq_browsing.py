@@ -13,6 +13,7 @@ ones (50) are updated in place.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
@@ -20,7 +21,8 @@ from typing import cast
 import aio_pika
 import aiormq
 import pytest
-from conveyor import Reject, envelope, errors, on, persistence, ports, registry
+from click.testing import CliRunner
+from conveyor import Reject, cli, envelope, errors, on, persistence, ports, registry
 from conveyor.console.sources import Sources
 from conveyor.console.views import dead_letters as dead_letter_views
 from conveyor.envelope import WireMessage
@@ -40,6 +42,7 @@ LISTINGS = 60  # more than the delivery limit (50) keepers used to have
 # listing), and NATS gives a closed consumer's deliveries back after 1.5 s; its keeper's unlimited
 # max_deliver is asserted directly instead (and the update test below checks old keepers).
 FEWER = {"kafka": 3, "nats": 5}
+NO_DATABASE = {"CONVEYOR_DATABASE_URL": "none"}
 QUEUE_PREFIXES = ("conveyor.", "conveyor-limited.", "conveyor-kept.", "conveyor-binding.")
 
 
@@ -374,3 +377,26 @@ async def test_console_counts_the_dead_letters_each_keeper_holds(
         open_transport=lambda: transport, transport=transport,
     )  # fmt: skip
     assert await dead_letter_views.waiting(found) == {topic: 3}
+
+
+def test_cli_replays_only_the_dead_letters_of_the_handler_and_error_type_given(rabbit_url: str) -> None:
+    async def kept() -> tuple[str, list[WireMessage]]:
+        transport = RabbitTransport(rabbit_url)
+        await transport.connect()
+        try:
+            return await dead_letter_three(transport, declared, mixed=True)
+        finally:
+            await transport.close()
+
+    declared: list[str] = []
+    topic, sent = asyncio.run(kept())
+    try:
+        wanted = sent[1].headers["conveyor-dlq-handler"]
+        flags = ["--handler", wanted, "--error-type", "ValueError", "--broker-url", rabbit_url]
+        runner = CliRunner()
+        replayed = runner.invoke(cli.main, ["dlq", "replay", dead_letter_topic(topic), *flags], env=NO_DATABASE)
+        left = runner.invoke(cli.main, ["dlq", "list", topic, "--broker-url", rabbit_url], env=NO_DATABASE)
+    finally:
+        asyncio.run(delete_queues(rabbit_url, [prefix + name for name in declared for prefix in QUEUE_PREFIXES]))
+    assert replayed.output.strip() == f"replayed 1 dead letter(s) of {dead_letter_topic(topic)}"
+    assert left.output.count("ValueError") == 1 and left.output.count("Rejected") == 1
