@@ -42,6 +42,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from conveyor import envelope, errors, names, persistence, ports
 from conveyor.runtime.worker import DLQ_HEADER, DLQ_SUFFIX, dead_letter_topic
@@ -70,6 +71,15 @@ class DeadLetter:
             return envelope.decode(self.without_reason()).id
         except errors.InvalidMessage:
             return None
+
+    @property
+    def at_time(self) -> datetime | None:
+        """When it was dead-lettered (the ``conveyor-dlq-at`` header), if that reads as an ISO 8601 time."""
+        try:
+            value = datetime.fromisoformat(self.at.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
     def without_reason(self) -> envelope.WireMessage:
         """The original message: the ``conveyor-dlq-*`` headers removed, with a fresh broker id."""
