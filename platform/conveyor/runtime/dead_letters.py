@@ -197,7 +197,7 @@ async def _drain(
     """Hand the dead letters of ``topic`` that ``select`` accepts to ``act``, up to ``limit``.
 
     The keeper's count of letters is read first (nothing is declared: a keeper
-    that does not exist holds nothing, and an empty one ends the run at once).
+    that does not exist holds nothing and ends the run at once).
     The run ends once that many were delivered and ``idle / 2`` s passed
     without another (a count can be low: Tansu reports a partition's end
     offset as its last batch's first offset + 1), else after ``idle`` s without
@@ -213,9 +213,10 @@ async def _drain(
     letter twice (a replay absorbs it: same event id).
     """
     kept = dead_letter_topic(topic)
-    run = _Run(limit, await _count(transport, kept))
-    if run.snapshot == 0 or limit <= 0:
+    count = await _count(transport, kept)
+    if count is _MISSING or limit <= 0:
         return []
+    run = _Run(limit, count or None)  # an empty keeper may get a letter meanwhile: wait ``idle`` for it
     size = min(limit if select is None and skip is None else MAX_PREFETCH, MAX_PREFETCH)  # unchosen ones hold slots
     keeper = ports.Subscription(name=kept, topic=kept, prefetch=size, max_deliveries=None)  # as workers do
     in_order = transport.features.acks_settle_a_prefix
@@ -269,16 +270,21 @@ async def waiting(transport: ports.Transport, topics: Iterable[str]) -> dict[str
 
     async def one(topic: str) -> int | None:
         try:
-            return await _count(transport, dead_letter_topic(topic))
+            count = await _count(transport, dead_letter_topic(topic))
         except errors.TransportError as exc:  # an outage, a refusal: unknown
             log.debug("no dead-letter count for %s: %s", topic, exc)
             return None
+        return 0 if count == _MISSING else count
 
     return dict(zip(names_, await asyncio.gather(*(one(t) for t in names_)), strict=True))
 
 
+_MISSING = -1
+"""The count of a keeper that is not declared."""
+
+
 async def _count(transport: ports.Transport, kept: str) -> int | None:
-    """Letters the keeper ``kept`` holds now: 0 if it is not declared, None where the broker cannot tell.
+    """Letters the keeper ``kept`` holds now: :data:`_MISSING` if not declared, None where the broker cannot tell.
 
     Raises:
         TransientTransportError: the broker did not answer.
@@ -286,7 +292,7 @@ async def _count(transport: ports.Transport, kept: str) -> int | None:
     try:
         backlog = await ports.backlog_of(transport, ports.Subscription(name=kept, topic=kept, max_deliveries=None))
     except errors.NotDeclared:
-        return 0  # no keeper: nothing was ever kept here (and listing declares nothing)
+        return _MISSING  # no keeper: nothing was ever kept here (and listing declares nothing)
     return None if backlog is None else backlog.pending + (backlog.in_flight or 0)
 
 
