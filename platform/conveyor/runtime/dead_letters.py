@@ -228,8 +228,11 @@ async def _drain(
         last = time.monotonic()
         async with lock:
             broker_id = delivery.message.message_id or ""
-            if run.full or (broker_id and broker_id in run.seen):
-                return  # past the limit, or a letter moved behind: left unsettled, redelivered later
+            if run.full:
+                return  # past the limit: left unsettled, redelivered later
+            if broker_id and broker_id in run.seen:
+                run.passed.append(delivery)  # a letter moved behind, met again: left unsettled (or moved again)
+                return
             run.seen.add(broker_id or envelope.new_id())
             letter = _dead_letter(delivery.message, topic)
             if (select is not None and not select(letter)) or (skip is not None and skip(letter)):
