@@ -2,10 +2,18 @@
 # Start the services Conveyor's tests and examples use, and wait until they accept connections:
 # PostgreSQL (127.0.0.1:5432, database "test"), RabbitMQ (5672) and NATS with JetStream (4222).
 #
-# Safe to run any number of times: a service that already accepts connections is left alone.
+# Safe to run any number of times, and on a shared host: a service that already
+# runs is never stopped or restarted. One that runs but is unhealthy (a RabbitMQ
+# node that accepts TCP without answering the AMQP handshake, a NATS server without
+# JetStream) fails the script with a message naming it and the command that fixes it.
+# Only a service that is not running at all is started.
+#
+#   start-local-services.sh           start what is not running, then check everything
+#   start-local-services.sh --check   start nothing: check every service, fail naming the unhealthy ones
+#                                     (`make bench` runs this)
 #
 # Mode (env CONVEYOR_SERVICES, default "auto"):
-#   docker  docker compose -f compose/docker-compose.yml up -d --wait (also starts Kafka)
+#   docker  docker compose -f compose/docker-compose.yml up -d --wait --no-recreate (also starts Kafka)
 #   local   start locally installed services (Debian/Ubuntu packages, no Docker)
 #   auto    docker when `docker compose version` and `docker info` both succeed, else local
 #
@@ -16,14 +24,12 @@
 # its port accepts TCP (a wedged node once did that and never answered). With the
 # repository's .venv the check is a full aio-pika connection (guest/guest, opens
 # a channel); without it, the AMQP protocol header must be answered with
-# Connection.Start. A node that accepts TCP but fails the check is reported as
-# wedged and restarted: `rabbitmqctl shutdown`, else SIGTERM/SIGKILL to the pid
-# in its pid file, then `rabbitmq-server -detached` as for a first start.
+# Connection.Start.
 #
 # Env: WAIT_SECONDS (default 60) bounds the wait for each service;
 #      AMQP_TIMEOUT (default 10) bounds one AMQP handshake;
-#      RABBITMQ_PID_FILE (default /var/lib/rabbitmq/mnesia/rabbit@*.pid) names the node's pid file.
-# Exit status: 0 when every service is up; 1 (with a message naming the service) otherwise.
+#      POSTGRES_PORT, RABBITMQ_PORT, NATS_PORT (5432, 5672, 4222) the ports checked.
+# Exit status: 0 when every service is up; 1 (with a message naming the service and the fix) otherwise.
 
 set -euo pipefail
 
@@ -35,6 +41,11 @@ COMPOSE_FILE="$ROOT/compose/docker-compose.yml"
 LOG_DIR="${TMPDIR:-/tmp}"
 AMQP_TIMEOUT="${AMQP_TIMEOUT:-10}"
 VENV_PYTHON="$ROOT/.venv/bin/python"
+POSTGRES_PORT="${POSTGRES_PORT:-5432}"
+RABBITMQ_PORT="${RABBITMQ_PORT:-5672}"
+NATS_PORT="${NATS_PORT:-4222}"
+# What fixes a RabbitMQ node that accepts TCP but does not answer AMQP (this script never restarts one).
+RABBITMQ_FIX="sudo rabbitmqctl shutdown && sudo rabbitmq-server -detached (or: sudo systemctl restart rabbitmq-server; with Docker: docker compose -f compose/docker-compose.yml restart rabbitmq)"
 
 fail() {
   echo "ERROR: $*" >&2
@@ -73,14 +84,14 @@ start_service() {
 }
 
 psql_postgres() {
-  psql -h "$HOST" -U postgres -d postgres -v ON_ERROR_STOP=1 -qtAX "$@"
+  psql -h "$HOST" -p "$POSTGRES_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -qtAX "$@"
 }
 
 # wait_postgres: the port opens before the server accepts queries ("starting up").
 wait_postgres() {
   local deadline=$((SECONDS + WAIT_SECONDS))
   until psql_postgres -c 'SELECT 1' >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || fail "PostgreSQL did not accept queries on $HOST:5432 within ${WAIT_SECONDS}s"
+    ((SECONDS < deadline)) || fail "PostgreSQL did not accept queries on $HOST:$POSTGRES_PORT within ${WAIT_SECONDS}s"
     sleep 0.5
   done
 }
@@ -95,10 +106,10 @@ ensure_test_db() {
   fi
 }
 
-# nats_jetstream: true if the NATS server on 4222 announces JetStream in its INFO line.
+# nats_jetstream: true if the NATS server on $NATS_PORT announces JetStream in its INFO line.
 nats_jetstream() {
   local info
-  info="$(timeout 5 bash -c 'exec 3<>"/dev/tcp/$0/4222" && head -n 1 <&3' "$HOST" 2>/dev/null)" ||
+  info="$(timeout 5 bash -c 'exec 3<>"/dev/tcp/$0/$1" && head -n 1 <&3' "$HOST" "$NATS_PORT" 2>/dev/null)" ||
     return 1
   [[ "$info" == *'"jetstream":true'* ]]
 }
@@ -159,76 +170,40 @@ amqp_greets() {
   [[ "$reply" == "01 00 00 "*" 00 0a 00 0a" ]]
 }
 
-# wait_amqp PORT: poll until the broker answers the AMQP handshake, or fail.
+# wait_amqp PORT [MESSAGE]: poll until the broker answers the AMQP handshake, or fail with MESSAGE.
 wait_amqp() {
   local deadline=$((SECONDS + WAIT_SECONDS))
   until amqp_handshake "$1"; do
     ((SECONDS < deadline)) ||
-      fail "RabbitMQ accepts TCP on $HOST:$1 but did not answer the AMQP handshake within ${WAIT_SECONDS}s ($RABBIT_PROBE)"
+      fail "${2:-RabbitMQ accepts TCP on $HOST:$1 but did not answer the AMQP handshake within ${WAIT_SECONDS}s ($RABBIT_PROBE)}"
     sleep 1
   done
 }
 
-# rabbit_pid: the pid in the node's pid file, if that process is alive.
-rabbit_pid() {
-  local file pid
-  for file in ${RABBITMQ_PID_FILE:-/var/lib/rabbitmq/mnesia/rabbit@*.pid}; do
-    [[ -r "$file" ]] || continue
-    pid="$(tr -dc 0-9 <"$file")"
-    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-      echo "$pid"
-      return 0
-    fi
-  done
-  return 1
-}
-
-# stop_rabbitmq PORT LOG: stop a wedged node; fail unless its port closes.
-stop_rabbitmq() {
-  local port="$1" log="$2" pid deadline
-  if ! timeout -k 5 "$WAIT_SECONDS" rabbitmqctl shutdown >>"$log" 2>&1; then
-    echo "RabbitMQ: 'rabbitmqctl shutdown' failed or hung; signalling the node's process" >&2
-    if pid="$(rabbit_pid)"; then
-      kill -TERM "$pid" 2>/dev/null || true
-      deadline=$((SECONDS + 30))
-      while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
-      if kill -0 "$pid" 2>/dev/null; then
-        echo "RabbitMQ: pid $pid ignored SIGTERM for 30s; sending SIGKILL" >&2
-        kill -KILL "$pid" 2>/dev/null || true
-      fi
-    else
-      echo "RabbitMQ: no live pid in ${RABBITMQ_PID_FILE:-/var/lib/rabbitmq/mnesia/rabbit@*.pid}" >&2
-    fi
-  fi
-  deadline=$((SECONDS + WAIT_SECONDS))
-  while port_open "$port"; do
-    ((SECONDS < deadline)) ||
-      fail "RabbitMQ is wedged and still holds $HOST:$port after stopping it; stop it by hand (log: $log)"
-    sleep 0.5
-  done
-}
-
-# start_rabbitmq PORT: leave a node that answers AMQP alone; restart a wedged one;
-# start a missing one. Sets STATUS.
+# start_rabbitmq PORT: leave a node that answers AMQP alone; start one when nothing listens;
+# fail, naming the fix, when a node listens but does not answer (it is never restarted here). Sets STATUS.
 start_rabbitmq() {
-  local port="$1" log="$LOG_DIR/conveyor-start-rabbitmq.log" how="started"
-  : >"$log"
+  local port="$1" log="$LOG_DIR/conveyor-start-rabbitmq.log"
   if port_open "$port"; then
-    if amqp_handshake "$port"; then
-      STATUS="ok (already answering the AMQP handshake on $HOST:$port: $RABBIT_PROBE)"
-      return
-    fi
-    echo "RabbitMQ: WEDGED: accepts TCP on $HOST:$port but did not answer the AMQP handshake" \
-      "within ${AMQP_TIMEOUT}s ($RABBIT_PROBE); restarting it" >&2
-    stop_rabbitmq "$port" "$log"
-    how="restarted (it was wedged)"
+    # A node that is still booting answers within WAIT_SECONDS; one that does not is left running, and reported.
+    wait_amqp "$port" "$(rabbit_wedged "$port")"
+    STATUS="ok (already answering the AMQP handshake on $HOST:$port: $RABBIT_PROBE)"
+    return
   fi
+  : >"$log"
   if ! rabbitmq-server -detached >>"$log" 2>&1; then
     echo "warning: 'rabbitmq-server -detached' exited non-zero; output in $log" >&2
   fi
   wait_port RabbitMQ "$port" "; start command: rabbitmq-server -detached (output in $log)"
   wait_amqp "$port"
-  STATUS="$how (rabbitmq-server -detached), answering the AMQP handshake on $HOST:$port: $RABBIT_PROBE"
+  STATUS="started (rabbitmq-server -detached), answering the AMQP handshake on $HOST:$port: $RABBIT_PROBE"
+}
+
+# rabbit_wedged PORT: the message for a node that accepts TCP but does not answer AMQP.
+rabbit_wedged() {
+  echo "RabbitMQ is unhealthy: it accepts TCP on $HOST:$1 but does not answer the AMQP handshake" \
+    "(each try bounded by AMQP_TIMEOUT=${AMQP_TIMEOUT}s). This script does not restart a service it did not start;" \
+    "restart it yourself: $RABBITMQ_FIX"
 }
 
 start_postgres() {
@@ -240,7 +215,7 @@ start_postgres() {
 
 start_nats() {
   start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
-    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+    -a 127.0.0.1 -p "$NATS_PORT" -js -sd /var/lib/nats-server -l /var/log/nats-server.log
 }
 
 docker_works() {
@@ -250,7 +225,8 @@ docker_works() {
 }
 
 run_docker() {
-  docker compose -f "$COMPOSE_FILE" up -d --wait ||
+  # --no-recreate: a running container is left as it is, even if the compose file changed.
+  docker compose -f "$COMPOSE_FILE" up -d --wait --no-recreate ||
     fail "docker compose up failed; see: docker compose -f $COMPOSE_FILE ps"
   local service
   for service in kafka rabbitmq nats postgres; do
@@ -259,21 +235,59 @@ run_docker() {
 }
 
 run_local() {
-  start_service PostgreSQL 5432 "pg_ctlcluster ... main start" start_postgres
+  start_service PostgreSQL "$POSTGRES_PORT" "pg_ctlcluster ... main start" start_postgres
   wait_postgres
   local database
   database="$(ensure_test_db)"
   echo "PostgreSQL: $STATUS; $database"
 
-  start_rabbitmq 5672
+  start_rabbitmq "$RABBITMQ_PORT"
   echo "RabbitMQ: $STATUS"
 
-  start_service NATS 4222 "nats-server -js via start-stop-daemon" start_nats
-  nats_jetstream || fail "NATS on $HOST:4222 does not have JetStream enabled; restart it with -js"
+  start_service NATS "$NATS_PORT" "nats-server -js via start-stop-daemon" start_nats
+  nats_jetstream || fail "NATS on $HOST:$NATS_PORT does not have JetStream enabled; this script does not restart" \
+    "a service it did not start: restart it yourself with -js (nats-server -js ...)"
   echo "NATS: $STATUS; JetStream enabled"
 }
 
+# check_all: start nothing; report every service, fail naming each unhealthy one and its fix.
+check_all() {
+  local unhealthy=()
+  if ! port_open "$POSTGRES_PORT"; then
+    unhealthy+=("PostgreSQL: nothing accepts connections on $HOST:$POSTGRES_PORT; start it: bash compose/start-local-services.sh")
+  elif ! psql_postgres -c 'SELECT 1' >/dev/null 2>&1; then
+    unhealthy+=("PostgreSQL on $HOST:$POSTGRES_PORT does not answer queries as user postgres; check its log, or restart it yourself")
+  elif [[ "$(psql_postgres -c "SELECT 1 FROM pg_database WHERE datname = 'test'" 2>/dev/null)" != 1 ]]; then
+    unhealthy+=("PostgreSQL on $HOST:$POSTGRES_PORT has no database test; create it: bash compose/start-local-services.sh")
+  else
+    echo "PostgreSQL: ok (answering queries on $HOST:$POSTGRES_PORT; database test exists)"
+  fi
+  if ! port_open "$RABBITMQ_PORT"; then
+    unhealthy+=("RabbitMQ: nothing accepts connections on $HOST:$RABBITMQ_PORT; start it: bash compose/start-local-services.sh")
+  elif ! amqp_handshake "$RABBITMQ_PORT"; then
+    unhealthy+=("$(rabbit_wedged "$RABBITMQ_PORT")")
+  else
+    echo "RabbitMQ: ok (answering the AMQP handshake on $HOST:$RABBITMQ_PORT: $RABBIT_PROBE)"
+  fi
+  if ! port_open "$NATS_PORT"; then
+    unhealthy+=("NATS: nothing accepts connections on $HOST:$NATS_PORT; start it: bash compose/start-local-services.sh")
+  elif ! nats_jetstream; then
+    unhealthy+=("NATS on $HOST:$NATS_PORT does not have JetStream enabled; restart it yourself with -js")
+  else
+    echo "NATS: ok (accepting connections on $HOST:$NATS_PORT; JetStream enabled)"
+  fi
+  if ((${#unhealthy[@]})); then
+    printf 'ERROR: %s\n' "${unhealthy[@]}" >&2
+    exit 1
+  fi
+}
+
 main() {
+  if [[ "${1:-}" == "--check" ]]; then
+    check_all
+    return
+  fi
+  [[ -z "${1:-}" ]] || fail "unknown argument '$1' (the only option is --check)"
   case "$MODE" in
     docker) docker_works || fail "CONVEYOR_SERVICES=docker but Docker compose is not working"; run_docker ;;
     local) run_local ;;
@@ -284,5 +298,5 @@ main() {
 
 # Sourced (by a test of these functions), define them only.
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
-  main
+  main "$@"
 fi

@@ -1,4 +1,4 @@
-"""Running and checking Conveyor's migrations from code (``conveyor db upgrade``).
+"""Running and checking Conveyor's migrations from code (``conveyor db upgrade|current|history``).
 
 Alembic keeps the applied revision in ``conveyor_alembic_version`` (not the
 default ``alembic_version``), so a service's own Alembic history can live in
@@ -13,6 +13,7 @@ head.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,8 +27,49 @@ if TYPE_CHECKING:
 
 _HERE = Path(__file__).parent / "migrations"
 VERSION_TABLE = "conveyor_alembic_version"
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0009"
 """The newest revision of ``migrations/versions``; update it with every new migration."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upgraded:
+    """What :func:`upgrade` did.
+
+    Attributes:
+        before: the revision the database was at (None: never migrated).
+        after: the revision it is at now.
+        created: the tables that did not exist before, sorted.
+    """
+
+    before: str | None
+    after: str | None
+    created: tuple[str, ...]
+
+    def describe(self, display_url: str) -> str:
+        """One line for an operator: what was created or migrated, or that nothing was to do."""
+        if self.before == self.after:
+            return f"database {display_url} was already at revision {self.after} (the newest): nothing to do"
+        tables = f"{len(self.created)} table(s): {', '.join(self.created)}" if self.created else "no new tables"
+        if self.before is None:
+            return f"database {display_url}: created {tables}; now at revision {self.after}"
+        return f"database {display_url}: migrated from revision {self.before} to {self.after}; created {tables}"
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """One migration script, as ``conveyor db history`` lists it.
+
+    Attributes:
+        revision: its id, e.g. ``"0007"``.
+        description: the first line of its docstring.
+        applied: whether the database holds it (it is at this revision or a later one).
+        current: whether the database is at exactly this revision.
+    """
+
+    revision: str
+    description: str
+    applied: bool
+    current: bool
 
 
 def alembic_config() -> Config:
@@ -75,8 +117,19 @@ def current_revision_of(connection: sa.Connection) -> str | None:
     return rows[0] if rows else None
 
 
-async def upgrade(url: str, revision: str = "head") -> None:
+def _upgrade_reporting(connection: sa.Connection, revision: str) -> Upgraded:
+    before = current_revision_of(connection)
+    tables = set(sa.inspect(connection).get_table_names())
+    upgrade_connection(connection, revision)
+    created = set(sa.inspect(connection).get_table_names()) - tables
+    return Upgraded(before, current_revision_of(connection), tuple(sorted(created)))
+
+
+async def upgrade(url: str, revision: str = "head") -> Upgraded:
     """Create or upgrade Conveyor's tables in the database at ``url``; idempotent.
+
+    Returns:
+        The revisions before and after, and the tables created.
 
     Raises:
         ConfigurationError: unsupported URL.
@@ -86,10 +139,43 @@ async def upgrade(url: str, revision: str = "head") -> None:
     try:
         with database.translating():
             async with db.engine.connect() as connection:
-                await connection.run_sync(upgrade_connection, revision)
+                done = await connection.run_sync(_upgrade_reporting, revision)
                 await connection.commit()
+                return done
     finally:
         await db.close()
+
+
+def scripts() -> list[tuple[str, str]]:
+    """Every migration script, oldest first: ``(revision, first line of its docstring)`` (imports Alembic)."""
+    from alembic.script import ScriptDirectory
+
+    found = ScriptDirectory.from_config(alembic_config()).walk_revisions()  # newest first
+    return [(script.revision, (script.doc or "").strip().splitlines()[0] if script.doc else "") for script in found][
+        ::-1
+    ]
+
+
+async def history(url: str) -> list[Revision]:
+    """Every migration script, oldest first, marked as applied or not in the database at ``url``.
+
+    Raises:
+        ConfigurationError: the version table holds several revisions, or one newer than the scripts.
+        StoreError: the database failed.
+    """
+    current = await current_revision(url)
+    listed = scripts()
+    order = [revision for revision, _ in listed]
+    if current is not None and current not in order:
+        raise errors.ConfigurationError(
+            f"the database is at revision {current}, which this version of Conveyor does not have (its newest "
+            f"is {HEAD_REVISION}): it was migrated by a newer version"
+        )
+    reached = order.index(current) if current in order else -1
+    return [
+        Revision(revision, description, applied=i <= reached, current=revision == current)
+        for i, (revision, description) in enumerate(listed)
+    ]
 
 
 async def current_revision(url: str) -> str | None:

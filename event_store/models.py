@@ -208,12 +208,15 @@ sagas = sa.Table(
     sa.Column("sent", sa.Integer, nullable=False),
     sa.Column("undo_attempts", sa.Integer, nullable=False),
     sa.Column("error", sa.Text, nullable=True),
+    sa.Column("cause", sa.Text, nullable=True),
+    sa.Column("timer_id", sa.String(200), nullable=True),
     sa.Column("state", sa.JSON, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     _time("deadline", nullable=True, default=False),
     _time("created_at"),
     _time("updated_at"),
     sa.Index("ix_sagas_status_updated_at", "status", "updated_at"),
+    sa.Index("ix_sagas_saga_status", "saga", "status"),
 )
 """Saga instances: state, position, the token awaited, and a version for optimistic concurrency."""
 
@@ -247,6 +250,21 @@ held_dead_letters = sa.Table(
     sqlite_autoincrement=True,
 )
 """Dead letters the broker refused for good, kept here instead (``conveyor dlq`` shows them too)."""
+
+worker_heartbeats = sa.Table(
+    "worker_heartbeats",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("service", sa.String(128), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("roles", sa.JSON, nullable=False),
+    sa.Column("handlers", sa.JSON, nullable=False),
+    sa.Column("in_flight", sa.Integer, nullable=False),
+    _time("started_at", default=False),
+    _time("beat_at"),
+)
+"""Each live process's latest heartbeat (:mod:`conveyor.heartbeats`), renewed every few seconds."""
 
 OUTBOX_CHANNEL = "conveyor_outbox"
 """PostgreSQL NOTIFY channel a trigger signals on every insert into the outbox."""

@@ -18,6 +18,8 @@ from event_store.outbox import as_utc
 
 _UNSENT = models.outbox.c.sent_at.is_(None)
 _PARKED = sa.and_(_UNSENT, models.outbox.c.parked_at.is_not(None))
+NOT_YET_DUE = sa.and_(models.outbox.c.parked_at.is_(None), models.outbox.c.available_at > models.utcnow())
+"""Of the unsent rows, those scheduled: unparked and not due yet (delayed, or backing off after a failure)."""
 
 
 def _entry(row: sa.Row[Any]) -> stores.OutboxEntry:
@@ -67,14 +69,16 @@ async def entries(
 
 
 async def topics(db: database.Database, limit: int = 1000) -> list[stores.TopicBacklog]:
-    """Unsent and parked rows per topic, every topic with unsent rows, by name, at most ``limit``.
+    """Unsent, parked, due and scheduled rows per topic, every topic with unsent rows, by name, at most ``limit``.
 
     Raises:
         StoreError: the database failed.
     """
     table = models.outbox
     query = (
-        sa.select(table.c.topic, sa.func.count(), sa.func.count(table.c.parked_at))
+        sa.select(
+            table.c.topic, sa.func.count(), sa.func.count(table.c.parked_at), sa.func.count(sa.case((NOT_YET_DUE, 1)))
+        )
         .where(_UNSENT)
         .group_by(table.c.topic)
         .order_by(table.c.topic)
@@ -82,7 +86,10 @@ async def topics(db: database.Database, limit: int = 1000) -> list[stores.TopicB
     )
     async with db.transaction(readonly=True) as session:
         rows = (await session.execute(query)).all()
-    return [stores.TopicBacklog(topic, int(unsent), int(parked)) for topic, unsent, parked in rows]
+    return [
+        stores.TopicBacklog(topic, int(unsent), int(parked), int(unsent) - int(parked) - int(later), int(later))
+        for topic, unsent, parked, later in rows
+    ]
 
 
 async def get(db: database.Database, message_id: str) -> stores.OutboxEntry:

@@ -274,7 +274,7 @@ class SqlOutboxStore:
         return max((as_utc(earliest) - as_utc(now)).total_seconds(), 0.0)
 
     async def stats(self) -> stores.OutboxStats:
-        """Unsent rows, parked rows and the age of the oldest due, unparked one.
+        """Unsent rows (due, scheduled, parked) and the age of the oldest due, unparked one.
 
         Raises:
             StoreError: the database failed.
@@ -282,23 +282,22 @@ class SqlOutboxStore:
         table = models.outbox
         now = models.utcnow()
         unsent = table.c.sent_at.is_(None)
-        backlog = sa.select(sa.func.count()).select_from(table).where(unsent).scalar_subquery()
-        parked = (
-            sa.select(sa.func.count())
-            .select_from(table)
-            .where(unsent, table.c.parked_at.is_not(None))
-            .scalar_subquery()
-        )
         oldest = (
             sa.select(sa.func.min(table.c.available_at))
             .where(unsent, table.c.parked_at.is_(None), table.c.available_at <= now)
             .scalar_subquery()
         )
+        figures = sa.select(
+            sa.func.count(), sa.func.count(table.c.parked_at), sa.func.count(sa.case((outbox_admin.NOT_YET_DUE, 1))),
+            oldest, now,
+        ).where(unsent)  # fmt: skip
         async with self.db.transaction(readonly=True) as session:
-            result = await session.execute(sa.select(backlog, parked, oldest, now))
-            count, parked_count, earliest, db_now = result.one()
+            count, parked, scheduled, earliest, db_now = (await session.execute(figures)).one()
         age = 0.0 if earliest is None else max((as_utc(db_now) - as_utc(earliest)).total_seconds(), 0.0)
-        return stores.OutboxStats(backlog=int(count), oldest_age=age, parked=int(parked_count))
+        due = int(count) - int(parked) - int(scheduled)
+        return stores.OutboxStats(
+            backlog=int(count), oldest_age=age, parked=int(parked), due=due, scheduled=int(scheduled)
+        )
 
     async def entries(
         self, *, status: Literal["pending", "parked"] | None = None, topic: str | None = None, limit: int = 100

@@ -7,6 +7,7 @@ Every method joins the caller's transaction (``tx``, an ``AsyncSession``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,7 +16,7 @@ from conveyor.sagas import engine
 from conveyor.sagas import store as saga_store
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import database, models
+from event_store import claims, database, models
 from event_store.outbox import as_utc
 
 _SAGAS = models.sagas
@@ -27,6 +28,7 @@ def _columns(instance: engine.Instance) -> dict[str, Any]:
         "status": instance.status.value, "step": instance.step, "waiting": instance.waiting,
         "sent": instance.sent, "undo_attempts": instance.undo_attempts, "error": instance.error,
         "state": instance.state, "version": instance.version, "deadline": instance.deadline,
+        "cause": instance.cause, "timer_id": instance.timer_id,
     }  # fmt: skip
 
 
@@ -34,7 +36,7 @@ def _record(row: Any) -> saga_store.SagaRecord:
     instance = engine.Instance(
         saga=row.saga, id=row.id, state=dict(row.state), status=engine.Status(row.status), step=row.step,
         waiting=row.waiting, sent=row.sent, undo_attempts=row.undo_attempts, error=row.error, version=row.version,
-        deadline=None if row.deadline is None else as_utc(row.deadline),
+        deadline=None if row.deadline is None else as_utc(row.deadline), cause=row.cause, timer_id=row.timer_id,
     )  # fmt: skip
     return saga_store.SagaRecord(instance, as_utc(row.created_at), as_utc(row.updated_at))
 
@@ -77,6 +79,11 @@ class SqlSagaStore:
         """Remove the outbox row of ``message_id``, if any, so the command can be added again under its id."""
         await tx.execute(sa.delete(models.outbox).where(models.outbox.c.message_id == message_id))
 
+    async def cancel_timer(self, tx: AsyncSession, message_id: str) -> None:
+        """Delete the outbox row of the timer ``message_id`` if it is still unsent (see the port)."""
+        outbox = models.outbox
+        await tx.execute(sa.delete(outbox).where(outbox.c.message_id == message_id, outbox.c.sent_at.is_(None)))
+
     async def log(self, tx: AsyncSession, saga: str, instance_id: str, entries: Sequence[engine.Entry]) -> None:
         """Append lines to the instance's step log."""
         if entries:
@@ -88,9 +95,9 @@ class SqlSagaStore:
             await tx.execute(sa.insert(_LOG), rows)
 
     async def find(
-        self, tx: AsyncSession, *, saga: str | None = None, status: str | None = None, limit: int = 100
+        self, tx: AsyncSession, *, saga: str | None = None, status: str | None = None, limit: int | None = 100
     ) -> list[saga_store.SagaRecord]:
-        """Instances, most recently changed first."""
+        """Instances, most recently changed first (``limit`` None: every one)."""
         query = sa.select(_SAGAS).order_by(_SAGAS.c.updated_at.desc(), _SAGAS.c.id).limit(limit)
         if saga is not None:
             query = query.where(_SAGAS.c.saga == saga)
@@ -112,6 +119,24 @@ class SqlSagaStore:
             saga_store.LogRecord(as_utc(row.at), engine.Entry(row.step, row.event, row.detail, row.token))
             for row in (await tx.execute(query)).all()
         ]
+
+    async def purge(self, tx: AsyncSession, older_than: timedelta, limit: int = 1000) -> int:
+        """Delete at most ``limit`` finished instances unchanged for ``older_than`` (database clock) and their logs."""
+        cutoff = await claims.database_now(tx) - older_than
+        finished = [status.value for status in engine.Status if status.finished]
+        chosen = (
+            sa.select(_SAGAS.c.saga, _SAGAS.c.id)
+            .where(_SAGAS.c.status.in_(finished), _SAGAS.c.updated_at < cutoff)
+            .order_by(_SAGAS.c.updated_at)
+            .limit(limit)
+        )
+        with database.translating():
+            keys = [(row[0], row[1]) for row in (await tx.execute(chosen)).all()]
+            if not keys:
+                return 0
+            await tx.execute(sa.delete(_LOG).where(sa.tuple_(_LOG.c.saga, _LOG.c.instance_id).in_(keys)))
+            await tx.execute(sa.delete(_SAGAS).where(sa.tuple_(_SAGAS.c.saga, _SAGAS.c.id).in_(keys)))
+        return len(keys)
 
     async def counts(self, tx: AsyncSession) -> dict[tuple[str, str], int]:
         """How many instances each ``(saga, status)`` has."""

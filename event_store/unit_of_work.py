@@ -17,7 +17,7 @@ from conveyor import errors, names, persistence, stores
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from event_store import claims, database, direct, held, outbox_store
+from event_store import claims, database, direct, heartbeats, held, outbox_store
 from event_store.inbox import Inbox
 from event_store.outbox import Outbox
 from event_store.sagas import SqlSagaStore
@@ -181,4 +181,5 @@ def sql_persistence(db: database.Database, source: str, **relay: Any) -> persist
         dead_letters=held.SqlDeadLetterStore(db),
         sagas=units.sagas,
         relay_store=lambda: outbox_store.SqlOutboxStore(db, **relay),
+        heartbeats=heartbeats.SqlHeartbeatStore(db),
     )

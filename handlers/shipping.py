@@ -7,7 +7,7 @@ from conveyor import Context, on
 from handlers.models import ShipmentCreated
 
 
-@on("shipping.book", name="shipping.create-shipment")
+@on("shipping.book", name="shipping.create-shipment", publishes={"shipments.created": ShipmentCreated})
 async def create_shipment(command: dict, ctx: Context) -> None:
     """Book a parcel; the reply carries the tracking number, and ``shipments.created`` tells everyone else."""
     order_id = command["order_id"]

@@ -12,7 +12,7 @@ log = logging.getLogger("schedules.demo")
 _orders = itertools.count(1)
 
 
-@every(timedelta(seconds=5), name="demo.place-order", misfire="skip")
+@every(timedelta(seconds=5), name="demo.place-order", misfire="skip", publishes={"orders.placed": OrderPlaced})
 async def place_demo_order(ctx: Context) -> None:
     """Place an order every five seconds: every fourth is large (its first charge attempt fails), every
     fifth is over the card limit (billing declines it, and the checkout saga releases its stock)."""

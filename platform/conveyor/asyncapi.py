@@ -13,6 +13,7 @@ hoisted to ``components.schemas`` so every ``$ref`` resolves in the document.
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +69,13 @@ def document(found: registry.Registry, config: settings.Settings) -> dict[str, A
         builder.receive(schedule.topic, schedule.topic, _JOB_PAYLOAD, _job_summary(schedule))
     for saga in found.sagas:
         _add_saga(builder, saga)
+        _add_replies(builder, saga, found.handlers)
+    publishers = [(h.name, h) for h in found.handlers] + [(s.topic, s) for s in found.schedules]
+    for name, publisher in publishers:
+        for topic, payload in publisher.publishes:
+            summary = f"Published by `{publisher.where}`."
+            key = builder.message(f"publish.{name}.{topic}", _declared(payload), summary)
+            builder.send(f"send.{name}.{topic}", topic, key, summary, "Topic this service publishes to.")
     return {
         "asyncapi": VERSION,
         "info": {
@@ -188,8 +196,10 @@ class _Builder:
             group = {"type": "string", "enum": [name]}
             self.operations[f"receive.{name}"]["bindings"] = {"kafka": {"groupId": group, "bindingVersion": "0.5.0"}}
 
-    def send(self, operation: str, topic: str, key: str, summary: str) -> None:
-        self._attach(self.channel(topic, "Topic this service sends commands to."), key)
+    def send(
+        self, operation: str, topic: str, key: str, summary: str, about: str = "Topic this service sends commands to."
+    ) -> None:
+        self._attach(self.channel(topic, about), key)
         self.operations[operation] = {
             "action": "send",
             "channel": {"$ref": _channel_ref(topic)},
@@ -220,6 +230,39 @@ def _add_saga(builder: _Builder, saga: saga_definition.Saga[Any]) -> None:
                 f"Undo of step `{step.name}` of saga `{saga.name}`.",
             )
             builder.send(f"send.{key}", step.undo_topic, key, f"Saga `{saga.name}` undoes step `{step.name}`.")
+
+
+def _add_replies(builder: _Builder, saga: saga_definition.Saga[Any], handlers: list[registry.Handler]) -> None:
+    """The replies the saga's participants send (``ctx.reply``) to the saga's topic."""
+    replied: dict[str, Any] = {}  # topic -> the reply's payload type (None: unknown)
+    for step in saga.steps:
+        if step.send is not None:
+            replied[step.send] = _reply_annotation(step.on_reply)
+        if step.undo_topic is not None:
+            replied.setdefault(step.undo_topic, None)
+    for handler in handlers:
+        if handler.topic not in replied:
+            continue
+        summary = f"Reply of `{handler.where}` to saga `{saga.name}` (`ctx.reply`)."
+        key = builder.message(f"reply.{handler.name}.{saga.name}", _declared(replied[handler.topic]), summary)
+        builder.send(f"send.{handler.name}.{saga.topic}", saga.topic, key, summary)
+
+
+def _reply_annotation(on_reply: Callable[..., Any] | None) -> Any:
+    """The type of the reply an ``@step.replied`` function takes (its second parameter), or ``None``."""
+    if on_reply is None:
+        return None
+    try:
+        hints = typing.get_type_hints(on_reply)
+        names = [name for name in inspect.signature(on_reply).parameters if name != "return"]
+    except Exception:  # an unresolvable annotation only makes the document vaguer
+        return None
+    return hints.get(names[1]) if len(names) == 2 else None
+
+
+def _declared(payload: Any) -> dict[str, Any]:
+    """The schema of a declared payload type; ``{}`` (any) when none was declared."""
+    return {} if payload is None else schema_of(payload)
 
 
 def _handler_payload(handler: registry.Handler) -> dict[str, Any]:

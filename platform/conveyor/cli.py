@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -18,9 +17,9 @@ import orjson
 from conveyor import (
     asyncapi,
     cli_options,
+    db_cli,
     dlq_cli,
     errors,
-    logs,
     outbox_cli,
     registry,
     sagas_cli,
@@ -47,6 +46,7 @@ def main() -> None:
 
 @main.command()
 @cli_options.common
+@cli_options.database
 @cli_options.http_options
 @cli_options.exits
 def run(**flags: Any) -> None:
@@ -65,6 +65,7 @@ def run(**flags: Any) -> None:
 
 @main.command()
 @cli_options.common
+@cli_options.database
 @cli_options.http_options
 @click.option("--concurrency", type=int, help="Messages per handler at once (CONVEYOR_CONCURRENCY).")
 @click.option(
@@ -92,6 +93,7 @@ def worker(processes: int, declare_only: bool, **flags: Any) -> None:
 
 @main.command()
 @cli_options.common
+@cli_options.database
 @cli_options.http_options
 @cli_options.exits
 def relay(**flags: Any) -> None:
@@ -105,6 +107,7 @@ def relay(**flags: Any) -> None:
 
 @main.command()
 @cli_options.common
+@cli_options.database
 @cli_options.http_options
 @cli_options.exits
 def scheduler(**flags: Any) -> None:
@@ -112,78 +115,16 @@ def scheduler(**flags: Any) -> None:
     _serve(cli_options.load(**flags), app.Parts(worker=False, scheduler=True))
 
 
-@main.group(invoke_without_command=True)
-@cli_options.common
-@click.pass_context
-@cli_options.exits
-def schedules(click_context: click.Context, /, **flags: Any) -> None:
-    """List schedules: expression, time zone, next three fires, last run and its status."""
-    click_context.obj = flags
-    if click_context.invoked_subcommand is not None:
-        return
-    config = cli_options.load(**flags)
-    found = registry.discover(config.app, config.app_dir)
-    if not found.schedules:
-        click.echo(f"no schedules in {', '.join(config.app)}")
-        return
-    rows = asyncio.run(schedules_cli.overview(config, found))
-    schedules_cli.print_table([("NAME", "EXPRESSION", "TZ", "NEXT FIRES (UTC)", "LAST RUN", "STATE"), *rows])
-
-
-def _schedule_command(verb: str, help_text: str) -> Callable[[Callable[..., Any]], Any]:
-    def decorate(func: Callable[..., Any]) -> Any:
-        return schedules.command(name=verb, help=help_text)(
-            click.argument("name")(click.pass_context(cli_options.exits(func)))
-        )
-
-    return decorate
-
-
-@_schedule_command("trigger", "Run schedule NAME once now (its job goes through the outbox to a worker).")
-def schedules_trigger(click_context: click.Context, name: str) -> None:
-    config = cli_options.load(**click_context.obj)
-    schedule = registry.discover(config.app, config.app_dir).schedule(name)
-    run_id = asyncio.run(schedules_cli.trigger(config, schedule))
-    click.echo(f"triggered {name} (run {run_id})")
-
-
-@_schedule_command("pause", "Pause schedule NAME on every scheduler replica.")
-def schedules_pause(click_context: click.Context, name: str) -> None:
-    config = cli_options.load(**click_context.obj)
-    asyncio.run(schedules_cli.set_paused(config, registry.discover(config.app, config.app_dir).schedule(name), True))
-    click.echo(f"paused {name}")
-
-
-@_schedule_command("resume", "Resume schedule NAME; fires missed while paused are not run.")
-def schedules_resume(click_context: click.Context, name: str) -> None:
-    config = cli_options.load(**click_context.obj)
-    asyncio.run(schedules_cli.set_paused(config, registry.discover(config.app, config.app_dir).schedule(name), False))
-    click.echo(f"resumed {name}")
-
-
 main.add_command(dlq_cli.dlq)
 main.add_command(outbox_cli.outbox)
 main.add_command(sagas_cli.sagas)
-
-
-@main.group()
-def db() -> None:
-    """The service's database."""
-
-
-@db.command()
-@click.option("--database-url", help="SQLAlchemy async URL (CONVEYOR_DATABASE_URL).")
-@cli_options.exits
-def upgrade(database_url: str | None) -> None:
-    """Create or migrate the database's tables (events, outbox, inbox, schedules, sagas)."""
-    config = settings.load(database_url=database_url)
-    logs.configure(config.log_level, config.log_format)
-    asyncio.run(app.upgrade_database(config.database_url))
-    click.echo(f"database {app.redact(config.database_url)} is up to date")
+main.add_command(schedules_cli.schedules)
+main.add_command(db_cli.db)
 
 
 @main.command()
 @cli_options.common
+@cli_options.database
 @cli_options.http_options
 @cli_options.exits
 def serve(**flags: Any) -> None:
@@ -205,8 +146,8 @@ def publish(topic: str, data: str, key: str | None, event_type: str | None, **fl
     config = cli_options.load(**flags)
     if config.broker_url.startswith("memory:"):
         raise errors.ConfigurationError(
-            "the memory:// broker exists only inside one process; POST the event to a running "
-            "`conveyor run` (POST /events/TOPIC) or set CONVEYOR_BROKER_URL to a real broker"
+            "the memory:// broker lives inside the `conveyor run` process; POST the event to that process "
+            "(POST /events/TOPIC), or give --broker-url (CONVEYOR_BROKER_URL) a real broker"
         )
     try:
         value = orjson.loads(data)
@@ -230,6 +171,21 @@ def status(as_json: bool, **flags: Any) -> None:
     """Show each handler's backlog on the broker: name, topic, backlog, oldest age, capacity.
 
     Starts no worker and opens no database. Exits 1 if a backlog could not be read.
+    On the memory:// broker (the default) it cannot see the broker of a running
+    `conveyor run`: that process's console shows the same figures.
+
+    \b
+    Columns:
+      NAME        the handler's name
+      TOPIC       the topic it consumes
+      BACKLOG     messages waiting in its subscription (RabbitMQ: ready messages in
+                  its queue; NATS: the durable's pending; Kafka: the group's lag);
+                  "-" when it could not be read (the reason follows on stderr)
+      OLDEST AGE  age of the oldest unsettled message, on brokers that know it
+                  (NATS, Kafka); "-" otherwise
+      CAPACITY    messages it runs at once in one worker process (its concurrency)
+
+    Delayed retries are not counted. Every handler is listed (no row limit).
     """
     config = cli_options.load(**flags)
     found = registry.discover(config.app, config.app_dir)
@@ -250,11 +206,40 @@ def status(as_json: bool, **flags: Any) -> None:
 
 @main.command(name="handlers")
 @cli_options.common
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per handler.")
 @cli_options.exits
-def list_handlers(**flags: Any) -> None:
-    """List the handlers the application declares: name, topic, attempts, timeout, concurrency."""
+def list_handlers(as_json: bool, **flags: Any) -> None:
+    """List the handlers the application declares: name, topic, attempts, timeout, concurrency.
+
+    Reads the application's modules only (no broker, no database).
+
+    \b
+    Columns:
+      NAME         the handler's name (its subscription on the broker)
+      TOPIC        the topic it consumes
+      ATTEMPTS     tries of one message, the first included, before it is dead-lettered
+      TIMEOUT      seconds one attempt may take ("-": no limit)
+      CONCURRENCY  messages it runs at once in one worker process
+      FUNCTION     the function, as module.name
+
+    Every handler is listed (no row limit).
+    """
     config = cli_options.load(**flags)
     found = registry.discover(config.app, config.app_dir).handlers
+    if as_json:
+        listed = [
+            {
+                "name": h.name,
+                "topic": h.topic,
+                "attempts": h.retry.max_attempts,
+                "timeout_seconds": h.timeout or None,
+                "concurrency": h.concurrency or config.concurrency,
+                "function": h.where,
+            }
+            for h in found
+        ]
+        click.echo(orjson.dumps(listed, option=orjson.OPT_INDENT_2).decode())
+        return
     if not found:
         click.echo(f"no handlers in {', '.join(config.app)}")
         return
@@ -264,9 +249,7 @@ def list_handlers(**flags: Any) -> None:
         rows.append(
             (h.name, h.topic, str(h.retry.max_attempts), timeout, str(h.concurrency or config.concurrency), h.where)
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    schedules_cli.print_table(rows)
 
 
 @main.command()

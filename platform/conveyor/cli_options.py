@@ -17,13 +17,23 @@ from conveyor import errors, logs, settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+"""The levels ``--log-level`` and ``CONVEYOR_LOG_LEVEL`` accept (any case)."""
+
+CONSOLE_URL = "http://127.0.0.1:8000/console"
+"""Where ``conveyor run`` serves the operations console by default."""
+
 
 def common(func: F) -> F:
     """Options every command takes; each overrides its ``CONVEYOR_*`` setting."""
     options = [
         click.option("--broker-url", help="Broker URL (CONVEYOR_BROKER_URL), e.g. nats://127.0.0.1:4222."),
         click.option("--app", "app_modules", help="Comma-separated modules to load (CONVEYOR_APP)."),
-        click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR (CONVEYOR_LOG_LEVEL)."),
+        click.option(
+            "--log-level",
+            type=click.Choice(LOG_LEVELS, case_sensitive=False),
+            help="Log level (CONVEYOR_LOG_LEVEL).",
+        ),
         click.option(
             "--log-format", type=click.Choice(["text", "json"]), help="Log line format (CONVEYOR_LOG_FORMAT)."
         ),
@@ -31,6 +41,11 @@ def common(func: F) -> F:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def database(func: F) -> F:
+    """``--database-url``, for every command that opens the service's database."""
+    return click.option("--database-url", help="SQLAlchemy async URL (CONVEYOR_DATABASE_URL).")(func)
 
 
 def http_options(func: F) -> F:
@@ -57,6 +72,32 @@ def load(**flags: Any) -> settings.Settings:
     )
     logs.configure(config.log_level, config.log_format)
     return config
+
+
+def refuse_memory_broker(config: settings.Settings, what: str, console_page: str, endpoint: str = "") -> None:
+    """Stop a command that needs the broker from another process when the broker is ``memory://``.
+
+    The in-memory broker lives inside the ``conveyor run`` process that created
+    it; a command in another process would see an empty one of its own.
+
+    Args:
+        config: the command's settings.
+        what: what the command would have shown, e.g. "each handler's backlog".
+        console_page: the console page that shows it, e.g. "/console/dead-letters".
+        endpoint: an HTTP endpoint of the process that answers the same in JSON, if any.
+
+    Raises:
+        ConfigurationError: the broker is ``memory://``; the message says where to look instead.
+    """
+    if not config.broker_url.startswith("memory:"):
+        return
+    page = CONSOLE_URL.removesuffix("/console") + console_page
+    as_json = f"; for scripts, {endpoint} of that process" if endpoint else ""
+    raise errors.ConfigurationError(
+        f"the memory:// broker lives inside the `conveyor run` process, so {what} cannot be read from "
+        f"another process: open the console of that process, {page} (on its --port){as_json}; or give "
+        "--broker-url (CONVEYOR_BROKER_URL) a real broker"
+    )
 
 
 def exits(func: F) -> F:

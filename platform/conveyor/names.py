@@ -8,6 +8,8 @@ topic, handler and schedule name passes :func:`check` before it is used.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from conveyor import errors
 
@@ -33,6 +35,21 @@ def check(kind: str, value: object) -> str:
             "starting with a letter or digit, with no empty '.'-separated part"
         )
     return value
+
+
+def published(publishes: Iterable[str] | Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The ``publishes=`` of a handler or schedule as (topic, payload type or None) pairs, each topic checked.
+
+    Args:
+        publishes: topics, or a mapping of each topic to its payload type (or None).
+
+    Raises:
+        ConfigurationError: a single string instead of a list, or an invalid topic.
+    """
+    if isinstance(publishes, str | bytes):
+        raise errors.ConfigurationError(f"publishes takes a list of topics, not the string {publishes!r}")
+    pairs = list(publishes.items()) if isinstance(publishes, Mapping) else [(topic, None) for topic in publishes]
+    return tuple((check("published topic", topic), payload) for topic, payload in pairs)
 
 
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

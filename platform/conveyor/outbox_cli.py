@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
 
 import click
 import orjson
@@ -61,8 +61,16 @@ def _one_line(text: str | None, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
-def table(entries: Sequence[stores.OutboxEntry]) -> list[tuple[str, ...]]:
+def shown_status(entry: stores.OutboxEntry, now: datetime) -> str:
+    """``parked``, ``scheduled`` (not due yet) or ``due`` (the relay may publish it now); ``sent`` if sent."""
+    if entry.status != "pending":
+        return entry.status
+    return "scheduled" if entry.available_at > now else "due"
+
+
+def table(entries: Sequence[stores.OutboxEntry], now: datetime | None = None) -> list[tuple[str, ...]]:
     """Rows for ``conveyor outbox list``, a header first."""
+    now = now or datetime.now(UTC)
     rows: list[tuple[str, ...]] = [("MESSAGE ID", "STATUS", "TOPIC", "KEY", "ATTEMPTS", "SINCE / DUE", "LAST ERROR")]
     for entry in entries:
         message = entry.message
@@ -70,7 +78,7 @@ def table(entries: Sequence[stores.OutboxEntry]) -> list[tuple[str, ...]]:
         rows.append(
             (
                 message.message_id,
-                entry.status,
+                shown_status(entry, now),
                 message.topic,
                 message.key or "-",
                 str(message.attempts),
@@ -79,6 +87,24 @@ def table(entries: Sequence[stores.OutboxEntry]) -> list[tuple[str, ...]]:
             )
         )
     return rows
+
+
+def as_json(entry: stores.OutboxEntry, now: datetime) -> dict[str, Any]:
+    """One row as ``conveyor outbox list --json`` prints it (no body: ``outbox show`` has it)."""
+    message = entry.message
+    return {
+        "message_id": message.message_id, "status": shown_status(entry, now), "topic": message.topic,
+        "key": message.key, "attempts": message.attempts, "created_at": _iso(message.created_at),
+        "due_at": _iso(entry.available_at), "parked_at": _iso(entry.parked_at), "last_error": entry.last_error,
+    }  # fmt: skip
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else envelope.format_time(value)
+
+
+def _more(limit: int, what: str) -> None:
+    click.echo(f"conveyor: listed the first {limit} {what}; there are more: raise --limit or filter", err=True)
 
 
 def _body(body: bytes) -> str:
@@ -123,33 +149,68 @@ def _outbox_command(func: cli_options.F) -> cli_options.F:
 @outbox.command(name="list")
 @click.option("--parked", is_flag=True, help="Only parked messages (they wait for retry or purge).")
 @click.option("--topic", help="Only messages to this topic.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Most messages listed; if there are more, stderr says so.")  # fmt: skip
+@click.option("--json", "json_out", is_flag=True, help="Print a JSON array of objects instead of a table.")
 @_outbox_command
-def outbox_list(parked: bool, topic: str | None, limit: int, **flags: Any) -> None:
-    """List unsent outbox messages, oldest first: status, attempts, last error."""
+def outbox_list(parked: bool, topic: str | None, limit: int, json_out: bool, **flags: Any) -> None:
+    """List unsent outbox messages, oldest first: status, attempts, last error.
+
+    \b
+    STATUS       due: the relay may publish it now (unless a parked
+                   message of its key holds it back)
+                 scheduled: not due yet: a delayed message (saga step
+                   timeouts among them) or a failed publish backing off
+                 parked: refused CONVEYOR_RELAY_MAX_ATTEMPTS times; it
+                   waits for `outbox retry` or `outbox purge`
+    SINCE / DUE  when a parked message was parked; else when it is due
+    ATTEMPTS     publishes the broker refused so far
+
+    The first --limit messages are listed; when there are more, a line on
+    stderr says so.
+    """
+    status: Literal["parked"] | None = "parked" if parked else None
     found = asyncio.run(
-        run(
-            cli_options.load(**flags),
-            lambda store: store.entries(status="parked" if parked else None, topic=topic, limit=limit),
-        )
+        run(cli_options.load(**flags), lambda store: store.entries(status=status, topic=topic, limit=limit + 1))
     )
-    if not found:
+    shown, now = found[:limit], datetime.now(UTC)
+    if json_out:
+        click.echo(orjson.dumps([as_json(entry, now) for entry in shown]).decode())
+    elif not shown:
         click.echo("no parked outbox messages" if parked else "no unsent outbox messages")
-        return
-    schedules_cli.print_table(table(found))
+    else:
+        schedules_cli.print_table(table(shown, now))
+    if len(found) > limit:
+        _more(limit, "messages")
 
 
 @outbox.command(name="topics")
-@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Most topics listed (by name); if there are more, stderr says so.")  # fmt: skip
+@click.option("--json", "json_out", is_flag=True, help="Print a JSON array of objects instead of a table.")
 @_outbox_command
-def outbox_topics(limit: int, **flags: Any) -> None:
-    """Count unsent and parked messages per topic, every topic with unsent messages, by name."""
-    found = asyncio.run(run(cli_options.load(**flags), lambda store: store.topics(limit)))
-    if not found:
+def outbox_topics(limit: int, json_out: bool, **flags: Any) -> None:
+    """Count unsent messages per topic, every topic with unsent messages, by name.
+
+    \b
+    UNSENT     DUE + SCHEDULED + PARKED
+    DUE        the relay may publish them now
+    SCHEDULED  not due yet: delayed messages, saga timers, backoffs
+    PARKED     waiting for `outbox retry` or `outbox purge`
+    """
+    found = asyncio.run(run(cli_options.load(**flags), lambda store: store.topics(limit + 1)))
+    shown = found[:limit]
+    if json_out:
+        rows = [{"topic": r.topic, "unsent": r.unsent, "due": r.due, "scheduled": r.scheduled, "parked": r.parked}
+                for r in shown]  # fmt: skip
+        click.echo(orjson.dumps(rows).decode())
+    elif not shown:
         click.echo("no unsent outbox messages")
-        return
-    rows = [(row.topic, str(row.unsent), str(row.parked)) for row in found]
-    schedules_cli.print_table([("topic", "unsent", "parked"), *rows])
+    else:
+        cells = [(r.topic, str(r.unsent), str(r.due), str(r.scheduled), str(r.parked)) for r in shown]
+        schedules_cli.print_table([("TOPIC", "UNSENT", "DUE", "SCHEDULED", "PARKED"), *cells])
+    if len(found) > limit:
+        _more(limit, "topics")
 
 
 @outbox.command(name="show")

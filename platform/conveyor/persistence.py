@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from conveyor import envelope, stores
+from conveyor.heartbeats import HeartbeatStore
 from conveyor.sagas.store import SagaStore
 
 AddOutcome = Literal["added", "duplicate", "conflict"]
@@ -375,6 +376,7 @@ class Persistence:
         dead_letters: dead letters the broker refused, held in the database.
         sagas: saga instances and step logs (its methods take ``tx``).
         relay_store: builds the relay's side of the outbox (one per relay).
+        heartbeats: the live processes' heartbeats (the console's workers page).
     """
 
     database: Database
@@ -386,3 +388,4 @@ class Persistence:
     dead_letters: DeadLetterStore
     sagas: SagaStore
     relay_store: Callable[[], stores.OutboxStore]
+    heartbeats: HeartbeatStore

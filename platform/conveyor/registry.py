@@ -14,7 +14,7 @@ import inspect
 import pkgutil
 import sys
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import ModuleType
@@ -51,6 +51,9 @@ class Handler:
         batch: for a batch handler, most messages per call (``decode`` then
             decodes one element); ``None`` for one message per call.
         batch_wait: seconds a batch waits for more messages after its first.
+        publishes: the topics it publishes to (``ctx.publish``), each with its
+            payload type or ``None``, in declaration order; for the AsyncAPI
+            document only (publishing elsewhere is not refused).
     """
 
     name: str
@@ -66,6 +69,7 @@ class Handler:
     plain: bool = False
     batch: int | None = None
     batch_wait: float = 0.05
+    publishes: tuple[tuple[str, Any], ...] = ()
 
     @property
     def where(self) -> str:
@@ -85,6 +89,7 @@ def on(
     plain: bool = False,
     batch: int | None = None,
     batch_wait: timedelta | float = 0.05,
+    publishes: Iterable[str] | Mapping[str, Any] = (),
 ) -> Callable[[F], F]:
     """Declare a handler for the messages of ``topic``.
 
@@ -120,9 +125,14 @@ def on(
             settled). Not transactional; batches of one handler run one at a
             time, so per-key order holds.
         batch_wait: longest a batch waits for more messages after its first one.
+        publishes: the topics the handler publishes to (with ``ctx.publish``),
+            as a list, or as a mapping of each topic to its payload type (a
+            pydantic model, ``dict``...) or ``None``. The AsyncAPI document
+            (``conveyor docs``, ``/docs``) lists them as the handler's ``send``
+            operations; replies to a saga are found without it.
 
     Raises:
-        ConfigurationError: invalid topic or name, a missing or unusable
+        ConfigurationError: invalid topic, published topic or name, a missing or unusable
             payload annotation, or ``transactional`` on a plain (sync)
             function; the message names the module and function.
     """
@@ -131,6 +141,7 @@ def on(
         where = f"{func.__module__}.{func.__qualname__}"
         try:
             names.check("topic", topic)
+            published = names.published(publishes)
             handler_name = names.check("handler name", name or _default_name(func))
             policy = _policy(backoff, max_attempts)
             seconds = retry.seconds(timeout)
@@ -167,6 +178,7 @@ def on(
             plain=plain,
             batch=batch,
             batch_wait=wait,
+            publishes=published,
         )
         setattr(func, _ATTRIBUTE, handler)
         return func

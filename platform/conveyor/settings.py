@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         drain_timeout: seconds in-flight work may take to finish after SIGTERM.
         retention: seconds sent outbox rows, inbox rows and finished schedule
             runs are kept (default 7 days); longer than any redelivery can take.
+        saga_retention: seconds a finished saga instance (``completed`` or
+            ``compensated``) and its step log are kept after its last change
+            (default 7 days); parked and unfinished instances are kept.
         relay_max_attempts: publishes of one outbox message the broker may
             refuse before the relay parks it (``conveyor outbox list --parked``);
             an unreachable broker spends none.
@@ -93,6 +96,7 @@ class Settings(BaseSettings):
     concurrency: int = pydantic.Field(default=16, ge=1, le=10_000)
     drain_timeout: float = pydantic.Field(default=30.0, ge=0)
     retention: float = pydantic.Field(default=7 * 24 * 3600, ge=60)
+    saga_retention: float = pydantic.Field(default=7 * 24 * 3600, ge=60)
     relay_max_attempts: int = pydantic.Field(default=10, ge=1, le=1000)
     stall_after: float = pydantic.Field(default=60.0, gt=0)
     hold_limit: float = pydantic.Field(default=900.0, ge=0)

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from conveyor import errors, ports, registry, settings, transports
+from conveyor import cli_options, errors, ports, registry, settings, transports
 from conveyor.runtime import scheduler, worker
 
 TIMEOUT = 10.0
@@ -98,11 +98,7 @@ async def status(config: settings.Settings, found: registry.Registry) -> list[Ro
         ConfigurationError: the broker is ``memory://`` (it lives inside a running process).
         TransportError: the broker is unreachable.
     """
-    if config.broker_url.startswith("memory:"):
-        raise errors.ConfigurationError(
-            "the memory:// broker exists only inside one process; ask a running worker (GET /scaling) "
-            "or set CONVEYOR_BROKER_URL to a real broker"
-        )
+    cli_options.refuse_memory_broker(config, "each handler's backlog", "/console/", "GET /scaling")
     async with contextlib.AsyncExitStack() as stack:
         transport = transports.create(config.broker_url)
         await transport.connect()

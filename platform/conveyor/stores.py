@@ -46,15 +46,22 @@ class OutboxMessage:
 class OutboxStats:
     """Backlog figures for metrics.
 
+    ``backlog == due + scheduled + parked``.
+
     Attributes:
-        backlog: unsent rows (due, delayed or parked).
+        backlog: unsent rows (due, scheduled or parked).
         oldest_age: seconds since the oldest unsent, due, unparked row became due (0 when none).
         parked: rows parked after their last attempt, waiting for an operator.
+        due: unparked rows the relay may publish now.
+        scheduled: unparked rows not due yet: delayed messages (saga timers
+            among them) and rows waiting out a failed publish's backoff.
     """
 
     backlog: int
     oldest_age: float
     parked: int = 0
+    due: int = 0
+    scheduled: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +70,18 @@ class TopicBacklog:
 
     Attributes:
         topic: the topic.
-        unsent: its unsent rows (due, delayed or parked).
+        unsent: its unsent rows (due, scheduled or parked).
         parked: those of them parked, waiting for an operator.
+        due: those of them unparked and due: the relay may publish them now.
+        scheduled: those of them unparked and not due yet (delayed, saga
+            timers, backing off after a failed publish).
     """
 
     topic: str
     unsent: int
     parked: int
+    due: int = 0
+    scheduled: int = 0
 
 
 OutboxStatus = Literal["pending", "parked", "sent"]

@@ -28,8 +28,12 @@ def require_browser() -> None:
     pytest.skip(message)
 
 
-def chromium(width: int = 1366, height: int = 900, dark: bool = False) -> object:
-    """A new headless Chromium with a laptop-sized window."""
+def chromium(width: int = 1366, height: int = 900, dark: bool = False, offline: bool = False) -> object:
+    """A new headless Chromium with a laptop-sized window.
+
+    ``offline``: every host but 127.0.0.1 fails to resolve, as on a machine without internet
+    (the tests reach the process at 127.0.0.1).
+    """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -40,6 +44,8 @@ def chromium(width: int = 1366, height: int = 900, dark: bool = False) -> object
         "--disable-extensions", "--no-first-run", "--disable-background-networking", "--lang=en-GB",
     ):  # fmt: skip
         options.add_argument(argument)
+    if offline:
+        options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
     if dark:
         options.add_argument("--force-dark-mode")
         options.add_argument("--blink-settings=preferredColorScheme=0")

@@ -2,7 +2,7 @@
 
 The application has a handler that succeeds (``ledger.record``), one that
 fails until a flag file exists (``billing.charge``, one attempt, so a failure
-is a dead letter at once), and an hourly schedule. The process runs with a
+is a dead letter at once), an hourly schedule and a saga whose step nobody answers. The process runs with a
 console token, as in production, so the browser logs in through the form.
 
 Screenshots of each page go to ``CONVEYOR_CONSOLE_SCREENSHOTS`` (default: the
@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from browser import chromium, require_browser
+from selenium.common.exceptions import WebDriverException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from cli import ROOT, Process, free_port
@@ -36,7 +37,8 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from conveyor import Context, Reject, every, on
+from conveyor import Context, Reject, Saga, every, on
+from pydantic import BaseModel
 
 
 @on("orders.placed", name="ledger.record")
@@ -73,9 +75,28 @@ async def credit(credit: dict, ctx: Context) -> None:
     raise ValueError("credit ledger down")
 
 
+@on("reminders.set", name="reminders.set")
+async def remind(reminder: dict, ctx: Context) -> None:
+    """Schedules a reminder an hour ahead: an outbox row that is not due yet."""
+    ctx.publish("reminders.due", reminder, delay=timedelta(hours=1))
+
+
 @every(timedelta(hours=1), name="reports.hourly")
 def hourly(ctx: Context) -> None:
     """A schedule to pause and resume."""
+
+
+class Basket(BaseModel):
+    basket_id: str
+
+
+checkout = Saga("shop.checkout-basket", Basket, id=lambda basket: basket.basket_id, start_on="baskets.checked-out")
+
+
+@checkout.step(send="stock.reserve-items", timeout=3600)
+def reserve(basket: Basket) -> dict:
+    """Nobody answers: the instance stays running."""
+    return {"basket_id": basket.basket_id}
 '''
 
 
@@ -221,6 +242,19 @@ def test_console_other_pages_render(console: Console, browser: Any, shots: Path)
         screenshot(browser, shots, name)
 
 
+def test_console_outbox_shows_a_delayed_message_as_scheduled_not_due(console: Console, browser: Any) -> None:
+    console.post("reminders.set", {"reminder_id": "r-1"})
+
+    def scheduled() -> str:
+        browser.get(f"{console.base}/console/outbox")
+        return str(browser.find_element("id", "outbox-scheduled").text == "1")
+
+    wait_until(lambda: scheduled() == "True", "the delayed message counted as scheduled")
+    assert browser.find_element("id", "outbox-due").text == "0"
+    assert browser.find_element("id", "outbox-oldest").text == "-"
+    assert "scheduled" in browser.find_element("id", "outbox").text
+
+
 def test_console_action_without_the_credential_is_refused(console: Console) -> None:
     response = httpx.post(
         f"{console.base}/console/schedules/reports.hourly/pause", headers={"accept": "application/json"}, timeout=5
@@ -298,3 +332,63 @@ def test_console_dead_letter_time_shows_in_one_format(console: Console, browser:
     (row, *_) = letters_of(browser, console.base, "credits.grant", 1)
     when = row.find_elements("css selector", "td")[-1].text
     assert len(re.findall(r"\d\d:\d\d:\d\d", when)) == 1, when
+
+
+def test_docs_page_reads_without_internet(console: Console) -> None:
+    driver: Any = chromium(offline=True)
+    try:
+        with pytest.raises(WebDriverException, match="ERR_NAME_NOT_RESOLVED"):
+            driver.get("https://unpkg.com/")  # the rule holds: no site but this machine answers
+        driver.get(f"{console.base}/docs")
+        text = wait_until(lambda: driver.find_element("tag name", "body").text, "the docs page")
+    finally:
+        driver.quit()
+    assert "receive.ledger.record" in text
+    assert "send" in text.lower()
+
+
+def box(driver: Any, css: str) -> dict[str, float]:
+    found: dict[str, float] = driver.execute_script(
+        "const r = document.querySelector(arguments[0]).getBoundingClientRect();"
+        "return {left: r.left, right: r.right, width: r.width};",
+        css,
+    )
+    return found
+
+
+def test_console_overview_sagas_card_is_whole_at_1440_px(console: Console, browser: Any, shots: Path) -> None:
+    console.post("baskets.checked-out", {"basket_id": "b-1"})
+    browser.set_window_size(1440, 900)
+    try:
+        browser.get(f"{console.base}/console/")
+        card = "section[aria-labelledby=h-sagas]"
+        wait_until(lambda: browser.find_elements("css selector", f"{card} table"), "the saga counts")
+        viewport = browser.execute_script("return document.documentElement.clientWidth")
+        screenshot(browser, shots, "overview-1440")
+        outer, table = box(browser, card), box(browser, f"{card} table")
+    finally:
+        browser.set_window_size(1366, 900)
+    assert viewport >= 1400
+    assert outer["right"] <= viewport
+    assert table["right"] <= outer["right"]
+
+
+def test_console_times_show_one_format_per_cell_with_utc_on_hover(console: Console, browser: Any) -> None:
+    browser.get(f"{console.base}/console/schedules")
+    times = wait_until(lambda: browser.find_elements("css selector", "time[datetime]"), "times on the page")
+    shown = [(element.text, element.get_attribute("title")) for element in times]
+    assert [text for text, _ in shown if len(re.findall(r"\d{1,2}:\d{2}:\d{2}", text)) != 1] == []
+    assert all(title.endswith("UTC") for _, title in shown)
+
+
+def test_console_workers_page_lists_this_process(console: Console, browser: Any, shots: Path) -> None:
+    pid = str(console.process.popen.pid)
+
+    def listed() -> Any:
+        browser.get(f"{console.base}/console/workers")
+        return browser.find_elements("css selector", f'#workers tr[data-pid="{pid}"]')
+
+    row = wait_until(listed, "this process in the workers list")[0]
+    screenshot(browser, shots, "workers")
+    assert "ledger.record" in row.text
+    assert "alive" in row.text

@@ -1,5 +1,8 @@
 """The CLI end to end: the embedded default, ingest, drain on SIGTERM, exit codes."""
 
+import os
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,7 +10,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from cli import ROOT, Process, free_port, migrated, run
+from cli import ROOT, Process, clean_env, free_port, migrated, run
 
 ORDER = {
     "specversion": "1.0",
@@ -208,3 +211,111 @@ def test_publish_and_handlers_need_no_database(tmp_path: Path) -> None:
     )
     assert listed.returncode == 0, listed.stderr
     assert "billing.charge-order" in listed.stdout
+
+
+def test_log_level_flag_rejects_an_unknown_level_naming_the_flag() -> None:
+    result = run(["handlers", "--log-level", "loud"])
+    assert result.returncode == 2
+    assert "'--log-level'" in result.stderr and "'loud' is not one of" in result.stderr, result.stderr
+    assert run(["handlers", "--log-level", "warning"]).returncode == 0
+
+
+@pytest.mark.parametrize("command", ["worker", "relay", "scheduler", "serve"])
+def test_process_commands_take_database_url_over_the_environment(tmp_path: Path, command: str) -> None:
+    flagged = tmp_path / "flagged.db"
+    result = run(
+        [command, "--port", "0", "--database-url", f"sqlite+aiosqlite:///{flagged}"],
+        CONVEYOR_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/from-env.db",
+    )
+    assert result.returncode == 2  # unmigrated: the database the flag names, not the environment's
+    assert str(flagged) in result.stderr and "conveyor db upgrade" in result.stderr, result.stderr
+
+
+def test_run_takes_database_url(tmp_path: Path, port: int) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/flagged.db"
+    process = Process(["run", "--port", str(port), "--database-url", url], tmp_path / "run.log")
+    try:
+        process.wait_ready(port)
+        assert (tmp_path / "flagged.db").exists()
+    finally:
+        assert process.terminate() == 0, process.text()
+
+
+def test_handlers_prints_json_and_explains_its_columns() -> None:
+    result = run(["handlers", "--json"])
+    assert result.returncode == 0, result.stderr
+    listed = {entry["name"]: entry for entry in orjson.loads(result.stdout)}
+    assert listed["billing.charge-order"]["topic"] == "billing.charge"
+    assert {"attempts", "timeout_seconds", "concurrency", "function"} <= set(listed["billing.charge-order"])
+    explained = run(["handlers", "--help"]).stdout.split("Columns:", 1)[-1]
+    for column in ("ATTEMPTS", "TIMEOUT", "CONCURRENCY"):
+        assert re.search(rf"\n +{column} ", explained), explained
+
+
+def test_db_upgrade_on_an_empty_database_says_what_it_created(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/new.db"
+    created = run(["db", "upgrade", "--database-url", url])
+    assert created.returncode == 0, created.stderr
+    assert "created 11 table(s): " in created.stdout and "outbox" in created.stdout, created.stdout
+    assert "now at revision" in created.stdout
+    again = run(["db", "upgrade", "--database-url", url])
+    assert "already at revision" in again.stdout and "nothing to do" in again.stdout, again.stdout
+
+
+def test_db_current_and_history_show_the_revision_of_the_database(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/new.db"
+    before = run(["db", "current", "--database-url", url])
+    assert (before.returncode, before.stdout.split()[0]) == (0, "none"), before.stderr
+    assert "conveyor db upgrade" in before.stdout
+    pending = orjson.loads(run(["db", "history", "--json", "--database-url", url]).stdout)
+    assert pending and not any(r["applied"] or r["current"] for r in pending)
+    assert run(["db", "upgrade", "--database-url", url]).returncode == 0
+    newest = pending[-1]["revision"]
+    assert run(["db", "current", "--database-url", url]).stdout.strip() == f"{newest} (the newest)"
+    applied = orjson.loads(run(["db", "history", "--json", "--database-url", url]).stdout)
+    assert all(r["applied"] for r in applied) and [r["revision"] for r in applied if r["current"]] == [newest]
+    table = run(["db", "history", "--database-url", url]).stdout.splitlines()
+    assert table[0].split() == ["REVISION", "APPLIED", "DESCRIPTION"]
+    assert table[-1].startswith(f"{newest} (current)")
+
+
+README = ROOT / "README.md"
+_LONG_RUNNING = re.compile(r"conveyor (run|worker|relay|scheduler|serve)\b")
+
+
+def _readme_section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def test_readme_set_up_commands_work_as_written_in_a_new_terminal(tmp_path: Path) -> None:
+    """The Set up section's `conveyor` commands (in its sh blocks and inline) run in one fresh shell.
+
+    A fresh terminal has no .venv on its PATH; the section's own activation line, if it has one, runs first.
+    """
+    section = _readme_section("Set up")
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    activate = [line for line in lines if re.fullmatch(r"(\.|source) \.venv/bin/activate", line)]
+    spans = [*lines, *re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", section, flags=re.DOTALL))]
+    conveyor = [c for c in spans if re.match(r"(\.venv/bin/)?conveyor ", c) and not _LONG_RUNNING.match(c)]
+    commands = [*activate, *dict.fromkeys(conveyor)]
+    assert any("conveyor sagas list" in command for command in commands), commands
+    venv_bin = str(ROOT / ".venv" / "bin")
+    path = os.pathsep.join(part for part in os.environ["PATH"].split(os.pathsep) if part != venv_bin)
+    env = {**clean_env(**migrated(tmp_path)), "PATH": path}
+    env.pop("VIRTUAL_ENV", None)
+    result = subprocess.run(
+        ["bash", "-c", "set -e\n" + "\n".join(commands)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{commands}\n{result.stdout}{result.stderr}"
+
+
+def test_readme_set_up_says_what_the_demo_log_shows() -> None:
+    section = " ".join(_readme_section("Set up").split())
+    assert "every fourth" in section and "every fifth order" in section
+    for shown in ("WARNING", "declined", "over the card limit", "compensat", "releas"):
+        assert shown in section, shown

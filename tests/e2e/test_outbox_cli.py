@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli import migrated, run
@@ -110,12 +113,38 @@ def test_outbox_topics_counts_unsent_and_parked_messages_per_topic(outbox: Outbo
     listing = run(["outbox", "topics"], **outbox.env)
     assert listing.returncode == 0, listing.stderr
     rows = [line.split() for line in listing.stdout.splitlines()]
-    assert rows == [["topic", "unsent", "parked"], ["relay.other", "2", "0"], [TOPIC, "3", "1"]], listing.stdout
+    assert rows == [
+        ["TOPIC", "UNSENT", "DUE", "SCHEDULED", "PARKED"], ["relay.other", "2", "2", "0", "0"],
+        [TOPIC, "3", "2", "0", "1"],
+    ], listing.stdout  # fmt: skip
 
 
-async def _add(url: str, count: int, topic: str) -> None:
+def test_outbox_list_and_topics_json_and_a_notice_when_the_limit_cuts_the_list(outbox: Outbox) -> None:
+    asyncio.run(_add(outbox.env["CONVEYOR_DATABASE_URL"], 2, "relay.later", delay=timedelta(minutes=5)))
+    listing = run(["outbox", "list", "--json", "--limit", "4"], **outbox.env)
+    assert listing.returncode == 0, listing.stderr
+    rows = json.loads(listing.stdout)
+    assert [(r["message_id"], r["status"]) for r in rows] == [
+        (outbox.ids[0], "parked"), (outbox.ids[1], "due"), (outbox.ids[2], "due"), (rows[3]["message_id"], "scheduled"),
+    ]  # fmt: skip
+    assert "first 4" in listing.stderr and "--limit" in listing.stderr, listing.stderr
+    table = run(["outbox", "list"], **outbox.env)
+    assert (table.stdout.count(" scheduled "), table.stderr.strip()) == (2, ""), table.stdout + table.stderr
+    topics = run(["outbox", "topics", "--json", "--limit", "1"], **outbox.env)
+    assert json.loads(topics.stdout) == [{"topic": "relay.later", "unsent": 2, "due": 0, "scheduled": 2, "parked": 0}]
+    assert "first 1" in topics.stderr, topics.stderr
+
+
+def test_outbox_help_explains_the_columns() -> None:
+    listing = " ".join(run(["outbox", "list", "--help"]).stdout.split())
+    topics = " ".join(run(["outbox", "topics", "--help"]).stdout.split())
+    assert "scheduled" in listing and "SINCE / DUE" in listing, listing
+    assert "SCHEDULED" in topics and "DUE" in topics, topics
+
+
+async def _add(url: str, count: int, topic: str, **kw: Any) -> None:
     db = Database(url)
     try:
-        await add(db, count, topic=topic)
+        await add(db, count, topic=topic, **kw)
     finally:
         await db.close()

@@ -1,12 +1,14 @@
-"""``conveyor schedules pause|resume|trigger`` from the command line, seen by a running scheduler replica."""
+"""``conveyor schedules list|pause|resume|trigger`` from the command line, seen by a running scheduler replica."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 from cli import Process, migrated, run
 from conveyor.testing import unique
 
@@ -75,3 +77,40 @@ def test_pause_resume_and_trigger_from_the_cli_reach_a_running_replica(tmp_path:
         assert replica.terminate() == 0
     finally:
         replica.close()
+
+
+def test_schedules_list_prints_json_and_bare_schedules_stays_its_alias(tmp_path: Path) -> None:
+    (tmp_path / "cliapp.py").write_text(APP)
+    name = unique("cli")
+    env = {"CONVEYOR_APP": "cliapp", "CONVEYOR_APP_DIR": str(tmp_path), "CLI_SCHEDULE": name, **migrated(tmp_path)}
+    listed = run(["schedules", "list", "--json"], cwd=tmp_path, **env)
+    assert listed.returncode == 0, listed.stderr
+    [entry] = orjson.loads(listed.stdout)
+    assert (entry["name"], entry["state"], entry["last_run"], len(entry["next_fires"])) == (name, "active", None, 3)
+    table = run(["schedules", "list"], cwd=tmp_path, **env)
+    bare = run(["schedules"], cwd=tmp_path, **env)
+    assert table.returncode == bare.returncode == 0, table.stderr + bare.stderr
+    header = ["NAME", "EXPRESSION", "TZ"]
+    assert table.stdout.splitlines()[0].split()[:3] == bare.stdout.splitlines()[0].split()[:3] == header
+    assert name in table.stdout and name in bare.stdout
+
+
+def test_schedules_commands_take_database_url_after_the_verb(tmp_path: Path) -> None:
+    (tmp_path / "cliapp.py").write_text(APP)
+    name = unique("cli")
+    env = {"CONVEYOR_APP": "cliapp", "CONVEYOR_APP_DIR": str(tmp_path), "CLI_SCHEDULE": name}
+    url = migrated(tmp_path)["CONVEYOR_DATABASE_URL"]  # given as a flag only: the environment has none
+    paused = run(["schedules", "pause", name, "--database-url", url], cwd=tmp_path, **env)
+    assert paused.returncode == 0, paused.stderr
+    triggered = run(["schedules", "trigger", name, "--database-url", url], cwd=tmp_path, **env)
+    assert triggered.returncode == 0, triggered.stderr
+    assert claims(tmp_path / "conveyor.db", name, who="manual") == 1
+    [entry] = orjson.loads(run(["schedules", "list", "--json", "--database-url", url], cwd=tmp_path, **env).stdout)
+    assert (entry["state"], entry["last_run"]["status"]) == ("paused", "claimed")
+
+
+def test_schedules_list_help_explains_its_columns() -> None:
+    result = run(["schedules", "list", "--help"])
+    explained = result.stdout.split("Columns:", 1)[-1]
+    for column in ("NEXT FIRES (UTC)", "LAST RUN", "STATE"):
+        assert re.search(rf"\n +{re.escape(column)} ", explained), result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,20 @@ def test_status_on_the_memory_broker_exits_2_naming_the_alternative(tmp_path: Pa
     result = run(["status"], CONVEYOR_BROKER_URL="memory://")
     assert result.returncode == 2
     assert "GET /scaling" in result.stderr
+
+
+def test_status_on_the_default_memory_broker_names_the_console_page_to_open() -> None:
+    result = run(["status"])
+    assert result.returncode == 2
+    assert "open the console of that process, http://127.0.0.1:8000/console/" in result.stderr, result.stderr
+    assert "--broker-url" in result.stderr
+
+
+def test_status_help_explains_its_columns() -> None:
+    result = run(["status", "--help"])
+    explained = result.stdout.split("Columns:", 1)[-1]
+    for column in ("BACKLOG", "OLDEST AGE", "CAPACITY"):
+        assert re.search(rf"\n +{re.escape(column)} ", explained), result.stdout
 
 
 def scaling(port: int) -> list[dict[str, Any]]:

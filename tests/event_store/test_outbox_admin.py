@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 from conveyor import errors
@@ -133,7 +134,30 @@ async def test_outbox_topics_counts_every_unsent_and_parked_row_per_topic(store:
     assert [t.topic for t in await store.topics(limit=1)] == ["relay.other"]
 
 
+async def test_outbox_stats_counts_due_and_scheduled_rows_apart(store: SqlOutboxStore) -> None:
+    await _park(store, 1)
+    await add(store.db, 2)
+    await add(store.db, 3, delay=timedelta(minutes=5))  # saga timers, delayed messages: not yet due
+    stats = await store.stats()
+    assert (stats.backlog, stats.due, stats.scheduled, stats.parked) == (6, 2, 3, 1)
+
+
+async def test_outbox_topics_counts_due_and_scheduled_rows_apart(store: SqlOutboxStore) -> None:
+    await _park(store, 1)
+    await add(store.db, 2)
+    await add(store.db, 3, delay=timedelta(minutes=5))
+    [topic] = await store.topics()
+    assert (topic.unsent, topic.due, topic.scheduled, topic.parked) == (6, 2, 3, 1)
+
+
 async def test_relay_refresh_metrics_sets_parked_gauge(store: SqlOutboxStore, broker: Broker) -> None:
     await _park(store, 2)
     await relay.Relay(store, broker.transport).refresh_metrics()
     assert relay.OUTBOX_PARKED._value.get() == 2
+
+
+async def test_relay_refresh_metrics_sets_due_and_scheduled_gauges(store: SqlOutboxStore, broker: Broker) -> None:
+    await add(store.db, 1)
+    await add(store.db, 2, delay=timedelta(minutes=5))
+    await relay.Relay(store, broker.transport).refresh_metrics()
+    assert (relay.OUTBOX_DUE._value.get(), relay.OUTBOX_SCHEDULED._value.get()) == (1, 2)

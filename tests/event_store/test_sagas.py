@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import prometheus_client
 import pydantic
 import pytest
-from conveyor import Context, Saga, envelope, on, registry, sagas_cli
+import sqlalchemy as sa
+from conveyor import Context, Saga, envelope, on, registry, sagas_cli, settings
 from conveyor.runtime import app
 from conveyor.runtime.relay import Relay, RelayOptions
 from conveyor.runtime.worker import Worker
@@ -20,7 +22,7 @@ from conveyor.transports.memory import MemoryTransport
 from opentelemetry import trace
 from relay_helpers import Relays, wait_until
 
-from event_store import Database
+from event_store import Database, models
 
 
 class Order(pydantic.BaseModel):
@@ -132,6 +134,29 @@ async def test_a_second_start_with_the_same_id_changes_nothing(db: Database, run
     assert effects == ["charge o3", "reserve o3"]
 
 
+async def unsent_on(db: Database, topic: str) -> list[str]:
+    """The message ids of the unsent outbox rows to ``topic`` (a saga's pending timers, on its topic)."""
+    table = models.outbox
+    query = sa.select(table.c.message_id).where(table.c.topic == topic, table.c.sent_at.is_(None))
+    async with db.transaction(readonly=True) as session:
+        return list((await session.execute(query)).scalars())
+
+
+@pytest.mark.parametrize(("amount", "end"), [(10, "completed"), (500, "compensated")])
+async def test_a_finished_saga_leaves_no_timer_in_the_outbox_and_no_stale_timer_is_handled(
+    db: Database, running: Any, amount: int, end: str
+) -> None:
+    saga, _, (stores, _, status) = running
+    await start(db, stores, saga, Order(order_id="t1", amount=amount))
+    await wait_until_status(status, "t1", end)
+    # Every step (and undo) set a timeout timer (30 s, 5 min); each answered step deleted its
+    # timer's row in the transaction that took the reply: the relay has nothing to publish.
+    assert await unsent_on(db, saga.topic) == []
+    async with db.transaction(readonly=True) as session:
+        record = await stores.sagas.load(session, saga.name, "t1")
+    assert record.instance.timer_id is None
+
+
 async def wait_until_status(status: Any, instance: str, wanted: str) -> None:
     async def reached() -> bool:
         return bool(await status(instance) == wanted)
@@ -156,6 +181,35 @@ async def test_metrics_count_instances_by_status_and_time_each_step(db: Database
     assert sample("conveyor_sagas", status="failed") == 0
     assert sample("conveyor_saga_step_seconds_count", step="charge") == 2
     assert sample("conveyor_saga_transitions_total", status="compensated") == 1
+
+
+@pytest.mark.parametrize(
+    ("parts", "counts"), [(app.Parts(worker=True), False), (app.Parts(worker=False, relay=True), True)]
+)
+async def test_saga_instances_are_counted_by_the_relay_process_only_not_by_every_worker(
+    db_url: str, parts: app.Parts, counts: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "conveyor")
+    saga, participants = checkout_saga(unique("gauge"), [])
+    config = settings.load(service="gauge", database_url=db_url, broker_url=f"memory://{unique('gauge')}",
+                           http_port=0, console=False, drain_timeout=0.5)  # fmt: skip
+    stop = asyncio.Event()
+    serving = asyncio.create_task(app.serve(config, registry.Registry.of(saga, *participants), parts, stop))
+
+    def running() -> set[str]:
+        return {task.get_name() for task in asyncio.all_tasks()}
+
+    async def ready() -> bool:
+        if serving.done():
+            serving.result()
+        return any(r.getMessage().startswith("service gauge ready") for r in caplog.records)
+
+    try:
+        await wait_until(ready, 30, "the process to be ready")  # every background task is started by then
+        assert ("saga metrics" in running()) is counts
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(serving, return_exceptions=True), 30)
 
 
 async def test_a_step_that_gets_no_reply_in_time_is_undone_and_its_late_reply_changes_nothing(

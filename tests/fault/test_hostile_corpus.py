@@ -34,7 +34,7 @@ from cli import Process, free_port
 from conveyor import transports
 from conveyor.runtime import dead_letters
 from conveyor.testing import unique
-from rabbit_raw import RawName
+from raw_names import RawName
 
 BAD_BASE = 100_000
 MAX_BYTES = 512 * 1024
@@ -111,7 +111,7 @@ class Producer:
 
     async def _kafka(self, body: bytes, headers: dict[str, corpus.Header], key: bytes | None) -> None:
         records = [(_kafka_name(_renamed(k, "ce_")), _kafka_value(v)) for k, v in headers.items()]
-        if any(isinstance(name, kafka_raw.RawName) for name, _ in records):
+        if any(isinstance(name, RawName) for name, _ in records):
             with kafka_raw.raw_header_names():
                 await self._client.send_and_wait(self.topic, body, key=key, headers=records)
         else:
@@ -141,7 +141,7 @@ def _kafka_name(name: str) -> str:
     try:
         raw.decode()
     except UnicodeDecodeError:
-        return kafka_raw.RawName(raw)
+        return RawName(raw)
     return name
 
 

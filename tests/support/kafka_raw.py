@@ -16,20 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.producer import message_accumulator, producer
 from aiokafka.record import default_records
-
-
-class RawName(str):
-    """A header name whose UTF-8 encoding is the given bytes, valid UTF-8 or not."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> RawName:
-        name = super().__new__(cls, raw.decode("latin-1"))
-        name.raw = raw
-        return name
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self.raw
+from raw_names import RawName
 
 
 @contextmanager

@@ -6,25 +6,11 @@ import uuid
 
 import aio_pika
 from pamqp.commands import Basic
+from raw_names import RawName
 
 CLOUDEVENT = {"specversion": "1.0", "id": "e-1", "source": "/other-service", "type": "orders.placed"}
 BAD_NAME = b"bad-\xff\xfe-name"
 """A header name that is not UTF-8; Conveyor reads it as ``bad-\\ufffd\\ufffd-name``."""
-
-
-class RawName(str):
-    """A header name pamqp writes as the given bytes (aio-pika and pamqp only write UTF-8 names)."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> RawName:
-        name = super().__new__(cls, raw.decode("latin-1"))
-        name.raw = raw
-        return name
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        """The raw bytes, whatever the encoding asked for."""
-        return self.raw
 
 
 async def publish_undecodable(channel: aio_pika.abc.AbstractChannel, topic: str, body: bytes) -> None:

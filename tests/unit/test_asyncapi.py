@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import html.parser
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -173,8 +175,8 @@ def test_document_names_every_topic_dead_letter_job_and_saga_topic(document: dic
 def test_saga_commands_are_send_operations_on_their_topics(document: dict[str, Any]) -> None:
     sends = {
         pointer(document, op["channel"]["$ref"])["address"]
-        for op in document["operations"].values()
-        if op["action"] == "send"
+        for key, op in document["operations"].items()
+        if op["action"] == "send" and key.startswith(("send.command.", "send.undo."))
     }
     assert sends == {"inventory.reserve", "inventory.release", "billing.charge", "billing.refund", "shipping.book"}
 
@@ -231,8 +233,7 @@ async def test_http_serves_the_document_and_the_docs_page(document: dict[str, An
         page = await client.get("/docs")
     assert spec.json() == document
     assert page.headers["content-type"].startswith("text/html")
-    assert "AsyncApiStandalone" in page.text
-    assert "&quot;asyncapi&quot;: &quot;3.0.0&quot;" in page.text  # the <pre> fallback
+    assert '"asyncapi": "3.0.0"' in html.unescape(page.text)  # the raw document, in a <pre>
 
 
 async def test_http_without_a_document_has_no_docs_routes() -> None:
@@ -265,3 +266,79 @@ def test_broker_bindings_name_the_wire_for_rabbitmq_and_kafka() -> None:
     assert binding["groupId"]["enum"] == [handler.name]
     nats = asyncapi.document(found, settings.Settings(service="shop", broker_url="nats://n:4222"))
     assert "bindings" not in nats["channels"]["orders.placed"]
+
+
+def test_a_handlers_declared_publishes_are_its_send_operations(document: dict[str, Any]) -> None:
+    operation = document["operations"]["send.shipping.create-shipment.shipments.created"]
+    message = resolved(document, operation["messages"][0])
+    assert (operation["action"], pointer(document, operation["channel"]["$ref"])["address"]) == (
+        "send",
+        "shipments.created",
+    )
+    assert message["payload"]["title"] == "ShipmentCreated"
+
+
+def test_saga_participants_send_their_replies_to_the_saga(document: dict[str, Any]) -> None:
+    replies = {
+        key: pointer(document, op["channel"]["$ref"])["address"]
+        for key, op in document["operations"].items()
+        if key.startswith("send.") and key.endswith(".sagas.shop.checkout")
+    }
+    assert replies == {
+        "send.inventory.reserve-stock.sagas.shop.checkout": "sagas.shop.checkout",
+        "send.inventory.release-stock.sagas.shop.checkout": "sagas.shop.checkout",
+        "send.billing.charge-order.sagas.shop.checkout": "sagas.shop.checkout",
+        "send.billing.refund-order.sagas.shop.checkout": "sagas.shop.checkout",
+        "send.shipping.create-shipment.sagas.shop.checkout": "sagas.shop.checkout",
+    }
+
+
+class _Page(html.parser.HTMLParser):
+    """What a page loads (every src and stylesheet href) and its text outside <pre>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[str] = []
+        self.text: list[str] = []
+        self._pre = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if found.get("src"):
+            self.loads.append(str(found["src"]))
+        if tag == "link" and found.get("href"):
+            self.loads.append(str(found["href"]))
+        self._pre += tag == "pre"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._pre -= tag == "pre"
+
+    def handle_data(self, data: str) -> None:
+        if not self._pre:
+            self.text.append(data)
+
+
+async def docs_page(document: dict[str, Any]) -> _Page:
+    app = http.create_app([], docs=document)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        response = await client.get("/docs")
+    parsed = _Page()
+    parsed.feed(response.text)
+    return parsed
+
+
+async def test_docs_page_loads_nothing_from_another_site(document: dict[str, Any]) -> None:
+    page = await docs_page(document)
+    assert [url for url in page.loads if "//" in url or url.startswith(("http:", "https:"))] == []
+
+
+async def test_docs_page_renders_every_operation_and_payload_field_as_html(document: dict[str, Any]) -> None:
+    text = " ".join((await docs_page(document)).text)
+    assert all(key in text for key in document["operations"])
+    assert all(field in text for field in ("amount_cents", "tracking_number", "ShipmentCreated"))
+
+
+def test_a_schedules_declared_publishes_are_its_send_operations(document: dict[str, Any]) -> None:
+    operation = document["operations"]["send.schedules.demo.place-order.orders.placed"]
+    assert pointer(document, operation["channel"]["$ref"])["address"] == "orders.placed"
+    assert resolved(document, operation["messages"][0])["payload"]["title"] == "OrderPlaced"

@@ -1,16 +1,21 @@
-"""Static checks of compose/docker-compose.yml, compose/start-local-services.sh and compose/kubernetes/.
+"""Checks of compose/docker-compose.yml, compose/start-local-services.sh, the Makefile and compose/kubernetes/.
 
 Nothing here needs Docker, Kubernetes or a running service: the compose file and the
-Kubernetes manifests are parsed with PyYAML and the script is only syntax-checked with
-``bash -n``.
+Kubernetes manifests are parsed with PyYAML; the start script runs against fake service
+commands (on ``PATH``, recording their calls) and ports of this test's own: a closed one, or
+a silent listener that accepts TCP and never answers (a wedged RabbitMQ node).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import re
 import shutil
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,8 @@ START_SCRIPT = ROOT / "compose" / "start-local-services.sh"
 SERVICES = ("kafka", "rabbitmq", "nats", "postgres")
 KUBERNETES = ROOT / "compose" / "kubernetes"
 PROCFILE = ROOT / "Procfile"
+MAKEFILE = ROOT / "Makefile"
+SERVICE_COMMANDS = ("rabbitmqctl", "rabbitmq-server", "pg_ctlcluster", "start-stop-daemon", "systemctl", "docker")
 
 
 def _services() -> dict[str, Any]:
@@ -106,6 +113,115 @@ def test_start_script_is_valid_bash() -> None:
 
 def test_start_script_is_executable() -> None:
     assert START_SCRIPT.stat().st_mode & 0o111
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _silent_listener() -> Iterator[int]:
+    """A port that accepts TCP (the kernel completes the handshake) and never sends a byte."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield int(sock.getsockname()[1])
+
+
+def _fake_service_commands(tmp_path: Path) -> tuple[Path, Path]:
+    """A bin directory of service commands that only append their command line to a file."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    calls.touch()
+    for name in SERVICE_COMMANDS:
+        fake = bin_dir / name
+        fake.write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\nexit 1\n')
+        fake.chmod(0o755)
+    return bin_dir, calls
+
+
+def _run_script(tmp_path: Path, bin_dir: Path, command: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "TMPDIR": str(tmp_path),
+        "WAIT_SECONDS": "2",
+        "AMQP_TIMEOUT": "1",
+        "CONVEYOR_SERVICES": "local",
+        "RABBITMQ_PID_FILE": str(tmp_path / "no-such.pid"),
+        **env,
+    }
+    return subprocess.run(
+        ["bash", *command], capture_output=True, text=True, env=environment, timeout=120, check=False, cwd=ROOT
+    )
+
+
+def test_start_script_leaves_a_wedged_rabbitmq_running_and_fails_naming_the_fix(tmp_path: Path) -> None:
+    bin_dir, calls = _fake_service_commands(tmp_path)
+    with _silent_listener() as port:
+        result = _run_script(tmp_path, bin_dir, ["-c", f'source "{START_SCRIPT}"; start_rabbitmq {port}'])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert calls.read_text() == "", f"the script ran service commands on a node it did not start:\n{calls.read_text()}"
+    assert f"RabbitMQ is unhealthy: it accepts TCP on 127.0.0.1:{port}" in result.stderr
+    assert "rabbitmqctl shutdown && sudo rabbitmq-server -detached" in result.stderr, result.stderr
+
+
+def test_start_script_starts_a_rabbitmq_that_is_not_running(tmp_path: Path) -> None:
+    bin_dir, calls = _fake_service_commands(tmp_path)
+    port = _closed_port()
+    result = _run_script(tmp_path, bin_dir, ["-c", f'source "{START_SCRIPT}"; start_rabbitmq {port}'])
+    assert calls.read_text() == "rabbitmq-server -detached\n"
+    assert result.returncode == 1  # the fake never listens: the wait names the start command
+    assert "start command: rabbitmq-server -detached" in result.stderr
+
+
+def test_start_script_check_starts_nothing_and_names_every_unhealthy_service(tmp_path: Path) -> None:
+    bin_dir, calls = _fake_service_commands(tmp_path)
+    postgres, nats = _closed_port(), _closed_port()
+    with _silent_listener() as rabbit:
+        result = _run_script(
+            tmp_path,
+            bin_dir,
+            [str(START_SCRIPT), "--check"],
+            POSTGRES_PORT=str(postgres),
+            RABBITMQ_PORT=str(rabbit),
+            NATS_PORT=str(nats),
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert calls.read_text() == ""
+    assert f"PostgreSQL: nothing accepts connections on 127.0.0.1:{postgres}" in result.stderr, result.stderr
+    assert f"RabbitMQ is unhealthy: it accepts TCP on 127.0.0.1:{rabbit}" in result.stderr
+    assert f"NATS: nothing accepts connections on 127.0.0.1:{nats}" in result.stderr
+
+
+def test_start_script_with_docker_never_recreates_a_running_container() -> None:
+    lines = [line.strip() for line in START_SCRIPT.read_text().splitlines()]
+    [up] = [line for line in lines if line.startswith("docker compose") and " up " in line]
+    assert "--no-recreate" in up
+
+
+def _recipe(target: str) -> list[str]:
+    """The command lines of a Makefile target, continuation lines joined."""
+    text = MAKEFILE.read_text().replace("\\\n", " ")
+    match = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", text, re.MULTILINE)
+    assert match, f"no target {target} in the Makefile"
+    return [line.strip() for line in match.group(1).splitlines()]
+
+
+def test_make_bench_starts_no_service_and_only_checks_them() -> None:
+    scripted = [line for line in _recipe("bench") if "start-local-services.sh" in line]
+    assert scripted == ["bash compose/start-local-services.sh --check"]
+
+
+@pytest.mark.parametrize("target", ["run", "test"])
+def test_make_says_what_it_installs_before_installing_it(target: str) -> None:
+    recipe = _recipe(target)
+    pip = next(i for i, line in enumerate(recipe) if "-m pip install" in line)
+    assert any(line.startswith("@echo") and "installing" in line for line in recipe[:pip])
+    apt = [line for line in recipe if "apt-get install" in line]
+    assert all("echo" in line and "installing Chromium" in line for line in apt)
 
 
 def _deployments() -> dict[str, dict[str, Any]]:

@@ -1,11 +1,14 @@
 """HTTP endpoints: health, readiness, metrics and CloudEvents or plain JSON ingest (202/400/401/413/415)."""
 
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import orjson
 import pytest
-from conveyor import envelope, errors
+from conveyor import envelope, errors, settings
+from conveyor.runtime import app as runtime_app
 from conveyor.runtime import http
 
 EVENT = {"specversion": "1.0", "id": "e-1", "source": "shop", "type": "orders.placed", "data": {"order_id": "o-1"}}
@@ -332,3 +335,59 @@ async def test_structured_30_digit_integer_reaches_accept_exactly(
     body = b'{"specversion":"1.0","id":"e-9","source":"shop","type":"t","data":{"n": 123456789012345678901234567890}}'
     await client.post("/events/orders.placed", content=body, headers=STRUCTURED)
     assert accepted.events[0][1].data == b'{"n": 123456789012345678901234567890}'
+
+
+COMMIT_VARIABLES = ("CONVEYOR_GIT_SHA", "SOURCE_COMMIT")
+
+
+def _git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30)
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A git repository with one commit, in a directory with no commit named in the environment."""
+    for name in COMMIT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    repo = tmp_path / "repo"
+    (repo / "app").mkdir(parents=True)
+    (repo / "app" / "handlers.py").write_text("")
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    return repo
+
+
+def test_version_in_a_git_checkout_names_its_commit(checkout: Path) -> None:
+    found = runtime_app.version_info(settings.Settings(app_dir=str(checkout / "app")))
+    assert found["git_sha"] == _git(checkout, "rev-parse", "HEAD")
+
+
+def test_version_in_a_linked_worktree_with_packed_refs_names_its_commit(checkout: Path) -> None:
+    _git(checkout, "worktree", "add", "-q", "-b", "other", str(checkout.parent / "linked"))
+    _git(checkout, "pack-refs", "--all")  # the branch is now only in packed-refs, of the main repository
+    linked = checkout.parent / "linked"
+    assert (linked / ".git").is_file()
+    found = runtime_app.version_info(settings.Settings(app_dir=str(linked / "app")))
+    assert found["git_sha"] == _git(linked, "rev-parse", "HEAD")
+
+
+def test_version_with_a_detached_head_names_its_commit(checkout: Path) -> None:
+    sha = _git(checkout, "rev-parse", "HEAD")
+    _git(checkout, "checkout", "-q", "--detach")
+    assert runtime_app.version_info(settings.Settings(app_dir=str(checkout)))["git_sha"] == sha
+
+
+@pytest.mark.parametrize("variable", ["CONVEYOR_GIT_SHA", "SOURCE_COMMIT"])
+def test_version_of_a_deployed_image_names_the_commit_of_the_environment(
+    checkout: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "0123abc")
+    assert runtime_app.version_info(settings.Settings(app_dir=str(checkout)))["git_sha"] == "0123abc"
+
+
+def test_version_outside_a_checkout_names_no_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in COMMIT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert runtime_app.version_info(settings.Settings(app_dir=str(tmp_path)))["git_sha"] is None

@@ -43,6 +43,28 @@ def test_invalid_topic_is_rejected_naming_the_function(topic: str) -> None:
         async def bad(order: Order) -> None: ...
 
 
+@pytest.mark.parametrize("topic", ["Shipments", "shipments.*", "", "a..b"])
+def test_invalid_published_topic_is_rejected_naming_the_function(topic: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"test_registry\..*bad.*invalid published topic"):
+
+        @on("orders", name="ok.name", publishes=[topic])
+        async def bad(order: Order) -> None: ...
+
+
+def test_publishes_as_one_string_is_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="publishes takes a list of topics"):
+
+        @on("orders", name="ok.name", publishes="shipments.created")
+        async def bad(order: Order) -> None: ...
+
+
+def test_published_topics_and_payload_types_are_kept_in_order() -> None:
+    @on("orders", name="ok.name", publishes={"shipments.created": Order, "audit.logged": None})
+    async def good(order: Order) -> None: ...
+
+    assert Registry.of(good).handlers[0].publishes == (("shipments.created", Order), ("audit.logged", None))
+
+
 def test_invalid_name_is_rejected() -> None:
     with pytest.raises(ConfigurationError, match="invalid handler name"):
 

@@ -258,6 +258,23 @@ async def test_a_failure_reply_to_an_undo_starts_a_new_try_under_a_new_token() -
     assert [(s.token, s.resend) for s in retried.sends] == [("5", False)]
 
 
+async def test_a_parked_saga_compensated_after_a_retry_shows_why_it_compensated_not_the_old_undo_error() -> None:
+    saga = make(max_undo_attempts=1)
+    instance = await started(saga)
+    charged = await engine.reply(saga, instance, "1", True, {"charge_id": "c1"}, run_local)
+    assert charged.instance is not None
+    undoing = (await engine.reply(saga, charged.instance, "2", False, {"reason": "no stock"}, run_local)).instance
+    assert undoing is not None
+    parked = await engine.reply(saga, undoing, undoing.waiting or "", False, {"reason": "bank down"}, run_local)
+    assert parked.instance is not None and parked.instance.status is Status.FAILED
+    assert "failed 1 times" in (parked.instance.error or "")
+    resumed = await engine.resume(saga, parked.instance, run_local)
+    assert resumed.instance is not None
+    done = await engine.reply(saga, resumed.instance, resumed.instance.waiting or "", True, {}, run_local)
+    assert done.instance is not None and done.instance.status is Status.COMPENSATED
+    assert done.instance.error == "step 'reserve' failed: no stock"
+
+
 async def test_a_saga_parked_on_an_unanswered_undo_takes_its_late_reply_and_a_retry_re_sends_it() -> None:
     saga = make(max_undo_attempts=1)
     undoing = await compensating(saga)

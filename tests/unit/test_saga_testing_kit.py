@@ -112,3 +112,43 @@ async def test_a_dead_lettered_command_and_an_unanswered_undo_play_out_as_in_pro
     assert test.sent() == [("billing.refund", {"charge_id": "c5"})]
     await test.reply("billing.refund")
     assert test.status == "compensated"
+
+
+def defaults_saga() -> Saga[Checkout]:
+    saga = Saga("shop.kit-defaults", Checkout, id=lambda s: s.order_id)  # max_undo_attempts 10, undo_backoff 1 s
+
+    @saga.step(send="billing.charge", undo="billing.refund")  # the default step timeout: 5 minutes
+    def charge(s: Checkout) -> dict[str, Any]:
+        return {"order_id": s.order_id}
+
+    @saga.step(send="shipping.book")
+    def book(s: Checkout) -> dict[str, Any]:
+        return {"order_id": s.order_id}
+
+    return saga
+
+
+async def undoing(saga: Saga[Checkout]) -> SagaTest:
+    test = SagaTest(saga)
+    await test.start(Checkout(order_id="o1", amount=1))
+    await test.reply("billing.charge")
+    await test.fail("shipping.book", reason="no courier")
+    return test
+
+
+async def test_with_the_defaults_an_undo_that_keeps_failing_parks_after_511_seconds_of_backoff() -> None:
+    test = await undoing(defaults_saga())
+    test.sent()
+    while test.status == "compensating":
+        await test.fail("billing.refund", reason="bank down")  # each try fails at once
+        while test.status == "compensating" and not test.sent():
+            await test.advance(1)  # the retry timer fires once its backoff (1, 2, 4 ... 256 s) has passed
+    assert (test.status, test.now) == ("failed", 1 + 2 + 4 + 8 + 16 + 32 + 64 + 128 + 256)
+
+
+async def test_with_the_defaults_an_undo_that_gets_no_reply_parks_after_ten_timeouts_and_the_backoffs() -> None:
+    test = await undoing(defaults_saga())
+    while test.status == "compensating":
+        await test.advance(1)  # nobody replies: 10 timeouts of 5 minutes, 9 re-sends after 1 ... 256 s
+    assert test.status == "failed"
+    assert 10 * 300 + 511 <= test.now <= 10 * 300 + 511 + 10  # about 58.5 minutes

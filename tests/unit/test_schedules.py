@@ -3,7 +3,7 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conveyor import ConfigurationError
+from conveyor import ConfigurationError, Registry
 from conveyor.scheduling import schedules, triggers
 from conveyor.scheduling.schedules import Fire, cron, every, plan
 
@@ -176,3 +176,17 @@ def test_duplicate_schedule_names_are_rejected() -> None:
 
     with pytest.raises(ConfigurationError, match=r"duplicate schedule name 'jobs\.same'"):
         Registry.of(first, second)
+
+
+def test_schedule_invalid_published_topic_is_rejected_naming_the_function() -> None:
+    with pytest.raises(ConfigurationError, match=r"schedule .*bad.*invalid published topic"):
+
+        @every(timedelta(minutes=1), name="ok.name", publishes=["Orders.*"])
+        def bad() -> None: ...
+
+
+def test_schedule_published_topics_are_kept() -> None:
+    @cron("@hourly", name="ok.name", publishes=["orders.placed"])
+    def good() -> None: ...
+
+    assert Registry.of(good).schedules[0].publishes == (("orders.placed", None),)

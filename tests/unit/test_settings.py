@@ -59,6 +59,8 @@ def test_app_list_is_split_on_commas(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CONVEYOR_CONCURRENCY", "zero", "CONVEYOR_CONCURRENCY"),
         ("CONVEYOR_SERVICE", "Bad Name", "CONVEYOR_SERVICE"),
         ("CONVEYOR_LOG_FORMAT", "xml", "CONVEYOR_LOG_FORMAT"),
+        ("CONVEYOR_LOG_LEVEL", "LOUD", "CONVEYOR_LOG_LEVEL"),
+        ("CONVEYOR_LOG_LEVEL", "CRITICAL", "CONVEYOR_LOG_LEVEL"),
         ("CONVEYOR_BROKR_URL", "memory://", None),  # typo'd settings are ignored by the environment source
     ],
 )
@@ -75,3 +77,8 @@ def test_unknown_key_in_pyproject_is_rejected() -> None:
     write_pyproject('[tool.conveyor]\nbrokr_url = "nats://x"\n')
     with pytest.raises(ConfigurationError, match="CONVEYOR_BROKR_URL"):
         settings.load()
+
+
+def test_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_LOG_LEVEL", "warning")
+    assert settings.load().log_level == "WARNING"

@@ -21,7 +21,7 @@ from starlette.staticfiles import StaticFiles
 from conveyor.console import auth, inputs, samples
 from conveyor.console.site import PREFIX, Caller, Page, Site, environment, remote
 from conveyor.console.sources import Sources
-from conveyor.console.views import dead_letters, outbox, overview, sagas, schedules
+from conveyor.console.views import dead_letters, outbox, overview, sagas, schedules, workers
 
 log = logging.getLogger("conveyor.console")
 STATIC = Path(__file__).parent / "static"
@@ -60,6 +60,7 @@ class Console:
             *outbox.routes(site),
             *schedules.routes(site),
             *sagas.routes(site),
+            *workers.routes(site),
             Route("/login", self._login_page, methods=["GET"]),
             Route("/login", self._login, methods=["POST"]),
             Route("/logout", self._logout, methods=["POST"]),

@@ -23,10 +23,11 @@ from starlette.routing import BaseRoute
 
 if TYPE_CHECKING:
     from event_store.database import Database
+    from event_store.migrate import Revision, Upgraded
 
 from conveyor import asyncapi, envelope, errors, persistence, ports, registry, stores, transports
 from conveyor.console import auth as console_auth
-from conveyor.runtime import housekeeping, http, orphans, relay, scaling, scheduler, worker
+from conveyor.runtime import heartbeat, housekeeping, http, orphans, relay, revision, scaling, scheduler, worker
 from conveyor.sagas import runtime as saga_runtime
 from conveyor.settings import Settings
 
@@ -135,15 +136,23 @@ async def serve(
                 _background(stack, "relay", publisher.run)
                 checks.append(http.Check("relay", publisher.progress))
                 checks.append(http.Check("outbox", publisher.health, critical=False))
-                _background(stack, "housekeeping", lambda stop: housekeeping.run(stores, retention, stop))
+                saga_retention = timedelta(seconds=settings.saga_retention)
+                _background(
+                    stack,
+                    "housekeeping",
+                    lambda stop: housekeeping.run(stores, retention, stop, saga_retention=saga_retention),
+                )
+                if handlers.sagas:  # one process counts the instances, not every worker
+                    _background(stack, "saga metrics", lambda stop: saga_runtime.report(stores, handlers.sagas, stop))
             if parts.scheduler:
                 pacing = scheduler.SchedulerOptions(stall_after=settings.stall_after)
                 cron = scheduler.Scheduler(handlers.schedules, stores, source=settings.service, options=pacing)
                 _background(stack, "scheduler", cron.run)
                 checks.append(http.Check("scheduler", cron.health))
-            if parts.worker and handlers.sagas:
-                _background(stack, "saga metrics", lambda stop: saga_runtime.report(stores, handlers.sagas, stop))
             signal_source = await _start_worker(consumer, transport, checks, settings, stack) if parts.worker else None
+            roles = [role for role in ("worker", "relay", "scheduler", "ingest") if getattr(parts, role)]
+            snapshot = heartbeat.snapshot_of(settings.service, roles, consumer.load if parts.worker else None)
+            _background(stack, "heartbeat", heartbeat.Beater(stores.heartbeats, snapshot).run)
             if settings.http_port:
                 ingest = _ingest(settings, stores) if parts.ingest else None
                 document = asyncapi.document(handlers, settings)
@@ -250,8 +259,11 @@ async def open_database(settings: Settings, stack: contextlib.AsyncExitStack, co
     return database
 
 
-async def upgrade_database(url: str) -> None:
+async def upgrade_database(url: str) -> Upgraded:
     """Create or migrate the database's tables to the current version (``conveyor db upgrade``).
+
+    Returns:
+        The revisions before and after, and the tables created.
 
     Raises:
         ConfigurationError: invalid database URL.
@@ -259,7 +271,19 @@ async def upgrade_database(url: str) -> None:
     """
     from event_store import migrate
 
-    await migrate.upgrade(url)
+    return await migrate.upgrade(url)
+
+
+async def database_history(url: str) -> list[Revision]:
+    """Every migration, oldest first, marked as applied to the database or not (``conveyor db history``).
+
+    Raises:
+        ConfigurationError: invalid database URL, or a version table with several revisions.
+        StoreError: the database is unreachable.
+    """
+    from event_store import migrate
+
+    return await migrate.history(url)
 
 
 async def open_persistence(
@@ -289,14 +313,17 @@ async def open_outbox_store(settings: Settings, stack: contextlib.AsyncExitStack
 
 
 def version_info(settings: Settings) -> dict[str, str | None]:
-    """The body of ``GET /version``: package version, git commit (``CONVEYOR_GIT_SHA``), broker and database kinds."""
+    """The body of ``GET /version``: package version, git commit, broker and database kinds.
+
+    The commit is read once, here (at start-up): see :func:`conveyor.runtime.revision.commit`.
+    """
     try:
         version: str | None = importlib.metadata.version("conveyor")
     except importlib.metadata.PackageNotFoundError:
         version = None
     return {
         "version": version,
-        "git_sha": os.environ.get("CONVEYOR_GIT_SHA") or None,
+        "git_sha": revision.commit(settings.app_dir),
         "broker": settings.broker_url.split(":", 1)[0],
         "database": settings.database_url.split(":", 1)[0].split("+", 1)[0],
     }

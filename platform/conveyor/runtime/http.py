@@ -5,8 +5,8 @@
   ``healthy`` (200), ``degraded`` (200, a non-critical check failed) or
   ``unhealthy`` (503), with per-check details.
 * ``GET /metrics``: Prometheus text format.
-* ``GET /version``: the package version, the git commit if known
-  (``CONVEYOR_GIT_SHA``), and the broker and database kinds.
+* ``GET /version``: the package version, the git commit if known (the
+  checkout's, or ``CONVEYOR_GIT_SHA``; see :mod:`conveyor.runtime.revision`), and the broker and database kinds.
 * ``GET /scaling`` (only in processes with a worker): per handler, its
   topic, capacity (concurrency), in-flight messages and the broker's backlog
   and oldest message age, as last read (see :mod:`conveyor.runtime.scaling`).

@@ -76,7 +76,18 @@ log = logging.getLogger("conveyor.relay")
 
 # Database-wide figures, the same in every process that reads them: in multiprocess
 # mode the live processes' maximum (a dead process's last reading is dropped).
-OUTBOX_BACKLOG = Gauge("conveyor_outbox_backlog", "Unsent outbox rows (due or delayed).", multiprocess_mode="livemax")
+OUTBOX_BACKLOG = Gauge(
+    "conveyor_outbox_backlog", "Unsent outbox rows (due, scheduled or parked).", multiprocess_mode="livemax"
+)
+OUTBOX_DUE = Gauge(
+    "conveyor_outbox_due", "Unsent, unparked outbox rows due now: what the relay should be publishing.",
+    multiprocess_mode="livemax",
+)  # fmt: skip
+OUTBOX_SCHEDULED = Gauge(
+    "conveyor_outbox_scheduled",
+    "Unsent, unparked outbox rows not due yet (delayed messages, saga timers, backoffs).",
+    multiprocess_mode="livemax",
+)
 OUTBOX_OLDEST_AGE = Gauge(
     "conveyor_outbox_oldest_age_seconds", "Age of the oldest due, unsent outbox row.", multiprocess_mode="livemax"
 )
@@ -378,4 +389,6 @@ class Relay:
         OUTBOX_BACKLOG.set(stats.backlog)
         OUTBOX_OLDEST_AGE.set(stats.oldest_age)
         OUTBOX_PARKED.set(stats.parked)
+        OUTBOX_DUE.set(stats.due)
+        OUTBOX_SCHEDULED.set(stats.scheduled)
         return stats

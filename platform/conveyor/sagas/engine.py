@@ -119,7 +119,7 @@ class _Run:
             self._set(step=self.i.step + 1)
 
     async def compensate(self, last: int, error: str) -> None:
-        self._set(status=Status.COMPENSATING, step=last, waiting=None, undo_attempts=0, error=error)
+        self._set(status=Status.COMPENSATING, step=last, waiting=None, undo_attempts=0, error=error, cause=error)
         self._log(None, "compensating", error)
         await self.undo_next()
 
@@ -142,7 +142,7 @@ class _Run:
                 continue
             self.send_undo(step, self._token())
             return
-        self._set(status=Status.COMPENSATED, waiting=None)
+        self._set(status=Status.COMPENSATED, waiting=None, error=self.i.cause or self.i.error)
         self._log(None, "compensated")
 
     def send_undo(self, step: definition.Step, token: str, *, resend: bool = False) -> None:

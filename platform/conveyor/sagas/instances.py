@@ -39,11 +39,16 @@ class Instance:
             the re-send, and when it parks the saga, so a late reply is taken).
         sent: how many tokens it has issued (the next token is ``sent + 1``).
         undo_attempts: failed attempts of the current undo.
-        error: why it is compensating or parked.
+        error: what is wrong: why it is compensating, or why it is parked (an
+            undo that kept failing); once compensated, why it compensated.
+        cause: why it compensates (a step's failure or timeout, an abort),
+            kept while ``error`` tells of failing undos.
         version: bumped by every saved transition.
         deadline: when the awaited reply times out or the next undo retry is due
             (aware UTC), if a timer is set; for operators (the timer itself is a
             delayed message).
+        timer_id: the outbox message id of that timer (set by the runtime); the
+            transition that moves the instance on deletes the row if unsent.
     """
 
     saga: str
@@ -57,6 +62,8 @@ class Instance:
     error: str | None = None
     version: int = 0
     deadline: datetime | None = None
+    cause: str | None = None
+    timer_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import typing
@@ -36,9 +37,9 @@ TRANSITIONS = Counter(
 )
 INSTANCES = Gauge(
     "conveyor_sagas",
-    "Saga instances in the database by saga and status (refreshed every 15 s by worker processes).",
+    "Saga instances in the database by saga and status (counted every 15 s by the relay process).",
     ["saga", "status"],
-    multiprocess_mode="livemax",  # a database-wide count; a dead process's last reading is dropped
+    multiprocess_mode="livemax",  # a database-wide count (one relay, or replicas reading alike)
 )
 STEP_SECONDS = Histogram(
     "conveyor_saga_step_seconds",
@@ -120,9 +121,11 @@ async def _start(saga: definition.Saga[Any], instance: str, state: pydantic.Base
         return
     transition = await engine.start(saga, instance, state, _local_runner(ctx))
     assert transition.instance is not None
+    await _send(saga, instance, transition, ctx)
     if not await unit.sagas.create(unit.tx, transition.instance):
         raise errors.ConcurrencyConflict(f"saga {saga.name} {instance} was started concurrently")
-    await _record(saga, instance, transition, ctx)
+    _record(saga, instance, transition, ctx)
+    await unit.sagas.log(unit.tx, saga.name, instance, transition.log)
 
 
 async def _apply(saga: definition.Saga[Any], signal: wire.Signal, message: Envelope, ctx: Context) -> None:
@@ -152,9 +155,14 @@ async def _apply(saga: definition.Saga[Any], signal: wire.Signal, message: Envel
             transition = await act(saga, current, run_local)
         except errors.ConfigurationError as exc:
             transition = engine.Transition(None, log=[engine.Entry("", "ignored", f"{signal.detail}: {exc}")])
+    await _send(saga, signal.instance, transition, ctx)
     if transition.instance is not None:
         await unit.sagas.save(unit.tx, transition.instance)
-    await _record(saga, signal.instance, transition, ctx)
+        fired = signal.kind == "timer" and signal.token == current.waiting  # its row is the one being handled
+        if current.timer_id is not None and not fired and current.timer_id != transition.instance.timer_id:
+            await unit.sagas.cancel_timer(unit.tx, current.timer_id)
+    _record(saga, signal.instance, transition, ctx)
+    await unit.sagas.log(unit.tx, saga.name, signal.instance, transition.log)
 
 
 def _reply_payload(saga: definition.Saga[Any], instance: engine.Instance, message: Envelope, ok: bool) -> Any:
@@ -186,18 +194,26 @@ def reply_model(func: definition.Replied) -> type[pydantic.BaseModel] | None:
     return kind if isinstance(kind, type) and issubclass(kind, pydantic.BaseModel) else None
 
 
-async def _record(saga: definition.Saga[Any], instance: str, transition: engine.Transition, ctx: Context) -> None:
+async def _send(saga: definition.Saga[Any], instance: str, transition: engine.Transition, ctx: Context) -> None:
+    """Publish the transition's commands and timers; note the awaited timer's id on the new instance."""
     unit = _unit(ctx)
-    await unit.sagas.log(unit.tx, saga.name, instance, transition.log)
     for send in transition.sends:
         command = ctx.publish(send.topic, send.payload, key=instance,
                               extensions=wire.command(instance, send.token, saga.topic))  # fmt: skip
         command.id = wire.command_id(saga.name, instance, send.step, send.kind, send.token)
         if send.resend:  # the same message again: the outbox forgets it was sent
             await unit.sagas.release_command(unit.tx, command.scoped_id)
+    timer_id = None
     for timer in transition.timers:
         extensions = {wire.INSTANCE: instance, wire.TOKEN: timer.token, wire.TIMER_KIND: timer.kind}
-        ctx.publish(saga.topic, None, key=instance, type=wire.TIMER, extensions=extensions, delay=timer.delay)
+        event = ctx.publish(saga.topic, None, key=instance, type=wire.TIMER, extensions=extensions, delay=timer.delay)
+        if transition.instance is not None and timer.token == transition.instance.waiting:
+            timer_id = event.scoped_id
+    if transition.instance is not None:
+        transition.instance = dataclasses.replace(transition.instance, timer_id=timer_id)
+
+
+def _record(saga: definition.Saga[Any], instance: str, transition: engine.Transition, ctx: Context) -> None:
     for entry in transition.log:
         level = logging.WARNING if entry.event in _WARNINGS else logging.INFO
         step = f" step {entry.step}" if entry.step else ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from conveyor.sagas import engine
@@ -75,18 +75,42 @@ class SagaStore(Protocol):
         """
         ...
 
+    async def cancel_timer(self, tx: Any, message_id: str) -> None:
+        """Delete the timer ``message_id`` from the outbox if it is still unsent; nothing if it was sent.
+
+        The transition that moves an instance on cancels the timer it waited
+        on, so an answered step's timeout is never published (no transaction,
+        no step log line). A timer the relay is publishing right now is not
+        deleted: it arrives, and its stale token makes it change nothing.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        ...
+
     async def log(self, tx: Any, saga: str, instance_id: str, entries: Sequence[engine.Entry]) -> None:
         """Append lines to the instance's step log."""
         ...
 
     async def find(
-        self, tx: Any, *, saga: str | None = None, status: str | None = None, limit: int = 100
+        self, tx: Any, *, saga: str | None = None, status: str | None = None, limit: int | None = 100
     ) -> list[SagaRecord]:
-        """Instances, most recently changed first, optionally of one saga and status."""
+        """Instances, most recently changed first, optionally of one saga and status; ``limit`` None: all."""
         ...
 
     async def history(self, tx: Any, saga: str, instance_id: str, limit: int = 1000) -> list[LogRecord]:
         """The instance's step log, oldest first."""
+        ...
+
+    async def purge(self, tx: Any, older_than: timedelta, limit: int = 1000) -> int:
+        """Delete at most ``limit`` finished instances unchanged for ``older_than``, with their step logs.
+
+        Finished: ``completed`` or ``compensated`` (no signal changes them);
+        a parked (``failed``) instance waits for an operator and stays.
+
+        Raises:
+            StoreError: the database failed.
+        """
         ...
 
     async def counts(self, tx: Any) -> dict[tuple[str, str], int]:

@@ -15,7 +15,7 @@ Misfires (fires that passed while no scheduler ran, older than ``grace``):
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -51,6 +51,8 @@ class Schedule:
             same schedule is still running; ``allow`` does.
         max_attempts: deliveries of the job message before it is dead-lettered.
         timeout: seconds one run may take.
+        publishes: the topics the job publishes to, each with its payload type
+            or ``None`` (for the AsyncAPI document only).
     """
 
     name: str
@@ -64,6 +66,7 @@ class Schedule:
     overlap: Overlap
     max_attempts: int
     timeout: float | None
+    publishes: tuple[tuple[str, Any], ...] = ()
 
     @property
     def topic(self) -> str:
@@ -96,12 +99,15 @@ def cron(
     overlap: Overlap = "skip",
     max_attempts: int = 3,
     timeout: timedelta | float | None = 300.0,
+    publishes: Iterable[str] | Mapping[str, Any] = (),
 ) -> Callable[[F], F]:
     """Declare a cron job: ``@cron("*/5 * * * *", name="reports.refresh", tz="Europe/Berlin")``.
 
     The expression is a standard crontab line (minute hour day month weekday,
     0 or 7 = Sunday), optionally with a leading seconds field, or a macro
     (``@hourly``, ``@daily``, ``@weekly``, ``@monthly``, ``@yearly``).
+    ``publishes`` names the topics the job publishes to, as on
+    :func:`conveyor.on`, for the AsyncAPI document.
 
     Raises:
         ConfigurationError: invalid expression, time zone, name or option,
@@ -121,8 +127,11 @@ def every(
     overlap: Overlap = "skip",
     max_attempts: int = 3,
     timeout: timedelta | float | None = 300.0,
+    publishes: Iterable[str] | Mapping[str, Any] = (),
 ) -> Callable[[F], F]:
     """Declare a job run every ``interval``, anchored to ``start`` (default 2000-01-01T00:00Z).
+
+    ``publishes`` names the topics the job publishes to, as on :func:`conveyor.on`.
 
     Raises:
         ConfigurationError: non-positive interval, invalid name or option.
@@ -148,6 +157,7 @@ def _declare(
                 overlap=_choice("overlap", options["overlap"], ("skip", "allow")),
                 max_attempts=_positive("max_attempts", options["max_attempts"]),
                 timeout=retry.seconds(options["timeout"]),
+                publishes=names.published(options["publishes"]),
             )
             _check_signature(func)
         except errors.ConfigurationError as exc:

@@ -14,13 +14,10 @@
       local.textContent = when.toLocaleString(undefined, {
         year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit"
       }) + " " + zone;
+      // One format per cell: the viewer's local time; the server's UTC text moves to the tooltip.
       el.title = el.textContent;
       el.textContent = "";
       el.appendChild(local);
-      var utc = document.createElement("span");
-      utc.className = "utc";
-      utc.textContent = el.title;
-      el.appendChild(utc);
     });
     root.querySelectorAll("[data-zone]").forEach(function (el) { el.textContent = zone; });
   }

@@ -7,6 +7,8 @@ a purge deletes parked rows for good (their key moves on without them).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from starlette.requests import Request
 from starlette.routing import Route
 
@@ -44,7 +46,7 @@ def routes(site: Site) -> list[Route]:
         rows = await store.entries(status=status, topic=topic, limit=limit)  # type: ignore[arg-type]
         context = {
             "nav": "outbox", "stats": stats, "by_topic": by_topic, "partial": len(by_topic) >= MAX_TOPICS,
-            "rows": rows, "topic": topic or "", "status": status or "", "limit": limit,
+            "rows": rows, "topic": topic or "", "status": status or "", "limit": limit, "now": datetime.now(UTC),
         }  # fmt: skip
         return Page("outbox.html", context)
 

@@ -55,10 +55,11 @@ def routes(site: Site) -> list[Route]:
         status = inputs.choice(query.get("status"), "status", STATUSES)
         limit = inputs.count(query.get("limit"), "limit", default=100, low=1, high=MAX_LISTED)
         async with stores.database.transaction(readonly=True) as tx:
-            records = await stores.sagas.find(tx, saga=saga, status=status, limit=limit)
+            records = await stores.sagas.find(tx, saga=saga, status=status, limit=limit + 1)
             counts = await stores.sagas.counts(tx)
         context = {
-            "nav": "sagas", "records": records, "saga": saga or "", "status": status or "", "limit": limit,
+            "nav": "sagas", "records": records[:limit], "more": len(records) > limit, "saga": saga or "",
+            "status": status or "", "limit": limit,
             "statuses": STATUSES, "names": sorted({s.name for s in site.sources.app.sagas} | {k[0] for k in counts}),
             "counts": counts,
         }  # fmt: skip
