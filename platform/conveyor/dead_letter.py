@@ -10,6 +10,7 @@ writes one for a record its client library cannot even decode (see
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from conveyor import envelope
@@ -24,9 +25,33 @@ def dead_letter_topic(topic: str) -> str:
     return topic + DLQ_SUFFIX
 
 
+_PYDANTIC_DETAIL = re.compile(r"\s*\[type=[^\]]*\]$")  # pydantic's ``[type=..., input_value=...]`` (it echoes the data)
+_PYDANTIC_HELP = "For further information visit "
+
+
+def one_line(text: str, limit: int = _MAX_ERROR_TEXT) -> str:
+    """An error's text as one line of at most ``limit`` characters, for headers and logs.
+
+    Lines are joined with ``; ``, an indented line to the line before it with
+    ``: `` (a pydantic ``ValidationError`` reads ``1 validation error for
+    Order; total_cents: Input should be greater than 0``); pydantic's help links
+    and ``[type=..., input_value=...]`` details are left out.
+    """
+    parts: list[str] = []
+    for raw in text.splitlines():
+        line = _PYDANTIC_DETAIL.sub("", " ".join(raw.split()))
+        if not line or line.startswith(_PYDANTIC_HELP):
+            continue
+        if raw[:1].isspace() and parts:
+            parts[-1] += ": " + line
+        else:
+            parts.append(line)
+    return "; ".join(parts)[:limit]
+
+
 def dead_letter_headers(handler: str, topic: str, kind: str, text: str, attempts: int) -> dict[str, str]:
     """The ``conveyor-dlq-*`` headers that explain why a message was dead-lettered."""
-    clean = " ".join(text.split())[:_MAX_ERROR_TEXT]  # header values must be one line
+    clean = one_line(text)  # header values must be one line
     return {
         DLQ_HEADER + "handler": handler,
         DLQ_HEADER + "topic": topic,

@@ -2,7 +2,9 @@
 
 Dead letters are read through the Transport port from each topic's keeper
 subscription, plus those held in the database because the broker refused them
-(:mod:`conveyor.runtime.dead_letters`).
+(:mod:`conveyor.runtime.dead_letters`). TOPIC is the topic or its dead-letter
+topic (``orders.placed`` or ``orders.placed.dlq``); ``--handler`` and
+``--error-type`` choose the letters a command lists or acts on.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from conveyor import cli_options, errors, schedules_cli, settings
 from conveyor.runtime import app
+
+if TYPE_CHECKING:
+    from conveyor.runtime.dead_letters import Select
 
 
 @click.group()
@@ -24,9 +29,21 @@ def dlq() -> None:
 
 
 def _dlq_command(func: cli_options.F) -> cli_options.F:
+    func = click.option("--error-type", help="Only dead letters with this error type (e.g. Rejected).")(func)
+    func = click.option("--handler", help="Only dead letters of this handler.")(func)
     func = click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)(func)
     func = click.argument("topic")(func)
     return cli_options.common(cli_options.exits(func))
+
+
+def _chosen(flags: dict[str, Any]) -> Select | None:
+    """The ``select`` of the ``--handler`` and ``--error-type`` flags (taken out of ``flags``); None: every letter."""
+    from conveyor.runtime import dead_letters
+
+    handler, error_type = flags.pop("handler", None), flags.pop("error_type", None)
+    if handler is None and error_type is None:
+        return None
+    return dead_letters.matching(handler=handler, error_type=error_type)
 
 
 async def _with_transport(config: settings.Settings, operation: Callable[[Any, Any], Any]) -> Any:
@@ -51,8 +68,11 @@ def dlq_list(topic: str, limit: int, **flags: Any) -> None:
     """List dead letters of TOPIC (they stay in place)."""
     from conveyor.runtime import dead_letters
 
+    select = _chosen(flags)
     config = cli_options.load(**flags)
-    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.peek(t, topic, limit=limit, held=h)))
+    found = asyncio.run(
+        _with_transport(config, lambda t, h: dead_letters.peek(t, topic, limit=limit, held=h, select=select))
+    )
     if not found:
         click.echo(f"no dead letters for {topic}")
         return
@@ -68,11 +88,14 @@ def dlq_show(topic: str, event_id: str, limit: int, **flags: Any) -> None:
     """Show one dead letter of TOPIC: the reason, the headers and the body."""
     from conveyor.runtime import dead_letters
 
+    select = dead_letters.both(_chosen(flags), dead_letters.matching(event_id=event_id))
     config = cli_options.load(**flags)
-    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.peek(t, topic, limit=limit, held=h)))
+    found = asyncio.run(
+        _with_transport(config, lambda t, h: dead_letters.peek(t, topic, limit=limit, held=h, select=select))
+    )
     match = next((d for d in found if d.event_id == event_id), None)
     if match is None:
-        raise errors.NotFound(f"no dead letter with event id {event_id!r} among the first {limit} of {topic}")
+        raise errors.NotFound(f"no dead letter with event id {event_id!r} among the dead letters of {topic}")
     click.echo(f"topic: {match.topic}\nhandler: {match.handler}\nerror: {match.error_type}: {match.error}")
     click.echo(f"attempts: {match.attempts}\ndead-lettered at: {match.at}\nheaders:")
     for name, value in sorted(match.message.headers.items()):
@@ -83,11 +106,17 @@ def dlq_show(topic: str, event_id: str, limit: int, **flags: Any) -> None:
 @dlq.command(name="replay")
 @_dlq_command
 def dlq_replay(topic: str, limit: int, **flags: Any) -> None:
-    """Send up to --limit dead letters of TOPIC back to the topic they failed on."""
+    """Send up to --limit dead letters of TOPIC back to the topic they failed on.
+
+    Only those kept when the replay starts: one dead-lettered again meanwhile waits for the next replay.
+    """
     from conveyor.runtime import dead_letters
 
+    select = _chosen(flags)
     config = cli_options.load(**flags)
-    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.replay(t, topic, limit=limit, held=h)))
+    found = asyncio.run(
+        _with_transport(config, lambda t, h: dead_letters.replay(t, topic, limit=limit, held=h, select=select))
+    )
     click.echo(f"replayed {len(found)} dead letter(s) of {topic}")
 
 
@@ -100,6 +129,9 @@ def dlq_purge(topic: str, limit: int, yes: bool, **flags: Any) -> None:
 
     if not yes:
         raise click.UsageError("purging deletes dead letters: add --yes")
+    select = _chosen(flags)
     config = cli_options.load(**flags)
-    found = asyncio.run(_with_transport(config, lambda t, h: dead_letters.purge(t, topic, limit=limit, held=h)))
+    found = asyncio.run(
+        _with_transport(config, lambda t, h: dead_letters.purge(t, topic, limit=limit, held=h, select=select))
+    )
     click.echo(f"purged {len(found)} dead letter(s) of {topic}")

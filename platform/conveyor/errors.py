@@ -37,6 +37,10 @@ class TransportError(ConveyorError):
     """The broker refused or failed an operation."""
 
 
+class NotDeclared(TransportError):
+    """The subscription or topic an operation names is not declared on the broker (nothing was created)."""
+
+
 class TransientTransportError(TransportError):
     """The broker is unreachable or busy; the operation may succeed if retried."""
 

@@ -36,6 +36,10 @@ class TransportFeatures:
         refuses_unroutable: a publish to a topic that no subscription receives
             fails with :class:`~conveyor.errors.TransportError` rather than
             being confirmed and dropped (RabbitMQ, which keeps no history).
+        acks_settle_a_prefix: an ack takes effect only once every earlier
+            delivery of its partition is settled too (Kafka commits offsets): a
+            delivery left unsettled keeps every later one, acked or not, for
+            redelivery.
     """
 
     ordered_per_key: bool = True
@@ -43,6 +47,7 @@ class TransportFeatures:
     attempts_survive_restart: bool = True
     durable: bool = True
     refuses_unroutable: bool = False
+    acks_settle_a_prefix: bool = False
 
 
 @dataclass(frozen=True, slots=True)

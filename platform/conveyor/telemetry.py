@@ -48,6 +48,12 @@ OLDEST_AGE = Gauge(
     ["handler"],
     multiprocess_mode="livemax",  # the subscription's figure: every replica reports the same
 )
+DEAD_LETTERS = Gauge(
+    "conveyor_dead_letters",
+    "Dead letters kept for a topic (its keeper's backlog, as the broker reports it; read every 30 s).",
+    ["topic"],
+    multiprocess_mode="livemax",  # the keeper's figure: every replica reports the same
+)
 CAPACITY = Gauge(
     "conveyor_capacity",
     "Messages a handler runs at once in this process (its concurrency); summed over live worker processes.",

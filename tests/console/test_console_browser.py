@@ -37,7 +37,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from conveyor import Context, Saga, every, on
+from conveyor import Context, Reject, Saga, every, on
 from pydantic import BaseModel
 
 
@@ -53,6 +53,26 @@ async def charge(payment: dict, ctx: Context) -> None:
         raise RuntimeError("payment gateway down")
     with open(os.environ["CONSOLE_E2E_DONE"], "a") as done:
         done.write(payment["payment_id"] + "\\n")
+
+
+@on("refunds.issue", name="billing.refund", max_attempts=1)
+async def refund(refund: dict, ctx: Context) -> None:
+    """Always fails: its dead letters are chosen and replayed."""
+    raise RuntimeError("refund gateway down")
+
+
+@on("invoices.send", name="billing.invoice", max_attempts=1)
+async def invoice(invoice: dict, ctx: Context) -> None:
+    """Always fails: replaying every dead letter while it still fails."""
+    raise RuntimeError("invoice printer down")
+
+
+@on("credits.grant", name="billing.credit", max_attempts=1)
+async def credit(credit: dict, ctx: Context) -> None:
+    """Rejects or fails: dead letters of two error types to filter."""
+    if credit.get("reject"):
+        raise Reject("credit refused")
+    raise ValueError("credit ledger down")
 
 
 @on("reminders.set", name="reminders.set")
@@ -156,6 +176,17 @@ def screenshot(driver: Any, shots: Path, name: str) -> None:
         shutil.copy(shots / f"{name}.png", docs / f"{name}.png")
 
 
+def letters_of(driver: Any, base: str, topic: str, count: int, query: str = "") -> list[Any]:
+    """The rows of ``topic``'s dead-letter page once it lists at least ``count`` (reloading until then)."""
+
+    def listed() -> Any:
+        driver.get(f"{base}/console/dead-letters/{topic}{query}")
+        rows = driver.find_elements("css selector", "#dead-letters tbody tr")
+        return rows if len(rows) >= count else None
+
+    return wait_until(listed, f"{count} dead letters of {topic}", timeout=30)
+
+
 def handled(driver: Any, handler: str) -> int:
     return int(driver.find_element("css selector", f'tr[data-handler="{handler}"] td.handled').text)
 
@@ -236,6 +267,71 @@ def test_console_action_without_the_credential_is_refused(console: Console) -> N
     assert (response.status_code, forged.status_code) == (401, 401)
     assert response.json()["error"]["code"] == "unauthorized"
     assert "console action schedules.pause by unknown from 127.0.0.1 refused" in console.process.text()
+
+
+def test_console_replay_selected_replays_the_letter_chosen_behind_another(console: Console, browser: Any) -> None:
+    for number in range(2):
+        console.post("refunds.issue", {"refund_id": f"r-{number}"})
+    rows = letters_of(browser, console.base, "refunds.issue", 2)
+    rows[-1].find_element("css selector", "input[type=checkbox]").click()
+    browser.find_element("id", "replay-selected").click()
+    flash = wait_until(lambda: browser.find_element("css selector", ".flash").text, "the replay's message")
+    assert flash.startswith("replayed 1 dead letter(s) of refunds.issue")
+
+
+def test_console_replay_all_while_the_handler_fails_replays_each_letter_once(console: Console, browser: Any) -> None:
+    for number in range(3):
+        console.post("invoices.send", {"invoice_id": f"i-{number}"})
+    letters_of(browser, console.base, "invoices.send", 3)
+    browser.find_element("id", "replay-all").click()
+    flash = wait_until(lambda: browser.find_element("css selector", ".flash").text, "the replay's message")
+    assert flash.startswith("replayed 3 dead letter(s) of invoices.send")
+
+
+def test_console_dead_letters_are_filtered_by_error_type(console: Console, browser: Any) -> None:
+    console.post("credits.grant", {"credit_id": "c-1", "reject": True})
+    console.post("credits.grant", {"credit_id": "c-2"})
+    letters_of(browser, console.base, "credits.grant", 2)
+    browser.find_element("id", "error_type").send_keys("Rejected\n")
+    wait_until(lambda: "error_type=Rejected" in browser.current_url, "the filtered page")
+    kinds = [
+        row.find_element("css selector", "td.error-type").text
+        for row in letters_of(browser, console.base, "credits.grant", 1, "?error_type=Rejected")
+    ]
+    assert kinds and set(kinds) == {"Rejected"}
+
+
+def test_console_dead_letter_is_found_by_its_event_id(console: Console, browser: Any) -> None:
+    event = {
+        "specversion": "1.0",
+        "id": "credit-e-7",
+        "source": "shop",
+        "type": "credits.grant",
+        "data": {"credit_id": "c-7"},
+    }
+    response = httpx.post(
+        f"{console.base}/events/credits.grant",
+        json=event,
+        headers={"content-type": "application/cloudevents+json"},
+        timeout=5,
+    )
+    assert response.status_code == 202, response.text
+    console.post("credits.grant", {"credit_id": "c-8"})
+    letters_of(browser, console.base, "credits.grant", 2)
+    browser.find_element("id", "event_id").send_keys("credit-e-7\n")
+    wait_until(lambda: "event_id=credit-e-7" in browser.current_url, "the search")
+    cells = [
+        row.find_element("css selector", "td.event-id").text
+        for row in browser.find_elements("css selector", "#dead-letters tbody tr")
+    ]
+    assert cells == ["credit-e-7"]
+
+
+def test_console_dead_letter_time_shows_in_one_format(console: Console, browser: Any) -> None:
+    console.post("credits.grant", {"credit_id": "c-9"})
+    (row, *_) = letters_of(browser, console.base, "credits.grant", 1)
+    when = row.find_elements("css selector", "td")[-1].text
+    assert len(re.findall(r"\d\d:\d\d:\d\d", when)) == 1, when
 
 
 def test_docs_page_reads_without_internet(console: Console) -> None:

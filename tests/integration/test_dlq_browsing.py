@@ -13,20 +13,27 @@ ones (50) are updated in place.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import aio_pika
 import aiormq
 import pytest
-from conveyor import Reject, envelope, on, ports, registry
+from click.testing import CliRunner
+from conveyor import Reject, cli, envelope, errors, on, persistence, ports, registry
+from conveyor.console.sources import Sources
+from conveyor.console.views import dead_letters as dead_letter_views
 from conveyor.envelope import WireMessage
 from conveyor.runtime import dead_letters
 from conveyor.runtime.worker import Worker, dead_letter_headers, dead_letter_topic
+from conveyor.stores import OutboxStore
 from conveyor.testing import unique, wait_for
 from conveyor.transports.nats import NatsTransport
 from conveyor.transports.nats_wire import durable_name
 from conveyor.transports.rabbit import RabbitTransport
+from dlq_helpers import peek_until
 from pamqp.commands import Basic
 
 Open = Callable[[], Awaitable[ports.Transport]]
@@ -35,6 +42,7 @@ LISTINGS = 60  # more than the delivery limit (50) keepers used to have
 # listing), and NATS gives a closed consumer's deliveries back after 1.5 s; its keeper's unlimited
 # max_deliver is asserted directly instead (and the update test below checks old keepers).
 FEWER = {"kafka": 3, "nats": 5}
+NO_DATABASE = {"CONVEYOR_DATABASE_URL": "none"}
 QUEUE_PREFIXES = ("conveyor.", "conveyor-limited.", "conveyor-kept.", "conveyor-binding.")
 
 
@@ -58,8 +66,21 @@ async def subscription_names(broker_url: str) -> AsyncIterator[list[str]]:
         await delete_queues(broker_url, [prefix + name for name in declared for prefix in QUEUE_PREFIXES])
 
 
-async def dead_letter_three(transport: ports.Transport, declared: list[str]) -> tuple[str, list[WireMessage]]:
-    """Declare a worker's topology (its keeper as workers do) and put 3 dead letters on its keeper."""
+async def dead_letter_three(
+    transport: ports.Transport, declared: list[str], mixed: bool = False
+) -> tuple[str, list[WireMessage]]:
+    """Declare a worker's topology (its keeper as workers do) and put 3 dead letters on its keeper.
+
+    ``mixed``: the second names another handler and the error type ``ValueError``, the third ``ValueError``.
+    """
+    topic, sent, _ = await keep_three(transport, declared, mixed)
+    return topic, sent
+
+
+async def keep_three(
+    transport: ports.Transport, declared: list[str], mixed: bool = False
+) -> tuple[str, list[WireMessage], registry.Registry]:
+    """:func:`dead_letter_three`, also returning the application of the worker."""
     topic, handler = unique("browse"), unique("browse")
 
     @on(topic, name=handler)
@@ -67,14 +88,17 @@ async def dead_letter_three(transport: ports.Transport, declared: list[str]) -> 
         raise Reject("never")
 
     declared += [handler, dead_letter_topic(topic)]
-    await Worker(registry.Registry.of(never).handlers, transport, source="t").declare()
+    app = registry.Registry.of(never)
+    await Worker(app.handlers, transport, source="t").declare()
+    reasons = [(handler, "Rejected"), (handler + "-b", "ValueError"), (handler, "ValueError")]
     sent = []
     for n in range(3):
         wire = envelope.to_binary(envelope.create(topic, {"n": n}, source="t"), transport.binary_prefix)
-        why = dead_letter_headers(handler, topic, "Rejected", "never", 1)
+        name, kind = reasons[n] if mixed else (handler, "Rejected")
+        why = dead_letter_headers(name, topic, kind, "never", 1)
         sent.append(WireMessage(wire.body, {**wire.headers, **why}, wire.key, envelope.new_id()))
         await transport.publish(dead_letter_topic(topic), sent[-1])
-    return topic, sent
+    return topic, sent, app
 
 
 def contents(messages: list[WireMessage]) -> list[tuple[bytes, list[tuple[str, str]]]]:
@@ -241,3 +265,138 @@ async def test_nats_keeper_durable_with_a_delivery_limit_becomes_unlimited_in_pl
     finally:
         await transport.close()
     assert sorted(d.message.body for d in remaining) == [b'{"n":1}', b'{"n":2}']
+
+
+# -- replay and purge act on what the keeper held when they started ----------------------
+
+
+async def act_once(
+    open_transport: Open, act: Callable[..., Awaitable[list[dead_letters.DeadLetter]]], topic: str, **options: object
+) -> list[dead_letters.DeadLetter]:
+    """One ``conveyor dlq replay`` or ``purge``: its own transport, closed afterwards."""
+    transport = await open_transport()
+    try:
+        return await act(transport, topic, **options)
+    finally:
+        await transport.close()
+
+
+def ids(letters: list[dead_letters.DeadLetter]) -> list[str | None]:
+    return sorted(d.message.message_id for d in letters)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("act", [dead_letters.replay, dead_letters.purge], ids=["replay", "purge"])
+async def test_chosen_dead_letters_behind_an_unchosen_one_are_the_ones_acted_on(
+    open_transport: Open, subscription_names: list[str], act: Callable[..., Awaitable[list[dead_letters.DeadLetter]]]
+) -> None:
+    topic, sent = await dead_letter_three(await open_transport(), subscription_names)
+    chosen = {sent[1].message_id, sent[2].message_id}
+    done = await act_once(open_transport, act, topic, limit=2, select=lambda d: d.message.message_id in chosen)
+    left = await list_once(open_transport, topic, limit=10)
+    assert (ids(done), ids(left)) == (sorted(chosen), [sent[0].message_id])
+
+
+async def test_replay_all_after_a_chosen_replay_sends_only_the_letters_left(
+    open_transport: Open, subscription_names: list[str]
+) -> None:
+    topic, sent = await dead_letter_three(await open_transport(), subscription_names)
+    chosen = sent[2].message_id
+    await act_once(open_transport, dead_letters.replay, topic, limit=1, select=lambda d: d.message.message_id == chosen)
+    again = await act_once(open_transport, dead_letters.replay, topic, limit=100)
+    assert ids(again) == sorted([sent[0].message_id, sent[1].message_id])
+
+
+async def test_replay_while_the_handler_still_fails_sends_each_dead_letter_once(
+    open_transport: Open, subscription_names: list[str]
+) -> None:
+    topic, handler = unique("again"), unique("again")
+
+    @on(topic, name=handler)
+    async def never(payload: dict) -> None:
+        raise Reject("still broken")
+
+    subscription_names += [handler, dead_letter_topic(topic)]
+    transport = await open_transport()
+    worker = Worker(registry.Registry.of(never).handlers, transport, source="t")
+    await worker.start()
+    for n in range(3):
+        await transport.publish(
+            topic, envelope.to_binary(envelope.create(topic, {"n": n}, source="t"), transport.binary_prefix)
+        )
+    assert len(await peek_until(open_transport, topic, 3)) == 3
+    replayed = await act_once(open_transport, dead_letters.replay, topic, limit=100)
+    assert await worker.stop(5)
+    assert sorted(d.message.body for d in replayed) == sorted(b'{"n":%d}' % n for n in range(3))
+
+
+# -- naming and declaring ------------------------------------------------------------------
+
+
+async def test_dead_letters_are_listed_by_the_dead_letter_topics_name(
+    open_transport: Open, subscription_names: list[str]
+) -> None:
+    topic, sent = await dead_letter_three(await open_transport(), subscription_names)
+    assert contents([d.message for d in await list_once(open_transport, dead_letter_topic(topic))]) == contents(sent)
+
+
+async def test_listing_a_topic_without_a_keeper_declares_nothing(
+    open_transport: Open, subscription_names: list[str]
+) -> None:
+    topic = unique("nothing")
+    kept = dead_letter_topic(topic)
+    subscription_names += [kept, dead_letter_topic(kept)]
+    for name in (topic, kept):
+        assert await list_once(open_transport, name) == []
+    transport = await open_transport()
+    for name in (kept, dead_letter_topic(kept)):
+        with pytest.raises(errors.TransportError):
+            await ports.backlog_of(transport, ports.Subscription(name=name, topic=name, max_deliveries=None))
+
+
+async def test_dead_letters_are_filtered_by_handler_and_error_type(
+    open_transport: Open, subscription_names: list[str]
+) -> None:
+    topic, sent = await dead_letter_three(await open_transport(), subscription_names, mixed=True)
+    wanted = sent[1]
+    select = dead_letters.matching(handler=wanted.headers["conveyor-dlq-handler"], error_type="ValueError")
+    transport = await open_transport()
+    listed = await dead_letters.peek(transport, topic, limit=10, select=select)
+    assert [d.message.message_id for d in listed] == [wanted.message_id]
+
+
+# -- counts ------------------------------------------------------------------------------
+
+
+async def test_console_counts_the_dead_letters_each_keeper_holds(
+    open_transport: Open, subscription_names: list[str]
+) -> None:
+    transport = await open_transport()
+    topic, _, app = await keep_three(transport, subscription_names)
+    found = Sources(
+        service="t", app=app, stores=cast(persistence.Persistence, None), outbox=cast(OutboxStore, None),
+        open_transport=lambda: transport, transport=transport,
+    )  # fmt: skip
+    assert await dead_letter_views.waiting(found) == {topic: 3}
+
+
+def test_cli_replays_only_the_dead_letters_of_the_handler_and_error_type_given(rabbit_url: str) -> None:
+    async def kept() -> tuple[str, list[WireMessage]]:
+        transport = RabbitTransport(rabbit_url)
+        await transport.connect()
+        try:
+            return await dead_letter_three(transport, declared, mixed=True)
+        finally:
+            await transport.close()
+
+    declared: list[str] = []
+    topic, sent = asyncio.run(kept())
+    try:
+        wanted = sent[1].headers["conveyor-dlq-handler"]
+        flags = ["--handler", wanted, "--error-type", "ValueError", "--broker-url", rabbit_url]
+        runner = CliRunner()
+        replayed = runner.invoke(cli.main, ["dlq", "replay", dead_letter_topic(topic), *flags], env=NO_DATABASE)
+        left = runner.invoke(cli.main, ["dlq", "list", topic, "--broker-url", rabbit_url], env=NO_DATABASE)
+    finally:
+        asyncio.run(delete_queues(rabbit_url, [prefix + name for name in declared for prefix in QUEUE_PREFIXES]))
+    assert replayed.output.strip() == f"replayed 1 dead letter(s) of {dead_letter_topic(topic)}"
+    assert left.output.count("ValueError") == 1 and left.output.count("Rejected") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -31,6 +32,7 @@ async def peek_until(
             await peeker.close()
         if len(listed) >= count or time.monotonic() >= deadline:
             return listed
+        await asyncio.sleep(0.1)  # an empty keeper answers at once: let the worker run before the next look
 
 
 async def worker_with_dead_letters(transport: ports.Transport, handler: object) -> tuple[Worker, Collector]:

@@ -7,9 +7,10 @@ import time
 
 import httpx
 import prometheus_client
-from conveyor import on, ports, registry, status_cli
+from conveyor import envelope, on, ports, registry, status_cli
+from conveyor.envelope import WireMessage
 from conveyor.runtime import http, scaling
-from conveyor.runtime.worker import Worker
+from conveyor.runtime.worker import Worker, dead_letter_topic
 from conveyor.testing import unique
 from conveyor.transports.memory import MemoryTransport
 
@@ -103,4 +104,18 @@ async def test_status_rows_show_backlog_and_default_capacity_and_say_why_one_is_
 
     [row] = await status_cli.read(Bare(transport.url), handlers, concurrency=7)
     assert (row.backlog, row.error) == (None, "this broker reports no backlog")
+    await transport.close()
+
+
+async def test_refresh_sets_the_dead_letter_gauge_of_each_topic_from_its_keeper() -> None:
+    _, handlers = one_handler()
+    topic = handlers[0].topic
+    transport = MemoryTransport(f"memory://{unique('scale')}")
+    await transport.connect()
+    worker = Worker(handlers, transport, source="t")
+    await worker.declare()  # the keeper of topic.dlq too
+    for _ in range(2):
+        await transport.publish(dead_letter_topic(topic), WireMessage(b"{}", {}, None, envelope.new_id()))
+    await scaling.ScalingReporter(transport, worker).refresh()
+    assert prometheus_client.REGISTRY.get_sample_value("conveyor_dead_letters", {"topic": topic}) == 2.0
     await transport.close()

@@ -11,6 +11,11 @@ broker), ``conveyor_oldest_age_seconds`` (where the broker knows it),
 ``conveyor_capacity`` (the handler's concurrency in this process), beside
 ``conveyor_in_flight``. Every replica of a handler reports the same backlog
 (it is the subscription's, not the process's): aggregate it with ``max``.
+
+Gauge ``conveyor_dead_letters`` (label ``topic``): the dead letters each
+consumed topic's keeper holds (:func:`conveyor.runtime.dead_letters.waiting`),
+read every :data:`DEAD_LETTER_INTERVAL` seconds (the first refresh included),
+with the same timeout; a topic whose count cannot be read keeps its last value.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from conveyor import envelope, errors, ports, telemetry
-from conveyor.runtime import worker
+from conveyor.runtime import dead_letters, worker
 
 log = logging.getLogger("conveyor.scaling")
 
@@ -32,6 +37,8 @@ INTERVAL = 5.0
 """Seconds between two readings of the broker's backlogs."""
 TIMEOUT = 3.0
 """Seconds one backlog query may take."""
+DEAD_LETTER_INTERVAL = 30.0
+"""Seconds between two readings of the dead-letter keepers' counts."""
 
 
 @dataclass(slots=True)
@@ -98,6 +105,8 @@ class ScalingReporter:
         self._loads = {h.name: HandlerLoad(h.name, h.topic, capacity) for h, capacity, _ in consumer.load()}
         for load in self._loads.values():
             telemetry.CAPACITY.labels(load.handler).set(load.capacity)
+        self._topics = sorted({load.topic for load in self._loads.values()})
+        self._dead_read_at: float | None = None  # monotonic time of the last dead-letter reading
 
     async def refresh(self) -> None:
         """Read every handler's backlog once, concurrently; failures are recorded, never raised."""
@@ -106,7 +115,25 @@ class ScalingReporter:
             telemetry.IN_FLIGHT.labels(handler.name).set(in_flight)
         for name, age in self._worker.oldest_in_hand().items():
             telemetry.OLDEST_IN_HAND.labels(name).set(age)
-        await asyncio.gather(*(self._read(name) for name in self._loads))
+        await asyncio.gather(*(self._read(name) for name in self._loads), self._read_dead_letters())
+
+    async def _read_dead_letters(self) -> None:
+        now = time.monotonic()
+        if self._dead_read_at is not None and now - self._dead_read_at < DEAD_LETTER_INTERVAL:
+            return
+        self._dead_read_at = now
+        try:
+            async with asyncio.timeout(self._timeout):
+                counts = await dead_letters.waiting(self._transport, self._topics)
+        except TimeoutError:
+            log.debug("dead-letter counts: no answer within %gs", self._timeout)
+            return
+        except Exception:  # an adapter's bug must not stop the worker (a background crash does)
+            log.exception("reading the dead-letter counts failed")
+            return
+        for topic, count in counts.items():
+            if count is not None:
+                telemetry.DEAD_LETTERS.labels(topic).set(count)
 
     async def _read(self, name: str) -> None:
         load = self._loads[name]

@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable
 
 from conveyor import envelope, errors, fate, ports, registry, telemetry
+from conveyor.dead_letter import one_line
 from conveyor.persistence import DeadLetterStore
 from conveyor.runtime.failures import dead_letter_headers, dead_letter_topic
 from conveyor.runtime.probes import Probes
@@ -129,7 +130,7 @@ class Settler:
         self._count("dead_lettered")
         log.error(
             "%s dead-lettered a message to %s after %d attempt(s) (event %s): %s: %s",
-            self._handler.name, self._dlq_topic, attempt, _event_id(original), kind, " ".join(text.split())[:500],
+            self._handler.name, self._dlq_topic, attempt, _event_id(original), kind, one_line(text, 500),
         )  # fmt: skip
 
     async def _keep_refused(self, copy: envelope.WireMessage, refusal: errors.TransportError) -> bool:

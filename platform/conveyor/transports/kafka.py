@@ -180,6 +180,7 @@ class KafkaTransport:
         history_for_new_groups=True,
         attempts_survive_restart=True,  # retry copies' header; a crash's attempts in the marks
         durable=True,
+        acks_settle_a_prefix=True,  # offsets are committed in order per partition
     )
     binary_prefix = KAFKA_PREFIX
 

@@ -14,7 +14,9 @@ None when a partition does not answer within :data:`AGE_FETCH_SECONDS`.
 
 The committed offsets come from the admin client (an ``OffsetFetch``), the
 end offsets from a consumer without a group: neither joins the subscription's
-group, so reading the lag never causes a rebalance.
+group, so reading the lag never causes a rebalance. Nothing is created: a
+topic missing from the cluster's list is :class:`~conveyor.errors.NotDeclared`
+(a metadata request naming it could have the broker create it).
 """
 
 from __future__ import annotations
@@ -114,15 +116,18 @@ class LagReader:
         """The lag of group ``subscription.name`` on ``subscription.topic``.
 
         Raises:
-            TransportError: the topic does not exist or the broker failed.
+            NotDeclared: the topic does not exist.
+            TransportError: the broker failed.
             TransientTransportError: the broker is unreachable.
         """
         topic = subscription.topic
         try:
+            if topic not in await admin.list_topics():  # describing a missing topic would create it
+                raise errors.NotDeclared(f"Kafka topic {topic!r} does not exist: declare the subscription first")
             described = await admin.describe_topics([topic])
             found = [p["partition"] for t in described if t.get("topic") == topic for p in t.get("partitions") or ()]
             if not found:
-                raise errors.TransportError(f"Kafka topic {topic!r} does not exist: declare the subscription first")
+                raise errors.NotDeclared(f"Kafka topic {topic!r} does not exist: declare the subscription first")
             partitions = [TopicPartition(topic, p) for p in sorted(found)]
             committed = await admin.list_consumer_group_offsets(subscription.name, partitions=partitions)
             reader = await self._reader()

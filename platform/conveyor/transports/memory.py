@@ -118,7 +118,7 @@ class MemoryBroker:
         """
         group = self._groups.get(name)
         if group is None:
-            raise errors.TransportError(f"no memory subscription {name!r}: declare it first")
+            raise errors.NotDeclared(f"no memory subscription {name!r}: declare it first")
         queued = [*group.backlog, *(i for c in group.consumers for i in c.queued())]
         out = [d.item for c in group.consumers for d in c.unsettled()]
         now = time.monotonic()

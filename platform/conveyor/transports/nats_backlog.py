@@ -27,13 +27,14 @@ async def consumer_backlog(js: JetStreamContext, stream: str, durable: str, subj
     """The backlog of durable consumer ``durable`` of ``stream``, filtered on ``subject``.
 
     Raises:
-        TransportError: no such durable, or the server did not answer.
+        NotDeclared: no such durable.
+        TransportError: the server did not answer.
     """
     with nats_consume.translated(f"consumer info of {durable}"):
         try:
             info = await js.consumer_info(stream, durable)
         except nats.js.errors.NotFoundError as exc:
-            raise errors.TransportError(f"no JetStream durable {durable} in stream {stream}: declare it first") from exc
+            raise errors.NotDeclared(f"no JetStream durable {durable} in stream {stream}: declare it first") from exc
     pending, in_flight = int(info.num_pending or 0), int(info.num_ack_pending or 0)
     age: float | None = 0.0  # nothing unsettled
     if pending + in_flight:

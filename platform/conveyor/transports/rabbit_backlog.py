@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import aiormq
 from aio_pika.abc import AbstractConnection
 
 from conveyor import errors, ports
@@ -23,7 +24,8 @@ async def queue_backlog(connection: AbstractConnection, queue: str, timeout: flo
     """The depth of ``queue``, read on a throwaway channel (a refused passive declare closes its channel).
 
     Raises:
-        TransportError: the queue does not exist (the subscription is not declared).
+        NotDeclared: the queue does not exist (the subscription is not declared).
+        TransportError: the broker refused the declare.
         TransientTransportError: the broker did not answer within ``timeout``.
     """
     channel = None
@@ -33,6 +35,8 @@ async def queue_backlog(connection: AbstractConnection, queue: str, timeout: flo
             declared = await channel.declare_queue(queue, passive=True)
     except TimeoutError as exc:
         raise errors.TransientTransportError(f"RabbitMQ did not report the depth of {queue!r} in time") from exc
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        raise errors.NotDeclared(f"RabbitMQ has no queue {queue!r}: declare the subscription first") from exc
     except rabbit_wire.DRIVER_ERRORS as exc:
         raise rabbit_wire.transport_error(f"depth of queue {queue!r}", exc) from exc
     finally:

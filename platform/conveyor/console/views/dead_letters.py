@@ -25,13 +25,12 @@ from conveyor.console import inputs
 from conveyor.console.site import PREFIX, Caller, Done, Page, Site
 from conveyor.console.sources import Sources
 from conveyor.runtime import dead_letters
-from conveyor.runtime.worker import dead_letter_topic
 
 log = logging.getLogger("conveyor.console")
 
 T = TypeVar("T")
 MAX_LISTED = 200
-"""Most letters listed (and searched for one shown)."""
+"""Most letters listed."""
 MAX_AT_ONCE = 10_000
 """Most letters one replay or purge acts on."""
 
@@ -53,21 +52,10 @@ def pretty(body: bytes) -> str:
 
 async def waiting(sources: Sources) -> dict[str, int | None]:
     """Dead letters waiting per topic, from the keepers' backlogs (None where the broker cannot tell)."""
-    transport = sources.transport
     topics = sources.dead_letter_topics()
-    if transport is None:
+    if sources.transport is None:
         return dict.fromkeys(topics)
-
-    async def one(topic: str) -> int | None:
-        kept = dead_letter_topic(topic)
-        try:
-            backlog = await ports.backlog_of(transport, ports.Subscription(name=kept, topic=kept))
-        except Exception as exc:  # a keeper not declared yet, an outage: unknown
-            log.debug("console: no dead-letter count for %s: %s", topic, exc)
-            return None
-        return None if backlog is None else backlog.pending + (backlog.in_flight or 0)
-
-    return dict(zip(topics, await asyncio.gather(*(one(t) for t in topics)), strict=True))
+    return await dead_letters.waiting(sources.transport, topics)
 
 
 class Letters:
@@ -88,19 +76,25 @@ class Letters:
             finally:
                 await transport.close()
 
-    async def peek(self, topic: str, limit: int) -> list[dead_letters.DeadLetter]:
-        """Up to ``limit`` letters of ``topic``, left in place."""
+    async def peek(
+        self, topic: str, limit: int, select: dead_letters.Select | None = None
+    ) -> list[dead_letters.DeadLetter]:
+        """Up to ``limit`` letters of ``topic`` (those ``select`` accepts), left in place."""
         held = self._site.sources.stores.dead_letters
         return await self._on_own_connection(
-            lambda t, idle: dead_letters.peek(t, topic, limit=limit, idle=idle, held=held)
+            lambda t, idle: dead_letters.peek(t, topic, limit=limit, idle=idle, held=held, select=select)
         )
 
-    async def act(self, verb: str, topic: str, chosen: list[str] | None) -> list[dead_letters.DeadLetter]:
-        """Replay or purge the letters of ``topic`` named by ``chosen`` (None: every one, up to the bound)."""
+    async def act(
+        self, verb: str, topic: str, chosen: list[str] | None, among: dead_letters.Select | None = None
+    ) -> list[dead_letters.DeadLetter]:
+        """Replay or purge the letters of ``topic`` named by ``chosen`` (None: every one ``among`` accepts)."""
         wanted = None if chosen is None else set(chosen)
 
         def select(letter: dead_letters.DeadLetter) -> bool:
-            return letter.topic == topic and (wanted is None or letter_id(letter) in wanted)
+            if letter.topic != topic:
+                return False
+            return letter_id(letter) in wanted if wanted is not None else among is None or among(letter)
 
         limit = MAX_AT_ONCE if wanted is None else len(wanted)
         held = self._site.sources.stores.dead_letters
@@ -112,6 +106,20 @@ class Letters:
 
 def _topic(site: Site, request: Request) -> str:
     return inputs.known("topic", request.path_params["topic"], "topic", site.sources.dead_letter_topics())
+
+
+FILTERS = ("handler", "error_type", "event_id")
+"""The fields that filter a topic's letters (query parameters of its page, fields of its forms)."""
+
+
+def _filters(form: inputs.Form) -> dict[str, str]:
+    """The filter fields given (empty ones left out), each a valid id."""
+    given = {field: inputs.one(form, field, "").strip() for field in FILTERS}
+    return {field: inputs.ident(value, field) for field, value in given.items() if value}
+
+
+def _matching(filters: dict[str, str]) -> dead_letters.Select | None:
+    return dead_letters.matching(**filters) if filters else None
 
 
 def _chosen(form: inputs.Form) -> list[str] | None:
@@ -131,18 +139,24 @@ def routes(site: Site) -> list[Route]:
 
     async def topic_page(request: Request, caller: Caller) -> Page:
         topic = _topic(site, request)
+        query = {k: request.query_params.getlist(k) for k in request.query_params}
         limit = inputs.count(request.query_params.get("limit"), "limit", default=50, low=1, high=MAX_LISTED)
-        found = await letters.peek(topic, limit)
+        filters = _filters(query)
+        found = await letters.peek(topic, limit, _matching(filters))
         rows = [(letter_id(letter), letter) for letter in found]
-        return Page("dead_letter_topic.html", {"nav": "dead", "topic": topic, "rows": rows, "limit": limit})
+        handlers = sorted(h.name for h in site.sources.app.handlers if h.topic == topic)
+        context = {
+            "nav": "dead", "topic": topic, "rows": rows, "limit": limit, "filters": filters, "handlers": handlers,
+        }  # fmt: skip
+        return Page("dead_letter_topic.html", context)
 
     async def show(request: Request, caller: Caller) -> Page:
         topic = _topic(site, request)
         wanted = inputs.ident(request.query_params.get("id", ""), "id")
-        found = await letters.peek(topic, MAX_LISTED)
-        letter = next((letter for letter in found if letter_id(letter) == wanted), None)
+        found = await letters.peek(topic, 1, lambda letter: letter_id(letter) == wanted)
+        letter = found[0] if found else None
         if letter is None:
-            raise inputs.Refused(404, f"no dead letter {wanted!r} among the first {MAX_LISTED} of {topic}", "id")
+            raise inputs.Refused(404, f"no dead letter {wanted!r} among the dead letters of {topic}", "id")
         context = {
             "nav": "dead", "topic": topic, "id": wanted, "letter": letter,
             "headers": sorted(letter.message.headers.items()), "body": pretty(letter.message.body),
@@ -153,12 +167,13 @@ def routes(site: Site) -> list[Route]:
         topic = _topic(site, request)
         if not site.can_act(caller):
             raise inputs.Refused(403, "actions are not available to you here", code="forbidden")
-        chosen = _chosen({k: request.query_params.getlist(k) for k in request.query_params})
-        return Page("confirm_purge.html", {"nav": "dead", "topic": topic, "chosen": chosen})
+        query = {k: request.query_params.getlist(k) for k in request.query_params}
+        chosen, filters = _chosen(query), _filters(query)
+        return Page("confirm_purge.html", {"nav": "dead", "topic": topic, "chosen": chosen, "filters": filters})
 
     async def replay(request: Request, caller: Caller, form: inputs.Form) -> Done:
         topic = _topic(site, request)
-        done = await letters.act("replay", topic, _chosen(form))
+        done = await letters.act("replay", topic, _chosen(form), _matching(_filters(form)))
         ids = [letter_id(letter) for letter in done]
         message = f"replayed {len(done)} dead letter(s) of {topic}: {', '.join(ids[:20])}"
         return Done(message, f"{PREFIX}/dead-letters/{topic}", {"replayed": ids})
@@ -167,7 +182,7 @@ def routes(site: Site) -> list[Route]:
         topic = _topic(site, request)
         if inputs.one(form, "confirm", "") != "yes":
             raise inputs.Refused(400, "purging deletes dead letters for good: confirm it (confirm=yes)", "confirm")
-        done = await letters.act("purge", topic, _chosen(form))
+        done = await letters.act("purge", topic, _chosen(form), _matching(_filters(form)))
         ids = [letter_id(letter) for letter in done]
         message = f"purged {len(done)} dead letter(s) of {topic}: {', '.join(ids[:20])}"
         return Done(message, f"{PREFIX}/dead-letters/{topic}", {"purged": ids})
