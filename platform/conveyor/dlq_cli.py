@@ -50,8 +50,7 @@ async def _with_transport(config: settings.Settings, operation: Callable[[Any, A
     """Run ``operation(transport, held)``: ``held`` is the database's store of refused dead letters, if migrated."""
     from conveyor import transports
 
-    if config.broker_url.startswith("memory:"):
-        raise errors.ConfigurationError("dead letters on memory:// live inside the running process; use a real broker")
+    cli_options.refuse_memory_broker(config, "dead letters", "/console/dead-letters")
     async with contextlib.AsyncExitStack() as stack:
         held = None
         with contextlib.suppress(errors.ConfigurationError):  # no migrated database: only the broker's

@@ -131,3 +131,9 @@ def test_running_process_serves_scaling_and_backlog_metrics_for_every_handler(tm
         assert "conveyor_capacity{" in metrics
     finally:
         process.close()
+
+
+def test_dlq_list_on_the_default_memory_broker_names_the_console_page_to_open() -> None:
+    result = run(["dlq", "list", "orders.placed"])
+    assert result.returncode == 2
+    assert "http://127.0.0.1:8000/console/dead-letters" in result.stderr, result.stderr
