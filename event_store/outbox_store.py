@@ -50,7 +50,6 @@ import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -66,36 +65,8 @@ log = logging.getLogger("conveyor.event_store.outbox")
 _PURGE_CHUNK = 1000
 
 
-@dataclass
-class SqlOutboxBatch:
-    """A claim's rows and what the relay recorded about them."""
-
-    messages: Sequence[stores.OutboxMessage]
-    sent_ids: list[int] = field(default_factory=list)
-    failures: list[tuple[int, str, float]] = field(default_factory=list)
-    parkings: list[tuple[int, str]] = field(default_factory=list)
-    interruptions: list[tuple[int, str]] = field(default_factory=list)
-
-    def sent(self, message: stores.OutboxMessage) -> None:
-        """Record that the broker confirmed ``message``."""
-        self.sent_ids.append(message.id)
-
-    def failed(self, message: stores.OutboxMessage, error: str, retry_in: float) -> None:
-        """Record a refused publish of ``message``; due again in ``retry_in`` seconds."""
-        self.failures.append((message.id, error[:2000], max(retry_in, 0.0)))
-
-    def parked(self, message: stores.OutboxMessage, error: str) -> None:
-        """Record the last refused attempt of ``message``; it is parked."""
-        self.parkings.append((message.id, error[:2000]))
-
-    def interrupted(self, message: stores.OutboxMessage, error: str) -> None:
-        """Record that the broker was unreachable for ``message`` (no attempt spent)."""
-        self.interruptions.append((message.id, error[:2000]))
-
-    @property
-    def recorded(self) -> bool:
-        """True if anything is to be stored."""
-        return bool(self.sent_ids or self.failures or self.parkings or self.interruptions)
+SqlOutboxBatch = stores.RecordedBatch
+"""A claim of :class:`SqlOutboxStore` (:class:`conveyor.stores.RecordedBatch`)."""
 
 
 class SqlOutboxStore:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -144,6 +144,46 @@ class OutboxBatch(Protocol):
         it, and is due again at once (the relay backs off as a whole).
         """
         ...
+
+
+ERROR_TEXT_LIMIT = 2000
+"""Characters of a publish error an outbox row keeps."""
+
+
+@dataclass
+class RecordedBatch:
+    """An :class:`OutboxBatch` that records what the relay did, for its store to apply on exit.
+
+    Every :class:`OutboxStore` implementation keeps its claim's fate the same
+    way; only how it applies it (SQL statements, a memory table) differs.
+    """
+
+    messages: Sequence[OutboxMessage]
+    sent_ids: list[int] = field(default_factory=list)
+    failures: list[tuple[int, str, float]] = field(default_factory=list)
+    parkings: list[tuple[int, str]] = field(default_factory=list)
+    interruptions: list[tuple[int, str]] = field(default_factory=list)
+
+    def sent(self, message: OutboxMessage) -> None:
+        """Record that the broker confirmed ``message``."""
+        self.sent_ids.append(message.id)
+
+    def failed(self, message: OutboxMessage, error: str, retry_in: float) -> None:
+        """Record a refused publish of ``message``; due again in ``retry_in`` seconds."""
+        self.failures.append((message.id, error[:ERROR_TEXT_LIMIT], max(retry_in, 0.0)))
+
+    def parked(self, message: OutboxMessage, error: str) -> None:
+        """Record the last refused attempt of ``message``; it is parked."""
+        self.parkings.append((message.id, error[:ERROR_TEXT_LIMIT]))
+
+    def interrupted(self, message: OutboxMessage, error: str) -> None:
+        """Record that the broker was unreachable for ``message`` (no attempt spent)."""
+        self.interruptions.append((message.id, error[:ERROR_TEXT_LIMIT]))
+
+    @property
+    def recorded(self) -> bool:
+        """True if anything is to be stored."""
+        return bool(self.sent_ids or self.failures or self.parkings or self.interruptions)
 
 
 class OutboxStore(Protocol):

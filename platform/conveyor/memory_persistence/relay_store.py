@@ -31,31 +31,8 @@ class InFlight:
     signal: asyncio.Event | None = None
 
 
-@dataclass
-class MemoryOutboxBatch:
-    """A claim's rows and what the relay recorded about them (:class:`conveyor.stores.OutboxBatch`)."""
-
-    messages: Sequence[stores.OutboxMessage]
-    sent_ids: list[int] = field(default_factory=list)
-    failures: list[tuple[int, str, float]] = field(default_factory=list)
-    parkings: list[tuple[int, str]] = field(default_factory=list)
-    interruptions: list[tuple[int, str]] = field(default_factory=list)
-
-    def sent(self, message: stores.OutboxMessage) -> None:
-        """The broker confirmed ``message``."""
-        self.sent_ids.append(message.id)
-
-    def failed(self, message: stores.OutboxMessage, error: str, retry_in: float) -> None:
-        """The broker refused ``message``; due again in ``retry_in`` seconds."""
-        self.failures.append((message.id, error, max(retry_in, 0.0)))
-
-    def parked(self, message: stores.OutboxMessage, error: str) -> None:
-        """The broker refused ``message`` for the last time; park it."""
-        self.parkings.append((message.id, error))
-
-    def interrupted(self, message: stores.OutboxMessage, error: str) -> None:
-        """The broker was unreachable for ``message`` (no attempt spent)."""
-        self.interruptions.append((message.id, error))
+MemoryOutboxBatch = stores.RecordedBatch
+"""A claim of :class:`MemoryOutboxStore` (:class:`conveyor.stores.RecordedBatch`)."""
 
 
 class MemoryOutboxStore:
