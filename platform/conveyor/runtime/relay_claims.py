@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from conveyor import stores
+
+log = logging.getLogger("conveyor.relay")
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Take a claim task's failure as seen: the relay reports it where it awaits :meth:`Claim.marked`.
+
+    A claim the relay no longer awaits (its round failed first, a drain) would
+    otherwise make asyncio log "Task exception was never retrieved"; its rows
+    are claimed and published again, so only a debug line is left of it.
+    """
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("an outbox claim ended with %r", task.exception())
 
 
 class Claim:
@@ -20,6 +34,7 @@ class Claim:
         self._batch: asyncio.Future[stores.OutboxBatch] = loop.create_future()
         self._outcome: asyncio.Future[Exception | None] = loop.create_future()
         self.task = asyncio.create_task(self._hold(store, limit, after))
+        self.task.add_done_callback(_retrieve)
 
     async def _hold(self, store: stores.OutboxStore, limit: int, after: Claim | None) -> None:
         claimed = False
