@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
+import orjson
 
 from conveyor import cli_options, errors, schedules_cli, settings
 from conveyor.runtime import app
@@ -63,8 +64,21 @@ async def _with_transport(config: settings.Settings, operation: Callable[[Any, A
 
 @dlq.command(name="list")
 @_dlq_command
-def dlq_list(topic: str, limit: int, **flags: Any) -> None:
-    """List dead letters of TOPIC (they stay in place)."""
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (one object per dead letter) for scripts.")
+def dlq_list(topic: str, limit: int, as_json: bool, **flags: Any) -> None:
+    """List dead letters of TOPIC (they stay in place), oldest first.
+
+    \b
+    Columns:
+      EVENT ID    the CloudEvent id (- for a message that is no valid CloudEvent)
+      HANDLER     the handler that dead-lettered it
+      ERROR TYPE  Rejected, InvalidMessage, TooManyDeliveries, DeliveryLimit, or the exception's class
+      ATTEMPTS    attempts spent before it was dead-lettered
+      AT          when it was dead-lettered (UTC)
+      ERROR       the reason, cut to 60 characters (dlq show EVENT_ID prints all of it)
+
+    At most --limit are listed; a line on stderr says when the limit was reached.
+    """
     from conveyor.runtime import dead_letters
 
     select = _chosen(flags)
@@ -72,12 +86,31 @@ def dlq_list(topic: str, limit: int, **flags: Any) -> None:
     found = asyncio.run(
         _with_transport(config, lambda t, h: dead_letters.peek(t, topic, limit=limit, held=h, select=select))
     )
+    if len(found) >= limit:
+        click.echo(f"listed the first {limit} dead letters of {topic}; there may be more: raise --limit", err=True)
+    if as_json:
+        click.echo(orjson.dumps([_as_dict(d) for d in found]).decode())
+        return
     if not found:
         click.echo(f"no dead letters for {topic}")
         return
     rows: list[tuple[str, ...]] = [("EVENT ID", "HANDLER", "ERROR TYPE", "ATTEMPTS", "AT", "ERROR")]
     rows += [(d.event_id or "-", d.handler, d.error_type, d.attempts, d.at, d.error[:60]) for d in found]
     schedules_cli.print_table(rows)
+
+
+def _as_dict(letter: Any) -> dict[str, Any]:
+    """A dead letter as a JSON object (``dlq list --json``)."""
+    return {
+        "event_id": letter.event_id,
+        "topic": letter.topic,
+        "handler": letter.handler,
+        "error_type": letter.error_type,
+        "error": letter.error,
+        "attempts": letter.attempts,
+        "at": letter.at,
+        "held": letter.held_id is not None,
+    }
 
 
 @dlq.command(name="show")

@@ -20,6 +20,7 @@ from typing import cast
 
 import aio_pika
 import aiormq
+import orjson
 import pytest
 from click.testing import CliRunner
 from conveyor import Reject, cli, envelope, errors, on, persistence, ports, registry
@@ -400,3 +401,27 @@ def test_cli_replays_only_the_dead_letters_of_the_handler_and_error_type_given(r
         asyncio.run(delete_queues(rabbit_url, [prefix + name for name in declared for prefix in QUEUE_PREFIXES]))
     assert replayed.output.strip() == f"replayed 1 dead letter(s) of {dead_letter_topic(topic)}"
     assert left.output.count("ValueError") == 1 and left.output.count("Rejected") == 1
+
+
+def test_cli_lists_dead_letters_as_json_and_says_when_the_limit_cut_the_list(rabbit_url: str) -> None:
+    async def kept() -> tuple[str, list[WireMessage]]:
+        transport = RabbitTransport(rabbit_url)
+        await transport.connect()
+        try:
+            return await dead_letter_three(transport, declared, mixed=True)
+        finally:
+            await transport.close()
+
+    declared: list[str] = []
+    topic, _ = asyncio.run(kept())
+    try:
+        runner = CliRunner()
+        every = runner.invoke(cli.main, ["dlq", "list", topic, "--json", "--broker-url", rabbit_url], env=NO_DATABASE)
+        cut = runner.invoke(
+            cli.main, ["dlq", "list", topic, "--limit", "2", "--broker-url", rabbit_url], env=NO_DATABASE
+        )
+    finally:
+        asyncio.run(delete_queues(rabbit_url, [prefix + name for name in declared for prefix in QUEUE_PREFIXES]))
+    letters = orjson.loads(every.stdout)
+    assert sorted(letter["error_type"] for letter in letters) == ["Rejected", "ValueError", "ValueError"]
+    assert "there may be more: raise --limit" in cut.stderr and "there may be more" not in every.stderr
