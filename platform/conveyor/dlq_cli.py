@@ -32,7 +32,13 @@ def dlq() -> None:
 def _dlq_command(func: cli_options.F) -> cli_options.F:
     func = click.option("--error-type", help="Only dead letters with this error type (e.g. Rejected).")(func)
     func = click.option("--handler", help="Only dead letters of this handler.")(func)
-    func = click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)(func)
+    func = click.option(
+        "--limit",
+        type=click.IntRange(min=1),
+        default=100,
+        show_default=True,
+        help="Most dead letters to read: list shows them, show searches them for EVENT_ID, replay and purge act on them.",
+    )(func)
     func = click.argument("topic")(func)
     return cli_options.common(cli_options.exits(func))
 
