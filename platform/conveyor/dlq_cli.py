@@ -37,7 +37,7 @@ def _dlq_command(func: cli_options.F) -> cli_options.F:
         type=click.IntRange(min=1),
         default=100,
         show_default=True,
-        help="Most dead letters to read: list shows them, show searches them for EVENT_ID, replay and purge act on them.",
+        help="Most dead letters to read: list shows them, show searches them, replay and purge act on them.",
     )(func)
     func = click.argument("topic")(func)
     return cli_options.common(cli_options.exits(func))
