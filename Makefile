@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: run test fault bench simulate
+.PHONY: run test fault bench simulation simulate
 
 # Install and run the embedded default: in-memory broker, SQLite, http://127.0.0.1:8000.
 run:
@@ -24,12 +24,16 @@ test:
 		echo "make test: installing Chromium and chromedriver for the console's browser tests (apt-get install chromium chromium-driver)"; \
 		apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 	bash compose/start-local-services.sh
-	$(VENV)/bin/python -m pytest -m "not fault" --durations=25
+	$(VENV)/bin/python -m pytest -m "not fault and not simulation" --durations=25
 
 # The fault tier (tests/fault: real processes, crashes and outages, a table of figures); after `make test`.
 fault:
 	bash compose/start-local-services.sh
 	$(VENV)/bin/python -m pytest -m fault
+
+# The seeded fault simulation's CI set (tests/simulation: fixed seeds, every broken variant caught); after `make test`.
+simulation:
+	$(VENV)/bin/python -m pytest -m simulation
 
 # The seeded fault simulation (tests/simulation): seeds 0..SEEDS-1 under virtual time; each failing seed
 # prints the one-line command that replays it. PROFILE=ci leaves out the faults today's runtime is known to fail.

@@ -12,6 +12,8 @@ import orjson
 import pytest
 from cli import ROOT, Process, clean_env, free_port, migrated, run
 
+from event_store import models
+
 ORDER = {
     "specversion": "1.0",
     "id": "o-1",
@@ -256,7 +258,8 @@ def test_db_upgrade_on_an_empty_database_says_what_it_created(tmp_path: Path) ->
     url = f"sqlite+aiosqlite:///{tmp_path}/new.db"
     created = run(["db", "upgrade", "--database-url", url])
     assert created.returncode == 0, created.stderr
-    assert "created 11 table(s): " in created.stdout and "outbox" in created.stdout, created.stdout
+    tables = len(models.metadata.tables) + 1  # and Alembic's conveyor_alembic_version
+    assert f"created {tables} table(s): " in created.stdout and "outbox" in created.stdout, created.stdout
     assert "now at revision" in created.stdout
     again = run(["db", "upgrade", "--database-url", url])
     assert "already at revision" in again.stdout and "nothing to do" in again.stdout, again.stdout
