@@ -85,7 +85,7 @@ class Beater:
                 try:
                     await self._store.beat(heartbeat)
                     await self._store.purge(heartbeats.EVERY * heartbeats.PURGE_AFTER_BEATS)
-                except errors.StoreError as exc:
+                except (errors.StoreError, OSError) as exc:  # an outage (a reset the driver let through too)
                     if not failing:
                         log.warning("heartbeat not written (the console shows this process as gone): %s", exc)
                     failing = True
@@ -100,5 +100,5 @@ class Beater:
             if identity is not None:
                 try:
                     await self._store.leave(identity)
-                except errors.StoreError as exc:  # the row ages and is shown as gone, then purged
+                except (errors.StoreError, OSError) as exc:  # the row ages and is shown as gone, then purged
                     log.warning("heartbeat row not deleted at stop: %s", exc)
