@@ -380,17 +380,19 @@ async def test_console_counts_the_dead_letters_each_keeper_holds(
     assert await dead_letter_views.waiting(found) == {topic: 3}
 
 
-def test_cli_replays_only_the_dead_letters_of_the_handler_and_error_type_given(rabbit_url: str) -> None:
-    async def kept() -> tuple[str, list[WireMessage]]:
-        transport = RabbitTransport(rabbit_url)
-        await transport.connect()
-        try:
-            return await dead_letter_three(transport, declared, mixed=True)
-        finally:
-            await transport.close()
+async def _mixed_three_on_rabbit(rabbit_url: str, declared: list[str]) -> tuple[str, list[WireMessage]]:
+    """Three dead letters of mixed handlers and error types kept on RabbitMQ (see ``dead_letter_three``)."""
+    transport = RabbitTransport(rabbit_url)
+    await transport.connect()
+    try:
+        return await dead_letter_three(transport, declared, mixed=True)
+    finally:
+        await transport.close()
 
+
+def test_cli_replays_only_the_dead_letters_of_the_handler_and_error_type_given(rabbit_url: str) -> None:
     declared: list[str] = []
-    topic, sent = asyncio.run(kept())
+    topic, sent = asyncio.run(_mixed_three_on_rabbit(rabbit_url, declared))
     try:
         wanted = sent[1].headers["conveyor-dlq-handler"]
         flags = ["--handler", wanted, "--error-type", "ValueError", "--broker-url", rabbit_url]
@@ -404,16 +406,8 @@ def test_cli_replays_only_the_dead_letters_of_the_handler_and_error_type_given(r
 
 
 def test_cli_lists_dead_letters_as_json_and_says_when_the_limit_cut_the_list(rabbit_url: str) -> None:
-    async def kept() -> tuple[str, list[WireMessage]]:
-        transport = RabbitTransport(rabbit_url)
-        await transport.connect()
-        try:
-            return await dead_letter_three(transport, declared, mixed=True)
-        finally:
-            await transport.close()
-
     declared: list[str] = []
-    topic, _ = asyncio.run(kept())
+    topic, _ = asyncio.run(_mixed_three_on_rabbit(rabbit_url, declared))
     try:
         runner = CliRunner()
         every = runner.invoke(cli.main, ["dlq", "list", topic, "--json", "--broker-url", rabbit_url], env=NO_DATABASE)
