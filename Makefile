@@ -24,7 +24,10 @@ test:
 		echo "make test: installing Chromium and chromedriver for the console's browser tests (apt-get install chromium chromium-driver)"; \
 		apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 	bash compose/start-local-services.sh
-	$(VENV)/bin/python -m pytest -m "not fault and not simulation" --durations=25
+	@# Four test processes (most tests wait on brokers and subprocesses, not on a core); each has its own
+	@# databases, broker names and servers. The few tests that stop a shared service run alone afterwards.
+	$(VENV)/bin/python -m pytest -m "not fault and not simulation and not serial" -n 4 --durations=25
+	$(VENV)/bin/python -m pytest -m "serial"
 
 # The fault tier (tests/fault: real processes, crashes and outages, a table of figures); after `make test`.
 fault:

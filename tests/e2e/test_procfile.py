@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import orjson
-from cli import ROOT, clean_env, free_port, migrated
+from cli import ROOT, clean_env, migrated
 from conveyor.testing import unique
 
 APP = """
@@ -43,10 +45,28 @@ def ready(port: int) -> bool:
         return False
 
 
+def free_base() -> int:
+    """A base port for honcho (``-p``) whose four process ports (base, +100, +200, +300) are free on every interface.
+
+    Drawn below the kernel's ephemeral range (32768 and up), where client sockets of other tests
+    running at the same time take their ports, and checked by binding each port.
+    """
+    for _ in range(50):
+        base = random.randrange(10_000, 32_000, 1000)
+        try:
+            for offset in range(0, 100 * len(TYPES), 100):
+                with socket.socket() as probe:
+                    probe.bind(("0.0.0.0", base + offset))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no free base port for honcho's four processes in 50 tries")
+
+
 def test_procfile_process_types_run_together_under_honcho(rabbit_url: str, tmp_path: Path) -> None:
     shutil.copy(ROOT / "Procfile", tmp_path / "Procfile")
     (tmp_path / "procapp.py").write_text(APP)
-    base = free_port() // 1000 * 1000 % 50000 + 10000
+    base = free_base()
     topic = unique("proc")
     env = clean_env(
         CONVEYOR_BROKER_URL=rabbit_url, CONVEYOR_APP="procapp", CONVEYOR_APP_DIR=str(tmp_path),

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from conveyor import Context, envelope, on, ports, registry
 from conveyor.retry import RetryPolicy
 from conveyor.runtime import app
+from conveyor.runtime.handling import HandlerRunner
 from conveyor.runtime.worker import Worker, dead_letter_topic
 from conveyor.testing import Collector, unique, wait_for
 from conveyor.transports.memory import MemoryTransport
@@ -89,3 +90,50 @@ async def test_a_statement_the_database_refuses_spends_attempts_and_frees_its_ke
     letter = dead.received[0].message.headers
     assert [attempt for n, attempt in runs if n == 1] == [1, 2, 3]
     assert (letter["conveyor-dlq-error-type"], letter["conveyor-dlq-attempts"]) == ("StatementError", "3")
+
+
+class _Copy:
+    """A redelivered copy of ``message`` as a broker hands it over after earlier workers died with it."""
+
+    def __init__(self, topic: str, message: envelope.WireMessage, attempt: int) -> None:
+        self.topic, self.message, self.attempt = topic, message, attempt
+        self.settled: list[str] = []
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def nack(self, delay: float) -> None:
+        self.settled.append("nack")
+
+
+async def test_a_copy_delivered_past_max_attempts_after_an_earlier_attempt_committed_is_a_duplicate(
+    db: Database,
+) -> None:
+    # An attempt committed, then its worker died before the ack, again and again: the copy the broker
+    # delivers past max_attempts was applied once and must be acked as a duplicate, not dead-lettered.
+    topic = unique("applied")
+
+    @on(topic, name=unique("applied"), max_attempts=3, backoff=FAST, transactional=True)
+    async def apply(payload: dict, ctx: Context) -> None: ...
+
+    (handler,) = registry.Registry.of(apply).handlers
+    transport = MemoryTransport(f"memory://{unique('fate')}")
+    await transport.connect()
+    dead = Collector()
+    await transport.subscribe(ports.Subscription(name=unique("dlq"), topic=dead_letter_topic(topic)), dead)
+    stores = app.stores_for(db, "t")
+    runner = HandlerRunner(handler, transport, source="t", max_message_bytes=1 << 20, transactions=stores.units)
+    applied, fresh = (envelope.create(topic, {"n": n}, source="t") for n in (1, 2))
+    unit = await stores.units.begin(handler.name, applied.scoped_id)
+    assert unit is not None
+    await unit.commit([])
+    copies = [_Copy(topic, envelope.to_binary(event, "ce-"), attempt=4) for event in (applied, fresh)]
+    try:
+        for copy in copies:
+            await runner.process(copy)
+        await wait_for(lambda: len(dead.received) >= 1, 5, "the never-applied copy's dead letter")
+    finally:
+        await transport.close()
+    assert [copy.settled for copy in copies] == [["ack"], ["ack"]]
+    assert [r.message.headers.get("conveyor-dlq-error-type") for r in dead.received] == ["TooManyDeliveries"]
+    assert dead.received[0].message.body == copies[1].message.body

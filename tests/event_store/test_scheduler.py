@@ -81,7 +81,9 @@ async def test_downtime_across_five_fires_follows_the_misfire_policy(db: Databas
     rows = await claim_rows(db, schedule)
     missed = [r for r in rows if last < r.fire_time <= last + timedelta(seconds=5)]
     assert sum(r.status == claims.CLAIMED for r in missed) == runs
-    on_time = [r for r in rows if r.fire_time > last + timedelta(seconds=5)]
+    # A fire that came due while the tick ran is on time or (on a slow machine, found past the grace) skipped
+    # too: whatever the timing, exactly the claimed fires are enqueued.
+    on_time = [r for r in rows if r.fire_time > last + timedelta(seconds=5) and r.status == claims.CLAIMED]
     assert await enqueued(db, schedule) == runs + len(on_time)
 
 

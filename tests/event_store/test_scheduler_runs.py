@@ -266,10 +266,10 @@ async def test_a_sync_job_that_timed_out_holds_its_run_until_its_thread_ends(db:
         who = "retry" if "overrunning" in runs else "overrunning"
         runs[who] = (started, math.inf)  # running
         if who == "overrunning":
-            time.sleep(3.5)  # well past the 1.5 s timeout: a thread cannot be interrupted
+            time.sleep(6.5)  # well past the 3 s timeout: a thread cannot be interrupted
         runs[who] = (started, time.monotonic())
 
-    schedule = declare(job, timeout=1.5)
+    schedule = declare(job, timeout=3)  # a 1.5 s lease renewed each 0.5 s: a busy machine can delay a renewal
     stores_ = app.stores_for(db, "t")
     await scheduler.trigger_now(stores_, schedule, "t")
     transport = MemoryTransport(f"memory://{unique('jobs')}")

@@ -357,6 +357,7 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
 
+@pytest.mark.serial  # stops the shared RabbitMQ: every other test on it would fail meanwhile
 async def test_consumer_resumes_after_a_broker_restart_without_losing_messages(
     open_rabbit: Open, rabbit_url: str
 ) -> None:

@@ -228,7 +228,13 @@ class HandlerRunner:
             return None
         if delivery.attempt > handler.retry.max_attempts:
             # Delivered again without ever being settled: each earlier attempt died with its
-            # worker (a crash, an OOM kill). Running it again would only loop.
+            # worker (a crash, an OOM kill). Running it again would only loop; but a copy whose
+            # earlier attempt committed before its worker died is a duplicate, not a dead letter.
+            if await self._applied_before(delivery):
+                log.debug("%s skipped a redelivered copy the inbox shows applied", handler.name)
+                await delivery.ack()
+                self._outcomes["duplicate"].inc()
+                return None
             text = (
                 f"delivered {delivery.attempt} times, more than max_attempts={handler.retry.max_attempts}: "
                 "earlier attempts never finished (the worker crashed or was stopped with it)"
@@ -248,6 +254,37 @@ class HandlerRunner:
         # attribute: a producer claiming attempt 5 would otherwise skip every retry.
         message.attempt = delivery.attempt
         return message, payload
+
+    async def _applied_before(self, delivery: ports.Delivery) -> bool:
+        """Whether the inbox holds this handler's row for the delivery's message (an earlier attempt committed).
+
+        Only a message that reads as a CloudEvent has an id to look up; a
+        database failure its probe confirms is held through (bounded, like an
+        attempt's), any other answer is "not applied".
+        """
+        if self._units is None:
+            return False
+        try:
+            if self._plain:
+                message = plain.read(delivery.message, self.handler.topic, self._system)
+            else:
+                message = envelope.decode(delivery.message)
+        except errors.InvalidMessage:
+            return False
+        tries = fate.Tries(delivery.attempt)
+        while True:
+            try:
+                unit = await self._within_commit_deadline(self._units.begin(self.handler.name, message.scoped_id))
+            except (errors.StoreError, TimeoutError) as exc:
+                outcome = await self.settler.decide(fate.Phase.COMMIT, exc, tries)
+                if isinstance(outcome, fate.Hold):
+                    tries = await self.settler.hold(outcome, tries)
+                    continue
+                return False
+            if unit is None:
+                return True
+            await unit.rollback(None)
+            return False
 
     async def _run(self, delivery: ports.Delivery, message: envelope.Envelope, payload: Any) -> str | None:
         """Run the attempt and settle the delivery; return the failure text, if any.
@@ -391,7 +428,7 @@ class HandlerRunner:
                 raise
             raise Failed(phase, error) from exc
 
-    async def _within_commit_deadline(self, step: Any) -> None:
+    async def _within_commit_deadline(self, step: Any) -> Any:
         """Await one of Conveyor's own database steps under the commit's deadline (a timeout blames the database)."""
         async with asyncio.timeout(self._commit_timeout):
-            await step
+            return await step
