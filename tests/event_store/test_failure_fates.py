@@ -137,3 +137,36 @@ async def test_a_copy_delivered_past_max_attempts_after_an_earlier_attempt_commi
     assert [copy.settled for copy in copies] == [["ack"], ["ack"]]
     assert [r.message.headers.get("conveyor-dlq-error-type") for r in dead.received] == ["TooManyDeliveries"]
     assert dead.received[0].message.body == copies[1].message.body
+
+
+async def test_a_copy_that_fails_its_last_attempt_after_another_copy_applied_the_message_is_a_duplicate(
+    db: Database,
+) -> None:
+    # Two copies at once: one applied the message; the other fails before it reaches the inbox, on its
+    # last attempt. Dead-lettering it would leave the dead-letter topic holding an applied message.
+    topic = unique("twice")
+
+    @on(topic, name=unique("twice"), max_attempts=3, backoff=FAST)
+    async def flaky(payload: dict, ctx: Context) -> None:
+        raise ValueError("failed before its transaction")
+
+    (handler,) = registry.Registry.of(flaky).handlers
+    transport = MemoryTransport(f"memory://{unique('fate')}")
+    await transport.connect()
+    dead = Collector()
+    await transport.subscribe(ports.Subscription(name=unique("dlq"), topic=dead_letter_topic(topic)), dead)
+    stores = app.stores_for(db, "t")
+    runner = HandlerRunner(handler, transport, source="t", max_message_bytes=1 << 20, transactions=stores.units)
+    applied, fresh = (envelope.create(topic, {"n": n}, source="t") for n in (1, 2))
+    unit = await stores.units.begin(handler.name, applied.scoped_id)
+    assert unit is not None
+    await unit.commit([])
+    copies = [_Copy(topic, envelope.to_binary(event, "ce-"), attempt=3) for event in (applied, fresh)]
+    try:
+        for copy in copies:
+            await runner.process(copy)
+        await wait_for(lambda: len(dead.received) >= 1, 5, "the never-applied copy's dead letter")
+    finally:
+        await transport.close()
+    assert [copy.settled for copy in copies] == [["ack"], ["ack"]]
+    assert [r.message.headers.get("conveyor-dlq-error-type") for r in dead.received] == ["ValueError"]

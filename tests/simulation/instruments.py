@@ -11,6 +11,7 @@ from conveyor import fate, ports
 from conveyor.runtime import dispatch, handling, relay, settling, threads
 from conveyor.transports import memory
 
+from tests.simulation import invariants
 from tests.simulation.world import World
 
 
@@ -67,11 +68,14 @@ def _ordered(cls: type, attribute: str) -> tuple[type, Any]:
 
 @contextlib.contextmanager
 def instrumented(world: World) -> Iterator[None]:
-    """Swap in the virtual thread, virtual clocks and ordered sets; watch each delivery's holds.
+    """Swap in the virtual thread, virtual clocks and ordered sets; watch each delivery's holds and dead letters.
 
     Holds are watched through ``Settler.hold`` (a hold the runtime decided,
     blaming a dependency): the time each delivery spends held while the
     blamed dependency was healthy is added up for the hold-bound invariant.
+    A dead letter started while the message's effects were already committed
+    is recorded for the applied-and-dead invariant (a dead letter decided
+    before another copy applied the message is not: that copy came later).
     """
     original_process = handling.HandlerRunner.process
     original_hold = settling.Settler.hold
@@ -101,6 +105,27 @@ def instrumented(world: World) -> Iterator[None]:
             if healthy and token is not None:
                 world.ledger.holds[token] = world.ledger.holds.get(token, 0.0) + loop.time() - started
 
+    original_dead_letter = settling.Settler.dead_letter
+    original_applied_before = handling.HandlerRunner._applied_before
+    unasked: set[int] = set()  # deliveries whose inbox question went unanswered (the database kept failing it)
+
+    async def applied_before(self: handling.HandlerRunner, delivery: ports.Delivery) -> bool | None:
+        answer = await original_applied_before(self, delivery)
+        if answer is None:
+            unasked.add(id(delivery))
+        return answer
+
+    async def dead_letter(self: settling.Settler, delivery: ports.Delivery, attempt: int, kind: str, text: str) -> None:
+        handler = self._handler.name  # a dead letter of a message whose effects are committed: the inbox knew
+        number = invariants.message_number(handler, delivery.message)
+        if handler != "sim.mirror" and any(h == handler and n == number for h, n, _ in world.db.table("effects")):
+            found = f"{handler} {number} ({kind}, attempt {attempt})"
+            if id(delivery) in unasked:  # the inbox could not say: a dead letter is the safe side (a replay dedupes)
+                world.notes.append(f"{found}: dead-lettered though applied, the inbox unanswered")
+            else:
+                world.ledger.dead_after_applied.append(found)
+        await original_dead_letter(self, delivery, attempt, kind, text)
+
     with contextlib.ExitStack() as stack:
         # Sets of tasks, claims and deliveries iterate by address: in insertion order instead, so a crash replays.
         for cls, attribute in (
@@ -113,6 +138,8 @@ def instrumented(world: World) -> Iterator[None]:
         stack.enter_context(_patched(threads, "run", virtual_thread))
         stack.enter_context(_patched(handling.HandlerRunner, "process", process))
         stack.enter_context(_patched(settling.Settler, "hold", hold))
+        stack.enter_context(_patched(settling.Settler, "dead_letter", dead_letter))
+        stack.enter_context(_patched(handling.HandlerRunner, "_applied_before", applied_before))
         yield
 
 

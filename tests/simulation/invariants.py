@@ -4,6 +4,8 @@
   unsent outbox row, no saga running) within the settle time;
 * ``exactly-once``: every message was applied exactly once by each handler,
   or dead-lettered (``dead-letter-reason``: with a type and a reason);
+* ``applied-and-dead``: no copy was dead-lettered once its message was
+  applied (the inbox makes it a duplicate, however often it was delivered);
 * ``outage-spent-attempts``: no dead letter's reason is an error of an
   outage window (a dependency down, failing its probe);
 * ``run-bound``: at most ``max_attempts + 1`` runs per copy of a message
@@ -15,9 +17,10 @@
 * ``saga-*``: every trip saga ended, each booking and undo applied once, a
   compensated trip kept no booking, and undos ran last step first.
 
-Findings that break no invariant (a copy dead-lettered after another copy was
-applied; a message dead-lettered for too many deliveries that was never
-applied) are counted in the summary.
+Findings that break no invariant (a copy dead-lettered before another copy
+applied the message, or while the database failed the inbox question three
+times; a message dead-lettered for too many deliveries that was never applied)
+are counted in the summary.
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ def check(world: World, settled: bool) -> list[Violation]:
             world.notes.append(f"{handler} {n} dead-lettered for too many deliveries, never applied")
         if not applied and not dead and settled:
             found.append(Violation("exactly-once", f"{handler} never applied {n} and did not dead-letter it"))
-        if applied and dead and handler != "sim.mirror":
+        if applied and dead and handler != "sim.mirror":  # dead-lettered first, applied by a later copy
             kinds = ", ".join(h.get(DLQ_HEADER + "error-type", "?") for h in letters[handler, n])
             world.notes.append(f"{handler} applied {n} and also dead-lettered a copy ({kinds})")
     for (handler, n), runs in world.ledger.runs.items():
@@ -146,6 +149,10 @@ def check(world: World, settled: bool) -> list[Violation]:
                     "run-bound", f"{handler} ran {n} {charged} times ({copies} copies, max_attempts={MAX_ATTEMPTS})"
                 )
             )
+    found += [
+        Violation("applied-and-dead", f"dead-lettered after it was applied: {d}")
+        for d in world.ledger.dead_after_applied
+    ]
     found += check_cron(world, effects, letters)
     found += check_sagas(world, letters)
     for token, seconds in world.ledger.holds.items():
@@ -216,8 +223,10 @@ def summary(world: World) -> str:
     letters = sum(len(v) for v in dead_letters(world).values())
     faults = ", ".join(f"{k}={v}" for k, v in sorted(injected.items())) or "none"
     spurious = sum("also dead-lettered" in note for note in world.notes)
-    burnt = len(world.notes) - spurious
-    notes = f"; {spurious} copies dead-lettered after another copy applied" if spurious else ""
+    unanswered = sum("the inbox unanswered" in note for note in world.notes)
+    burnt = len(world.notes) - spurious - unanswered
+    notes = f"; {spurious} copies dead-lettered before another copy applied the message" if spurious else ""
+    notes += f"; {unanswered} dead-lettered though applied, the inbox failing to answer" if unanswered else ""
     notes += f"; {burnt} dead-lettered for too many deliveries, never applied" if burnt else ""
     processes = len(world.processes)
     return f"{len(world.sent)} messages, {letters} dead letters, {processes} process(es){notes}; faults: {faults}"

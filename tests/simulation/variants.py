@@ -170,3 +170,13 @@ def cron_claim_not_unique(world: World) -> AbstractContextManager[None]:
         return run_id
 
     return patched(MemoryScheduleStore, "claim", claim)
+
+
+@variant("redelivery-limit-blind")
+def redelivery_limit_blind(world: World) -> AbstractContextManager[None]:
+    """A copy delivered past ``max_attempts`` dead-lettered without asking the inbox (an applied message too)."""
+
+    async def applied_before(self: handling.HandlerRunner, delivery: ports.Delivery) -> bool:
+        return False
+
+    return patched(handling.HandlerRunner, "_applied_before", applied_before)

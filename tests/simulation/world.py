@@ -68,6 +68,7 @@ class Ledger:
         sent_at: per message id, when the broker confirmed it (virtual seconds).
         holds: per delivery, seconds spent holding while the dependency was healthy.
         processing: deliveries in hand now.
+        dead_after_applied: dead letters started while the message's effects were committed.
     """
 
     runs: dict[tuple[str, str], list[MemoryTx]] = field(default_factory=dict)
@@ -79,6 +80,7 @@ class Ledger:
     holds: dict[int, float] = field(default_factory=dict)
     hold_owner: dict[int, str] = field(default_factory=dict)
     processing: int = 0
+    dead_after_applied: list[str] = field(default_factory=list)
 
 
 def behaviour(seed: int, handler: str, message: str, attempt: int) -> str:
@@ -184,7 +186,7 @@ class World:
         self.cron_stop = asyncio.Event()
         """Set when the chaos phase ends: no fire after it is claimed, so the run can settle."""
         self.notes: list[str] = []
-        """Findings that break no invariant (a copy dead-lettered after another copy was applied)."""
+        """Findings that break no invariant (a copy dead-lettered before another copy applied the message)."""
         for n in range(messages):
             roll = self.plan.rng.random()
             if roll < 0.02:

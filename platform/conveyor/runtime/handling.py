@@ -46,6 +46,8 @@ SYNC_GRACE = 30.0
 OUTAGE_BACKOFF = fate.HOLD_PAUSES
 """First and longest pause (seconds) while a message is held through a database or broker outage."""
 COMMIT_TIMEOUT = 30.0
+INBOX_QUESTIONS = 3
+"""Times the inbox is asked, when it fails, whether a message about to be dead-lettered was applied already."""
 """Default seconds Conveyor's commit of a handler's unit of work may take (apart from the handler's timeout)."""
 
 
@@ -230,7 +232,7 @@ class HandlerRunner:
             # Delivered again without ever being settled: each earlier attempt died with its
             # worker (a crash, an OOM kill). Running it again would only loop; but a copy whose
             # earlier attempt committed before its worker died is a duplicate, not a dead letter.
-            if await self._applied_before(delivery):
+            if await self._applied_before(delivery) is True:
                 log.debug("%s skipped a redelivered copy the inbox shows applied", handler.name)
                 await delivery.ack()
                 self._outcomes["duplicate"].inc()
@@ -255,12 +257,13 @@ class HandlerRunner:
         message.attempt = delivery.attempt
         return message, payload
 
-    async def _applied_before(self, delivery: ports.Delivery) -> bool:
+    async def _applied_before(self, delivery: ports.Delivery) -> bool | None:
         """Whether the inbox holds this handler's row for the delivery's message (an earlier attempt committed).
 
-        Only a message that reads as a CloudEvent has an id to look up; a
+        Only a message that reads as a CloudEvent has an id to look up. A
         database failure its probe confirms is held through (bounded, like an
-        attempt's), any other answer is "not applied".
+        attempt's); any other failure is asked again, :data:`INBOX_QUESTIONS`
+        times in all, and then the answer is None: unknown.
         """
         if self._units is None:
             return False
@@ -272,6 +275,7 @@ class HandlerRunner:
         except errors.InvalidMessage:
             return False
         tries = fate.Tries(delivery.attempt)
+        failures = 0
         while True:
             try:
                 unit = await self._within_commit_deadline(self._units.begin(self.handler.name, message.scoped_id))
@@ -280,7 +284,13 @@ class HandlerRunner:
                 if isinstance(outcome, fate.Hold):
                     tries = await self.settler.hold(outcome, tries)
                     continue
-                return False
+                failures += 1
+                if failures >= INBOX_QUESTIONS:
+                    log.warning("%s: could not ask the inbox whether another copy applied a message (%s: %s)",
+                                self.handler.name, type(exc).__name__, exc)  # fmt: skip
+                    return None
+                await asyncio.sleep(self.handler.retry.delay(failures))
+                continue
             if unit is None:
                 return True
             await unit.rollback(None)
@@ -317,7 +327,7 @@ class HandlerRunner:
                 if isinstance(outcome, fate.Hold):
                     tries = await self.settler.hold(outcome, tries)
                     continue
-                return await self.settler.settle(delivery, attempt, outcome)
+                return await self._settle(delivery, attempt, outcome)
             break
         while ctx.unit is None and ctx.outgoing:
             try:
@@ -328,19 +338,37 @@ class HandlerRunner:
                 if isinstance(outcome, fate.Hold):
                     tries = await self.settler.hold(outcome, tries)
                     continue
-                return await self.settler.settle(delivery, attempt, outcome)
+                return await self._settle(delivery, attempt, outcome)
         await delivery.ack()
         self._outcomes["succeeded"].inc()
         return None
 
-    async def settle_failure(self, delivery: ports.Delivery, attempt: int, exc: BaseException) -> str:
+    async def settle_failure(self, delivery: ports.Delivery, attempt: int, exc: BaseException) -> str | None:
         """Settle a message the handler failed (a batch handler's, per message); return the failure text.
 
         ``Retry`` retries after its delay (or the backoff), ``Reject``
         dead-letters at once, anything else (a timeout included) retries with
         backoff; a retry is a dead letter once the message's attempts are spent.
         """
-        return await self.settler.settle(delivery, attempt, fate.fault(exc, attempt, self.handler.retry))
+        return await self._settle(delivery, attempt, fate.fault(exc, attempt, self.handler.retry))
+
+    async def _settle(
+        self, delivery: ports.Delivery, attempt: int, outcome: fate.Retry | fate.DeadLetter
+    ) -> str | None:
+        """Carry out a retry or a dead letter; return the failure text (None: a duplicate after all).
+
+        Before a dead letter the inbox is asked (it waits for a copy of the
+        message still being committed elsewhere): a message another copy
+        applied is acknowledged as a duplicate, so the dead-letter topic never
+        holds a message whose effects are in the database.
+        """
+        if isinstance(outcome, fate.DeadLetter) and await self._applied_before(delivery) is True:
+            log.info("%s: message applied by another copy; this copy is acknowledged, not dead-lettered",
+                     self.handler.name)  # fmt: skip
+            await delivery.ack()
+            self._outcomes["duplicate"].inc()
+            return None
+        return await self.settler.settle(delivery, attempt, outcome)
 
     async def _outlive(self, running: asyncio.Future[Any]) -> None:
         """Wait (bounded) for a timed-out sync handler's thread, which cannot be interrupted.
