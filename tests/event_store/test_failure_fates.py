@@ -106,6 +106,29 @@ class _Copy:
         self.settled.append("nack")
 
 
+async def _one_applied_one_not(db: Database, func: object, attempt: int) -> tuple[list[_Copy], Collector]:
+    """Deliver, at ``attempt``, a copy of a message the inbox shows applied and one of a fresh message."""
+    (handler,) = registry.Registry.of(func).handlers
+    transport = MemoryTransport(f"memory://{unique('fate')}")
+    await transport.connect()
+    dead = Collector()
+    await transport.subscribe(ports.Subscription(name=unique("dlq"), topic=dead_letter_topic(handler.topic)), dead)
+    stores = app.stores_for(db, "t")
+    runner = HandlerRunner(handler, transport, source="t", max_message_bytes=1 << 20, transactions=stores.units)
+    applied, fresh = (envelope.create(handler.topic, {"n": n}, source="t") for n in (1, 2))
+    unit = await stores.units.begin(handler.name, applied.scoped_id)
+    assert unit is not None
+    await unit.commit([])
+    copies = [_Copy(handler.topic, envelope.to_binary(event, "ce-"), attempt) for event in (applied, fresh)]
+    try:
+        for copy in copies:
+            await runner.process(copy)
+        await wait_for(lambda: len(dead.received) >= 1, 5, "the never-applied copy's dead letter")
+    finally:
+        await transport.close()
+    return copies, dead
+
+
 async def test_a_copy_delivered_past_max_attempts_after_an_earlier_attempt_committed_is_a_duplicate(
     db: Database,
 ) -> None:
@@ -116,24 +139,7 @@ async def test_a_copy_delivered_past_max_attempts_after_an_earlier_attempt_commi
     @on(topic, name=unique("applied"), max_attempts=3, backoff=FAST, transactional=True)
     async def apply(payload: dict, ctx: Context) -> None: ...
 
-    (handler,) = registry.Registry.of(apply).handlers
-    transport = MemoryTransport(f"memory://{unique('fate')}")
-    await transport.connect()
-    dead = Collector()
-    await transport.subscribe(ports.Subscription(name=unique("dlq"), topic=dead_letter_topic(topic)), dead)
-    stores = app.stores_for(db, "t")
-    runner = HandlerRunner(handler, transport, source="t", max_message_bytes=1 << 20, transactions=stores.units)
-    applied, fresh = (envelope.create(topic, {"n": n}, source="t") for n in (1, 2))
-    unit = await stores.units.begin(handler.name, applied.scoped_id)
-    assert unit is not None
-    await unit.commit([])
-    copies = [_Copy(topic, envelope.to_binary(event, "ce-"), attempt=4) for event in (applied, fresh)]
-    try:
-        for copy in copies:
-            await runner.process(copy)
-        await wait_for(lambda: len(dead.received) >= 1, 5, "the never-applied copy's dead letter")
-    finally:
-        await transport.close()
+    copies, dead = await _one_applied_one_not(db, apply, attempt=4)
     assert [copy.settled for copy in copies] == [["ack"], ["ack"]]
     assert [r.message.headers.get("conveyor-dlq-error-type") for r in dead.received] == ["TooManyDeliveries"]
     assert dead.received[0].message.body == copies[1].message.body
@@ -150,23 +156,6 @@ async def test_a_copy_that_fails_its_last_attempt_after_another_copy_applied_the
     async def flaky(payload: dict, ctx: Context) -> None:
         raise ValueError("failed before its transaction")
 
-    (handler,) = registry.Registry.of(flaky).handlers
-    transport = MemoryTransport(f"memory://{unique('fate')}")
-    await transport.connect()
-    dead = Collector()
-    await transport.subscribe(ports.Subscription(name=unique("dlq"), topic=dead_letter_topic(topic)), dead)
-    stores = app.stores_for(db, "t")
-    runner = HandlerRunner(handler, transport, source="t", max_message_bytes=1 << 20, transactions=stores.units)
-    applied, fresh = (envelope.create(topic, {"n": n}, source="t") for n in (1, 2))
-    unit = await stores.units.begin(handler.name, applied.scoped_id)
-    assert unit is not None
-    await unit.commit([])
-    copies = [_Copy(topic, envelope.to_binary(event, "ce-"), attempt=3) for event in (applied, fresh)]
-    try:
-        for copy in copies:
-            await runner.process(copy)
-        await wait_for(lambda: len(dead.received) >= 1, 5, "the never-applied copy's dead letter")
-    finally:
-        await transport.close()
+    copies, dead = await _one_applied_one_not(db, flaky, attempt=3)
     assert [copy.settled for copy in copies] == [["ack"], ["ack"]]
     assert [r.message.headers.get("conveyor-dlq-error-type") for r in dead.received] == ["ValueError"]
