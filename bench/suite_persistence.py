@@ -2,19 +2,27 @@
 
 Rows (raw client vs Conveyor, interleaved by :mod:`bench.harness`):
 
-* **transactional handler, PostgreSQL, concurrency 1 / 16**: raw = an asyncpg
-  pool of that size, each message one transaction doing the inbox insert
-  ``ON CONFLICT DO NOTHING``, one user insert and one outbox insert; Conveyor =
-  a real :class:`~conveyor.runtime.worker.Worker` on the memory transport with a
-  ``transactional=True`` handler doing one insert through ``tx`` and one
-  ``ctx.publish`` (an outbox row), the backlog published before the clock starts.
-* **Outbox.add in a user session**: raw = the same ``AsyncSession`` inserting
-  an equivalent row by hand (``session.execute(insert(outbox).values(...))``),
-  one row per transaction; Conveyor = ``Outbox.add`` in that session.
-* **relay -> RabbitMQ / NATS**: raw = pipelined publish of the same number of
-  1 KB messages (window 256) with aio-pika / nats-py; Conveyor = ``Relay.run``
-  (pipelined: claims ahead, marks behind) draining a backlog of as many 1 KB
-  rows (half keyed over 50 keys), until the last mark committed.
+* **transactional handler, PostgreSQL, concurrency 1 / 16**: raw = that many
+  asyncpg connections (a pool of that size, each held by one loop), each
+  message one transaction (``async with conn.transaction()``): its JSON decoded,
+  the inbox insert ``ON CONFLICT DO NOTHING``, one user insert and the outbox
+  insert of the reply (headers built by hand, :func:`bench.outbox_relay.event_headers`),
+  commit; Conveyor = a real :class:`~conveyor.runtime.worker.Worker` on the
+  memory transport with a ``transactional=True`` handler doing one insert
+  through ``tx`` and one ``ctx.publish`` (an outbox row), the backlog published
+  before the clock starts.
+* **Outbox.add in a user session**: one row per transaction, nothing else in
+  it; raw = ``conn.execute(INSERT INTO outbox ...)`` inside ``async with
+  conn.transaction()`` on one asyncpg connection, the same columns and values
+  (headers built by hand per row); Conveyor = ``Outbox.add`` in a session of
+  :class:`~event_store.Database`.
+* **relay -> RabbitMQ / NATS**: both sides drain the same backlog of
+  :data:`RELAY_ROWS` 1 KB rows (half keyed over 50 keys) to the same exchange
+  or stream, until the last mark committed; raw = :func:`bench.outbox_relay.relay_by_hand`
+  (claim 1,000 rows ``FOR UPDATE SKIP LOCKED``, publish, one batched ``UPDATE``,
+  commit) on asyncpg, publishing the bytes and headers Conveyor's transport
+  sends with aiormq (confirms, window 256) / nats-py ``publish_async`` (256
+  pending); Conveyor = ``Relay.run`` (pipelined: claims ahead, marks behind).
 
 Separately (``--latency``), commit throughput and commit-to-publish latency
 (p50/p99) with 1, 10 and 50 concurrent writers, one ``Outbox.add`` per
@@ -50,8 +58,8 @@ from conveyor.testing import brokers, unique
 from conveyor.transports.memory import MemoryTransport
 from sqlalchemy.engine import make_url
 
-from bench import harness, raw_clients
-from event_store import Database, Outbox, SqlOutboxStore, models, sql_persistence, upgrade
+from bench import harness, outbox_relay, raw_clients
+from event_store import Database, Outbox, SqlOutboxStore, sql_persistence, upgrade
 
 PG_URL = os.environ.get("CONVEYOR_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 HANDLER_COUNT = {1: 1500, 16: 4000}
@@ -90,45 +98,55 @@ async def scratch_database() -> AsyncIterator[str]:
         await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-async def reset(url: str) -> None:
-    """Empty the tables the rows write (not timed)."""
+async def execute(url: str, sql: str) -> None:
+    """Run ``sql`` on the database at ``url`` (not timed)."""
     connection = await asyncpg.connect(dsn(url))
     try:
-        await connection.execute("TRUNCATE effects, inbox, outbox")
+        await connection.execute(sql)
     finally:
         await connection.close()
 
 
-def _outbox_row() -> tuple[str, str, bytes]:
-    event = envelope.create("bench.out", PAYLOAD, source="bench")
-    wire = envelope.to_binary(event, envelope.HTTP_PREFIX)
-    return event.id, orjson.dumps(wire.headers).decode(), wire.body
+async def reset(url: str) -> None:
+    """Empty the tables the rows write (not timed)."""
+    await execute(url, "TRUNCATE effects, inbox, outbox")
 
 
 # -- transactional handler ---------------------------------------------------------------------------------------
 
 
 async def raw_handler(url: str, concurrency: int, count: int) -> float:
-    """Messages/s: an asyncpg pool doing inbox + user insert + outbox insert per message, in a transaction."""
+    """Messages/s: ``concurrency`` asyncpg loops, each message inbox + user insert + outbox insert in a transaction.
+
+    Each loop holds its pool connection for the run: giving it back after each
+    message would add asyncpg's reset query (a round trip) that Conveyor's pool
+    does not pay.
+    """
     await reset(url)
-    ids = [str(uuid.uuid4()) for _ in range(count)]
+    body = orjson.dumps(PAYLOAD)
+    queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    for _ in range(count):
+        queue.put_nowait((str(uuid.uuid4()), body))
     pool = await asyncpg.create_pool(dsn(url), min_size=concurrency, max_size=concurrency)
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for message_id in ids:
-        queue.put_nowait(message_id)
     inbox = "INSERT INTO inbox (handler, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
     effect = "INSERT INTO effects (id) VALUES ($1)"
-    outbox = "INSERT INTO outbox (message_id, topic, partition_key, headers, body) VALUES ($1, $2, $3, $4, $5)"
 
     async def work() -> None:
-        while not queue.empty():
-            message_id = queue.get_nowait()
-            async with pool.acquire() as connection, connection.transaction():
-                status = await connection.execute(inbox, "bench.handler", message_id)
-                if status.endswith(" 1"):
-                    await connection.execute(effect, message_id)
-                    row_id, headers, body = _outbox_row()
-                    await connection.execute(outbox, row_id, "bench.out", message_id, headers, body)
+        async with pool.acquire() as connection:
+            while not queue.empty():
+                message_id, data = queue.get_nowait()
+                order = orjson.loads(data)
+                async with connection.transaction():
+                    status = await connection.execute(inbox, "bench.handler", message_id)
+                    if status.endswith(" 1"):
+                        await connection.execute(effect, message_id)
+                        reply = str(uuid.uuid4())
+                        headers = outbox_relay.event_headers(
+                            reply, "bench.out", source="bench", key=message_id, cause=message_id
+                        )
+                        await connection.execute(
+                            outbox_relay.OUTBOX_INSERT, reply, "bench.out", message_id, headers, orjson.dumps(order)
+                        )
 
     try:
         started = time.perf_counter()
@@ -181,20 +199,21 @@ async def _count(db: Database, sql: str) -> int:
 # -- Outbox.add in a user session -------------------------------------------------------------------------------------
 
 
-async def raw_session_insert(db: Database, rows: int) -> float:
-    """Rows/s: a user's session inserting an outbox-equivalent row by hand, one row per transaction."""
-    event = envelope.create("bench.out", PAYLOAD, source="bench")
-    wire = envelope.to_binary(event, envelope.HTTP_PREFIX)
-    started = time.perf_counter()
-    for _ in range(rows):
-        async with db.sessions() as session, session.begin():
-            await session.execute(
-                sa.insert(models.outbox).values(
-                    message_id=str(uuid.uuid4()), topic="bench.out", partition_key=None,
-                    headers=wire.headers, body=wire.body,
+async def raw_outbox_insert(url: str, rows: int) -> float:
+    """Rows/s: asyncpg inserting the row ``Outbox.add`` writes, one row per transaction, on one connection."""
+    connection = await asyncpg.connect(dsn(url))
+    try:
+        started = time.perf_counter()
+        for _ in range(rows):
+            message_id = str(uuid.uuid4())
+            headers = outbox_relay.event_headers(message_id, "bench.out", source="bench")
+            async with connection.transaction():
+                await connection.execute(
+                    outbox_relay.OUTBOX_INSERT, message_id, "bench.out", None, headers, orjson.dumps(PAYLOAD)
                 )
-            )  # fmt: skip
-    return rows / (time.perf_counter() - started)
+        return rows / (time.perf_counter() - started)
+    finally:
+        await connection.close()
 
 
 async def conveyor_session_add(db: Database, rows: int) -> float:
@@ -209,30 +228,48 @@ async def conveyor_session_add(db: Database, rows: int) -> float:
 
 # -- relay -------------------------------------------------------------------------------------------------------------
 
-RELAY_ROWS = 5000
-BROKERS = {"RabbitMQ": ("rabbit", raw_clients.DEFAULT_RABBIT_URL), "NATS": ("nats", raw_clients.DEFAULT_NATS_URL)}
+RELAY_ROWS = 20_000
+BROKERS = {"RabbitMQ": raw_clients.DEFAULT_RABBIT_URL, "NATS": raw_clients.DEFAULT_NATS_URL}
 
 
-async def fill_outbox(db: Database, rows: int) -> None:
-    """Commit ``rows`` 1 KB outbox rows, half keyed over 50 keys (not timed)."""
-    outbox = Outbox(source="bench")
-    body = {"pad": "x" * 1000}
-    for start in range(0, rows, 500):
-        async with db.transaction() as session:
-            for n in range(start, min(start + 500, rows)):
-                await outbox.add(session, "bench.relay", body, key=f"k{n % 50}" if n % 2 else None)
-
-
-async def conveyor_relay(db: Database, url: str, rows: int) -> float:
-    """Messages/s: the relay draining a backlog of ``rows`` to the broker at ``url``."""
-    await reset_db(db)
-    await fill_outbox(db, rows)
+async def relay_destination(url: str) -> tuple[ports.Transport, str]:
+    """A connected Conveyor transport and a topic of this run's own, declared with one subscription (not timed)."""
     transport = transports.create(url)
     await transport.connect()
     topic = unique("bench-relay")
     await transport.declare([topic], [ports.Subscription(name=unique("bench-relay"), topic=topic)])
-    async with db.transaction() as session:  # the backlog goes to this run's own topic
-        await session.execute(sa.text("UPDATE outbox SET topic = :topic"), {"topic": topic})
+    return transport, topic
+
+
+async def raw_relay(db_url: str, url: str, rows: int) -> float:
+    """Messages/s: a hand-written relay (asyncpg; aiormq or nats-py) draining a backlog of ``rows`` to ``url``."""
+    transport, topic = await relay_destination(url)
+    await transport.close()
+    await execute(db_url, "TRUNCATE outbox")
+    await outbox_relay.fill_outbox(dsn(db_url), topic, rows)
+    connection = await asyncpg.connect(dsn(db_url))
+    kind = outbox_relay.RabbitByHand if url.startswith("amqp") else outbox_relay.NatsByHand
+    publisher = await kind.connect(url)
+    try:
+        started = time.perf_counter()
+        sent = await outbox_relay.relay_by_hand(connection, publisher.publish)
+        elapsed = time.perf_counter() - started
+        if sent != rows:
+            raise RuntimeError(f"the hand-written relay sent {sent} of {rows} rows")
+        return rows / elapsed
+    finally:
+        await publisher.close()
+        await connection.close()
+        if url.startswith("amqp"):
+            await brokers.delete_test_queues(url)
+
+
+async def conveyor_relay(db: Database, url: str, rows: int) -> float:
+    """Messages/s: the relay draining a backlog of ``rows`` to the broker at ``url``."""
+    transport, topic = await relay_destination(url)
+    db_url = db.url.render_as_string(hide_password=False)
+    await execute(db_url, "TRUNCATE outbox")
+    await outbox_relay.fill_outbox(dsn(db_url), topic, rows)
     store = SqlOutboxStore(db, listen=False)
     relay = Relay(store, transport)
     stop = asyncio.Event()
@@ -263,11 +300,6 @@ async def conveyor_relay(db: Database, url: str, rows: int) -> float:
             await brokers.delete_test_queues(url)
 
 
-async def reset_db(db: Database) -> None:
-    async with db.transaction() as session:
-        await session.execute(sa.text("TRUNCATE outbox"))
-
-
 @contextlib.asynccontextmanager
 async def suite() -> AsyncIterator[Sequence[harness.Row]]:
     """The persistence rows on a scratch PostgreSQL database."""
@@ -277,7 +309,7 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
 
             async def session_raw() -> float:
                 await reset(url)
-                return await raw_session_insert(db, OUTBOX_ROWS)
+                return await raw_outbox_insert(url, OUTBOX_ROWS)
 
             async def session_ours() -> float:
                 await reset(url)
@@ -289,8 +321,10 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                     raw=lambda c=c: raw_handler(url, c, HANDLER_COUNT[c]),  # type: ignore[misc]
                     conveyor=lambda c=c: conveyor_handler(url, c, HANDLER_COUNT[c]),  # type: ignore[misc]
                     goal=0.7,
-                    note="raw: asyncpg pool, inbox ON CONFLICT + insert + outbox insert per transaction; "
-                    "Conveyor: Worker, memory transport, transactional handler (insert via tx + publish)",
+                    note=f"raw: {c} asyncpg connection(s) (pool of {c}, each held by one loop), per message "
+                    "in conn.transaction(): inbox INSERT ON CONFLICT DO NOTHING + user INSERT + outbox INSERT "
+                    "(headers built by hand); Conveyor: Worker, memory transport, transactional handler "
+                    "(insert via tx + ctx.publish)",
                 )
                 for c in (1, 16)
             ]
@@ -301,18 +335,24 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                     conveyor=session_ours,
                     goal=0.9,
                     unit="rows/s",
-                    note="one row per transaction; raw: session.execute(insert(outbox).values(...)) by hand",
+                    note="one row per transaction, nothing else in it; raw: asyncpg conn.execute(INSERT INTO "
+                    "outbox ...) in conn.transaction(), same columns and values (headers built by hand); "
+                    "Conveyor: Outbox.add in a Database session",
                 )
             )
-            for label, (kind, broker_url) in BROKERS.items():
+            for label, broker_url in BROKERS.items():
+                publisher = (
+                    "aiormq, confirms, window 256" if label == "RabbitMQ" else "nats-py publish_async, 256 pending"
+                )
                 rows.append(
                     harness.Row(
                         f"relay -> {label}",
-                        raw=lambda kind=kind: raw_clients.raw_publish_rate(kind, RELAY_ROWS, window=256),  # type: ignore[misc]
+                        raw=lambda u=broker_url: raw_relay(url, u, RELAY_ROWS),  # type: ignore[misc]
                         conveyor=lambda u=broker_url: conveyor_relay(db, u, RELAY_ROWS),  # type: ignore[misc]
                         goal=0.85,
-                        note=f"{RELAY_ROWS} messages of 1 KB; raw: pipelined publish, window 256; "
-                        "Conveyor: relay draining a backlog, half keyed over 50 keys",
+                        note=f"a backlog of {RELAY_ROWS:,} rows of 1 KB, half keyed over 50 keys; raw: hand-written "
+                        f"asyncpg relay (claim 1,000 FOR UPDATE SKIP LOCKED, publish, one UPDATE ... = ANY(ids), "
+                        f"commit), the same bytes and headers ({publisher}); Conveyor: Relay.run",
                     )
                 )
             yield rows
