@@ -163,7 +163,7 @@ def machine() -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The options every suite takes: ``--runs N`` and ``--only SUBSTRING``."""
+    """The options every suite takes: ``--runs N``, ``--only SUBSTRING`` and ``--loop asyncio|uvloop``."""
     parser = argparse.ArgumentParser(description="Conveyor against the raw clients, interleaved")
     parser.add_argument("--runs", type=int, default=3, help="runs of each side per row (default 3)")
     parser.add_argument("--only", default=None, help="run only rows whose name contains this")

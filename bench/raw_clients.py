@@ -2,12 +2,16 @@
 
 For each broker, one process, 1 KiB messages, every message acknowledged individually:
 
-* **RabbitMQ (aio-pika):** publish with publisher confirms (persistent messages) to a fresh
-  durable queue, one at a time and with a window of concurrent publishes; consume with
-  prefetch 100 and ``ack()`` per message.
-* **NATS JetStream (nats-py):** publish awaiting each PubAck, one at a time and with a window
-  of concurrent publishes (so the rate is not bound by round-trip latency); consume through
-  a durable pull subscription with ``fetch(100)`` and ``ack()`` per message.
+* **RabbitMQ (aiormq, the client under Conveyor's transport):** publish with publisher
+  confirms (persistent messages) to a fresh durable queue, one at a time and with a window
+  of ``basic_publish`` calls awaiting their confirm; consume with ``basic_consume``,
+  prefetch 100 and ``basic_ack`` per message.
+* **NATS JetStream (nats-py):** publish awaiting each PubAck, one at a time, and pipelined
+  with a window of PubAcks outstanding, two ways: ``js.publish_async``, and plain publishes
+  with a reply subject whose PubAcks one subscription matches to their futures (the
+  default: faster); consume from a durable with ``fetch(100)`` on a pull subscription, and
+  with pull requests kept outstanding (at most 100 requested or unacked) as Conveyor's
+  transport does (the default: about twice as fast), ``+ACK`` per message.
 * **Kafka (aiokafka on a Tansu broker):** publish with ``acks="all"`` via ``send_and_wait``
   and via ``send`` + gathering the delivery futures in batches; consume in a consumer group
   with ``enable_auto_commit=False``, committing after every message and once per batch.
@@ -33,6 +37,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -122,6 +127,46 @@ async def run_windowed(operation: Callable[[int], Awaitable[object]], count: int
     return time.perf_counter() - started
 
 
+async def run_pipelined(
+    send: Callable[[int], Awaitable[Awaitable[object]]], count: int, window: int, *, chunks: bool = False
+) -> float:
+    """Send ``0..count-1`` in order with at most ``window`` unanswered; return seconds until the last answer.
+
+    ``send(index)`` returns once the message is on its way, with an awaitable
+    of its answer (a future, or a task where the client only offers a
+    coroutine). A sliding window awaits the oldest answer when full (confirms
+    and PubAcks of one channel or connection come in order): O(1) per
+    message, where :func:`run_windowed`'s ``asyncio.wait`` adds and removes a
+    callback on every pending operation each time. ``chunks=True`` instead
+    sends ``window`` messages and awaits all their answers before the next
+    ``window``. Errors propagate (the answers still pending are cancelled).
+
+    Args:
+        send: Coroutine function taking the message index.
+        count: How many messages.
+        window: Most answers outstanding at once.
+        chunks: Wait for a whole window's answers before sending on.
+    """
+    started = time.perf_counter()
+    pending: deque[Awaitable[object]] = deque()
+    try:
+        for index in range(count):
+            if len(pending) >= window:
+                if chunks:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+                else:
+                    await pending.popleft()
+            pending.append(await send(index))
+        while pending:
+            await pending.popleft()
+    finally:
+        for answer in pending:
+            if isinstance(answer, asyncio.Future):
+                answer.cancel()
+    return time.perf_counter() - started
+
+
 class FirstDeliveryClock:
     """Times a consume phase from its first delivery to the moment it is stopped."""
 
@@ -138,12 +183,43 @@ class FirstDeliveryClock:
         return 0.0 if self._first is None else time.perf_counter() - self._first
 
 
-# --- RabbitMQ ---------------------------------------------------------------------------
+# --- RabbitMQ (aiormq: the AMQP client under Conveyor's transport) ---------------------
+
+AmqpMessage = tuple[bytes, Any]
+"""A body and its ``pamqp.commands.Basic.Properties``, ready for ``basic_publish``."""
+
+
+def amqp_messages(count: int, body: bytes = PAYLOAD) -> list[AmqpMessage]:
+    """``count`` persistent messages of ``body``, each with its own ``message_id``.
+
+    Args:
+        count: How many.
+        body: Their body (default 1 KiB).
+    """
+    from pamqp.commands import Basic
+
+    return [(body, Basic.Properties(delivery_mode=2, message_id=uuid.uuid4().hex)) for _ in range(count)]
+
+
+@contextlib.asynccontextmanager
+async def rabbit_connection(url: str) -> AsyncIterator[Any]:
+    """An aiormq connection, closed afterwards.
+
+    Args:
+        url: AMQP URL.
+    """
+    import aiormq
+
+    connection = await aiormq.connect(url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
 
 
 @contextlib.asynccontextmanager
 async def rabbit_queue(url: str) -> AsyncIterator[tuple[Any, str]]:
-    """Connect to RabbitMQ and declare a fresh durable queue; delete both afterwards.
+    """Connect with aiormq and declare a fresh durable queue; delete both afterwards.
 
     Args:
         url: AMQP URL.
@@ -151,65 +227,91 @@ async def rabbit_queue(url: str) -> AsyncIterator[tuple[Any, str]]:
     Yields:
         ``(connection, queue_name)``.
     """
-    import aio_pika
-
-    connection = await aio_pika.connect(url)
-    name = unique_name("bench-raw")
-    try:
+    async with rabbit_connection(url) as connection:
+        name = unique_name("bench-raw")
         channel = await connection.channel()
-        await channel.declare_queue(name, durable=True)
-        yield connection, name
-        await channel.queue_delete(name)
-    finally:
-        await connection.close()
+        await channel.queue_declare(name, durable=True)
+        try:
+            yield connection, name
+        finally:
+            await channel.queue_delete(name)
+            await channel.close()
 
 
-async def rabbit_publish(connection: Any, queue: str, count: int, window: int = 1) -> float:
-    """Publish ``count`` persistent 1 KiB messages with publisher confirms; return seconds.
+async def rabbit_publish(
+    connection: Any,
+    routing_key: str,
+    messages: Sequence[AmqpMessage],
+    window: int = 1,
+    *,
+    exchange: str = "",
+    mandatory: bool = False,
+    chunks: bool = False,
+) -> float:
+    """Publish ``messages`` on a channel with publisher confirms, ``window`` awaiting their confirm; return seconds.
+
+    Each publish is a task of aiormq's ``basic_publish``, which returns once
+    its confirm arrived (a nack or a return raises); see :func:`run_pipelined`
+    for the window.
 
     Args:
-        connection: An ``aio_pika`` connection.
-        queue: Target queue (through the default exchange).
-        count: Messages to publish.
+        connection: An aiormq connection.
+        routing_key: The routing key (the queue's name for the default exchange).
+        messages: Bodies and properties, sent in order.
         window: Publishes awaiting their confirm at once (1 = one at a time).
+        exchange: The exchange (default: the default exchange).
+        mandatory: Ask the broker to return a message no queue takes.
+        chunks: Send ``window`` and wait for all their confirms, then the next
+            ``window`` (else a sliding window).
     """
-    import aio_pika
-
     channel = await connection.channel(publisher_confirms=True)
     try:
-        exchange = channel.default_exchange
+        publish = channel.basic_publish
 
-        async def publish(index: int) -> object:
-            message = aio_pika.Message(PAYLOAD, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            return await exchange.publish(message, routing_key=queue)
+        async def send(index: int) -> Awaitable[object]:
+            body, properties = messages[index]
+            task: asyncio.Future[object] = asyncio.ensure_future(
+                publish(body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory)
+            )
+            return task
 
-        return await run_windowed(publish, count, window)
+        return await run_pipelined(send, len(messages), window, chunks=chunks)
     finally:
         await channel.close()
 
 
 async def rabbit_consume(connection: Any, queue: str, count: int, prefetch: int = DEFAULT_CONSUME_BATCH) -> float:
-    """Consume ``count`` messages with ``prefetch``, acking each; return seconds.
+    """Consume ``count`` messages with aiormq's ``basic_consume`` and ``prefetch``, ``basic_ack`` each; return seconds.
 
     Args:
-        connection: An ``aio_pika`` connection.
+        connection: An aiormq connection.
         queue: Queue holding at least ``count`` messages.
         count: Messages to consume.
         prefetch: Channel QoS prefetch count.
+
+    Returns:
+        Seconds from the first delivery to the last ack.
     """
-    channel = await connection.channel()
+    channel = await connection.channel(publisher_confirms=False)
     try:
-        await channel.set_qos(prefetch_count=prefetch)
-        declared = await channel.get_queue(queue, ensure=True)
+        await channel.basic_qos(prefetch_count=prefetch)
         clock, received = FirstDeliveryClock(), 0
-        async with asyncio.timeout(consume_deadline(count)), declared.iterator() as messages:
-            async for message in messages:
-                clock.tick()
-                await message.ack()
-                received += 1
-                if received >= count:
-                    break
-        return clock.elapsed()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ack = channel.basic_ack
+
+        async def on_message(message: Any) -> None:
+            nonlocal received
+            clock.tick()
+            await ack(message.delivery_tag)
+            received += 1
+            if received == count:
+                done.set_result(None)
+
+        consumer = await channel.basic_consume(queue, on_message, no_ack=False)
+        await asyncio.wait_for(done, consume_deadline(count))
+        seconds = clock.elapsed()
+        await channel.basic_cancel(consumer.consumer_tag)
+        return seconds
     finally:
         await channel.close()
 
@@ -224,9 +326,9 @@ async def bench_rabbit(url: str, count: int, window: int, prefetch: int) -> list
         prefetch: Consumer prefetch.
     """
     async with rabbit_queue(url) as (connection, queue):
-        sequential = await rabbit_publish(connection, queue, count, window=1)
+        sequential = await rabbit_publish(connection, queue, amqp_messages(count), window=1)
         consume = await rabbit_consume(connection, queue, count, prefetch)
-        windowed = await rabbit_publish(connection, queue, count, window=window)
+        windowed = await rabbit_publish(connection, queue, amqp_messages(count), window=window)
     return [
         Result("rabbit", "publish", "confirm each, sequential", count, sequential),
         Result("rabbit", "publish", f"confirm each, window {window}", count, windowed),
@@ -234,7 +336,22 @@ async def bench_rabbit(url: str, count: int, window: int, prefetch: int) -> list
     ]
 
 
-# --- NATS JetStream ---------------------------------------------------------------------
+# --- NATS JetStream (nats-py) -----------------------------------------------------------
+
+NatsMessage = tuple[bytes, dict[str, str] | None]
+"""A payload and its headers (``Nats-Msg-Id`` among them: the stream deduplicates by it)."""
+NatsPublisher = Literal["publish_async", "requests"]
+NATS_PUBLISHERS: tuple[NatsPublisher, ...] = get_args(NatsPublisher)
+
+
+def nats_messages(count: int, body: bytes = PAYLOAD) -> list[NatsMessage]:
+    """``count`` messages of ``body``, each with its own ``Nats-Msg-Id``.
+
+    Args:
+        count: How many.
+        body: Their payload (default 1 KiB).
+    """
+    return [(body, {"Nats-Msg-Id": uuid.uuid4().hex}) for _ in range(count)]
 
 
 @contextlib.asynccontextmanager
@@ -261,24 +378,98 @@ async def nats_stream(url: str) -> AsyncIterator[tuple[Any, str, str]]:
         await client.close()
 
 
-async def nats_publish(jetstream: Any, subject: str, count: int, window: int = 1) -> float:
-    """Publish ``count`` 1 KiB messages, awaiting each PubAck; return seconds.
+async def nats_publish(
+    jetstream: Any,
+    subject: str,
+    messages: Sequence[NatsMessage],
+    window: int = 1,
+    publisher: NatsPublisher = "requests",
+    *,
+    chunks: bool = False,
+) -> float:
+    """Publish ``messages`` to JetStream, ``window`` awaiting their PubAck; return seconds.
+
+    ``window=1`` awaits each ``js.publish``. Otherwise, pipelined on the one
+    connection: ``"publish_async"`` is nats-py's ``js.publish_async`` (one
+    future per message); ``"requests"`` sends each message with a reply
+    subject ``<inbox>.<n>`` and matches the PubAcks coming to one subscription on
+    ``<inbox>.*`` to their futures, reading each PubAck's JSON for an error (as
+    Conveyor's transport does, see ``conveyor.transports.nats_publish``).
 
     Args:
         jetstream: A ``nats.js.JetStreamContext``.
         subject: Subject captured by the stream.
-        count: Messages to publish.
-        window: Publishes awaiting their PubAck at once (1 = one at a time).
+        messages: Payloads and headers, sent in order.
+        window: Publishes awaiting their PubAck at once.
+        publisher: The pipelining pattern.
+        chunks: Send ``window`` and wait for all their PubAcks, then the next
+            ``window`` (else a sliding window; see :func:`run_pipelined`).
     """
+    if window <= 1:
 
-    async def publish(index: int) -> object:
-        return await jetstream.publish(subject, PAYLOAD)
+        async def each(index: int) -> object:
+            body, headers = messages[index]
+            return await jetstream.publish(subject, body, headers=headers)
 
-    return await run_windowed(publish, count, window)
+        return await run_windowed(each, len(messages), 1)
+    if publisher == "publish_async":
+        publish_async = jetstream.publish_async
+
+        async def send_async(index: int) -> Awaitable[object]:
+            body, headers = messages[index]
+            return await publish_async(subject, body, headers=headers)  # type: ignore[no-any-return]
+
+        return await run_pipelined(send_async, len(messages), window, chunks=chunks)
+    return await _publish_requests(jetstream._nc, subject, messages, window, chunks)
+
+
+async def _publish_requests(
+    client: Any, subject: str, messages: Sequence[NatsMessage], window: int, chunks: bool
+) -> float:
+    """The ``"requests"`` pattern of :func:`nats_publish`."""
+    import orjson
+
+    prefix = f"{client.new_inbox()}."
+    answers: dict[str, asyncio.Future[None]] = {}
+
+    async def on_reply(msg: Any) -> None:
+        future = answers.pop(msg.subject, None)
+        if future is None or future.done():
+            return
+        try:
+            reply = orjson.loads(msg.data)
+        except orjson.JSONDecodeError as exc:  # no stream answered (a 503 status, empty body)
+            future.set_exception(exc)
+            return
+        if "error" in reply:
+            future.set_exception(RuntimeError(f"JetStream refused a publish: {reply['error']}"))
+        else:
+            future.set_result(None)
+
+    replies = await client.subscribe(f"{prefix}*", cb=on_reply)
+    loop, publish = asyncio.get_running_loop(), client.publish
+
+    async def send(index: int) -> Awaitable[object]:
+        body, headers = messages[index]
+        reply = f"{prefix}{index:x}"
+        future = answers[reply] = loop.create_future()
+        await publish(subject, body, reply=reply, headers=headers)
+        return future
+
+    try:
+        return await run_pipelined(send, len(messages), window, chunks=chunks)
+    finally:
+        await replies.unsubscribe()
 
 
 async def nats_consume(
-    jetstream: Any, stream: str, subject: str, count: int, batch: int = DEFAULT_CONSUME_BATCH
+    jetstream: Any,
+    stream: str,
+    subject: str,
+    count: int,
+    batch: int = DEFAULT_CONSUME_BATCH,
+    *,
+    durable: str | None = None,
 ) -> float:
     """Consume ``count`` messages with a durable pull subscription, acking each.
 
@@ -290,11 +481,16 @@ async def nats_consume(
         subject: Its subject.
         count: Messages to consume.
         batch: Messages per ``fetch``.
+        durable: An existing durable pull consumer to bind to; by default a new
+            one is created (and left to the stream's deletion).
 
     Returns:
         Seconds from the first delivery to the last ack.
     """
-    subscription = await jetstream.pull_subscribe(subject, durable=f"{stream}-c", stream=stream)
+    if durable is None:
+        subscription = await jetstream.pull_subscribe(subject, durable=f"{stream}-c", stream=stream)
+    else:
+        subscription = await jetstream.pull_subscribe_bind(durable=durable, stream=stream)
     clock, received = FirstDeliveryClock(), 0
     try:
         async with asyncio.timeout(consume_deadline(count)):
@@ -309,23 +505,97 @@ async def nats_consume(
         await subscription.unsubscribe()
 
 
+async def nats_durable(jetstream: Any, stream: str) -> str:
+    """Create a durable pull consumer of the whole stream, explicit ack; return its name.
+
+    Args:
+        jetstream: A ``nats.js.JetStreamContext``.
+        stream: The stream (its deletion deletes the durable).
+    """
+    from nats.js import api
+
+    name = unique_name("bench-raw")
+    await jetstream.add_consumer(stream, api.ConsumerConfig(durable_name=name, ack_policy=api.AckPolicy.EXPLICIT))
+    return name
+
+
+async def nats_pull(client: Any, stream: str, durable: str, count: int, prefetch: int = DEFAULT_CONSUME_BATCH) -> float:
+    """Consume ``count`` messages of a durable pull consumer with pull requests kept outstanding, acking each.
+
+    nats-py's core client speaks JetStream's pull API itself, as Conveyor's
+    transport does: one subscription on an inbox, a request (``batch``, no
+    expiry) to ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>`` for
+    ``prefetch`` messages, and another for as many each time half of that was
+    acked, so at most ``prefetch`` are requested or unacked at once; each
+    message is acked by publishing ``+ACK`` to its reply subject (what
+    ``msg.ack()`` sends). Unlike ``fetch``, no delivery waits for a batch to
+    finish before the next is asked for.
+
+    Args:
+        client: A connected nats-py client.
+        stream: The stream.
+        durable: Its durable pull consumer, with at least ``count`` messages to deliver.
+        count: Messages to consume.
+        prefetch: Most messages requested or unacked at once.
+
+    Returns:
+        Seconds from the first delivery to the last ack.
+    """
+    import orjson
+
+    pull, inbox, publish = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", client.new_inbox(), client.publish
+    clock, received, freed, requested = FirstDeliveryClock(), 0, 0, min(prefetch, count)
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    refill = max(prefetch // 2, 1)
+
+    async def on_message(msg: Any) -> None:
+        nonlocal received, freed, requested
+        if not msg.reply:  # a status (the request ended), not a message
+            if not done.done():
+                done.set_exception(RuntimeError(f"pull request ended: {msg.headers}"))
+            return
+        clock.tick()
+        await publish(msg.reply, b"+ACK")
+        received += 1
+        freed += 1
+        if received == count and not done.done():
+            done.set_result(None)
+        elif freed >= refill and requested < count:
+            batch, freed = min(freed, count - requested), 0
+            requested += batch
+            await publish(pull, orjson.dumps({"batch": batch}), reply=inbox)
+
+    subscription = await client.subscribe(inbox, cb=on_message)
+    try:
+        await publish(pull, orjson.dumps({"batch": requested}), reply=inbox)
+        await asyncio.wait_for(done, consume_deadline(count))
+        return clock.elapsed()
+    finally:
+        await subscription.unsubscribe()
+
+
 async def bench_nats(url: str, count: int, window: int, batch: int) -> list[Result]:
-    """Measure JetStream publish (sequential and windowed) and pull consume.
+    """Measure JetStream publish (sequential and both pipelined patterns) and pull consume.
 
     Args:
         url: NATS URL.
         count: Messages per phase.
-        window: Concurrent publishes in the windowed phase.
+        window: Publishes in flight in the pipelined phases.
         batch: Messages per fetch.
     """
     async with nats_stream(url) as (jetstream, stream, subject):
-        sequential = await nats_publish(jetstream, subject, count, window=1)
-        windowed = await nats_publish(jetstream, subject, count, window=window)
-        consume = await nats_consume(jetstream, stream, subject, count, batch)
+        sequential = await nats_publish(jetstream, subject, nats_messages(count), window=1)
+        pipelined = {
+            publisher: await nats_publish(jetstream, subject, nats_messages(count), window, publisher)
+            for publisher in NATS_PUBLISHERS
+        }
+        fetched = await nats_consume(jetstream, stream, subject, count, batch)
+        pulled = await nats_pull(jetstream._nc, stream, await nats_durable(jetstream, stream), count, batch)
     return [
         Result("nats", "publish", "PubAck each, sequential", count, sequential),
-        Result("nats", "publish", f"PubAck each, window {window}", count, windowed),
-        Result("nats", "consume", f"pull fetch({batch}), ack each", count, consume),
+        *(Result("nats", "publish", f"{p}, window {window}", count, s) for p, s in pipelined.items()),
+        Result("nats", "consume", f"pull fetch({batch}), ack each", count, fetched),
+        Result("nats", "consume", f"pull requests ({batch} outstanding), ack each", count, pulled),
     ]
 
 
@@ -503,10 +773,10 @@ async def raw_publish_rate(
     """
     if broker == "rabbit":
         async with rabbit_queue(target or DEFAULT_RABBIT_URL) as (connection, queue):
-            seconds = await rabbit_publish(connection, queue, count, window)
+            seconds = await rabbit_publish(connection, queue, amqp_messages(count), window)
     elif broker == "nats":
         async with nats_stream(target or DEFAULT_NATS_URL) as (jetstream, _, subject):
-            seconds = await nats_publish(jetstream, subject, count, window)
+            seconds = await nats_publish(jetstream, subject, nats_messages(count), window)
     else:
         async with kafka_bootstrap(target) as bootstrap, kafka_topic(bootstrap) as topic:
             seconds = await kafka_publish(bootstrap, topic, count, window)
@@ -528,18 +798,18 @@ async def raw_consume_rate(
     Args:
         broker: ``"rabbit"``, ``"nats"`` or ``"kafka"``.
         count: Messages to consume.
-        batch: Prefetch (rabbit), fetch size (nats) or ``max_records`` (kafka).
+        batch: Prefetch (rabbit), most requested or unacked (nats) or ``max_records`` (kafka).
         kafka_commit: Commit after every record or once per batch.
         target: As for :func:`raw_publish_rate`.
     """
     if broker == "rabbit":
         async with rabbit_queue(target or DEFAULT_RABBIT_URL) as (connection, queue):
-            await rabbit_publish(connection, queue, count, DEFAULT_WINDOW)
+            await rabbit_publish(connection, queue, amqp_messages(count), DEFAULT_WINDOW)
             seconds = await rabbit_consume(connection, queue, count, batch)
     elif broker == "nats":
         async with nats_stream(target or DEFAULT_NATS_URL) as (jetstream, stream, subject):
-            await nats_publish(jetstream, subject, count, DEFAULT_WINDOW)
-            seconds = await nats_consume(jetstream, stream, subject, count, batch)
+            await nats_publish(jetstream, subject, nats_messages(count), DEFAULT_WINDOW)
+            seconds = await nats_pull(jetstream._nc, stream, await nats_durable(jetstream, stream), count, batch)
     else:
         async with kafka_bootstrap(target) as bootstrap, kafka_topic(bootstrap) as topic:
             await kafka_publish(bootstrap, topic, count, DEFAULT_KAFKA_BATCH)
