@@ -12,8 +12,9 @@ event loop; those hand-written pieces are here:
   publish them all, mark them sent with one ``UPDATE ... WHERE id = ANY(ids)``,
   commit; no overlap between the database and the broker;
 * :class:`RabbitByHand` (aiormq, publisher confirms, ``mandatory``, a sliding
-  window of publishes awaiting their confirm) and :class:`NatsByHand` (nats-py
-  ``publish_async``, as many PubAcks pending) put on the wire what Conveyor's
+  window of publishes awaiting their confirm) and :class:`NatsByHand` (nats-py's
+  core client: each batch published with reply subjects, its PubAcks matched on one
+  subscription) put on the wire what Conveyor's
   RabbitMQ and NATS transports put there for a relayed row: same exchange or
   subject, body, headers (``ce-`` becomes ``cloudEvents_`` on AMQP), content
   type, message id (``Nats-Msg-Id`` on NATS), ``conveyor-key`` for keyed rows.
@@ -220,37 +221,63 @@ class RabbitByHand:
 
 
 class NatsByHand:
-    """Publishes outbox rows to JetStream with nats-py ``publish_async``, as Conveyor's NATS transport does.
+    """Publishes outbox rows to JetStream pipelined on one connection, the fastest fair nats-py pattern.
 
     To the subject ``<prefix>.<topic>`` with the row's headers, ``Nats-Msg-Id``
-    (the message id) and ``conveyor-key`` for keyed rows; at most ``window``
-    PubAcks pending (nats-py's own ``publish_async_max_pending``).
+    (the message id) and ``conveyor-key`` for keyed rows. Each message goes out
+    with a reply subject ``<inbox>.<n>``; the PubAcks come to one subscription on
+    ``<inbox>.*`` and resolve their futures (an error in a PubAck fails it), as
+    ``conveyor.transports.nats_publish`` does: about 1.4x nats-py's
+    ``js.publish_async`` here. A batch waits for all its PubAcks.
     """
 
-    def __init__(self, client: NatsClient, prefix: str, window: int) -> None:
+    def __init__(self, client: NatsClient, prefix: str) -> None:
         self._client = client
-        self._jetstream = client.jetstream(publish_async_max_pending=window)
         self._prefix = prefix
+        self._inbox = f"{client.new_inbox()}."
+        self._answers: dict[str, asyncio.Future[None]] = {}
+        self._sent = 0
+        self._replies: Any = None
 
     @classmethod
-    async def connect(cls, url: str, prefix: str = "conveyor", window: int = WINDOW) -> NatsByHand:
-        """Connect."""
-        return cls(await nats.connect(url), prefix, window)
+    async def connect(cls, url: str, prefix: str = "conveyor") -> NatsByHand:
+        """Connect and subscribe to the PubAcks."""
+        relay = cls(await nats.connect(url), prefix)
+        relay._replies = await relay._client.subscribe(f"{relay._inbox}*", cb=relay._on_reply)
+        return relay
+
+    async def _on_reply(self, msg: Any) -> None:
+        future = self._answers.pop(msg.subject, None)
+        if future is None or future.done():
+            return
+        try:
+            reply = orjson.loads(msg.data)
+        except orjson.JSONDecodeError as exc:  # no stream answered (a 503 status, empty body)
+            future.set_exception(exc)
+            return
+        if "error" in reply:
+            future.set_exception(RuntimeError(f"JetStream refused a publish: {reply['error']}"))
+        else:
+            future.set_result(None)
 
     async def publish(self, rows: Sequence[asyncpg.Record]) -> None:
         """Publish ``rows`` pipelined; return once every PubAck came.
 
         Raises:
-            nats.js.errors.Error: the stream refused a message.
+            RuntimeError: the stream refused a message.
         """
+        loop = asyncio.get_running_loop()
         acks = []
         for row in rows:
             headers: dict[str, str] = orjson.loads(row["headers"])
             headers["Nats-Msg-Id"] = row["message_id"]
             if row["partition_key"] is not None:
                 headers[_KEY_HEADER] = row["partition_key"]
-            subject = f"{self._prefix}.{row['topic']}"
-            acks.append(await self._jetstream.publish_async(subject, row["body"], headers=headers))
+            self._sent += 1
+            reply = f"{self._inbox}{self._sent:x}"
+            future = self._answers[reply] = loop.create_future()
+            acks.append(future)
+            await self._client.publish(f"{self._prefix}.{row['topic']}", row["body"], reply=reply, headers=headers)
         await asyncio.gather(*acks)
 
     async def close(self) -> None:
