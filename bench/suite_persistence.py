@@ -342,7 +342,9 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
             )
             for label, broker_url in BROKERS.items():
                 publisher = (
-                    "aiormq, confirms, window 256" if label == "RabbitMQ" else "nats-py publish_async, 256 pending"
+                    "aiormq, confirms, window 256"
+                    if label == "RabbitMQ"
+                    else "nats-py core client: reply subjects, PubAcks matched on one subscription, a batch in flight"
                 )
                 rows.append(
                     harness.Row(
