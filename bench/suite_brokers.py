@@ -69,7 +69,8 @@ RABBIT_CHUNKS = True
 CONSUME = {"rabbit": 20_000, "nats": 20_000}
 PUBLISH = {"rabbit": 10_000, "nats": 20_000}
 MEMORY = 50_000
-CONCURRENCY = 16
+CONCURRENCY = CONSUME_BATCH // 2
+"""The consume rows' worker concurrency: its prefetch (twice the concurrency) is the raw consumers'."""
 
 
 @dataclass(frozen=True)
