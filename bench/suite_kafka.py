@@ -4,20 +4,28 @@ Rows (1 KiB CloudEvents records; rates in messages/s):
 
 * **kafka consume (1 msg/handler call)**: a no-op single-message handler run
   by the real runtime ``Worker`` over a backlog published beforehand, from the
-  first to the last handled record, against the raw loop that commits once per
-  ``getmany(100)`` (``raw_clients.kafka_consume(commit="batch")``).
+  first to the last handled record, against the raw group consumer that
+  commits once per ``getmany(max_records=100)``
+  (``raw_clients.kafka_consume(commit="batch")``; larger batches were no
+  faster in a smoke run: the fetches dominate). Both sides read the same
+  records, published beforehand through the transport (binary-mode
+  CloudEvents: the same value bytes and headers).
 * **kafka consume, transport alone**: the same backlog through ``KafkaTransport``
   with a callback that acks at once (no runtime): the transport's own cost.
 * **kafka consume CPU per record**: the same, measured as this process's CPU
   time per record (the broker's excluded): steadier than rates on a shared machine.
-* **kafka publish pipelined**: ``KafkaTransport.publish_many`` in chunks of
-  :data:`WINDOW` against raw ``send`` + ``gather`` per :data:`WINDOW` records,
-  the same records (key, body, headers) and the same producer settings
-  (``acks="all"``, ``linger_ms``/``max_batch_size`` of :class:`KafkaOptions`).
-* **kafka publish, 1,000 concurrent**: 1,000 publishes always in flight
-  (``KafkaTransport.publish`` each) against 1,000 raw ``send`` + ``await``
-  always in flight, same producer settings: a publish path that collapses under
-  concurrency shows here.
+* **kafka publish_many(1000)**: what a user does: ``conveyor.Publisher.publish_many``
+  of :data:`WINDOW` events at a time, each a new CloudEvent (id, time,
+  headers) built from the same dict. Raw: aiokafka's fastest producing
+  pattern (:func:`raw_publish`, ``create_batch()`` + ``send_batch()``; in a
+  smoke run it beat ``send()`` + gathering the futures and ``send()`` +
+  ``flush()``), :data:`WINDOW` records per round, with the producer settings
+  of Conveyor's Kafka transport and the bytes of one record as Conveyor
+  produces it (value and headers, no key) sent over and over.
+* **kafka publish, 1,000 calls in flight**: :data:`WINDOW` concurrent
+  ``Publisher.publish`` calls at a time (``asyncio.gather``) against the same
+  raw rounds of :data:`WINDOW` records in flight: a publish path that
+  collapses under concurrency shows here.
 
 Run alone::
 
@@ -29,11 +37,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 from unittest import mock
 
-from conveyor import envelope, ports, registry
+from conveyor import Publisher, envelope, ports, registry
 from conveyor.envelope import WireMessage
 from conveyor.runtime.worker import Worker
 from conveyor.testing import unique
@@ -47,9 +55,11 @@ PUBLISH_COUNT = 30_000
 CONCURRENT_COUNT = 20_000
 WINDOW = 1_000
 BATCH = 500  # the batch handler row's batch size
+RAW_GETMANY = 100  # max_records of the raw consumer's getmany, committed after each
 CONCURRENCY = 16  # the Worker's default per-handler concurrency
 PARTITIONS = 1  # the raw topics' partition count (raw_clients.kafka_topic); Conveyor's topics get the same
 DATA = {"order_id": "o-1", "note": "x" * 980}
+SOURCE = "bench"  # the CloudEvents source of every record, on both sides
 # Short group timeouts: Tansu holds a JoinGroup about half the session timeout (set-up only, not timed).
 OPTIONS = f"idempotence=0&partitions={PARTITIONS}&session_timeout_ms=2000&heartbeat_interval_ms=400"
 
@@ -57,7 +67,7 @@ OPTIONS = f"idempotence=0&partitions={PARTITIONS}&session_timeout_ms=2000&heartb
 def wire_messages(topic: str, count: int) -> list[WireMessage]:
     """``count`` binary-mode CloudEvents of ~1 KiB for ``topic``."""
     return [
-        envelope.to_binary(envelope.create(topic, DATA, source="bench"), envelope.KAFKA_PREFIX) for _ in range(count)
+        envelope.to_binary(envelope.create(topic, DATA, source=SOURCE), envelope.KAFKA_PREFIX) for _ in range(count)
     ]
 
 
@@ -88,15 +98,17 @@ class KafkaRows:
         return transport
 
     async def _raw_producer(self) -> Any:
+        """A started ``AIOKafkaProducer`` with the settings ``KafkaTransport.connect`` gives its own."""
         from aiokafka import AIOKafkaProducer
 
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
             acks="all",
-            enable_idempotence=False,
+            enable_idempotence=bool(self.options.idempotence),
+            request_timeout_ms=self.options.request_timeout_ms,
             linger_ms=self.options.linger_ms,
             max_batch_size=self.options.max_batch_size,
-        )
+        )  # no compression on either side
         await producer.start()
         return producer
 
@@ -149,7 +161,7 @@ class KafkaRows:
             finally:
                 await transport.close()
             with mock.patch.object(raw_clients, "FirstDeliveryClock", _CpuClock):
-                seconds = await raw_clients.kafka_consume(self.bootstrap, topic, CONSUME_COUNT, "batch", 100)
+                seconds = await raw_clients.kafka_consume(self.bootstrap, topic, CONSUME_COUNT, "batch", RAW_GETMANY)
         return CONSUME_COUNT / seconds, _CpuClock.last * 1e6 / CONSUME_COUNT
 
     async def _conveyor_consume(self) -> tuple[float, float]:
@@ -192,71 +204,95 @@ class KafkaRows:
 
     # -- publish -------------------------------------------------------------------
 
-    async def raw_pipelined(self) -> float:
-        """Raw ``send`` of :data:`WINDOW` records, then ``gather`` of their futures."""
+    async def raw_publish_many(self) -> float:
+        """:func:`raw_publish` of :data:`PUBLISH_COUNT` records, :data:`WINDOW` per round: msg/s."""
+        return await self._raw_publish(PUBLISH_COUNT)
+
+    async def raw_in_flight(self) -> float:
+        """:func:`raw_publish` of :data:`CONCURRENT_COUNT` records, :data:`WINDOW` per round: msg/s."""
+        return await self._raw_publish(CONCURRENT_COUNT)
+
+    async def _raw_publish(self, count: int) -> float:
         async with raw_clients.kafka_topic(self.bootstrap, PARTITIONS) as topic:
-            records = _records(wire_messages(topic, PUBLISH_COUNT))
             producer = await self._raw_producer()
             try:
+                record = conveyor_record(topic)
+                await raw_publish(producer, topic, record, 1)  # metadata, connection: not timed
                 started = time.perf_counter()
-                for start in range(0, PUBLISH_COUNT, WINDOW):
-                    futures = [
-                        await producer.send(topic, value, key=key, headers=headers)
-                        for key, value, headers in records[start : start + WINDOW]
-                    ]
-                    await asyncio.gather(*futures)
-                return PUBLISH_COUNT / (time.perf_counter() - started)
+                await raw_publish(producer, topic, record, count)
+                return count / (time.perf_counter() - started)
             finally:
                 await producer.stop()
 
-    async def conveyor_pipelined(self) -> float:
-        """``KafkaTransport.publish_many`` of :data:`WINDOW` messages at a time."""
-        async with raw_clients.kafka_topic(self.bootstrap, PARTITIONS) as topic:
-            messages = [(topic, m) for m in wire_messages(topic, PUBLISH_COUNT)]
-            transport = await self._transport()
-            try:
-                await transport.declare([topic], [])
-                started = time.perf_counter()
-                for start in range(0, PUBLISH_COUNT, WINDOW):
-                    results = await transport.publish_many(messages[start : start + WINDOW])
-                    assert not any(results), results
-                return PUBLISH_COUNT / (time.perf_counter() - started)
-            finally:
-                await transport.close()
+    async def conveyor_publish_many(self) -> float:
+        """``Publisher.publish_many`` of :data:`WINDOW` events at a time: msg/s."""
 
-    async def raw_concurrent(self) -> float:
-        """:data:`WINDOW` raw ``send`` + ``await`` always in flight."""
-        async with raw_clients.kafka_topic(self.bootstrap, PARTITIONS) as topic:
-            records = _records(wire_messages(topic, CONCURRENT_COUNT))
-            producer = await self._raw_producer()
+        async def rounds(publisher: Publisher, topic: str) -> None:
+            for start in range(0, PUBLISH_COUNT, WINDOW):
+                await publisher.publish_many(topic, [DATA] * min(WINDOW, PUBLISH_COUNT - start))
 
-            async def send(index: int) -> object:
-                key, value, headers = records[index]
-                return await (await producer.send(topic, value, key=key, headers=headers))
+        return PUBLISH_COUNT / await self._conveyor_publish(rounds)
 
-            try:
-                return CONCURRENT_COUNT / await raw_clients.run_windowed(send, CONCURRENT_COUNT, WINDOW)
-            finally:
-                await producer.stop()
+    async def conveyor_in_flight(self) -> float:
+        """:data:`WINDOW` concurrent ``Publisher.publish`` calls at a time (``asyncio.gather``): msg/s."""
 
-    async def conveyor_concurrent(self) -> float:
-        """:data:`WINDOW` ``KafkaTransport.publish`` calls always in flight."""
-        async with raw_clients.kafka_topic(self.bootstrap, PARTITIONS) as topic:
-            messages = wire_messages(topic, CONCURRENT_COUNT)
-            transport = await self._transport()
-            try:
-                await transport.declare([topic], [])
-                seconds = await raw_clients.run_windowed(
-                    lambda index: transport.publish(topic, messages[index]), CONCURRENT_COUNT, WINDOW
-                )
-                return CONCURRENT_COUNT / seconds
-            finally:
-                await transport.close()
+        async def rounds(publisher: Publisher, topic: str) -> None:
+            for start in range(0, CONCURRENT_COUNT, WINDOW):
+                calls = min(WINDOW, CONCURRENT_COUNT - start)
+                await asyncio.gather(*(publisher.publish(topic, DATA) for _ in range(calls)))
+
+        return CONCURRENT_COUNT / await self._conveyor_publish(rounds)
+
+    async def _conveyor_publish(self, rounds: Callable[[Publisher, str], Awaitable[None]]) -> float:
+        """Seconds ``rounds`` takes on a connected ``Publisher`` and a fresh topic."""
+        async with (
+            raw_clients.kafka_topic(self.bootstrap, PARTITIONS) as topic,
+            Publisher(self.url, source=SOURCE) as publisher,
+        ):
+            await publisher.publish(topic, DATA)  # the topic check, metadata, connection: not timed
+            started = time.perf_counter()
+            await rounds(publisher, topic)
+            return time.perf_counter() - started
+
+
+Record = tuple[bytes, list[tuple[str, bytes]]]
+"""A Kafka record's value and headers (no key)."""
+
+
+def conveyor_record(topic: str) -> Record:
+    """The value and headers of one record as ``Publisher.publish(topic, DATA)`` produces it.
+
+    The envelope is built as the ``Publisher`` builds it, encoded as the Kafka
+    transport encodes it (binary mode, ``ce_*`` headers, ``conveyor-message-id``).
+    """
+    wire = envelope.to_binary(envelope.create(topic, DATA, source=SOURCE), envelope.KAFKA_PREFIX)
+    return wire.body, kafka_delivery.record_headers(wire)
+
+
+async def raw_publish(producer: Any, topic: str, record: Record, count: int) -> None:
+    """Send ``record`` ``count`` times, :data:`WINDOW` in flight per round: aiokafka's fastest way.
+
+    Each round appends :data:`WINDOW` records to ``create_batch()`` batches
+    (a batch is full at the producer's ``max_batch_size``), hands each to
+    ``send_batch()`` (the topic's partitions in turn: the record has no key)
+    and waits for every batch's acknowledgement (``acks="all"``).
+    """
+    value, headers = record
+    batches = 0
+    for start in range(0, count, WINDOW):
+        delivered, batch = [], producer.create_batch()
+        for _ in range(min(WINDOW, count - start)):
+            while batch.append(key=None, value=value, timestamp=None, headers=headers) is None:  # full
+                delivered.append(await producer.send_batch(batch, topic, partition=batches % PARTITIONS))
+                batches, batch = batches + 1, producer.create_batch()
+        delivered.append(await producer.send_batch(batch, topic, partition=batches % PARTITIONS))
+        batches += 1
+        await asyncio.gather(*delivered)
 
 
 async def _drain_backlog(transport: KafkaTransport, handler: Any, topic: str, done: asyncio.Event) -> None:
     """Publish the backlog for ``handler``'s topic, run a ``Worker`` until ``done``, then close the transport."""
-    worker = Worker(registry.Registry.of(handler).handlers, transport, source="bench", concurrency=CONCURRENCY)
+    worker = Worker(registry.Registry.of(handler).handlers, transport, source=SOURCE, concurrency=CONCURRENCY)
     try:
         await worker.declare()
         await publish_backlog(transport, topic, CONSUME_COUNT)
@@ -282,26 +318,30 @@ class _CpuClock(raw_clients.FirstDeliveryClock):
         return super().elapsed()
 
 
-def _records(messages: list[WireMessage]) -> list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]:
-    """The records Conveyor sends for ``messages``: key, value, headers."""
-    return [(m.key.encode() if m.key is not None else None, m.body, kafka_delivery.record_headers(m)) for m in messages]
-
-
 @contextlib.asynccontextmanager
 async def suite() -> AsyncIterator[Sequence[harness.Row]]:
     """Start one Tansu broker and yield the Kafka rows."""
     async with raw_clients.kafka_bootstrap(None) as bootstrap:
         rows = KafkaRows(bootstrap)
         options = rows.options
-        producer = f"acks=all, linger_ms={options.linger_ms}, max_batch_size={options.max_batch_size}"
+        raw_consume = (
+            f"aiokafka group consumer (auto-commit off), getmany(max_records={RAW_GETMANY}), "
+            "one commit of the batch's offsets after each"
+        )
+        raw_pattern = (
+            f"create_batch() + send_batch(), {WINDOW} records in flight per round, the bytes of one Conveyor record "
+            f"(value, headers) each time; both: acks=all, linger_ms={options.linger_ms}, "
+            f"max_batch_size={options.max_batch_size}, no compression, idempotence {options.idempotence}"
+        )
         yield [
             harness.Row(
                 "kafka consume (1 msg/handler call)",
                 rows.raw_consume,
                 rows.conveyor_consume,
                 goal=0.35,
-                note=f"{CONSUME_COUNT:,} records, {PARTITIONS} partition(s); raw: group loop, commit per "
-                f"getmany(100); Conveyor: Worker, no-op handler, concurrency {CONCURRENCY}",
+                note=f"{CONSUME_COUNT:,} records, {PARTITIONS} partition(s), published beforehand by the transport "
+                f"(the same bytes and headers for both sides); raw: {raw_consume}; Conveyor: Worker, no-op handler, "
+                f"concurrency {CONCURRENCY}",
             ),
             harness.Row(
                 f"kafka consume, batch handler (batch={BATCH})",
@@ -309,7 +349,7 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                 rows.conveyor_batch_consume,
                 goal=0.6,
                 note=f"the consume row with `@on(..., batch={BATCH})`: one call per up to {BATCH} records, each "
-                "record acked on its own",
+                f"record acked on its own; raw: {raw_consume}",
             ),
             harness.Row(
                 "kafka consume, transport alone",
@@ -317,7 +357,7 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                 rows.transport_consume,
                 goal=0.5,
                 note="the consume row without the runtime: a callback acking each delivery at once (prefetch "
-                f"{CONCURRENCY * 2}, as the Worker sets it): what the Kafka transport itself costs",
+                f"{CONCURRENCY * 2}, as the Worker sets it): what the Kafka transport itself costs; raw: {raw_consume}",
             ),
             harness.Row(
                 "kafka consume CPU per record",
@@ -327,23 +367,23 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                 unit="µs CPU",
                 higher_is_better=False,
                 note="the consume row's work; CPU time of the consuming process (not the broker's) from the first "
-                "to the last record: the rate it allows on an idle machine (this one is shared)",
+                f"to the last record: the rate it allows on an idle machine (this one is shared); raw: {raw_consume}",
             ),
             harness.Row(
-                "kafka publish pipelined",
-                rows.raw_pipelined,
-                rows.conveyor_pipelined,
+                f"kafka publish_many({WINDOW})",
+                rows.raw_publish_many,
+                rows.conveyor_publish_many,
                 goal=0.7,
-                note=f"{PUBLISH_COUNT:,} records; raw: send x {WINDOW} + gather; Conveyor: publish_many of "
-                f"{WINDOW}; {producer}",
+                note=f"{PUBLISH_COUNT:,} records; Conveyor: Publisher.publish_many of {WINDOW} events at a time, a "
+                f"new CloudEvent each; raw: {raw_pattern}",
             ),
             harness.Row(
-                "kafka publish, 1,000 concurrent",
-                rows.raw_concurrent,
-                rows.conveyor_concurrent,
+                f"kafka publish, {WINDOW:,} calls in flight",
+                rows.raw_in_flight,
+                rows.conveyor_in_flight,
                 goal=0.7,
-                note=f"{CONCURRENT_COUNT:,} records, {WINDOW} in flight; raw: send + await each; "
-                f"Conveyor: KafkaTransport.publish each; {producer}",
+                note=f"{CONCURRENT_COUNT:,} records; Conveyor: {WINDOW} concurrent Publisher.publish calls at a time "
+                f"(asyncio.gather); raw: {raw_pattern}",
             ),
         ]
 

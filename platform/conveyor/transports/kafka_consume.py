@@ -137,9 +137,7 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
     async def stop(self) -> None:
         """Stop fetching; handed-out deliveries may still be settled, then the member leaves."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._end_fetching()
         self._held.clear()
         if self._unsettled == 0:
             await self.close()
@@ -150,11 +148,23 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
             self._closing = asyncio.create_task(self._close(), name=f"kafka-close:{self.subscription.name}")
         await asyncio.shield(self._closing)
 
+    async def _end_fetching(self) -> None:
+        """Cancel the fetch loop and wait until it has ended (call with :attr:`_stopping` set).
+
+        A cancellation can be lost: Python 3.11's ``asyncio.wait_for`` returns
+        the awaited result instead of raising when the cancellation arrives as
+        that result does (aiokafka uses it too). The loop also ends at its next
+        step once it sees :attr:`_stopping`, and is cancelled again each
+        :data:`_POLL_SECONDS` until it is done, so a stop never waits for ever.
+        """
+        task = self._task
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=_POLL_SECONDS)
+
     async def _close(self) -> None:
         self._stopping = True
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._end_fetching()
         try:
             await self._committer.flush()
         except errors.TransportError as exc:
@@ -171,9 +181,15 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
         member = getattr(coordinator, "member_id", "")
         first_generation = getattr(coordinator, "generation", -1) == 0
         for name, stopping in (("consumer", self._kafka.stop), ("attempt marks", self._attempts.stop)):
-            try:  # a client stuck in a rebalance must not hold the process's shutdown forever
-                await asyncio.wait_for(stopping(), _STOP_SECONDS)
-            except TimeoutError:
+            # A client stuck in a rebalance must not hold the process's shutdown for ever: past the
+            # bound it is cancelled and left behind, not awaited (asyncio.wait_for would wait for
+            # the cancellation to finish, however long the client takes to honour it).
+            task = asyncio.ensure_future(stopping())
+            await asyncio.wait({task}, timeout=_STOP_SECONDS)
+            if task.done():
+                task.result()
+            else:
+                task.cancel()
                 log.warning("the Kafka %s of %s did not stop within %.0fs; left behind",
                             name, self.subscription.name, _STOP_SECONDS)  # fmt: skip
         if first_generation and member and node is not None:
@@ -241,7 +257,7 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
 
     async def _run(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping:  # also when a stop's cancellation was lost (see _end_fetching)
             try:
                 await self._step()
             except kafka_errors.ConsumerStoppedError:
@@ -280,7 +296,7 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
             if partition is None:
                 continue
             for record in records:
-                if partition.draining:  # being revoked: its next owner fetches the rest
+                if partition.draining or self._stopping:  # revoked or stopping: the next owner fetches the rest
                     break
                 await self._accept(partition, record, count=partition.suspect >= record.offset)
 
@@ -310,7 +326,9 @@ class KafkaConsumer(kafka_rebalance.Rebalancing, kafka_salvage.Salvaging):
         self._room.clear()
         due = self._held[0].due - time.time() if self._held else _POLL_SECONDS
         try:
-            await asyncio.wait_for(self._room.wait(), min(_POLL_SECONDS, max(due, 0.01)))
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation (a stop) arriving as room is made.
+            async with asyncio.timeout(min(_POLL_SECONDS, max(due, 0.01))):
+                await self._room.wait()
         except TimeoutError:
             if self._unsettled > self._low_water:
                 # Slow handlers: pause everything and poll, so max_poll_interval_ms
