@@ -293,8 +293,8 @@ class World:
         """Crash a process now and then during the chaos phase; restart it after a while."""
         loop = asyncio.get_running_loop()
         rate = self.rng.choice([0.0, 1 / 120, 1 / 40])
-        while rate:
-            await asyncio.sleep(self.rng.expovariate(rate))
+        while rate:  # a pause drawn past the chaos phase ends with it (the settle phase would start too late)
+            await asyncio.sleep(min(self.rng.expovariate(rate), max(self.plan.chaos - loop.time(), 0.0)))
             if loop.time() >= self.plan.chaos:
                 return
             process = self.rng.choice(self.processes)
