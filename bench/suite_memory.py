@@ -1,4 +1,4 @@
-"""Resident memory of a worker process against a raw aio-pika consumer process.
+"""Resident memory of a worker process against a raw aiormq consumer process (the client under Conveyor's transport).
 
 Both processes consume one RabbitMQ queue and are measured once ready (the
 raw one once consuming, ``conveyor worker`` once ``/readyz`` answers 200):
@@ -32,18 +32,18 @@ CONVEYOR = Path(sys.executable).with_name("conveyor")
 RAW_CONSUMER = textwrap.dedent(
     """
     import asyncio, sys
-    import aio_pika
+    import aiormq
 
     async def main():
-        connection = await aio_pika.connect(sys.argv[1])
+        connection = await aiormq.connect(sys.argv[1])
         channel = await connection.channel()
-        await channel.set_qos(prefetch_count=100)
-        queue = await channel.declare_queue(sys.argv[2], auto_delete=True)
+        await channel.basic_qos(prefetch_count=100)
+        await channel.queue_declare(sys.argv[2], auto_delete=True)
 
         async def on_message(message):
-            await message.ack()
+            await message.channel.basic_ack(message.delivery.delivery_tag)
 
-        await queue.consume(on_message)
+        await channel.basic_consume(sys.argv[2], on_message)
         print("ready", flush=True)
         await asyncio.Event().wait()
 
@@ -86,7 +86,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def raw_rss() -> float:
-    """RSS of the raw aio-pika consumer once it consumes."""
+    """RSS of the raw aiormq consumer once it consumes."""
     process = subprocess.Popen(
         [sys.executable, "-c", RAW_CONSUMER, RABBIT, raw_clients.unique_name("bench-rss")], stdout=subprocess.PIPE
     )
@@ -148,7 +148,8 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                 unit="MB",
                 higher_is_better=False,
                 budget=30.0,
-                note="raw: aio-pika callback consumer process; Conveyor: `conveyor worker`, one handler"
+                note="raw: aiormq consumer process (basic_consume, prefetch 100, ack each); "
+                "Conveyor: `conveyor worker`, one handler"
                 + (
                     ", SQLite (SQLAlchemy's async engine and ORM session: ~34 MB)"
                     if database
