@@ -338,7 +338,7 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                 "kafka consume (1 msg/handler call)",
                 rows.raw_consume,
                 rows.conveyor_consume,
-                goal=0.35,
+                goal=0.5,
                 note=f"{CONSUME_COUNT:,} records, {PARTITIONS} partition(s), published beforehand by the transport "
                 f"(the same bytes and headers for both sides); raw: {raw_consume}; Conveyor: Worker, no-op handler, "
                 f"concurrency {CONCURRENCY}",
@@ -347,7 +347,7 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                 f"kafka consume, batch handler (batch={BATCH})",
                 rows.raw_consume,
                 rows.conveyor_batch_consume,
-                goal=0.6,
+                goal=0.7,
                 note=f"the consume row with `@on(..., batch={BATCH})`: one call per up to {BATCH} records, each "
                 f"record acked on its own; raw: {raw_consume}",
             ),
@@ -373,7 +373,7 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                 f"kafka publish_many({WINDOW})",
                 rows.raw_publish_many,
                 rows.conveyor_publish_many,
-                goal=0.7,
+                goal=0.9,
                 note=f"{PUBLISH_COUNT:,} records; Conveyor: Publisher.publish_many of {WINDOW} events at a time, a "
                 f"new CloudEvent each; raw: {raw_pattern}",
             ),
@@ -381,7 +381,7 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                 f"kafka publish, {WINDOW:,} calls in flight",
                 rows.raw_in_flight,
                 rows.conveyor_in_flight,
-                goal=0.7,
+                goal=0.9,
                 note=f"{CONCURRENT_COUNT:,} records; Conveyor: {WINDOW} concurrent Publisher.publish calls at a time "
                 f"(asyncio.gather); raw: {raw_pattern}",
             ),

@@ -320,7 +320,7 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                     f"transactional handler, PostgreSQL, concurrency {c}",
                     raw=lambda c=c: raw_handler(url, c, HANDLER_COUNT[c]),  # type: ignore[misc]
                     conveyor=lambda c=c: conveyor_handler(url, c, HANDLER_COUNT[c]),  # type: ignore[misc]
-                    goal=0.7,
+                    goal={1: 0.85, 16: 0.8}[c],
                     note=f"raw: {c} asyncpg connection(s) (pool of {c}, each held by one loop), per message "
                     "in conn.transaction(): inbox INSERT ON CONFLICT DO NOTHING + user INSERT + outbox INSERT "
                     "(headers built by hand); Conveyor: Worker, memory transport, transactional handler "
@@ -351,7 +351,7 @@ async def suite() -> AsyncIterator[Sequence[harness.Row]]:
                         f"relay -> {label}",
                         raw=lambda u=broker_url: raw_relay(url, u, RELAY_ROWS),  # type: ignore[misc]
                         conveyor=lambda u=broker_url: conveyor_relay(db, u, RELAY_ROWS),  # type: ignore[misc]
-                        goal=0.85,
+                        goal=0.9,
                         note=f"a backlog of {RELAY_ROWS:,} rows of 1 KB, half keyed over 50 keys; raw: hand-written "
                         f"asyncpg relay (claim 1,000 FOR UPDATE SKIP LOCKED, publish, one UPDATE ... = ANY(ids), "
                         f"commit), the same bytes and headers ({publisher}); Conveyor: Relay.run",
