@@ -60,6 +60,7 @@ from nats.aio.client import Client as NatsClient
 from pamqp.commands import Basic
 from sqlalchemy.engine import make_url
 
+from bench import raw_clients
 from event_store import Database, Outbox, SqlOutboxStore, direct, upgrade
 
 PG_URL = os.environ.get("CONVEYOR_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -247,18 +248,7 @@ class NatsByHand:
         return relay
 
     async def _on_reply(self, msg: Any) -> None:
-        future = self._answers.pop(msg.subject, None)
-        if future is None or future.done():
-            return
-        try:
-            reply = orjson.loads(msg.data)
-        except orjson.JSONDecodeError as exc:  # no stream answered (a 503 status, empty body)
-            future.set_exception(exc)
-            return
-        if "error" in reply:
-            future.set_exception(RuntimeError(f"JetStream refused a publish: {reply['error']}"))
-        else:
-            future.set_result(None)
+        raw_clients.settle_pub_ack(self._answers, msg)
 
     async def publish(self, rows: Sequence[asyncpg.Record]) -> None:
         """Publish ``rows`` pipelined; return once every PubAck came.

@@ -423,28 +423,38 @@ async def nats_publish(
     return await _publish_requests(jetstream._nc, subject, messages, window, chunks)
 
 
+def settle_pub_ack(answers: dict[str, asyncio.Future[None]], msg: Any) -> None:
+    """Resolve the future in ``answers`` that waits for the PubAck ``msg`` (keyed by its reply subject).
+
+    A PubAck naming an error, or a reply that is no JSON (no stream answered:
+    a 503 status with an empty body), fails the future.
+    """
+    import orjson
+
+    future = answers.pop(msg.subject, None)
+    if future is None or future.done():
+        return
+    try:
+        reply = orjson.loads(msg.data)
+    except orjson.JSONDecodeError as exc:
+        future.set_exception(exc)
+        return
+    if "error" in reply:
+        future.set_exception(RuntimeError(f"JetStream refused a publish: {reply['error']}"))
+    else:
+        future.set_result(None)
+
+
 async def _publish_requests(
     client: Any, subject: str, messages: Sequence[NatsMessage], window: int, chunks: bool
 ) -> float:
     """The ``"requests"`` pattern of :func:`nats_publish`."""
-    import orjson
 
     prefix = f"{client.new_inbox()}."
     answers: dict[str, asyncio.Future[None]] = {}
 
     async def on_reply(msg: Any) -> None:
-        future = answers.pop(msg.subject, None)
-        if future is None or future.done():
-            return
-        try:
-            reply = orjson.loads(msg.data)
-        except orjson.JSONDecodeError as exc:  # no stream answered (a 503 status, empty body)
-            future.set_exception(exc)
-            return
-        if "error" in reply:
-            future.set_exception(RuntimeError(f"JetStream refused a publish: {reply['error']}"))
-        else:
-            future.set_result(None)
+        settle_pub_ack(answers, msg)
 
     replies = await client.subscribe(f"{prefix}*", cb=on_reply)
     loop, publish = asyncio.get_running_loop(), client.publish
