@@ -101,7 +101,8 @@ def write_locked(sqlite_url: str) -> Iterator[None]:
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        connection = sqlite3.connect(str(make_url(sqlite_url).database), isolation_level=None)
+        # The process under test takes the write lock too (briefly, but a busy machine stretches it): wait for it.
+        connection = sqlite3.connect(str(make_url(sqlite_url).database), isolation_level=None, timeout=30)
         connection.execute("BEGIN IMMEDIATE")
         held.set()
         release.wait(60)
@@ -110,7 +111,7 @@ def write_locked(sqlite_url: str) -> Iterator[None]:
 
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
-    assert held.wait(5)
+    assert held.wait(35), "could not take the SQLite write lock in 30 s"
     try:
         yield
     finally:
