@@ -46,9 +46,9 @@ SYNC_GRACE = 30.0
 OUTAGE_BACKOFF = fate.HOLD_PAUSES
 """First and longest pause (seconds) while a message is held through a database or broker outage."""
 COMMIT_TIMEOUT = 30.0
+"""Default seconds Conveyor's commit of a handler's unit of work may take (apart from the handler's timeout)."""
 INBOX_QUESTIONS = 3
 """Times the inbox is asked, when it fails, whether a message about to be dead-lettered was applied already."""
-"""Default seconds Conveyor's commit of a handler's unit of work may take (apart from the handler's timeout)."""
 
 
 class Failed(Exception):
@@ -233,9 +233,7 @@ class HandlerRunner:
             # worker (a crash, an OOM kill). Running it again would only loop; but a copy whose
             # earlier attempt committed before its worker died is a duplicate, not a dead letter.
             if await self._applied_before(delivery) is True:
-                log.debug("%s skipped a redelivered copy the inbox shows applied", handler.name)
-                await delivery.ack()
-                self._outcomes["duplicate"].inc()
+                await self._ack_duplicate(delivery)
                 return None
             text = (
                 f"delivered {delivery.attempt} times, more than max_attempts={handler.retry.max_attempts}: "
@@ -256,6 +254,13 @@ class HandlerRunner:
         # attribute: a producer claiming attempt 5 would otherwise skip every retry.
         message.attempt = delivery.attempt
         return message, payload
+
+    async def _ack_duplicate(self, delivery: ports.Delivery) -> None:
+        """Acknowledge a copy the inbox shows applied, instead of dead-lettering it."""
+        log.info("%s: message applied by another attempt or copy; this copy is acknowledged, not dead-lettered",
+                 self.handler.name)  # fmt: skip
+        await delivery.ack()
+        self._outcomes["duplicate"].inc()
 
     async def _applied_before(self, delivery: ports.Delivery) -> bool | None:
         """Whether the inbox holds this handler's row for the delivery's message (an earlier attempt committed).
@@ -363,10 +368,7 @@ class HandlerRunner:
         holds a message whose effects are in the database.
         """
         if isinstance(outcome, fate.DeadLetter) and await self._applied_before(delivery) is True:
-            log.info("%s: message applied by another copy; this copy is acknowledged, not dead-lettered",
-                     self.handler.name)  # fmt: skip
-            await delivery.ack()
-            self._outcomes["duplicate"].inc()
+            await self._ack_duplicate(delivery)
             return None
         return await self.settler.settle(delivery, attempt, outcome)
 
